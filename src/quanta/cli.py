@@ -1,0 +1,156 @@
+"""The `quanta` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+DEFAULT_PROMPTS = [
+    "The scheduler decides",
+    "def fibonacci(n):",
+    "Once upon a time",
+    "import os\nimport sys\n",
+]
+
+
+def default_model_dir() -> Path:
+    """Where the built-in tiny random-weight model lives (made on first use)."""
+    root = os.environ.get("QUANTA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quanta")
+    return Path(root) / "tiny-llama"
+
+
+def ensure_default_model() -> Path:
+    path = default_model_dir()
+    if not (path / "config.json").is_file():
+        from quanta.model.make_model import make_model
+
+        print(f"quanta: no --model given; creating a tiny random-weight model in {path}", file=sys.stderr)
+        make_model(path, "tiny-llama")
+    return path
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face model folder (default: a tiny random-weight model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--policy", default="sarathi", help="scheduling policy (sarathi, prefill-first)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _engine_kwargs(args: argparse.Namespace) -> dict:
+    return dict(
+        dtype=args.dtype,
+        device=args.device,
+        policy=args.policy,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+        max_model_len=args.max_model_len,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_gb=args.kv_cache_memory_gb,
+        enable_prefix_caching=not args.no_prefix_caching,
+        seed=args.seed,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from quanta.engine.llm import LLM
+    from quanta.sampling_params import SamplingParams
+
+    model = args.model or str(ensure_default_model())
+    params = SamplingParams(
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        seed=args.sample_seed,
+        max_tokens=args.max_tokens,
+        ignore_eos=args.ignore_eos,
+        stop=args.stop or [],
+    )
+    llm = LLM(model, **_engine_kwargs(args))
+    prompts = args.prompt or DEFAULT_PROMPTS
+    outputs = llm.generate(prompts, params, use_tqdm=not args.json)
+    if args.json:
+        rows = [
+            {
+                "prompt": o.prompt,
+                "outputs": [
+                    {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in o.outputs
+                ],
+            }
+            for o in outputs
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    for o in outputs:
+        for c in o.outputs:
+            print(f"--- prompt: {o.prompt!r}  [{len(c.token_ids)} tokens, {c.finish_reason}]")
+            print(f"{o.prompt}{c.text}")
+    return 0
+
+
+def cmd_make_model(args: argparse.Namespace) -> int:
+    from quanta.model.make_model import make_model
+
+    out = make_model(args.out, args.preset, dtype=args.dtype, seed=args.seed, max_shard_size=args.max_shard_size)
+    print(f"wrote {args.preset} ({args.dtype}) to {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quanta", description="quanta: LLM serving with a scheduler you can trust")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    gen = sub.add_parser("generate", help="generate text offline for a few prompts")
+    _add_engine_args(gen)
+    gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--min-p", type=float, default=0.0)
+    gen.add_argument("--n", type=int, default=1)
+    gen.add_argument("--sample-seed", type=int, default=None, help="per-request sampling seed")
+    gen.add_argument("--stop", action="append", help="a stop string (repeat for several)")
+    gen.add_argument("--ignore-eos", action="store_true")
+    gen.add_argument("--json", action="store_true", help="print outputs as JSON")
+    gen.set_defaults(func=cmd_generate)
+
+    mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")
+    mk.add_argument("out", help="output folder")
+    from quanta.model.make_model import PRESETS
+
+    mk.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS))
+    mk.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--max-shard-size", default=None, help="e.g. 100MB: write sharded safetensors with an index")
+    mk.set_defaults(func=cmd_make_model)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as e:  # ModelLoadError is a ValueError; messages are one line
+        print(f"quanta {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Validated configuration dataclasses. Pure Python: the scheduler and simulator read these too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    block_size: int = 16
+    # Number of KV blocks. None: the executor sizes the pool from `kv_cache_memory_gb`.
+    num_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+        if self.kv_cache_memory_gb <= 0:
+            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    policy: str = "sarathi"
+    # Token budget per step (Sarathi-Serve's tau). Prefill-first uses it as max batched tokens.
+    max_num_batched_tokens: int = 512
+    max_num_seqs: int = 128
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+        if self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")

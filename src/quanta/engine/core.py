@@ -1,0 +1,86 @@
+"""EngineCore: schedule -> execute -> update, with the executor and the clock injected.
+
+The real engine (ModelExecutor, WallClock) and the simulator (a cost-model executor, VirtualClock) are
+both this class; nothing here knows which one it is.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import Clock
+from quanta.executor.base import Executor, StepResult
+from quanta.kv.manager import KVCacheManager, cdiv
+from quanta.request import Request, RequestStatus
+from quanta.sched.plan import StepPlan
+from quanta.sched.policy import Policy, make_policy
+from quanta.sched.scheduler import Scheduler
+
+
+@dataclass(slots=True)
+class StepOutput:
+    plan: StepPlan
+    result: StepResult
+    updated: list[Request]  # requests that received a token this step (possibly now finished)
+    start: float  # clock time the step began
+    end: float
+
+
+class EngineCore:
+    def __init__(
+        self,
+        executor: Executor,
+        clock: Clock,
+        scheduler_config: SchedulerConfig,
+        cache_config: CacheConfig,
+        policy: Policy | None = None,
+        check_integrity: bool = False,
+    ) -> None:
+        num_blocks = executor.num_kv_blocks
+        bs = cache_config.block_size
+        if num_blocks * bs < scheduler_config.max_model_len:
+            raise ValueError(
+                f"the KV pool holds {num_blocks * bs} tokens, less than max_model_len "
+                f"({scheduler_config.max_model_len}): give it more memory or lower max_model_len"
+            )
+        self.executor = executor
+        self.clock = clock
+        self.kv = KVCacheManager(num_blocks, bs, cache_config.enable_prefix_caching)
+        self.policy = policy or make_policy(scheduler_config.policy, scheduler_config)
+        self.scheduler = Scheduler(scheduler_config, self.kv, self.policy)
+        self.check_integrity = check_integrity
+        self.step_observers: list[Callable[[StepOutput], None]] = []
+        self.num_steps = 0
+        assert cdiv(scheduler_config.max_model_len, bs) <= num_blocks
+
+    def add_request(self, req: Request) -> None:
+        self.scheduler.add_request(req)
+
+    def abort_requests(self, request_ids: Iterable[str]) -> None:
+        self.scheduler.abort_requests(request_ids)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> None:
+        """Stop a request for a reason found outside the scheduler (a stop string)."""
+        req = self.scheduler.requests.get(request_id)
+        if req is not None and not req.finished:
+            self.scheduler.finish_request(req, status, self.clock.now())
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepOutput:
+        start = self.clock.now()
+        plan = self.scheduler.schedule(start)
+        result = self.executor.execute(plan)
+        self.clock.advance(result.elapsed)
+        end = self.clock.now()
+        updated = self.scheduler.update(plan, result.sampled_token_ids, end)
+        self.num_steps += 1
+        if self.check_integrity:
+            self.scheduler.check_integrity()
+        out = StepOutput(plan, result, updated, start, end)
+        for observe in self.step_observers:
+            observe(out)
+        return out

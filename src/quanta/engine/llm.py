@@ -1,0 +1,92 @@
+"""The offline API, shaped like vLLM's `LLM` so that switching is a change of import."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+from quanta.engine.llm_engine import EngineArgs, LLMEngine, PromptType
+from quanta.engine.output import RequestOutput
+from quanta.sampling_params import SamplingParams
+
+
+class LLM:
+    """Generate for a batch of prompts with continuous batching.
+
+    `LLM(model="path/to/hf-folder", dtype="bfloat16").generate(prompts, SamplingParams(temperature=0))`
+    """
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self) -> Any:
+        return self.engine.tokenizer.hf
+
+    def generate(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        *,
+        tenants: Sequence[str] | None = None,
+        priorities: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]  # type: ignore[list-item]
+        prompts = list(prompts)  # type: ignore[arg-type]
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            [sampling_params] * len(prompts)
+            if isinstance(sampling_params, SamplingParams)
+            else list(sampling_params)
+        )
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        ids = [str(next(self._ids)) for _ in prompts]
+        try:
+            for i, (request_id, prompt, p) in enumerate(zip(ids, prompts, params)):
+                self.engine.add_request(
+                    request_id,
+                    prompt,
+                    p,
+                    tenant=tenants[i] if tenants else "default",
+                    priority=priorities[i] if priorities else 0,
+                )
+        except ValueError:
+            self.engine.abort_request(ids)
+            raise
+        return self._run(ids, use_tqdm)
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            {"prompt_token_ids": tok.encode(tok.apply_chat_template(c), add_special_tokens=False)}  # type: ignore[arg-type]
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:
+        from tqdm.auto import tqdm
+
+        done: dict[str, RequestOutput] = {}
+        bar = tqdm(total=len(ids), desc="Processed prompts", disable=not use_tqdm, dynamic_ncols=True)
+        try:
+            while self.engine.has_unfinished_requests():
+                for out in self.engine.step(only_finished=True):
+                    done[out.request_id] = out
+                    bar.update(1)
+        finally:
+            bar.close()
+            unfinished = [i for i in ids if i not in done]
+            if unfinished:  # interrupted: leave nothing behind in the engine
+                self.engine.abort_request(unfinished)
+        return [done[i] for i in ids]

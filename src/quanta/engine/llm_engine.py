@@ -1,0 +1,177 @@
+"""LLMEngine: tokenizer + EngineCore (ModelExecutor, wall clock) + output processing.
+
+The offline `LLM` and the server's async front end are thin layers over this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import WallClock
+from quanta.engine.core import EngineCore, StepOutput
+from quanta.engine.output import OutputProcessor, RequestOutput
+from quanta.engine.tokenizer import Tokenizer
+from quanta.model.config import ModelConfig
+from quanta.request import Request
+from quanta.sampling_params import SamplingParams
+
+logger = logging.getLogger("quanta")
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass(slots=True)
+class EngineArgs:
+    model: str
+    dtype: str = "auto"
+    device: str = "cpu"
+    policy: str = "sarathi"
+    max_num_batched_tokens: int | None = None  # default: 512 for chunked policies, max_model_len otherwise
+    max_num_seqs: int = 128
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_gb: float = 2.0
+    enable_prefix_caching: bool = True
+    seed: int = 0
+    check_integrity: bool = False  # verify the KV pool after every step (tests)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        from quanta.executor.model_executor import ModelExecutor
+
+        self.args = args
+        self.model_config = ModelConfig.from_folder(args.model)
+        self.tokenizer = Tokenizer(args.model)
+        max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        if max_model_len > self.model_config.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len {max_model_len} exceeds the model's context "
+                f"({self.model_config.max_position_embeddings})"
+            )
+        budget = args.max_num_batched_tokens
+        if budget is None:
+            budget = max_model_len if args.policy == "prefill-first" else 512
+        cache_config = CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            enable_prefix_caching=args.enable_prefix_caching,
+        )
+        executor = ModelExecutor(
+            args.model,
+            cache_config,
+            max_model_len,
+            args.max_num_seqs,
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            model_config=self.model_config,
+        )
+        pool_tokens = executor.num_kv_blocks * args.block_size
+        if pool_tokens < max_model_len and args.max_model_len is None:
+            logger.warning(
+                "KV pool holds %d tokens: lowering max_model_len from %d", pool_tokens, max_model_len
+            )
+            max_model_len = pool_tokens
+            budget = min(budget, max_model_len) if args.policy != "prefill-first" else max_model_len
+        self.scheduler_config = SchedulerConfig(
+            policy=args.policy,
+            max_num_batched_tokens=budget,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=max_model_len,
+        )
+        self.core = EngineCore(
+            executor, WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
+        )
+        self.executor = executor
+        self.output_processor = OutputProcessor(self.tokenizer.backend, self.core.finish_request)
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def to_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Text or token ids (or vLLM-style {"prompt": ...} / {"prompt_token_ids": ...}) to token ids."""
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                prompt = list(prompt["prompt_token_ids"])
+            elif "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("a prompt dict needs 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        for t in ids:
+            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+                raise ValueError(f"token id {t!r} is out of range for a vocabulary of {vocab}")
+        return None, ids
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        *,
+        tenant: str = "default",
+        priority: int = 0,
+        deadline: float | None = None,
+        session_id: str | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        if self.output_processor.has(request_id):
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, token_ids = self.to_token_ids(prompt)
+        if not token_ids:
+            raise ValueError("prompt must contain at least one token")
+        now = self.core.clock.now() if arrival_time is None else arrival_time
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1:
+                # Each sample is its own request; distinct seeds keep seeded samples reproducible yet different.
+                seed = None if params.seed is None else params.seed + i
+                child_params = dataclasses.replace(params, n=1, seed=seed)
+            children.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                    prompt_token_ids=token_ids,
+                    sampling_params=child_params,
+                    arrival_time=now,
+                    tenant=tenant,
+                    priority=priority,
+                    deadline=deadline,
+                    session_id=session_id,
+                    eos_token_ids=self.eos_token_ids,
+                )
+            )
+        added: list[Request] = []
+        try:
+            for child in children:
+                self.core.add_request(child)
+                added.append(child)
+        except ValueError:
+            self.core.abort_requests(c.request_id for c in added)
+            raise
+        self.output_processor.add(request_id, text, children)
+
+    def abort_request(self, request_ids: list[str] | str) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.core.abort_requests(self.output_processor.remove(request_id))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.core.has_unfinished()
+
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        out: StepOutput = self.core.step()
+        return self.output_processor.process(out, only_finished=only_finished)

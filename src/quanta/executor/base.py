@@ -1,0 +1,36 @@
+"""The executor interface: carry out a step plan and report what it produced and how long it took."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from quanta.sched.plan import StepPlan
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probabilities at one position: the chosen token first, then the top alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # 1 = most likely
+
+
+@dataclass(slots=True)
+class StepResult:
+    sampled_token_ids: dict[str, int]
+    elapsed: float  # seconds: measured (model) or predicted (cost model)
+    # request id -> logprobs of the sampled token and its top alternatives
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    # request id -> (index of the first prompt token covered, entries for consecutive prompt tokens)
+    prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+
+
+class Executor(Protocol):
+    @property
+    def num_kv_blocks(self) -> int:
+        """Size of the KV pool this executor can hold; the KV manager is built to match."""
+        ...
+
+    def execute(self, plan: StepPlan) -> StepResult: ...

@@ -1,0 +1,110 @@
+"""Physical KV blocks: reference counts, the prefix-cache index, and an LRU list of free blocks.
+
+A freed block keeps its hash (and so its contents stay findable) until it is handed out again:
+eviction is lazy and takes the least recently freed block first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+# (parent block's hash value, this block's token ids, extra keys). The tuple itself is the cache key,
+# so a hit compares token ids exactly and a hash collision cannot return the wrong KV.
+BlockHash = tuple[int | None, tuple[int, ...], tuple]
+
+
+def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> BlockHash:
+    parent_value = None if parent is None else hash(parent)
+    return (parent_value, tuple(token_ids), extra_keys)
+
+
+@dataclass(slots=True, eq=False)
+class KVBlock:
+    block_id: int
+    ref_cnt: int = 0
+    block_hash: BlockHash | None = None
+
+
+class BlockPool:
+    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+        assert num_blocks > 0
+        self.num_blocks = num_blocks
+        self.enable_caching = enable_caching
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        # block_id -> block, oldest first: the eviction order.
+        self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._cached: dict[BlockHash, KVBlock] = {}
+        self.num_cache_queries = 0  # blocks looked up
+        self.num_cache_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks that can be handed out now (free ones, including evictable cached ones)."""
+        return len(self._free)
+
+    def usage(self) -> float:
+        return 1.0 - len(self._free) / self.num_blocks
+
+    def lookup(self, block_hash: BlockHash) -> KVBlock | None:
+        return self._cached.get(block_hash) if self.enable_caching else None
+
+    def allocate(self, n: int) -> list[KVBlock]:
+        if n > len(self._free):
+            raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
+        out = []
+        for _ in range(n):
+            _, block = self._free.popitem(last=False)
+            if block.block_hash is not None:  # lazy eviction
+                del self._cached[block.block_hash]
+                block.block_hash = None
+            block.ref_cnt = 1
+            out.append(block)
+        return out
+
+    def touch(self, blocks: Iterable[KVBlock]) -> None:
+        """Take a reference on blocks found in the prefix cache (they may be on the free list)."""
+        for block in blocks:
+            if block.ref_cnt == 0:
+                del self._free[block.block_id]
+            block.ref_cnt += 1
+
+    def free(self, blocks: Iterable[KVBlock]) -> None:
+        """Drop a reference; blocks reaching zero go to the back of the LRU list, in the given order."""
+        for block in blocks:
+            assert block.ref_cnt > 0, f"double free of block {block.block_id}"
+            block.ref_cnt -= 1
+            if block.ref_cnt == 0:
+                self._free[block.block_id] = block
+
+    def cache(self, block: KVBlock, block_hash: BlockHash) -> None:
+        """Make a full block findable by its hash. A block with an equal twin already indexed stays private."""
+        if not self.enable_caching or block.block_hash is not None:
+            return
+        if block_hash in self._cached:
+            return
+        block.block_hash = block_hash
+        self._cached[block_hash] = block
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached hash; only possible when no block is in use."""
+        if len(self._free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.block_hash = None
+        self._cached.clear()
+        return True
+
+    def check_integrity(self) -> None:
+        for block in self.blocks:
+            assert block.ref_cnt >= 0, f"block {block.block_id} has negative ref count"
+            in_free = block.block_id in self._free
+            assert in_free == (block.ref_cnt == 0), (
+                f"block {block.block_id}: ref_cnt={block.ref_cnt} but on free list={in_free}"
+            )
+            if block.block_hash is not None:
+                assert self._cached.get(block.block_hash) is block, f"block {block.block_id} hash not indexed"
+        for block_hash, block in self._cached.items():
+            assert block.block_hash == block_hash, f"index points to block {block.block_id} with another hash"
+        assert len(self._free) <= self.num_blocks

@@ -1,0 +1,140 @@
+"""KVCacheManager: which blocks each request holds, prefix-cache lookups, allocation and release."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_block
+from quanta.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_caching = enable_caching
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.req_blocks: dict[str, list[int]] = {}  # request id -> block ids, in token order
+        self._req_hashes: dict[str, list[BlockHash]] = {}
+        self._num_indexed: dict[str, int] = {}  # leading blocks of a request already offered to the index
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    def usage(self) -> float:
+        return self.pool.usage()
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block table. The scheduler's plan hands this list to the executor as is."""
+        return self.req_blocks[request_id]
+
+    def block_hashes(self, req: Request) -> list[BlockHash]:
+        """Chained hashes of the request's full blocks, extended as its tokens grow."""
+        hashes = self._req_hashes.setdefault(req.request_id, [])
+        bs = self.block_size
+        tokens = req.all_token_ids
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hashes[-1] if hashes else None
+            extra = (req.cache_salt,) if i == 0 and req.cache_salt else ()
+            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], extra))
+        return hashes
+
+    def get_computed_blocks(self, req: Request) -> list[KVBlock]:
+        """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
+        if not self.enable_caching or req.sampling_params.prompt_logprobs is not None:
+            return []  # prompt logprobs need the logits of every prompt position
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        hashes = self.block_hashes(req)
+        for block_hash in hashes[:max_blocks]:
+            block = self.pool.lookup(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        self.pool.num_cache_queries += max_blocks
+        self.pool.num_cache_hits += len(hits)
+        return hits
+
+    def allocate_slots(
+        self, req: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
+    ) -> bool:
+        """Give `req` room for `num_new_tokens` more tokens after its computed ones (plus any prefix hits).
+
+        Returns False and changes nothing when the pool is short.
+        """
+        bs = self.block_size
+        blocks = self.req_blocks.get(req.request_id)
+        if blocks is not None and not computed_blocks:
+            num_tokens = req.num_computed_tokens + num_new_tokens
+            if num_tokens <= len(blocks) * bs:  # fast path: a decode inside its last block
+                if self.enable_caching and num_tokens >= (self._num_indexed.get(req.request_id, 0) + 1) * bs:
+                    self._index_full_blocks(req, blocks, num_tokens)
+                return True
+        computed_blocks = computed_blocks or []
+        assert not (computed_blocks and blocks), "prefix hits only apply to a request holding no blocks"
+        num_held = len(blocks) if blocks else 0
+        num_tokens = req.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
+        num_needed = cdiv(num_tokens, bs) - num_held - len(computed_blocks)
+        # Hits that sit on the free list stop being allocatable once we take them.
+        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_needed > self.pool.num_free_blocks - num_free_hits:
+            return False
+        if blocks is None:
+            blocks = self.req_blocks[req.request_id] = []
+        self.pool.touch(computed_blocks)
+        blocks.extend(b.block_id for b in computed_blocks)
+        if num_needed > 0:
+            blocks.extend(b.block_id for b in self.pool.allocate(num_needed))
+        self._index_full_blocks(req, blocks, num_tokens)
+        return True
+
+    def _index_full_blocks(self, req: Request, blocks: list[int], num_tokens: int) -> None:
+        """Offer full blocks to the prefix index as soon as they are scheduled.
+
+        Indexing before the step runs is safe: the executor writes a layer's KV for the whole batch
+        before any attention reads it, so a request that hits these blocks in the same step sees them.
+        """
+        if not self.enable_caching:
+            return
+        num_full = min(num_tokens, req.num_tokens) // self.block_size
+        start = self._num_indexed.get(req.request_id, 0)
+        if num_full <= start:
+            return
+        hashes = self.block_hashes(req)
+        pool_blocks = self.pool.blocks
+        for i in range(start, num_full):
+            self.pool.cache(pool_blocks[blocks[i]], hashes[i])
+        self._num_indexed[req.request_id] = num_full
+
+    def free(self, req: Request) -> None:
+        """Release the request's blocks (tail first to the LRU list, so shared prefixes live longest)."""
+        blocks = self.req_blocks.pop(req.request_id, None)
+        if blocks:
+            pool_blocks = self.pool.blocks
+            self.pool.free(pool_blocks[i] for i in reversed(blocks))
+        self._num_indexed.pop(req.request_id, None)
+        if req.finished:
+            self._req_hashes.pop(req.request_id, None)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.pool.reset_prefix_cache()
+
+    def check_integrity(self) -> None:
+        """Every block is free, cached-and-free, or owned; ref counts equal the number of owners."""
+        self.pool.check_integrity()
+        owners: Counter[int] = Counter()
+        for request_id, blocks in self.req_blocks.items():
+            assert len(set(blocks)) == len(blocks), f"{request_id} holds a block twice"
+            owners.update(blocks)
+        for block in self.pool.blocks:
+            assert block.ref_cnt == owners.get(block.block_id, 0), (
+                f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={owners.get(block.block_id, 0)}"
+            )

@@ -1,0 +1,125 @@
+"""Model shape read from a Hugging Face `config.json`. Pure Python: the simulator's cost model uses it too."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be served; the message is one line for the CLI."""
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False
+    dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            raise ModelLoadError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r} in {source}; "
+                f"quanta supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        try:
+            hidden = int(cfg["hidden_size"])
+            heads = int(cfg["num_attention_heads"])
+            sliding = (
+                cfg.get("sliding_window")
+                if cfg.get("use_sliding_window", arch != "Qwen2ForCausalLM")
+                else None
+            )
+            eos = cfg.get("eos_token_id")
+            rope_params = cfg.get("rope_parameters") or {}
+            rope_scaling = cfg.get("rope_scaling") or (
+                rope_params if rope_params.get("rope_type", "default") != "default" else None
+            )
+            out = cls(
+                architecture=arch,
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg["intermediate_size"]),
+                num_layers=int(cfg["num_hidden_layers"]),
+                num_heads=heads,
+                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+                rope_scaling=rope_scaling,
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+                bos_token_id=cfg.get("bos_token_id"),
+                eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelLoadError(f"malformed {source}: {type(e).__name__}: {e}") from None
+        if out.hidden_size % out.num_heads or out.num_heads % out.num_kv_heads:
+            raise ModelLoadError(f"malformed {source}: head counts do not divide the hidden size")
+        # Full attention equals sliding-window attention while the context fits in the window,
+        # so the window caps the usable context.
+        if sliding is not None and int(sliding) < out.max_position_embeddings:
+            out.max_position_embeddings = int(sliding)
+        return out
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ModelLoadError(f"model folder {str(path)!r} does not exist")
+        if not path.is_dir():
+            raise ModelLoadError(f"{str(path)!r} is not a folder (expected a Hugging Face model folder)")
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face model folder")
+        try:
+            cfg = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"malformed {cfg_path}: {e}") from None
+        if not isinstance(cfg, dict):
+            raise ModelLoadError(f"malformed {cfg_path}: expected a JSON object")
+        out = cls.from_hf_dict(cfg, str(cfg_path))
+        gen_path = path / "generation_config.json"
+        if gen_path.is_file():
+            try:
+                eos = json.loads(gen_path.read_text()).get("eos_token_id")
+            except (OSError, json.JSONDecodeError, AttributeError) as e:
+                raise ModelLoadError(f"malformed {gen_path}: {e}") from None
+            if eos is not None:
+                out.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
+        return out
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count (weights only), for memory planning and the cost model."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attn = h * (q + 2 * kv) + q * h + (q + 2 * kv if self.qkv_bias else 0)
+        layer = attn + 3 * h * i + 2 * h
+        return self.num_layers * layer + v * h * (1 if self.tie_word_embeddings else 2) + h
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

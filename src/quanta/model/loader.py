@@ -1,0 +1,105 @@
+"""Load a Hugging Face model folder (config.json + *.safetensors, single or sharded) into LlamaModel."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from quanta.model.config import ModelConfig, ModelLoadError
+from quanta.model.llama import LlamaModel
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
+    if name == "auto":
+        name = cfg.dtype if cfg.dtype in DTYPES else "float32"
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise ModelLoadError(f"unsupported dtype {name!r}; choose from auto, {', '.join(DTYPES)}") from None
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"malformed {index}: {e}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelLoadError(f"{index} names missing shard(s): {', '.join(missing)}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{str(path)!r} has no *.safetensors weights")
+    return files
+
+
+def _read_tensors(files: list[Path]) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():  # noqa: SIM118 - safe_open is not a Mapping
+                    tensors[name] = sf.get_tensor(name)
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"cannot read weights {f}: {e}") from None
+    return tensors
+
+
+def load_model(
+    path: str | Path,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    block_size: int,
+    max_positions: int,
+) -> LlamaModel:
+    path = Path(path)
+    tensors = _read_tensors(weight_files(path))
+
+    def take(name: str) -> torch.Tensor:
+        try:
+            return tensors.pop(name)
+        except KeyError:
+            raise ModelLoadError(f"weights in {str(path)!r} lack tensor {name!r}") from None
+
+    with torch.device("meta"):
+        model = LlamaModel(cfg, block_size, max_positions)
+    state: dict[str, torch.Tensor] = {"embed_tokens.weight": take("model.embed_tokens.weight")}
+    for i in range(cfg.num_layers):
+        src, dst = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = src + "self_attn.", src + "mlp."
+        state[dst + "qkv_proj.weight"] = torch.cat([take(attn + f"{p}_proj.weight") for p in "qkv"])
+        if cfg.qkv_bias:
+            state[dst + "qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
+        state[dst + "o_proj.weight"] = take(attn + "o_proj.weight")
+        state[dst + "gate_up_proj.weight"] = torch.cat(
+            [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]
+        )
+        state[dst + "down_proj.weight"] = take(mlp + "down_proj.weight")
+        state[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
+        state[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
+    state["norm.weight"] = take("model.norm.weight")
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = take("lm_head.weight")
+    else:
+        tensors.pop("lm_head.weight", None)
+    for name, tensor in state.items():
+        expected = model.get_parameter(name).shape
+        if tensor.shape != expected:
+            raise ModelLoadError(
+                f"tensor {name!r} has shape {tuple(tensor.shape)}, config implies {tuple(expected)}"
+            )
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    # Buffers (rotary tables) were created on the meta device: build them for real.
+    model.rotary = type(model.rotary)(cfg, max_positions)
+    return model.to(device).eval()
