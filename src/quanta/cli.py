@@ -88,7 +88,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             {
                 "prompt": o.prompt,
                 "outputs": [
-                    {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason} for c in o.outputs
+                    {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
+                    for c in o.outputs
                 ],
             }
             for o in outputs
@@ -105,13 +106,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_make_model(args: argparse.Namespace) -> int:
     from quanta.model.make_model import make_model
 
-    out = make_model(args.out, args.preset, dtype=args.dtype, seed=args.seed, max_shard_size=args.max_shard_size)
+    out = make_model(
+        args.out, args.preset, dtype=args.dtype, seed=args.seed, max_shard_size=args.max_shard_size
+    )
     print(f"wrote {args.preset} ({args.dtype}) to {out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="quanta", description="quanta: LLM serving with a scheduler you can trust")
+    parser = argparse.ArgumentParser(
+        prog="quanta", description="quanta: LLM serving with a scheduler you can trust"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="generate text offline for a few prompts")
@@ -136,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--preset", default="tiny-llama", choices=sorted(PRESETS))
     mk.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     mk.add_argument("--seed", type=int, default=0)
-    mk.add_argument("--max-shard-size", default=None, help="e.g. 100MB: write sharded safetensors with an index")
+    mk.add_argument(
+        "--max-shard-size", default=None, help="e.g. 100MB: write sharded safetensors with an index"
+    )
     mk.set_defaults(func=cmd_make_model)
     return parser
 

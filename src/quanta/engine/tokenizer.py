@@ -1,7 +1,13 @@
-"""Tokenizer of a model folder, through `transformers` (encode, decode, chat template)."""
+"""Tokenizer of a model folder.
+
+Encoding and decoding use `tokenizers` directly (fast to load); the `transformers` tokenizer, which
+renders chat templates, is loaded on first use so that start-up does not pay for importing it.
+"""
 
 from __future__ import annotations
 
+import json
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -10,21 +16,41 @@ from quanta.model.config import ModelLoadError
 
 class Tokenizer:
     def __init__(self, path: str | Path) -> None:
-        path = Path(path)
-        if not (path / "tokenizer.json").is_file():
-            raise ModelLoadError(f"{str(path)!r} has no tokenizer.json")
+        from tokenizers import Tokenizer as FastTokenizer
+
+        self.path = Path(path)
+        tok_file = self.path / "tokenizer.json"
+        if not tok_file.is_file():
+            raise ModelLoadError(f"{str(self.path)!r} has no tokenizer.json")
+        try:
+            self.backend = FastTokenizer.from_file(str(tok_file))
+        except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+            raise ModelLoadError(f"cannot load {tok_file}: {e}") from None
+        self.eos_token_id = self._special_token_id("eos_token")
+
+    def _special_token_id(self, key: str) -> int | None:
+        cfg_file = self.path / "tokenizer_config.json"
+        try:
+            token = json.loads(cfg_file.read_text()).get(key) if cfg_file.is_file() else None
+        except (OSError, json.JSONDecodeError) as e:
+            raise ModelLoadError(f"malformed {cfg_file}: {e}") from None
+        if isinstance(token, dict):
+            token = token.get("content")
+        return self.backend.token_to_id(token) if isinstance(token, str) else None
+
+    @cached_property
+    def hf(self) -> Any:
+        """The `transformers` tokenizer of the folder (chat templates, anything else users expect)."""
         from transformers import AutoTokenizer
 
         try:
-            self.hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            return AutoTokenizer.from_pretrained(str(self.path), local_files_only=True)
         except Exception as e:  # transformers raises many types for a broken folder
-            raise ModelLoadError(f"cannot load the tokenizer in {str(path)!r}: {e}") from None
-        self.backend = self.hf.backend_tokenizer  # tokenizers.Tokenizer, for incremental decoding
-        self.eos_token_id: int | None = self.hf.eos_token_id
+            raise ModelLoadError(f"cannot load the tokenizer in {str(self.path)!r}: {e}") from None
 
     @property
     def vocab_size(self) -> int:
-        return len(self.hf)
+        return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids

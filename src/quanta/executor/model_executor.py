@@ -41,7 +41,7 @@ class ModelExecutor:
             by_memory = int(cache_config.kv_cache_memory_gb * 1e9 // per_block)
             # More than every sequence at full length never helps; a tiny model would otherwise get millions.
             num_blocks = max(1, min(by_memory, max_num_seqs * cdiv(max_model_len, bs)))
-        shape = (num_blocks, bs, cfg.num_kv_heads, cfg.head_dim)
+        shape = self.model.attn.kv_cache_shape(num_blocks)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=self.dtype, device=self.device),
@@ -116,18 +116,24 @@ class ModelExecutor:
             positions.extend(range(begin, end))
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-        decode_tables = decode_mask = None
+        decode_index = decode_mask = None
         if decodes:
             width = max(len(s.block_ids) for s in decodes)
-            decode_tables = torch.tensor(
-                [s.block_ids + [0] * (width - len(s.block_ids)) for s in decodes], device=dev
-            )
+            flat: list[int] = []
+            for s in decodes:
+                flat += s.block_ids
+                flat += [0] * (width - len(s.block_ids))
+            tables = torch.tensor(flat, device=dev).view(len(decodes), width)
+            decode_index = self.model.attn.decode_gather_index(tables)
             ctx = torch.tensor([s.context_len for s in decodes], device=dev)
-            decode_mask = (torch.arange(width * bs, device=dev)[None, :] < ctx[:, None])[:, None, None, :]
+            padding = torch.arange(width * bs, device=dev)[None, :] >= ctx[:, None]
+            decode_mask = padding[:, None, None, :]
+        slot_tensor = torch.tensor(slots, device=dev)
         meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, device=dev),
+            slot_blocks=slot_tensor // bs,
+            slot_offsets=slot_tensor % bs,
             num_decodes=len(decodes),
-            decode_block_tables=decode_tables,
+            decode_index=decode_index,
             decode_mask=decode_mask,
             prefills=chunks,
         )

@@ -24,65 +24,95 @@ class PrefillChunk:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [num_tokens] long: cache slot of each new token
+    slot_blocks: torch.Tensor  # [num_tokens] long: cache block of each new token
+    slot_offsets: torch.Tensor  # [num_tokens] long: its offset inside the block
     num_decodes: int
-    decode_block_tables: torch.Tensor | None  # [num_decodes, max_blocks] long, padded with 0
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is visible
+    decode_index: torch.Tensor | None  # from TorchPagedAttention.decode_gather_index
+    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is padding
     prefills: list[PrefillChunk]
 
 
 class TorchPagedAttention:
+    """KV cache layout per layer: K and V each [num_blocks, num_kv_heads, block_size, head_dim].
+
+    Viewed as [num_blocks * num_kv_heads, block_size, head_dim], one (block, head) is a contiguous piece,
+    so a single `index_select` gathers every decode's context already as [request, head, token, dim].
+    """
+
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.block_size = block_size
         self.gqa = num_heads != num_kv_heads
+        self.scale = head_dim**-0.5
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
+        return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+
+    def decode_gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
+        """[num_decodes, max_blocks] block ids -> rows of the (block, head) view, ordered (request, head, block)."""
+        heads = torch.arange(self.num_kv_heads, device=block_tables.device)
+        return (block_tables[:, None, :] * self.num_kv_heads + heads[None, :, None]).flatten()
 
     def forward(
         self,
         q: torch.Tensor,  # [T, H, D]
         k: torch.Tensor,  # [T, Hkv, D]
         v: torch.Tensor,
-        k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        k_cache: torch.Tensor,  # [num_blocks, Hkv, block_size, D]
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
-        flat_k.index_copy_(0, meta.slot_mapping, k)
-        flat_v.index_copy_(0, meta.slot_mapping, v)
+        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
+        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            assert meta.decode_block_tables is not None
-            bt = meta.decode_block_tables
-            # [nd, max_blocks, bs, Hkv, D] -> [nd, Hkv, L, D]
-            kd = k_cache[bt].flatten(1, 2).transpose(1, 2)
-            vd = v_cache[bt].flatten(1, 2).transpose(1, 2)
-            qd = q[:nd].unsqueeze(2)  # [nd, H, 1, D]
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, enable_gqa=self.gqa)
-            out[:nd] = od.squeeze(2)
+            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
             qc = q[rows].transpose(0, 1)  # [H, n, D]
             if chunk.context_len == chunk.num_tokens:  # no earlier context: the fresh KV is the context
                 kc, vc = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
-                oc = F.scaled_dot_product_attention(qc, kc, vc, is_causal=True, enable_gqa=self.gqa)
+                mask = None
             else:
-                slots = _slots(chunk.block_table, chunk.context_len, self.block_size)
-                kc = flat_k[slots].transpose(0, 1)
-                vc = flat_v[slots].transpose(0, 1)
+                kc, vc = self._gather(k_cache, chunk), self._gather(v_cache, chunk)
                 # Query i sits at position context_len - num_tokens + i and sees keys up to it.
                 offset = chunk.context_len - chunk.num_tokens
                 qpos = torch.arange(offset, chunk.context_len, device=q.device)
                 kpos = torch.arange(chunk.context_len, device=q.device)
                 mask = kpos[None, :] <= qpos[:, None]
-                oc = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=self.gqa)
-            out[rows] = oc.transpose(0, 1)
+            if self.gqa:  # CPU's flash kernel takes neither enable_gqa nor 3-d inputs: both fall back to math
+                group = self.num_heads // self.num_kv_heads
+                kc, vc = kc.repeat_interleave(group, 0), vc.repeat_interleave(group, 0)
+            oc = F.scaled_dot_product_attention(
+                qc[None], kc[None], vc[None], attn_mask=mask, is_causal=mask is None
+            )
+            out[rows] = oc[0].transpose(0, 1)
         return out
 
+    def _gather(self, cache: torch.Tensor, chunk: PrefillChunk) -> torch.Tensor:
+        """A request's context as [Hkv, context_len, D]."""
+        num_blocks = -(-chunk.context_len // self.block_size)
+        blocks = cache.index_select(0, chunk.block_table[:num_blocks])  # [nb, Hkv, bs, D]
+        return blocks.transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, : chunk.context_len]
 
-def _slots(block_table: torch.Tensor, num_tokens: int, block_size: int) -> torch.Tensor:
-    pos = torch.arange(num_tokens, device=block_table.device)
-    return block_table[pos // block_size] * block_size + pos % block_size
+    def _decode(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        """One query per request against its padded context, as two batched matmuls over (request, kv head).
+
+        The query heads that share a KV head are stacked as rows, so GQA needs no copy of K/V.
+        (CPU's fused SDPA is slow for single-token queries.)
+        """
+        assert meta.decode_index is not None and meta.decode_mask is not None
+        nd, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
+        length = meta.decode_mask.shape[-1]
+        k = k_cache.view(-1, self.block_size, d).index_select(0, meta.decode_index).view(nd, hkv, length, d)
+        v = v_cache.view(-1, self.block_size, d).index_select(0, meta.decode_index).view(nd, hkv, length, d)
+        qg = q.view(nd, hkv, self.num_heads // hkv, d)
+        scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [nd, Hkv, G, L]
+        scores.masked_fill_(meta.decode_mask, float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+        return torch.matmul(probs, v).reshape(nd, self.num_heads, d)

@@ -114,7 +114,7 @@ class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, block_size: int, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
-        attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size)
+        self.attn = attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, attn) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)

@@ -9,6 +9,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quanta.model.config import ModelConfig, ModelLoadError
+from quanta.model.cpu_linear import pack_linears
 from quanta.model.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -102,4 +103,7 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     # Buffers (rotary tables) were created on the meta device: build them for real.
     model.rotary = type(model.rotary)(cfg, max_positions)
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    if device.type == "cpu":
+        pack_linears(model)
+    return model

@@ -54,10 +54,12 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _corpus(max_chars: int) -> Iterator[str]:
-    """Source text of the standard library, in a fixed order."""
+    """Source text of the standard library (not installed packages), in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
     total = 0
-    for path in sorted(root.glob("*.py")):
+    for path in sorted(root.rglob("*.py")):
+        if {"site-packages", "dist-packages"} & set(path.relative_to(root).parts):
+            continue
         try:
             text = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError):
@@ -82,7 +84,7 @@ def train_tokenizer(vocab_size: int) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(_corpus(max_chars=min(40 * vocab_size, 4_000_000)), trainer)
+    tok.train_from_iterator(_corpus(max_chars=min(400 * vocab_size, 30_000_000)), trainer)
     hf = PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=CHAT_TEMPLATE
     )

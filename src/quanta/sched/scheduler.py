@@ -75,10 +75,9 @@ class Scheduler:
         if self.policy.decodes_wait_for_prefill:
             self._schedule_waiting(plan, budget, scheduled, now)
             if not plan.scheduled:
-                self._schedule_running(plan, budget, scheduled, decodes=True)
+                self._schedule_running(plan, budget, scheduled)
         else:
-            self._schedule_running(plan, budget, scheduled, decodes=True)
-            self._schedule_running(plan, budget, scheduled, decodes=False)
+            self._schedule_running(plan, budget, scheduled)
             if not plan.preempted_ids:  # admitting right after preempting would only thrash
                 self._schedule_waiting(plan, budget, scheduled, now)
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget.left
@@ -94,22 +93,25 @@ class Scheduler:
         scheduled.add(req.request_id)
         budget.take(n)
 
-    def _schedule_running(
-        self, plan: StepPlan, budget: TokenBudget, scheduled: set[str], decodes: bool
-    ) -> None:
-        """Decodes (decodes=True) or partly-computed prompts of running requests, in admission order."""
-        for req in list(self.running):
+    def _schedule_running(self, plan: StepPlan, budget: TokenBudget, scheduled: set[str]) -> None:
+        """Running requests in admission order: every decode first, then partly-computed prompts."""
+        decodes: list[Request] = []
+        partial: list[Request] = []
+        for req in self.running:
+            (decodes if req.num_tokens - req.num_computed_tokens == 1 else partial).append(req)
+        for req in decodes:
             if budget.left == 0:
                 return
-            if req.status != RequestStatus.RUNNING or req.request_id in scheduled:
-                continue
+            if req.status == RequestStatus.RUNNING and self._allocate_or_preempt(plan, req, 1, scheduled):
+                self._add(plan, budget, scheduled, req, 1)
+        for req in partial:
+            if budget.left == 0:
+                return
+            if req.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             missing = req.num_tokens - req.num_computed_tokens
-            if (missing == 1) != decodes:
-                continue
-            n = 1 if decodes else min(self.policy.prefill_tokens(req, missing, budget.left), budget.left)
-            if n <= 0:
-                continue
-            if self._allocate_or_preempt(plan, req, n, scheduled):
+            n = min(self.policy.prefill_tokens(req, missing, budget.left), budget.left)
+            if n > 0 and self._allocate_or_preempt(plan, req, n, scheduled):
                 self._add(plan, budget, scheduled, req, n)
 
     def _allocate_or_preempt(self, plan: StepPlan, req: Request, n: int, scheduled: set[str]) -> bool:

@@ -1,0 +1,100 @@
+"""Microseconds per scheduler step (schedule() + update()) with N running requests, no model.
+
+Every request is decoding (the steady state of a busy server); the NullExecutor returns a token for
+each. Prints a table and writes JSON.
+
+    python benchmarks/scheduler_overhead.py --running 256 1024 --out results/scheduler_overhead.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import VirtualClock
+from quanta.engine.core import EngineCore
+from quanta.executor.null_executor import NullExecutor
+from quanta.request import Request, RequestStatus
+from quanta.sampling_params import SamplingParams
+
+
+def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) -> dict:
+    block_size = 16
+    max_model_len = 4096
+    budget = max(num_running, 512) if policy == "sarathi" else max_model_len
+    # Room for every request to decode through the prefill phase and the measured steps: no preemption.
+    max_tokens = prompt_len + steps + 4 * num_running * prompt_len // budget + 2 * block_size
+    num_blocks = num_running * (max_tokens // block_size + 1)
+    core = EngineCore(
+        NullExecutor(num_blocks, token_id=7, step_time=0.0),
+        VirtualClock(),
+        SchedulerConfig(
+            policy, max_num_batched_tokens=budget, max_num_seqs=num_running, max_model_len=max_model_len
+        ),
+        CacheConfig(block_size=block_size, num_blocks=num_blocks),
+    )
+    for i in range(num_running):
+        prompt = [i % 1000 + 1] + list(range(prompt_len - 1))
+        core.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6, ignore_eos=True), 0.0))
+    while any(
+        r.num_tokens_to_compute > 1 or r.status != RequestStatus.RUNNING
+        for r in core.scheduler.requests.values()
+    ):
+        core.step()  # prefill everything first: measure the decode steady state
+    sched, executor, clock = core.scheduler, core.executor, core.clock
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        plan = sched.schedule(clock.now())
+        t1 = time.perf_counter()
+        result = executor.execute(plan)
+        t2 = time.perf_counter()
+        sched.update(plan, result.sampled_token_ids, clock.now())
+        t3 = time.perf_counter()
+        assert len(plan.scheduled) == num_running
+        times.append((t1 - t0) + (t3 - t2))
+    return {
+        "policy": policy,
+        "running": num_running,
+        "steps": steps,
+        "median_us": statistics.median(times) * 1e6,
+        "p90_us": sorted(times)[int(0.9 * len(times))] * 1e6,
+        "us_per_request": statistics.median(times) * 1e6 / num_running,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--running", type=int, nargs="+", default=[256, 1024])
+    ap.add_argument("--policies", nargs="+", default=["sarathi", "prefill-first"])
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--out", default="results/scheduler_overhead.json")
+    args = ap.parse_args()
+    rows = [measure(n, p, args.steps) for n in args.running for p in args.policies]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="scheduler overhead per step (schedule + update), decode steady state")
+    for col in ("policy", "running", "median µs", "p90 µs", "µs / request"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(
+            r["policy"],
+            str(r["running"]),
+            f"{r['median_us']:.0f}",
+            f"{r['p90_us']:.0f}",
+            f"{r['us_per_request']:.2f}",
+        )
+    Console().print(table)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Test helpers: engines over the NullExecutor and a virtual clock."""
+
+from __future__ import annotations
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import VirtualClock
+from quanta.engine.core import EngineCore
+from quanta.executor.null_executor import NullExecutor
+from quanta.request import Request
+from quanta.sampling_params import SamplingParams
+
+
+def null_engine(
+    policy: str = "sarathi",
+    budget: int = 64,
+    num_blocks: int = 256,
+    max_num_seqs: int = 128,
+    max_model_len: int = 512,
+    block_size: int = 4,
+    caching: bool = True,
+) -> EngineCore:
+    executor = NullExecutor(num_blocks, token_id=1)
+    executor.record = True
+    return EngineCore(
+        executor,
+        VirtualClock(),
+        SchedulerConfig(policy, budget, max_num_seqs, max_model_len),
+        CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
+        check_integrity=True,
+    )
+
+
+def make_request(
+    rid: str, prompt_len: int, max_tokens: int, arrival: float = 0.0, first_token: int = 10
+) -> Request:
+    return Request(
+        rid,
+        list(range(first_token, first_token + prompt_len)),
+        SamplingParams(max_tokens=max_tokens, ignore_eos=True),
+        arrival_time=arrival,
+    )
+
+
+def run_to_end(core: EngineCore, max_steps: int = 100_000) -> int:
+    steps = 0
+    while core.has_unfinished():
+        core.step()
+        steps += 1
+        assert steps < max_steps, "engine made no progress"
+    return steps

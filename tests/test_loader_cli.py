@@ -1,0 +1,116 @@
+"""Model-folder loading errors, and the `quanta` command line as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from quanta.model.config import ModelConfig, ModelLoadError
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_config_reads_shapes_and_eos(llama_dir: Path, qwen2_dir: Path) -> None:
+    llama = ModelConfig.from_folder(llama_dir)
+    assert (llama.architecture, llama.hidden_size, llama.num_kv_heads, llama.qkv_bias) == (
+        "LlamaForCausalLM",
+        64,
+        2,
+        False,
+    )
+    qwen = ModelConfig.from_folder(qwen2_dir)
+    assert qwen.architecture == "Qwen2ForCausalLM" and qwen.qkv_bias and qwen.tie_word_embeddings
+    assert len(llama.eos_token_ids) == 2  # from generation_config.json
+
+
+@pytest.mark.parametrize(
+    "breakage,message",
+    [
+        ("missing", "does not exist"),
+        ("no-config", "has no config.json"),
+        ("bad-json", "malformed"),
+        ("arch", "unsupported architecture"),
+        ("no-weights", "no \\*.safetensors"),
+        ("missing-tensor", "lack tensor"),
+        ("no-tokenizer", "no tokenizer.json"),
+    ],
+)
+def test_broken_folders_give_one_line_errors(
+    llama_dir: Path, tmp_path: Path, breakage: str, message: str
+) -> None:
+    from quanta import LLM
+
+    path = tmp_path / "m"
+    if breakage != "missing":
+        copy_model(llama_dir, path)
+    if breakage == "no-config":
+        (path / "config.json").unlink()
+    elif breakage == "bad-json":
+        (path / "config.json").write_text("{not json")
+    elif breakage == "arch":
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["architectures"] = ["GPT2LMHeadModel"]
+        (path / "config.json").write_text(json.dumps(cfg))
+    elif breakage == "no-weights":
+        (path / "model.safetensors").unlink()
+    elif breakage == "missing-tensor":
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        del tensors["model.norm.weight"]
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    elif breakage == "no-tokenizer":
+        (path / "tokenizer.json").unlink()
+    with pytest.raises(ModelLoadError, match=message) as info:
+        LLM(str(path), num_kv_blocks=64, max_model_len=256)
+    assert "\n" not in str(info.value)
+
+
+def run_cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess:
+    import os
+
+    env = {**os.environ, "QUANTA_CACHE": str(env_cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True, timeout=300, env=env
+    )
+
+
+def test_cli_generate_and_errors(llama_dir: Path, tmp_path: Path) -> None:
+    ok = run_cli(
+        "generate",
+        "--model",
+        str(llama_dir),
+        "--prompt",
+        "hello",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+        env_cache=tmp_path,
+    )
+    assert ok.returncode == 0, ok.stderr
+    rows = json.loads(ok.stdout)
+    assert rows[0]["prompt"] == "hello" and len(rows[0]["outputs"][0]["token_ids"]) == 4
+    bad = run_cli("generate", "--model", str(tmp_path / "nope"), env_cache=tmp_path)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().count("\n") == 0 and "does not exist" in bad.stderr
+    too_long = run_cli("generate", "--model", str(llama_dir), "--prompt", "a b " * 800, env_cache=tmp_path)
+    assert too_long.returncode == 2 and "longer than the context" in too_long.stderr
+
+
+def test_cli_make_model_then_default_generate(tmp_path: Path) -> None:
+    made = run_cli("make-model", str(tmp_path / "q"), "--preset", "tiny-qwen2", env_cache=tmp_path)
+    assert made.returncode == 0, made.stderr
+    assert ModelConfig.from_folder(tmp_path / "q").architecture == "Qwen2ForCausalLM"
+    # No --model: quanta makes its tiny default model in the cache folder and uses it.
+    default = run_cli("generate", "--max-tokens", "3", env_cache=tmp_path)
+    assert default.returncode == 0, default.stderr
+    assert (tmp_path / "tiny-llama" / "config.json").is_file()

@@ -1,0 +1,194 @@
+"""Sampling features end to end on the real model path, and the sampler's pieces in isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from quanta import LLM, SamplingParams
+from quanta.engine.llm_engine import EngineArgs, LLMEngine
+from quanta.model.sampler import Sampler
+from quanta.request import Request
+
+
+@pytest.fixture(scope="module")
+def llm(llama_dir: Path) -> LLM:
+    return LLM(
+        str(llama_dir), num_kv_blocks=600, max_model_len=512, max_num_batched_tokens=64, check_integrity=True
+    )
+
+
+PROMPTS = [[5, 6, 7, 8, 9, 10], list(range(20, 80)), [100], list(range(200, 233))]
+
+
+def tokens(outs) -> list[list[int]]:
+    return [c.token_ids for o in outs for c in o.outputs]
+
+
+def test_same_seed_same_samples_regardless_of_batch(llm: LLM) -> None:
+    p = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=20, ignore_eos=True)
+    alone = tokens(llm.generate([PROMPTS[1]], p, use_tqdm=False))
+    again = tokens(llm.generate([PROMPTS[1]], p, use_tqdm=False))
+    batched = tokens(
+        llm.generate(PROMPTS, [SamplingParams(temperature=1.0, max_tokens=20), p, p, p], use_tqdm=False)
+    )
+    assert alone == again
+    assert batched[1] == alone[0]
+    other = tokens(
+        llm.generate(
+            [PROMPTS[1]],
+            SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=20, ignore_eos=True),
+            use_tqdm=False,
+        )
+    )
+    assert other != alone
+
+
+def test_top_k_one_is_greedy(llm: LLM) -> None:
+    greedy = tokens(llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=10), use_tqdm=False))
+    top1 = tokens(
+        llm.generate(PROMPTS, SamplingParams(temperature=1.5, top_k=1, max_tokens=10), use_tqdm=False)
+    )
+    assert greedy == top1
+
+
+def test_n_samples_share_prompt_blocks(llama_dir: Path) -> None:
+    engine = LLMEngine(EngineArgs(str(llama_dir), num_kv_blocks=200, max_model_len=512, check_integrity=True))
+    prompt = list(range(30, 30 + 70))  # 4 full blocks of 16 and a partial one
+    engine.add_request(
+        "r", prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True)
+    )
+    engine.step()
+    kv = engine.core.kv
+    tables = [kv.block_ids(f"r#{i}") for i in range(4)]
+    for table in tables[1:]:
+        assert table[:4] == tables[0][:4]
+    assert [kv.pool.blocks[b].ref_cnt for b in tables[0][:4]] == [4] * 4
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step(only_finished=True)
+    (out,) = outs
+    assert len(out.outputs) == 4 and [c.index for c in out.outputs] == [0, 1, 2, 3]
+    assert len({tuple(c.token_ids) for c in out.outputs}) > 1, "seeded samples should differ from each other"
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
+    base = llm.generate(
+        PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )[0]
+    text, ids = base.outputs[0].text, base.outputs[0].token_ids
+    stop = text[5:8]
+    assert stop and stop in text
+    cut = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(temperature=0.0, max_tokens=30, stop=[stop], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert cut.text == text[: text.index(stop)]
+    assert cut.finish_reason == "stop" and cut.stop_reason == stop
+    kept = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(
+            temperature=0.0, max_tokens=30, stop=[stop], include_stop_str_in_output=True, ignore_eos=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+    by_token = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[ids[3]], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert by_token.token_ids == ids[: ids.index(ids[3]) + 1]
+    assert by_token.finish_reason == "stop" and by_token.stop_reason == ids[3]
+
+
+def test_min_and_max_tokens_and_eos(llm: LLM) -> None:
+    eos = llm.engine.eos_token_ids
+    outs = llm.generate(
+        PROMPTS * 4,
+        SamplingParams(temperature=1.0, seed=3, max_tokens=40, min_tokens=10, logprobs=0),
+        use_tqdm=False,
+    )
+    for o in outs:
+        c = o.outputs[0]
+        assert 10 <= len(c.token_ids) <= 40
+        assert not set(c.token_ids[:10]) & set(eos)
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] in eos
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == 40
+    forced = llm.generate(
+        PROMPTS, SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True), use_tqdm=False
+    )
+    assert all(len(o.outputs[0].token_ids) == 25 and o.outputs[0].finish_reason == "length" for o in forced)
+
+
+def test_text_prompts_and_chat(llm: LLM) -> None:
+    out = llm.generate("Hello there", SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False)[0]
+    assert out.prompt == "Hello there"
+    assert out.prompt_token_ids == llm.get_tokenizer().encode("Hello there")
+    chat = llm.chat(
+        [{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False
+    )[0]
+    assert chat.prompt_token_ids[-3:] == llm.get_tokenizer().encode("<|im_start|>assistant\n")[-3:]
+
+
+def test_bad_input_is_a_clear_error_and_leaks_nothing(llm: LLM) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        llm.generate([[1, 2, 10**6]], use_tqdm=False)
+    with pytest.raises(ValueError, match="longer than the context"):
+        llm.generate([[5] * 600], use_tqdm=False)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    # A bad prompt in a batch leaves nothing of the good ones behind.
+    with pytest.raises(ValueError):
+        llm.generate([[5, 6], [5] * 600], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+
+
+def _req(rid: str, output: list[int], **params) -> Request:
+    r = Request(rid, [1, 2, 3], SamplingParams(**params), arrival_time=0.0, eos_token_ids=(0,))
+    for t in output:
+        r.append_output_token(t, 0.0)
+    return r
+
+
+def test_presence_and_frequency_penalties() -> None:
+    sampler = Sampler(torch.device("cpu"))
+    logits = torch.zeros(1, 8)
+    logits[0, 5] = 1.0
+    r = _req("a", [5, 5, 6], temperature=0.0, presence_penalty=0.5, frequency_penalty=0.4)
+    processed = logits.clone()
+    sampler._apply_penalties(processed, [r])
+    # token 5: 1.0 - 0.4*2 - 0.5 = -0.3; token 6: -0.4 - 0.5 = -0.9
+    assert processed[0, 5].item() == pytest.approx(-0.3)
+    assert processed[0, 6].item() == pytest.approx(-0.9)
+    assert processed[0, 7].item() == 0.0
+    tokens, _ = sampler.sample(logits, [r])
+    assert tokens == [0]  # token 0 is now the (first) maximum
+
+
+def test_min_p_and_top_p_filter() -> None:
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    for _ in range(50):
+        t, _ = sampler.sample(logits, [_req("a", [], temperature=1.0, top_p=0.7)])
+        assert t[0] in (0, 1)
+        t, _ = sampler.sample(logits, [_req("b", [], temperature=1.0, min_p=0.5)])
+        assert t[0] in (0, 1)
+
+
+def test_sampling_follows_the_distribution() -> None:
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    probs = torch.tensor([0.6, 0.3, 0.1])
+    reqs = [_req(str(i), [], temperature=1.0) for i in range(4000)]
+    tokens, _ = sampler.sample(torch.log(probs).repeat(4000, 1), reqs)
+    freq = torch.bincount(torch.tensor(tokens), minlength=3).float() / 4000
+    assert torch.allclose(freq, probs, atol=0.03)
