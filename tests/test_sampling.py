@@ -97,6 +97,12 @@ def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
         use_tqdm=False,
     )[0].outputs[0]
     assert kept.text == text[: text.index(stop) + len(stop)]
+    held = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(temperature=0.0, max_tokens=30, stop=[stop], min_tokens=20, ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert len(held.token_ids) >= 20  # stop strings wait for min_tokens, like eos
     by_token = llm.generate(
         PROMPTS[1:2],
         SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[ids[3]], ignore_eos=True),

@@ -67,10 +67,11 @@ class IncrementalDetokenizer:
         self._include_stop = params.include_stop_str_in_output
         self._hold = max((len(s) for s in params.stop), default=1) - 1
 
-    def add(self, token_id: int) -> str | None:
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append a token; return the stop string it completed, if any (the text is then cut there)."""
         chunk = self._stream.step(self._tokenizer, token_id)
-        if not chunk:
+        if not chunk or not check_stop:
+            self.text += chunk or ""
             return None
         search_from = max(0, len(self.text) - self._hold)
         self.text += chunk
@@ -176,7 +177,10 @@ class OutputProcessor:
                 sample.logprobs.append(self._logprob_dict(entry))
                 sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + entry.logprobs[0]
             if sample.detokenizer is not None:
-                stop = sample.detokenizer.add(token_id)
+                # Like eos, stop strings count only once min_tokens are out.
+                stop = sample.detokenizer.add(
+                    token_id, req.num_output_tokens >= req.sampling_params.min_tokens
+                )
                 if stop is not None and not req.finished:
                     req.stop_reason = stop
                     self._finish(req.request_id, RequestStatus.FINISHED_STOPPED)

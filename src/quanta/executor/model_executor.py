@@ -63,8 +63,9 @@ class ModelExecutor:
             self.sampler.forget(request_id)
         if plan.is_empty:
             return StepResult({}, time.perf_counter() - start)
-        # Decodes first: they are attended together in one padded call.
+        # Decodes first, shortest context first: the attention backend groups them by length.
         decodes = [s for s in plan.scheduled if s.num_new_tokens == 1 and s.num_computed_tokens > 0]
+        decodes.sort(key=lambda s: s.num_computed_tokens)
         prefills = [s for s in plan.scheduled if not (s.num_new_tokens == 1 and s.num_computed_tokens > 0)]
         ordered = decodes + prefills
         input_ids, positions, meta = self._prepare(decodes, prefills)
@@ -116,25 +117,19 @@ class ModelExecutor:
             positions.extend(range(begin, end))
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-        decode_index = decode_mask = None
-        if decodes:
-            width = max(len(s.block_ids) for s in decodes)
-            flat: list[int] = []
-            for s in decodes:
-                flat += s.block_ids
-                flat += [0] * (width - len(s.block_ids))
-            tables = torch.tensor(flat, device=dev).view(len(decodes), width)
-            decode_index = self.model.attn.decode_gather_index(tables)
-            ctx = torch.tensor([s.context_len for s in decodes], device=dev)
-            padding = torch.arange(width * bs, device=dev)[None, :] >= ctx[:, None]
-            decode_mask = padding[:, None, None, :]
+        decode_groups = (
+            self.model.attn.plan_decodes(
+                [s.block_ids for s in decodes], [s.context_len for s in decodes], dev
+            )
+            if decodes
+            else []
+        )
         slot_tensor = torch.tensor(slots, device=dev)
         meta = AttentionMetadata(
             slot_blocks=slot_tensor // bs,
             slot_offsets=slot_tensor % bs,
             num_decodes=len(decodes),
-            decode_index=decode_index,
-            decode_mask=decode_mask,
+            decode_groups=decode_groups,
             prefills=chunks,
         )
         return torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta

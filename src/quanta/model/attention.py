@@ -23,12 +23,21 @@ class PrefillChunk:
 
 
 @dataclass(slots=True)
+class DecodeGroup:
+    """Decodes of similar context length, attended together (padded to the longest of the group)."""
+
+    start: int  # first row in the flat batch
+    num: int
+    gather_index: torch.Tensor  # rows of the (block, head) cache view, ordered (request, head, block)
+    padding: torch.Tensor  # [num, 1, 1, max_blocks * block_size] bool: key is padding
+
+
+@dataclass(slots=True)
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [num_tokens] long: cache block of each new token
     slot_offsets: torch.Tensor  # [num_tokens] long: its offset inside the block
     num_decodes: int
-    decode_index: torch.Tensor | None  # from TorchPagedAttention.decode_gather_index
-    decode_mask: torch.Tensor | None  # [num_decodes, 1, 1, max_blocks * block_size] bool: key is padding
+    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
 
 
@@ -50,10 +59,37 @@ class TorchPagedAttention:
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
-    def decode_gather_index(self, block_tables: torch.Tensor) -> torch.Tensor:
-        """[num_decodes, max_blocks] block ids -> rows of the (block, head) view, ordered (request, head, block)."""
-        heads = torch.arange(self.num_kv_heads, device=block_tables.device)
-        return (block_tables[:, None, :] * self.num_kv_heads + heads[None, :, None]).flatten()
+    def plan_decodes(
+        self, block_tables: list[list[int]], context_lens: list[int], device: torch.device
+    ) -> list[DecodeGroup]:
+        """Group decodes (sorted by context length, ascending) so that padding stays small.
+
+        A group closes when the next context is over 1.5x the group's shortest and the group already has
+        8 members: padding then costs at most a third of the gathered KV, and few groups mean few calls.
+        """
+        groups: list[DecodeGroup] = []
+        begin = 0
+        n = len(context_lens)
+        for i in range(1, n + 1):
+            if i == n or (i - begin >= 8 and context_lens[i] > 1.5 * context_lens[begin]):
+                groups.append(self._decode_group(begin, block_tables[begin:i], context_lens[begin:i], device))
+                begin = i
+        return groups
+
+    def _decode_group(
+        self, start: int, tables: list[list[int]], context_lens: list[int], device: torch.device
+    ) -> DecodeGroup:
+        width = max(len(t) for t in tables)
+        flat: list[int] = []
+        for t in tables:
+            flat += t
+            flat += [0] * (width - len(t))
+        blocks = torch.tensor(flat, device=device).view(len(tables), width)
+        heads = torch.arange(self.num_kv_heads, device=device)
+        index = (blocks[:, None, :] * self.num_kv_heads + heads[None, :, None]).flatten()
+        ctx = torch.tensor(context_lens, device=device)
+        padding = torch.arange(width * self.block_size, device=device)[None, :] >= ctx[:, None]
+        return DecodeGroup(start, len(tables), index, padding[:, None, None, :])
 
     def forward(
         self,
@@ -67,9 +103,9 @@ class TorchPagedAttention:
         k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
         v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
-        nd = meta.num_decodes
-        if nd:
-            out[:nd] = self._decode(q[:nd], k_cache, v_cache, meta)
+        for group in meta.decode_groups:
+            rows = slice(group.start, group.start + group.num)
+            out[rows] = self._decode(q[rows], k_cache, v_cache, group)
         for chunk in meta.prefills:
             rows = slice(chunk.start, chunk.start + chunk.num_tokens)
             qc = q[rows].transpose(0, 1)  # [H, n, D]
@@ -99,20 +135,19 @@ class TorchPagedAttention:
         return blocks.transpose(0, 1).reshape(self.num_kv_heads, -1, self.head_dim)[:, : chunk.context_len]
 
     def _decode(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, group: DecodeGroup
     ) -> torch.Tensor:
         """One query per request against its padded context, as two batched matmuls over (request, kv head).
 
         The query heads that share a KV head are stacked as rows, so GQA needs no copy of K/V.
         (CPU's fused SDPA is slow for single-token queries.)
         """
-        assert meta.decode_index is not None and meta.decode_mask is not None
         nd, hkv, d = q.shape[0], self.num_kv_heads, self.head_dim
-        length = meta.decode_mask.shape[-1]
-        k = k_cache.view(-1, self.block_size, d).index_select(0, meta.decode_index).view(nd, hkv, length, d)
-        v = v_cache.view(-1, self.block_size, d).index_select(0, meta.decode_index).view(nd, hkv, length, d)
+        length = group.padding.shape[-1]
+        k = k_cache.view(-1, self.block_size, d).index_select(0, group.gather_index).view(nd, hkv, length, d)
+        v = v_cache.view(-1, self.block_size, d).index_select(0, group.gather_index).view(nd, hkv, length, d)
         qg = q.view(nd, hkv, self.num_heads // hkv, d)
         scores = torch.matmul(qg, k.transpose(-1, -2)).float() * self.scale  # [nd, Hkv, G, L]
-        scores.masked_fill_(meta.decode_mask, float("-inf"))
+        scores.masked_fill_(group.padding, float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
         return torch.matmul(probs, v).reshape(nd, self.num_heads, d)
