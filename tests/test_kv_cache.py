@@ -92,6 +92,21 @@ def test_hash_chain_depends_on_parent_and_salt() -> None:
     assert len(kv.get_computed_blocks(req("c", [1, 2, 3, 4, 5], salt="tenant-a"))) == 2
 
 
+def test_usage_and_reset_prefix_cache() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=2)
+    a = req("a", [1, 2, 3, 4, 5])
+    assert kv.allocate_slots(a, 5)
+    assert kv.usage() == 3 / 8
+    assert not kv.reset_prefix_cache()  # blocks in use
+    a.status = RequestStatus.FINISHED_STOPPED
+    kv.free(a)
+    assert kv.usage() == 0.0
+    assert len(kv.get_computed_blocks(req("b", [1, 2, 3, 4, 5]))) == 2
+    assert kv.reset_prefix_cache()
+    assert kv.get_computed_blocks(req("c", [1, 2, 3, 4, 5])) == []
+    kv.check_integrity()
+
+
 def test_disabled_caching_never_hits() -> None:
     kv = KVCacheManager(num_blocks=8, block_size=2, enable_caching=False)
     assert kv.allocate_slots(req("a", [1, 2, 3, 4, 5]), 5)

@@ -188,3 +188,20 @@ def test_scheduling_code_does_not_import_torch() -> None:
         "quanta.model.config; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_schedules_are_deterministic() -> None:
+    def plans() -> list[tuple]:
+        core = null_engine("sarathi", budget=40, num_blocks=60, block_size=4, max_model_len=128)
+        for i in range(10):
+            core.add_request(
+                make_request(
+                    f"r{i}", prompt_len=10 + 7 * i, max_tokens=15, arrival=i * 0.01, first_token=40 * i
+                )
+            )
+        run_to_end(core)
+        return [p.summary() for p in core.executor.plans]
+
+    first = plans()
+    assert first == plans()
+    assert any(preempted for _, preempted in first), "the small pool should preempt"

@@ -91,11 +91,6 @@ class Request:
         return len(self.all_token_ids) - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        """True while more than one token is missing (prompt, or recomputation after preemption)."""
-        return self.num_tokens_to_compute > 1
-
-    @property
     def finished(self) -> bool:
         return self.status.finished
 

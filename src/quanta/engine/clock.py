@@ -35,7 +35,3 @@ class VirtualClock:
     def advance(self, seconds: float) -> None:
         assert seconds >= 0.0, "time cannot run backwards"
         self._t += seconds
-
-    def advance_to(self, t: float) -> None:
-        """Jump forward to an event time (an arrival while the engine is idle)."""
-        self._t = max(self._t, t)

@@ -21,6 +21,10 @@ class LLM:
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._ids = itertools.count()
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget cached prefixes (only while nothing runs), e.g. between benchmark rounds."""
+        return self.engine.core.kv.reset_prefix_cache()
+
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer.hf
 

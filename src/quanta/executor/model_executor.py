@@ -128,7 +128,6 @@ class ModelExecutor:
         meta = AttentionMetadata(
             slot_blocks=slot_tensor // bs,
             slot_offsets=slot_tensor % bs,
-            num_decodes=len(decodes),
             decode_groups=decode_groups,
             prefills=chunks,
         )

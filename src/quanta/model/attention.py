@@ -36,7 +36,6 @@ class DecodeGroup:
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [num_tokens] long: cache block of each new token
     slot_offsets: torch.Tensor  # [num_tokens] long: its offset inside the block
-    num_decodes: int
     decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
 

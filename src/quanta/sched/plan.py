@@ -37,10 +37,6 @@ class StepPlan:
     def is_empty(self) -> bool:
         return not self.scheduled
 
-    @property
-    def num_decodes(self) -> int:
-        return sum(1 for s in self.scheduled if s.num_new_tokens == 1 and s.num_computed_tokens > 0)
-
     def summary(self) -> tuple:
         """A comparable description of the plan (for replay tests and logs)."""
         return (
