@@ -50,11 +50,13 @@ def assert_pool_clean(llm: LLM) -> None:
 
 
 @pytest.mark.parametrize(
-    "budget,num_blocks,caching",
-    [(7, 400, False), (64, 400, True), (512, 40, False)],
-    ids=["budget7", "budget64", "small-pool"],
+    "budget,num_blocks,caching,kernels",
+    [(7, 400, False, True), (64, 400, True, True), (64, 400, True, False), (512, 40, False, True)],
+    ids=["budget7", "budget64", "budget64-portable-attention", "small-pool"],
 )
-def test_greedy_equals_transformers(model_dir: Path, budget: int, num_blocks: int, caching: bool) -> None:
+def test_greedy_equals_transformers(
+    model_dir: Path, budget: int, num_blocks: int, caching: bool, kernels: bool
+) -> None:
     prompts, max_tokens = workload()
     llm = LLM(
         str(model_dir),
@@ -62,6 +64,7 @@ def test_greedy_equals_transformers(model_dir: Path, budget: int, num_blocks: in
         num_kv_blocks=num_blocks,
         max_model_len=512,
         enable_prefix_caching=caching,
+        cpu_kernels=kernels,
         check_integrity=True,
     )
     got = quanta_greedy(llm, prompts, max_tokens)

@@ -38,6 +38,7 @@ class EngineArgs:
     kv_cache_memory_gb: float = 2.0
     enable_prefix_caching: bool = True
     seed: int = 0
+    cpu_kernels: bool = True  # C++ decode attention on CPU (compiled on first use); False: portable torch
     check_integrity: bool = False  # verify the KV pool after every step (tests)
 
 
@@ -72,6 +73,7 @@ class LLMEngine:
             device=args.device,
             seed=args.seed,
             model_config=self.model_config,
+            cpu_kernels=args.cpu_kernels,
         )
         pool_tokens = executor.num_kv_blocks * args.block_size
         if pool_tokens < max_model_len and args.max_model_len is None:

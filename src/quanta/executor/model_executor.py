@@ -12,6 +12,7 @@ from quanta.executor.base import StepResult, TokenLogprobs
 from quanta.kv.manager import cdiv
 from quanta.model.attention import AttentionMetadata, PrefillChunk
 from quanta.model.config import ModelConfig
+from quanta.model.cpu_kernels import cpu_kernels as load_cpu_kernels
 from quanta.model.loader import load_model, resolve_dtype
 from quanta.model.sampler import Sampler, logprob_entries
 from quanta.sched.plan import ScheduledRequest, StepPlan
@@ -28,12 +29,15 @@ class ModelExecutor:
         device: str = "cpu",
         seed: int = 0,
         model_config: ModelConfig | None = None,
+        cpu_kernels: bool = True,
     ) -> None:
         self.model_config = cfg = model_config or ModelConfig.from_folder(model_path)
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype, cfg)
         self.block_size = bs = cache_config.block_size
         self.model = load_model(model_path, cfg, self.dtype, self.device, bs, max_positions=max_model_len)
+        if cpu_kernels and self.device.type == "cpu":
+            self.model.attn.kernels = load_cpu_kernels()
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         else:
@@ -117,20 +121,16 @@ class ModelExecutor:
             positions.extend(range(begin, end))
             table = s.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-        decode_groups = (
-            self.model.attn.plan_decodes(
-                [s.block_ids for s in decodes], [s.context_len for s in decodes], dev
-            )
-            if decodes
-            else []
-        )
         slot_tensor = torch.tensor(slots, device=dev)
         meta = AttentionMetadata(
             slot_blocks=slot_tensor // bs,
             slot_offsets=slot_tensor % bs,
-            decode_groups=decode_groups,
             prefills=chunks,
         )
+        if decodes:
+            self.model.attn.plan_decodes(
+                [s.block_ids for s in decodes], [s.context_len for s in decodes], dev, meta
+            )
         return torch.tensor(input_ids, device=dev), torch.tensor(positions, device=dev), meta
 
     def _prompt_logprobs(

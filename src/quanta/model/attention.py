@@ -8,7 +8,8 @@ another request of the same step is filling (prefix sharing within a step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -36,8 +37,10 @@ class DecodeGroup:
 class AttentionMetadata:
     slot_blocks: torch.Tensor  # [num_tokens] long: cache block of each new token
     slot_offsets: torch.Tensor  # [num_tokens] long: its offset inside the block
-    decode_groups: list[DecodeGroup]
     prefills: list[PrefillChunk]
+    decode_groups: list[DecodeGroup] = field(default_factory=list)  # portable path
+    decode_tables: torch.Tensor | None = None  # C++ kernel path: [num_decodes, max_blocks] long, 0-padded
+    decode_lens: torch.Tensor | None = None  # C++ kernel path: [num_decodes] long
 
 
 class TorchPagedAttention:
@@ -47,7 +50,15 @@ class TorchPagedAttention:
     so a single `index_select` gathers every decode's context already as [request, head, token, dim].
     """
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, block_size: int) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        block_size: int,
+        kernels: ModuleType | None = None,
+    ) -> None:
+        self.kernels = kernels  # quanta.model.cpu_kernels: decode attention straight from the paged cache
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
@@ -59,6 +70,23 @@ class TorchPagedAttention:
         return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
     def plan_decodes(
+        self,
+        block_tables: list[list[int]],
+        context_lens: list[int],
+        device: torch.device,
+        meta: AttentionMetadata,
+    ) -> None:
+        """Fill the metadata of the step's decodes (sorted by context length, ascending)."""
+        if self.kernels is not None:
+            width = max(len(t) for t in block_tables)
+            meta.decode_tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in block_tables], device=device
+            )
+            meta.decode_lens = torch.tensor(context_lens, device=device)
+        else:
+            meta.decode_groups = self._group_decodes(block_tables, context_lens, device)
+
+    def _group_decodes(
         self, block_tables: list[list[int]], context_lens: list[int], device: torch.device
     ) -> list[DecodeGroup]:
         """Group decodes (sorted by context length, ascending) so that padding stays small.
@@ -102,6 +130,12 @@ class TorchPagedAttention:
         k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
         v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
         out = torch.empty_like(q)
+        if meta.decode_tables is not None:
+            assert self.kernels is not None and meta.decode_lens is not None
+            nd = meta.decode_tables.shape[0]
+            out[:nd] = self.kernels.paged_decode_attention(
+                q[:nd].contiguous(), k_cache, v_cache, meta.decode_tables, meta.decode_lens, self.scale
+            )
         for group in meta.decode_groups:
             rows = slice(group.start, group.start + group.num)
             out[rows] = self._decode(q[rows], k_cache, v_cache, group)

@@ -1,0 +1,49 @@
+"""C++ kernels for the CPU path, compiled on first use with torch's extension builder (cached).
+
+If the build is impossible here (no compiler, no ninja) or turned off with QUANTA_CPU_KERNELS=0, the
+portable torch code runs instead; the kernels only make the same computation faster.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+from functools import cache
+from pathlib import Path
+from types import ModuleType
+
+logger = logging.getLogger("quanta")
+
+SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
+
+
+def _cpu_signature() -> str:
+    """-march=native code must not be reused on another CPU: the build name carries the CPU's flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
+    except OSError:
+        flags = platform.processor()
+    return flags
+
+
+@cache
+def cpu_kernels() -> ModuleType | None:
+    if os.environ.get("QUANTA_CPU_KERNELS", "1") == "0":
+        return None
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_signature().encode())
+    name = f"quanta_cpu_kernels_{digest.hexdigest()[:12]}"
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(
+            name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False
+        )
+    except Exception as e:  # a missing compiler or ninja surfaces as several exception types
+        logger.warning(
+            "quanta: C++ CPU kernels unavailable (%s); using the portable torch path", str(e)[:200]
+        )
+        return None
