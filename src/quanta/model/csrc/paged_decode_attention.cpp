@@ -6,10 +6,10 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 // Row of D values to float32. The bfloat16 case is a 16-bit shift, written so the compiler vectorizes it.
@@ -54,16 +54,21 @@ static void decode_kernel(
       to_float(q + (n * num_heads + j * group) * D, qf.data(), group * D);
       for (int64_t i = 0; i < group * D; ++i) qf[i] *= scale;
       scores.assign(group * len, 0.f);
-      // Scores: every K row is converted to float once and used by the whole query group.
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* k = k_cache + ((table[t / block_size] * num_kv_heads + j) * block_size + t % block_size) * D;
-        to_float(k, row.data(), D);
-        for (int64_t g = 0; g < group; ++g) scores[g * len + t] = dot(qf.data() + g * D, row.data(), D);
+      // Scores: every K row is converted to float once and used by the whole query group. Blocks are
+      // walked in order, so a (block, head) piece of the cache is one contiguous run of rows.
+      for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+        const scalar_t* k = k_cache + (table[b] * num_kv_heads + j) * block_size * D;
+        const int64_t rows = std::min(block_size, len - t0);
+        for (int64_t r = 0; r < rows; ++r) {
+          to_float(k + r * D, row.data(), D);
+          for (int64_t g = 0; g < group; ++g) scores[g * len + t0 + r] = dot(qf.data() + g * D, row.data(), D);
+        }
       }
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * len;
-        float m = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        // Built with -ffast-math (vectorized exp): no infinities here, the max starts from a score.
+        float m = sg[0];
+        for (int64_t t = 1; t < len; ++t) m = sg[t] > m ? sg[t] : m;
         float total = 0.f;
         for (int64_t t = 0; t < len; ++t) {
           sg[t] = std::exp(sg[t] - m);
@@ -72,14 +77,17 @@ static void decode_kernel(
         sums[g] = total;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t t = 0; t < len; ++t) {
-        const scalar_t* v = v_cache + ((table[t / block_size] * num_kv_heads + j) * block_size + t % block_size) * D;
-        to_float(v, row.data(), D);
-        for (int64_t g = 0; g < group; ++g) {
-          const float p = scores[g * len + t];
-          float* a = acc.data() + g * D;
+      for (int64_t b = 0, t0 = 0; t0 < len; ++b, t0 += block_size) {
+        const scalar_t* v = v_cache + (table[b] * num_kv_heads + j) * block_size * D;
+        const int64_t rows = std::min(block_size, len - t0);
+        for (int64_t r = 0; r < rows; ++r) {
+          to_float(v + r * D, row.data(), D);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + t0 + r];
+            float* a = acc.data() + g * D;
 #pragma omp simd
-          for (int64_t d = 0; d < D; ++d) a[d] += p * row[d];
+            for (int64_t d = 0; d < D; ++d) a[d] += p * row[d];
+          }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
