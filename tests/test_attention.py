@@ -87,3 +87,40 @@ def test_decode_and_prefill_against_dense_reference(kernels: bool, dtype: torch.
     keys, values = context(nd + 1, fresh_len)
     rows = slice(nd + chunk_new, total)
     torch.testing.assert_close(out[rows].double(), reference(q[rows], keys, values, 0), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_ops_match_torch(dtype: torch.dtype) -> None:
+    from quanta.model.llama import RMSNorm, apply_rotary
+
+    module = cpu_kernels()
+    if module is None:
+        pytest.skip("C++ kernels cannot be built here")
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(37, 64, generator=g) * 3).to(dtype)
+    norm = RMSNorm(64, 1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=g))
+    norm = norm.to(dtype)
+    expected = norm(x)
+    norm.kernels = module
+    # float32 sums may associate differently; bfloat16 results land on the same or the adjacent value.
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
+    torch.testing.assert_close(norm(x), expected, **tol)
+
+    q = torch.randn(37, 4, 16, generator=g).to(dtype)
+    k = torch.randn(37, 2, 16, generator=g).to(dtype)
+    angles = torch.randn(37, 8, generator=g)
+    emb = torch.cat([angles, angles], dim=-1)
+    rope = (emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1))
+    q_ref, k_ref = apply_rotary(q, k, rope, None)
+    q_out, k_out = apply_rotary(q.clone(), k.clone(), rope, module)
+    exact = (
+        dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
+    )  # fp32: FMA contraction
+    torch.testing.assert_close(q_out, q_ref, **exact)
+    torch.testing.assert_close(k_out, k_ref, **exact)
+
+    gate_up = (torch.randn(37, 2 * 48, generator=g) * 4).to(dtype)
+    gate, up = gate_up.split(48, dim=-1)
+    torch.testing.assert_close(module.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)

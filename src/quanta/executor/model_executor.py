@@ -37,7 +37,7 @@ class ModelExecutor:
         self.block_size = bs = cache_config.block_size
         self.model = load_model(model_path, cfg, self.dtype, self.device, bs, max_positions=max_model_len)
         if cpu_kernels and self.device.type == "cpu":
-            self.model.attn.kernels = load_cpu_kernels()
+            self.model.use_kernels(load_cpu_kernels())
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         else:

@@ -16,7 +16,7 @@ from types import ModuleType
 
 logger = logging.getLogger("quanta")
 
-SOURCE = Path(__file__).parent / "csrc" / "paged_decode_attention.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
 

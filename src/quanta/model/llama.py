@@ -7,6 +7,7 @@ separate weights. Numerics follow `transformers` (RMSNorm in float32, rotate-hal
 from __future__ import annotations
 
 import math
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
@@ -21,8 +22,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.kernels: ModuleType | None = None  # quanta.model.cpu_kernels, set by LlamaModel.use_kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernels is not None:
+            return self.kernels.rms_norm(x, self.weight, self.eps)
         # Normalize in float32, scale in the model dtype: the order transformers uses.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
@@ -65,9 +69,13 @@ class RotaryEmbedding(nn.Module):
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], kernels: ModuleType | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = rope
+    if kernels is not None:
+        q, k = q.contiguous(), k.contiguous()
+        kernels.rotary_inplace(q, k, cos.squeeze(1), sin.squeeze(1))
+        return q, k
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
@@ -90,6 +98,7 @@ class DecoderLayer(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.intermediate_size = cfg.intermediate_size
         self.attn = attn
+        self.kernels: ModuleType | None = None
 
     def forward(
         self,
@@ -104,10 +113,13 @@ class DecoderLayer(nn.Module):
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, k, rope)
+        q, k = apply_rotary(q, k, rope, self.kernels)
         o = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
         x = x + self.o_proj(o.reshape(t, self.q_size))
-        gate, up = self.gate_up_proj(self.post_attention_layernorm(x)).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        if self.kernels is not None:
+            return x + self.down_proj(self.kernels.silu_and_mul(gate_up))
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return x + self.down_proj(F.silu(gate) * up)
 
 
@@ -123,6 +135,13 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+
+    def use_kernels(self, kernels: ModuleType | None) -> None:
+        """Route attention, norms, rotary and SiLU through the C++ CPU kernels (None: portable torch)."""
+        self.attn.kernels = kernels
+        for module in self.modules():
+            if isinstance(module, (RMSNorm, DecoderLayer)):
+                module.kernels = kernels
 
     def forward(
         self,

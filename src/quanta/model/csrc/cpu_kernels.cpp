@@ -1,8 +1,13 @@
-// Paged decode attention for CPU: one query token per request against its KV blocks, read in place.
+// C++ kernels for quanta's CPU path.
 //
-// The pure-torch path gathers every request's blocks into a padded tensor and runs batched matmuls,
-// which moves the KV through memory three times; this kernel streams each K/V row once, straight from
-// the paged cache, with the softmax in float32. Work is split over (request, kv head) pairs.
+// paged_decode_attention: one query token per request against its KV blocks, read in place. The
+// pure-torch path gathers every request's blocks into a padded tensor and runs batched matmuls, which
+// moves the KV through memory three times; this kernel streams each K/V row once, straight from the
+// paged cache, with the softmax in float32. Work is split over (request, kv head) pairs.
+//
+// rms_norm, rotary_inplace, silu_and_mul: one pass each instead of several torch ops (a decode step
+// runs them ~100 times). Each rounds to the model dtype at the same points as the torch code it
+// replaces, so results match it.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -125,6 +130,91 @@ torch::Tensor paged_decode_attention(
   return out;
 }
 
+template <typename scalar_t>
+static inline float round_to(float x) {
+  return static_cast<float>(static_cast<scalar_t>(x));
+}
+
+// weight * (x / rms(x)) with the normalization in float32, as transformers' RMSNorm.
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous(), "rms_norm: contiguous [T, H]");
+  auto out = torch::empty_like(x);
+  const int64_t rows = x.size(0), h = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(h);
+      for (int64_t r = begin; r < end; ++r) {
+        to_float(xp + r * h, row.data(), h);
+        float ss = 0.f;
+        for (int64_t i = 0; i < h; ++i) ss += row[i] * row[i];
+        const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+        for (int64_t i = 0; i < h; ++i)
+          op[r * h + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * round_to<scalar_t>(row[i] * inv));
+      }
+    });
+  });
+  return out;
+}
+
+// q*cos + rotate_half(q)*sin for q [T, H, D] and k [T, Hkv, D] in place; cos, sin: [T, D].
+void rotary_inplace(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
+  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rotary: contiguous");
+  const int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2), half = d / 2;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_inplace", [&] {
+    scalar_t* qp = q.data_ptr<scalar_t>();
+    scalar_t* kp = k.data_ptr<scalar_t>();
+    const scalar_t* cp = cos.data_ptr<scalar_t>();
+    const scalar_t* sp = sin.data_ptr<scalar_t>();
+    at::parallel_for(0, t, 8, [&](int64_t begin, int64_t end) {
+      std::vector<float> x(d);
+      for (int64_t r = begin; r < end; ++r) {
+        const scalar_t* c = cp + r * d;
+        const scalar_t* s = sp + r * d;
+        for (int64_t head = 0; head < hq + hk; ++head) {
+          scalar_t* v = head < hq ? qp + (r * hq + head) * d : kp + (r * hk + head - hq) * d;
+          to_float(v, x.data(), d);
+          for (int64_t i = 0; i < d; ++i) {
+            const float rot = i < half ? -x[i + half] : x[i - half];
+            const float a = round_to<scalar_t>(x[i] * static_cast<float>(c[i]));
+            const float b = round_to<scalar_t>(rot * static_cast<float>(s[i]));
+            v[i] = static_cast<scalar_t>(a + b);
+          }
+        }
+      }
+    });
+  });
+}
+
+// silu(gate) * up for gate_up [T, 2I] -> [T, I].
+torch::Tensor silu_and_mul(torch::Tensor gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous(), "silu_and_mul: contiguous [T, 2I]");
+  const int64_t t = gate_up.size(0), inter = gate_up.size(1) / 2;
+  auto out = torch::empty({t, inter}, gate_up.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, gate_up.scalar_type(), "silu_and_mul", [&] {
+    const scalar_t* gp = gate_up.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, t, 4, [&](int64_t begin, int64_t end) {
+      std::vector<float> g(inter), u(inter);
+      for (int64_t r = begin; r < end; ++r) {
+        to_float(gp + r * 2 * inter, g.data(), inter);
+        to_float(gp + r * 2 * inter + inter, u.data(), inter);
+        for (int64_t i = 0; i < inter; ++i) {
+          // exp's argument is capped: built with -ffast-math, infinities must not appear.
+          const float silu = round_to<scalar_t>(g[i] / (1.f + std::exp(std::min(-g[i], 80.f))));
+          op[r * inter + i] = static_cast<scalar_t>(silu * u[i]);
+        }
+      }
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("rms_norm", &rms_norm, "RMSNorm, float32 inside");
+  m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding, in place");
+  m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
 }
