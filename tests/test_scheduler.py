@@ -205,3 +205,30 @@ def test_schedules_are_deterministic() -> None:
     first = plans()
     assert first == plans()
     assert any(preempted for _, preempted in first), "the small pool should preempt"
+
+
+def test_a_failed_step_aborts_its_requests_and_poisons_no_cache() -> None:
+    core = null_engine("sarathi", budget=64, num_blocks=64, block_size=4, max_model_len=128)
+    core.add_request(make_request("a", prompt_len=20, max_tokens=5, first_token=0))
+    run_to_end(core)  # a's blocks are now cached
+    original = core.executor.execute
+
+    def broken(plan):
+        raise RuntimeError("device lost")
+
+    core.executor.execute = broken
+    core.add_request(make_request("b", prompt_len=30, max_tokens=5, first_token=500))
+    with pytest.raises(RuntimeError, match="device lost"):
+        core.step()
+    b_prefix = make_request("probe", prompt_len=30, max_tokens=1, first_token=500)
+    assert core.kv.get_computed_blocks(b_prefix) == []  # b's KV was never written
+    assert (
+        len(core.kv.get_computed_blocks(make_request("probe2", prompt_len=20, max_tokens=1, first_token=0)))
+        == 4
+    )
+    assert not core.has_unfinished()
+    core.scheduler.check_integrity()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    core.executor.execute = original
+    core.add_request(make_request("c", prompt_len=10, max_tokens=3))
+    run_to_end(core)  # the engine goes on serving

@@ -73,7 +73,11 @@ class EngineCore:
     def step(self) -> StepOutput:
         start = self.clock.now()
         plan = self.scheduler.schedule(start)
-        result = self.executor.execute(plan)
+        try:
+            result = self.executor.execute(plan)
+        except Exception:
+            self.scheduler.fail_step(plan, self.clock.now())
+            raise
         self.clock.advance(result.elapsed)
         end = self.clock.now()
         updated = self.scheduler.update(plan, result.sampled_token_ids, end)

@@ -87,6 +87,12 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block
 
+    def uncache(self, block: KVBlock) -> None:
+        """Make a block unfindable (its contents can no longer be trusted)."""
+        if block.block_hash is not None:
+            del self._cached[block.block_hash]
+            block.block_hash = None
+
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
         if len(self._free) != self.num_blocks:

@@ -114,6 +114,14 @@ class KVCacheManager:
             self.pool.cache(pool_blocks[blocks[i]], hashes[i])
         self._num_indexed[req.request_id] = num_full
 
+    def discard(self, req: Request) -> None:
+        """Free a request whose KV may never have been written (its step failed): no block it holds may
+        stay findable in the prefix index, since a later hit would read garbage."""
+        pool_blocks = self.pool.blocks
+        for block_id in self.req_blocks.get(req.request_id, ()):
+            self.pool.uncache(pool_blocks[block_id])
+        self.free(req)
+
     def free(self, req: Request) -> None:
         """Release the request's blocks (tail first to the LRU list, so shared prefixes live longest)."""
         blocks = self.req_blocks.pop(req.request_id, None)

@@ -44,7 +44,9 @@ class Scheduler:
             if req is not None and not req.finished:
                 self.finish_request(req, RequestStatus.FINISHED_ABORTED, now=None)
 
-    def finish_request(self, req: Request, status: RequestStatus, now: float | None) -> None:
+    def finish_request(
+        self, req: Request, status: RequestStatus, now: float | None, kv_valid: bool = True
+    ) -> None:
         assert status.finished
         if req.status == RequestStatus.RUNNING:
             self.running.remove(req)
@@ -53,7 +55,10 @@ class Scheduler:
         req.status = status
         if now is not None:
             req.times.finished = now
-        self.kv.free(req)
+        if kv_valid:
+            self.kv.free(req)
+        else:
+            self.kv.discard(req)
         self.waiting.forget(req)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
@@ -154,6 +159,14 @@ class Scheduler:
             self._add(plan, budget, scheduled, req, n)
         for req in admitted:
             self.waiting.remove(req)
+
+    def fail_step(self, plan: StepPlan, now: float) -> list[Request]:
+        """The executor could not run `plan`: abort its requests and keep their unwritten KV out of the
+        prefix index, so that the engine goes on serving everything else. Returns the aborted requests."""
+        failed = [s.request for s in plan.scheduled if not s.request.finished]
+        for req in failed:
+            self.finish_request(req, RequestStatus.FINISHED_ABORTED, now, kv_valid=False)
+        return failed
 
     def update(self, plan: StepPlan, sampled: Mapping[str, int], now: float) -> list[Request]:
         """Apply a step's results: advance computed tokens, append sampled tokens, finish stopped requests.
