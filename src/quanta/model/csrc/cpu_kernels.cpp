@@ -50,9 +50,13 @@ static void decode_kernel(
     int64_t max_blocks, float scale) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t D = HD > 0 ? HD : head_dim;
-  at::parallel_for(0, nd * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+  const int64_t total = nd * num_kv_heads;
+  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf(group * D), acc(group * D), row(D), scores, maxs(group), sums(group);
-    for (int64_t item = begin; item < end; ++item) {
+    for (int64_t slot = begin; slot < end; ++slot) {
+      // Threads get contiguous ranges, and requests often arrive sorted by length: zigzag the order
+      // (0, last, 1, last-1, ...) so that every range mixes short and long contexts.
+      const int64_t item = slot % 2 == 0 ? slot / 2 : total - 1 - slot / 2;
       const int64_t n = item / num_kv_heads, j = item % num_kv_heads;
       const int64_t len = ctx_lens[n];
       const int64_t* table = tables + n * max_blocks;
