@@ -1,7 +1,7 @@
 """Microseconds per scheduler step (schedule() + update()) with N running requests, no model.
 
-Every request is decoding (the steady state of a busy server); the NullExecutor returns a token for
-each. Prints a table and writes JSON.
+Every request is decoding (the steady state of a busy server); a constant-time SimExecutor returns a
+token for each. Prints a table and writes JSON.
 
     python benchmarks/scheduler_overhead.py --running 256 1024 --out results/scheduler_overhead.json
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
 from quanta.engine.core import EngineCore
-from quanta.executor.null_executor import NullExecutor
+from quanta.executor.sim_executor import ConstantStepTime, SimExecutor
 from quanta.request import Request, RequestStatus
 from quanta.sampling_params import SamplingParams
 
@@ -30,7 +30,7 @@ def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) ->
     max_tokens = prompt_len + steps + 4 * num_running * prompt_len // budget + 2 * block_size
     num_blocks = num_running * (max_tokens // block_size + 1)
     core = EngineCore(
-        NullExecutor(num_blocks, token_id=7, step_time=0.0),
+        SimExecutor(ConstantStepTime(0.0), num_blocks, token_id=7),
         VirtualClock(),
         SchedulerConfig(
             policy, max_num_batched_tokens=budget, max_num_seqs=num_running, max_model_len=max_model_len

@@ -1,13 +1,15 @@
-"""Test helpers: engines over the NullExecutor and a virtual clock."""
+"""Test helpers: the scheduler alone, over a constant-time SimExecutor and a virtual clock."""
 
 from __future__ import annotations
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
 from quanta.engine.core import EngineCore
-from quanta.executor.null_executor import NullExecutor
+from quanta.executor.sim_executor import ConstantStepTime, SimExecutor
 from quanta.request import Request
 from quanta.sampling_params import SamplingParams
+
+STEP_TIME = 0.01
 
 
 def null_engine(
@@ -19,8 +21,7 @@ def null_engine(
     block_size: int = 4,
     caching: bool = True,
 ) -> EngineCore:
-    executor = NullExecutor(num_blocks, token_id=1)
-    executor.record = True
+    executor = SimExecutor(ConstantStepTime(STEP_TIME), num_blocks, token_id=1, record=True)
     return EngineCore(
         executor,
         VirtualClock(),

@@ -1,10 +1,10 @@
-"""The scheduler alone (NullExecutor, virtual clock): each policy produces the schedule its spec describes."""
+"""The scheduler alone (constant-time SimExecutor, virtual clock): each policy follows its spec."""
 
 from __future__ import annotations
 
 import pytest
 
-from helpers import make_request, null_engine, run_to_end
+from helpers import STEP_TIME, make_request, null_engine, run_to_end
 from quanta.config import SchedulerConfig
 from quanta.request import RequestStatus
 from quanta.sched import make_policy
@@ -158,7 +158,7 @@ def test_timestamps_come_from_the_clock() -> None:
     r = make_request("a", prompt_len=20, max_tokens=3, arrival=0.0)
     core.add_request(r)
     run_to_end(core)
-    step = core.executor.step_time
+    step = STEP_TIME
     assert r.times.first_scheduled == 0.0
     assert r.times.first_token == pytest.approx(3 * step)  # 8 + 8 + 4 prompt tokens
     assert r.times.tokens == pytest.approx([3 * step, 4 * step, 5 * step])
@@ -184,7 +184,7 @@ def test_scheduling_code_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, quanta, quanta.sched, quanta.kv, quanta.engine.core, quanta.executor.null_executor, "
+        "import sys, quanta, quanta.sched, quanta.kv, quanta.engine.core, quanta.executor.sim_executor, quanta.sim.cost_model, quanta.sim.model_presets, "
         "quanta.model.config; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,1 @@
+"""The simulator: quanta's own EngineCore on a virtual clock with a cost-model executor. Torch-free."""
