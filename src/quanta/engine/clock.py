@@ -13,6 +13,10 @@ class Clock(Protocol):
         """Account for a step that took `seconds` (real time passes by itself)."""
         ...
 
+    def wait_until(self, t: float) -> None:
+        """Idle until time t (the next arrival): sleep on a wall clock, jump on a virtual one."""
+        ...
+
 
 class WallClock:
     def __init__(self) -> None:
@@ -23,6 +27,11 @@ class WallClock:
 
     def advance(self, seconds: float) -> None:
         pass
+
+    def wait_until(self, t: float) -> None:
+        delay = t - self.now()
+        if delay > 0:
+            time.sleep(delay)
 
 
 class VirtualClock:
@@ -35,3 +44,6 @@ class VirtualClock:
     def advance(self, seconds: float) -> None:
         assert seconds >= 0.0, "time cannot run backwards"
         self._t += seconds
+
+    def wait_until(self, t: float) -> None:
+        self._t = max(self._t, t)

@@ -27,6 +27,16 @@ class ConstantStepTime:
         return self.seconds
 
 
+class ReplayStepTime:
+    """Step times read from a recording, in order (to replay a real run in simulated time)."""
+
+    def __init__(self, durations: list[float]) -> None:
+        self._durations = iter(durations)
+
+    def plan_time(self, plan: StepPlan) -> float:
+        return next(self._durations)
+
+
 class SimExecutor:
     def __init__(
         self, cost_model: StepTimeModel, num_blocks: int, token_id: int = 0, record: bool = False
