@@ -113,6 +113,50 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from quanta.sim.hardware import get_gpu
+    from quanta.sim.model_presets import get_model
+    from quanta.sim.report import print_comparison, result_row
+    from quanta.sim.simulation import SimConfig, simulate
+    from quanta.sim.workload import PRESETS, preset, read_trace
+
+    model, gpu = get_model(args.model), get_gpu(args.gpu)
+    if args.trace in PRESETS:
+        if args.qps is None:
+            raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
+        workload = preset(
+            args.trace, args.num_requests, args.qps, args.cv, args.seed, max_total=args.max_model_len
+        )
+    else:
+        workload = read_trace(args.trace, rate=args.qps, cv=args.cv, seed=args.seed)[: args.num_requests]
+    rows = []
+    for policy in args.policy.split(","):
+        cfg = SimConfig(
+            model,
+            gpu,
+            policy=policy.strip(),
+            tp=args.tp,
+            replicas=args.replicas,
+            router=args.router,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+        )
+        rows.append(result_row(cfg.policy, simulate(workload, cfg)))
+    qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
+    print_comparison(
+        rows,
+        f"{args.model} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
+        f"{len(workload)} requests (simulated)",
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quanta", description="quanta: LLM serving with a scheduler you can trust"
@@ -133,6 +177,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print outputs as JSON")
     gen.set_defaults(func=cmd_generate)
+
+    sim = sub.add_parser("simulate", help="run policies on a workload in simulated time (no GPU needed)")
+    sim.add_argument("--model", default="llama-3.1-8b", help="preset name or Hugging Face model folder")
+    sim.add_argument("--gpu", default="h100")
+    sim.add_argument(
+        "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
+    )
+    sim.add_argument(
+        "--qps", type=float, default=None, help="request rate (not needed for traces with arrivals)"
+    )
+    sim.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
+    sim.add_argument("--policy", default="sarathi", help="comma-separated policies to compare")
+    sim.add_argument("--replicas", type=int, default=1)
+    sim.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
+    sim.add_argument("--tp", type=int, default=1)
+    sim.add_argument("--num-requests", type=int, default=1000)
+    sim.add_argument("--max-num-batched-tokens", type=int, default=None)
+    sim.add_argument("--max-num-seqs", type=int, default=128)
+    sim.add_argument("--max-model-len", type=int, default=8192)
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--json", default=None, help="write the comparison as JSON here")
+    sim.set_defaults(func=cmd_simulate)
 
     mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")
     mk.add_argument("out", help="output folder")

@@ -1,0 +1,122 @@
+"""Discrete-event simulation: N replicas, each quanta's own EngineCore with a SimExecutor and its own
+virtual clock, behind a router. Torch-free: it runs the production scheduler on a laptop.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import VirtualClock
+from quanta.engine.core import EngineCore
+from quanta.executor.sim_executor import SimExecutor
+from quanta.metrics import RequestMetrics
+from quanta.model.config import ModelConfig
+from quanta.request import Request
+from quanta.sim.cost_model import CostModel, Efficiency
+from quanta.sim.hardware import GPUSpec
+from quanta.sim.workload import WorkloadRequest, to_requests
+
+ROUTERS = ("round-robin", "least-load")
+
+
+@dataclass(slots=True)
+class SimConfig:
+    model: ModelConfig
+    gpu: GPUSpec
+    policy: str = "sarathi"
+    tp: int = 1
+    replicas: int = 1
+    router: str = "least-load"
+    max_num_batched_tokens: int | None = None  # default: 512 for chunked policies, max_model_len otherwise
+    max_num_seqs: int = 128
+    max_model_len: int = 8192
+    block_size: int = 16
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    efficiency: Efficiency = field(default_factory=Efficiency)
+
+    def __post_init__(self) -> None:
+        if self.router not in ROUTERS:
+            raise ValueError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        if self.replicas < 1:
+            raise ValueError("replicas must be at least 1")
+
+    @property
+    def budget(self) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return self.max_model_len if self.policy == "prefill-first" else 512
+
+
+@dataclass(slots=True)
+class SimResult:
+    config: SimConfig
+    requests: list[Request]
+    kv_usage: list[list[tuple[float, float]]]  # per replica: (time, fraction of KV blocks in use) per step
+    num_steps: int
+    wall_seconds: float
+
+    def metrics(self) -> list[RequestMetrics]:
+        return [RequestMetrics.of(r) for r in self.requests]
+
+    @property
+    def num_preemptions(self) -> int:
+        return sum(r.num_preemptions for r in self.requests)
+
+
+def build_replica(cfg: SimConfig) -> EngineCore:
+    cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
+    num_blocks = cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
+    return EngineCore(
+        SimExecutor(cost, num_blocks),
+        VirtualClock(),
+        SchedulerConfig(cfg.policy, cfg.budget, cfg.max_num_seqs, cfg.max_model_len),
+        CacheConfig(
+            block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching
+        ),
+    )
+
+
+def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig) -> SimResult:
+    started = time.perf_counter()
+    replicas = [build_replica(cfg) for _ in range(cfg.replicas)]
+    usage: list[list[tuple[float, float]]] = [[] for _ in replicas]
+    for i, core in enumerate(replicas):
+        core.step_observers.append(lambda out, i=i, core=core: usage[i].append((out.end, core.kv.usage())))
+    too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
+    if too_long:
+        raise ValueError(
+            f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+        )
+    requests = to_requests(workload)
+    pending = sorted(requests, key=lambda r: r.arrival_time)
+    rr = itertools.cycle(range(len(replicas)))
+    steps = 0
+    i = 0
+    while True:
+        busy = [c for c in replicas if c.has_unfinished()]
+        next_step = min((c.clock.now() for c in busy), default=math.inf)
+        next_arrival = pending[i].arrival_time if i < len(pending) else math.inf
+        if next_arrival == math.inf and next_step == math.inf:
+            break
+        if next_arrival <= next_step:
+            req = pending[i]
+            i += 1
+            core = replicas[next(rr)] if cfg.router == "round-robin" else min(replicas, key=_load)
+            if not core.has_unfinished():
+                core.clock.wait_until(req.arrival_time)
+            core.add_request(req)
+        else:
+            min(busy, key=lambda c: c.clock.now()).step()
+            steps += 1
+    return SimResult(cfg, requests, usage, steps, time.perf_counter() - started)
+
+
+def _load(core: EngineCore) -> int:
+    """Least-load routing: fewest outstanding requests (running and waiting)."""
+    return len(core.scheduler.requests)
