@@ -81,3 +81,17 @@ def test_cli_simulate(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "--qps" in bad.stderr
+
+
+def test_capacity_search_brackets_the_answer() -> None:
+    from quanta.sim.capacity import find_capacity
+
+    base = preset("sharegpt", 150, rate=1.0, seed=4, max_total=8192)
+    sarathi = find_capacity(base, config(policy="sarathi"), tbt_slo=0.1, tolerance=0.05)
+    orca = find_capacity(base, config(policy="prefill-first"), tbt_slo=0.1, tolerance=0.05)
+    for res in (sarathi, orca):
+        assert res.qps > 0
+        assert all(e.qps <= res.qps for e in res.evaluations if e.ok)
+        failed_above = [e.qps for e in res.evaluations if not e.ok and e.qps > res.qps]
+        assert failed_above and min(failed_above) <= res.qps * 1.05 + 1e-9
+    assert sarathi.qps > 1.5 * orca.qps  # stall-free batching sustains more load within a strict TBT SLO

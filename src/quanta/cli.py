@@ -157,6 +157,64 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_capacity(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from quanta.sim.capacity import find_capacity
+    from quanta.sim.hardware import get_gpu
+    from quanta.sim.model_presets import get_model
+    from quanta.sim.simulation import SimConfig
+    from quanta.sim.workload import PRESETS, preset, read_trace
+
+    model, gpu = get_model(args.model), get_gpu(args.gpu)
+    if args.trace in PRESETS:
+        base = preset(args.trace, args.num_requests, 1.0, args.cv, args.seed, max_total=args.max_model_len)
+    else:
+        base = read_trace(args.trace, rate=1.0, cv=args.cv, seed=args.seed)[: args.num_requests]
+    console = Console()
+    results = []
+    for policy in args.policy.split(","):
+        cfg = SimConfig(
+            model,
+            gpu,
+            policy=policy.strip(),
+            tp=args.tp,
+            replicas=args.replicas,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=args.max_model_len,
+        )
+        with console.status(f"searching the capacity of {cfg.policy} ...") as status:
+            res = find_capacity(
+                base,
+                cfg,
+                args.tbt_slo,
+                args.max_scheduling_delay,
+                on_eval=lambda e, s=status, p=cfg.policy: s.update(
+                    f"{p}: {e.qps:.3g} req/s -> P99 TBT {e.p99_tbt:.3f} s, "
+                    f"median delay {e.p50_scheduling_delay:.2f} s, {'ok' if e.ok else 'over'}"
+                ),
+            )
+        console.print(f"{cfg.policy}: capacity {res.qps:.3g} req/s ({len(res.evaluations)} simulations)")
+        results.append(res)
+    if len(results) > 1 and results[-1].qps > 0:
+        console.print(
+            f"capacity ratio {results[0].policy} / {results[-1].policy}: {results[0].qps / results[-1].qps:.2f}x"
+        )
+    if args.json:
+        rows = [
+            {"policy": r.policy, "capacity_qps": r.qps, "evaluations": [vars_(e) for e in r.evaluations]}
+            for r in results
+        ]
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+def vars_(obj: object) -> dict:
+    return {k: getattr(obj, k) for k in obj.__slots__}  # type: ignore[attr-defined]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quanta", description="quanta: LLM serving with a scheduler you can trust"
@@ -199,6 +257,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", default=None, help="write the comparison as JSON here")
     sim.set_defaults(func=cmd_simulate)
+
+    cap = sub.add_parser(
+        "capacity", help="find each policy's highest request rate within the latency targets"
+    )
+    cap.add_argument("--model", default="llama-3.1-8b")
+    cap.add_argument("--gpu", default="h100")
+    cap.add_argument("--trace", default="sharegpt")
+    cap.add_argument("--cv", type=float, default=1.0)
+    cap.add_argument("--policy", default="sarathi,prefill-first")
+    cap.add_argument("--tbt-slo", type=float, default=0.1, help="P99 time-between-tokens target, seconds")
+    cap.add_argument("--max-scheduling-delay", type=float, default=2.0, help="median, seconds")
+    cap.add_argument("--replicas", type=int, default=1)
+    cap.add_argument("--tp", type=int, default=1)
+    cap.add_argument("--num-requests", type=int, default=1000)
+    cap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    cap.add_argument("--max-model-len", type=int, default=8192)
+    cap.add_argument("--seed", type=int, default=0)
+    cap.add_argument("--json", default=None)
+    cap.set_defaults(func=cmd_capacity)
 
     mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")
     mk.add_argument("out", help="output folder")
