@@ -251,7 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
     sim.add_argument("--tp", type=int, default=1)
     sim.add_argument("--num-requests", type=int, default=1000)
-    sim.add_argument("--max-num-batched-tokens", type=int, default=None)
+    sim.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
+    )
     sim.add_argument("--max-num-seqs", type=int, default=128)
     sim.add_argument("--max-model-len", type=int, default=8192)
     sim.add_argument("--seed", type=int, default=0)
@@ -271,7 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--replicas", type=int, default=1)
     cap.add_argument("--tp", type=int, default=1)
     cap.add_argument("--num-requests", type=int, default=1000)
-    cap.add_argument("--max-num-batched-tokens", type=int, default=None)
+    cap.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
+    )
     cap.add_argument("--max-model-len", type=int, default=8192)
     cap.add_argument("--seed", type=int, default=0)
     cap.add_argument("--json", default=None)

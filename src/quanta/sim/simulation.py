@@ -48,9 +48,9 @@ class SimConfig:
 
     @property
     def budget(self) -> int:
-        if self.max_num_batched_tokens is not None:
-            return self.max_num_batched_tokens
-        return self.max_model_len if self.policy == "prefill-first" else 512
+        if self.policy == "prefill-first":  # whole prompts: the budget must hold the longest
+            return max(self.max_num_batched_tokens or 0, self.max_model_len)
+        return self.max_num_batched_tokens or 512
 
 
 @dataclass(slots=True)
