@@ -95,3 +95,20 @@ def test_capacity_search_brackets_the_answer() -> None:
         failed_above = [e.qps for e in res.evaluations if not e.ok and e.qps > res.qps]
         assert failed_above and min(failed_above) <= res.qps * 1.05 + 1e-9
     assert sarathi.qps > 1.5 * orca.qps  # stall-free batching sustains more load within a strict TBT SLO
+
+
+def test_plots_are_written(tmp_path: Path) -> None:
+    from quanta.sim.capacity import find_capacity
+    from quanta.sim.plots import plot_capacity_sweep, plot_kv_usage, plot_latency_cdfs
+
+    w = preset("sharegpt", 60, rate=2.0, seed=5, max_total=8192)
+    results = {p: simulate(w, config(policy=p)) for p in ("sarathi", "prefill-first")}
+    cap = find_capacity(
+        preset("sharegpt", 60, rate=1.0, seed=5, max_total=8192), config(), tbt_slo=0.1, tolerance=0.2
+    )
+    for path in (
+        plot_latency_cdfs(results, tmp_path / "cdf.png"),
+        plot_kv_usage(results, tmp_path / "kv.png"),
+        plot_capacity_sweep([cap], 0.1, tmp_path / "cap.png"),
+    ):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

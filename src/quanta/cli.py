@@ -131,7 +131,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     else:
         workload = read_trace(args.trace, rate=args.qps, cv=args.cv, seed=args.seed)[: args.num_requests]
-    rows = []
+    rows, results = [], {}
     for policy in args.policy.split(","):
         cfg = SimConfig(
             model,
@@ -144,7 +144,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
         )
-        rows.append(result_row(cfg.policy, simulate(workload, cfg)))
+        results[cfg.policy] = simulate(workload, cfg)
+        rows.append(result_row(cfg.policy, results[cfg.policy]))
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     print_comparison(
         rows,
@@ -154,6 +155,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
+    if args.plots:
+        from quanta.sim.plots import plot_kv_usage, plot_latency_cdfs
+
+        for path in (
+            plot_latency_cdfs(results, Path(args.plots) / "latency_cdf.png"),
+            plot_kv_usage(results, Path(args.plots) / "kv_usage.png"),
+        ):
+            print(f"wrote {path}")
     return 0
 
 
@@ -201,6 +210,12 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     if len(results) > 1 and results[-1].qps > 0:
         console.print(
             f"capacity ratio {results[0].policy} / {results[-1].policy}: {results[0].qps / results[-1].qps:.2f}x"
+        )
+    if args.plots:
+        from quanta.sim.plots import plot_capacity_sweep
+
+        console.print(
+            f"wrote {plot_capacity_sweep(results, args.tbt_slo, Path(args.plots) / 'capacity.png')}"
         )
     if args.json:
         rows = [
@@ -261,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-model-len", type=int, default=8192)
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--json", default=None, help="write the comparison as JSON here")
+    sim.add_argument("--plots", default=None, help="folder for PNG plots (latency CDFs, KV usage)")
     sim.set_defaults(func=cmd_simulate)
 
     cap = sub.add_parser(
@@ -285,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--max-model-len", type=int, default=8192)
     cap.add_argument("--seed", type=int, default=0)
     cap.add_argument("--json", default=None)
+    cap.add_argument("--plots", default=None, help="folder for a PNG of rate vs P99 TBT")
     cap.set_defaults(func=cmd_capacity)
 
     mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")

@@ -1,0 +1,83 @@
+"""PNG plots of simulation results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from quanta.sim.capacity import CapacityResult
+from quanta.sim.simulation import SimResult
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_latency_cdfs(results: Mapping[str, SimResult], path: str | Path) -> Path:
+    """TTFT and time-between-tokens CDFs, one line per policy."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, res in results.items():
+        metrics = res.metrics()
+        for ax, values in (
+            (axes[0], [m.ttft for m in metrics if m.ttft is not None]),
+            (axes[1], [x for m in metrics for x in m.itl]),
+        ):
+            xs = np.sort(np.asarray(values))
+            ax.plot(xs, np.arange(1, len(xs) + 1) / max(len(xs), 1), label=name)
+    for ax, title in zip(axes, ("time to first token (s)", "time between tokens (s)")):
+        ax.set_xlabel(title)
+        ax.set_ylabel("fraction of requests" if ax is axes[0] else "fraction of tokens")
+        ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    return _save(fig, path)
+
+
+def plot_kv_usage(results: Mapping[str, SimResult], path: str | Path) -> Path:
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for name, res in results.items():
+        for i, series in enumerate(res.kv_usage):
+            if series:
+                t, u = zip(*series)
+                ax.plot(t, np.asarray(u) * 100, label=name if i == 0 else None, lw=0.8)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("KV blocks in use (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def plot_capacity_sweep(results: Sequence[CapacityResult], tbt_slo: float, path: str | Path) -> Path:
+    """QPS against P99 TBT for every rate a capacity search evaluated, with the SLO line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for res in results:
+        pts = sorted((e.qps, e.p99_tbt) for e in res.evaluations)
+        ax.plot(*zip(*pts), marker="o", label=f"{res.policy} (capacity {res.qps:.3g} req/s)")
+    ax.axhline(tbt_slo, color="gray", ls="--", label=f"SLO {tbt_slo} s")
+    ax.set_xlabel("request rate (req/s)")
+    ax.set_ylabel("P99 time between tokens (s)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def _save(fig, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
