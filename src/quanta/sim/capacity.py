@@ -21,6 +21,7 @@ class Evaluation:
     qps: float
     p99_tbt: float
     p50_scheduling_delay: float
+    p50_ttft: float
     ok: bool
 
 
@@ -36,7 +37,7 @@ def evaluate(
 ) -> Evaluation:
     s = summarize(simulate(scale_rate(base, qps), cfg).metrics())
     p99, delay = s.itl["p99"], s.scheduling_delay["p50"]
-    return Evaluation(qps, p99, delay, bool(p99 <= tbt_slo and delay <= max_delay))
+    return Evaluation(qps, p99, delay, s.ttft["p50"], bool(p99 <= tbt_slo and delay <= max_delay))
 
 
 def find_capacity(

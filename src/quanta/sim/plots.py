@@ -57,18 +57,24 @@ def plot_kv_usage(results: Mapping[str, SimResult], path: str | Path) -> Path:
 
 
 def plot_capacity_sweep(results: Sequence[CapacityResult], tbt_slo: float, path: str | Path) -> Path:
-    """QPS against P99 TBT for every rate a capacity search evaluated, with the SLO line."""
+    """Request rate against P99 TBT (with the SLO line) and against median TTFT, for every rate a
+    capacity search evaluated."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (tbt, ttft) = plt.subplots(1, 2, figsize=(12, 4))
     for res in results:
-        pts = sorted((e.qps, e.p99_tbt) for e in res.evaluations)
-        ax.plot(*zip(*pts), marker="o", label=f"{res.policy} (capacity {res.qps:.3g} req/s)")
-    ax.axhline(tbt_slo, color="gray", ls="--", label=f"SLO {tbt_slo} s")
-    ax.set_xlabel("request rate (req/s)")
-    ax.set_ylabel("P99 time between tokens (s)")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        evals = sorted(res.evaluations, key=lambda e: e.qps)
+        qps = [e.qps for e in evals]
+        tbt.plot(
+            qps, [e.p99_tbt for e in evals], marker="o", label=f"{res.policy} (capacity {res.qps:.3g} req/s)"
+        )
+        ttft.plot(qps, [e.p50_ttft for e in evals], marker="o", label=res.policy)
+    tbt.axhline(tbt_slo, color="gray", ls="--", label=f"SLO {tbt_slo} s")
+    for ax, label in ((tbt, "P99 time between tokens (s)"), (ttft, "median time to first token (s)")):
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
     return _save(fig, path)
 
 
