@@ -113,16 +113,50 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sim_target(args: argparse.Namespace) -> tuple:
+    """(model shape, device spec, efficiency or None) from --model/--gpu, or from a --profile file."""
+    from quanta.sim.hardware import get_gpu
+    from quanta.sim.model_presets import get_model
+
+    if args.profile:
+        from quanta.sim.calibrate import Profile, fit
+
+        prof = Profile.load(args.profile)
+        result = fit(prof)
+        print(
+            f"calibrated on {prof.device}: mean |error| {result.mean_abs_rel_error:.1%} "
+            f"over {len(prof.points)} measured steps",
+            file=sys.stderr,
+        )
+        model = get_model(args.model) if args.model else prof.model
+        return model, prof.spec(), result.efficiency
+    return get_model(args.model or "llama-3.1-8b"), get_gpu(args.gpu), None
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from quanta.profiling import run_profile
+    from quanta.sim.calibrate import fit
+
+    prof = run_profile(args.model, args.device, args.dtype, args.repeats)
+    prof.save(args.out)
+    result = fit(prof)
+    e = result.efficiency
+    print(
+        f"wrote {args.out}: {len(prof.points)} steps on {prof.device}; fitted matmul {e.matmul:.2f}, "
+        f"attention {e.attention:.2f}, memory {e.memory:.2f} of peak, overhead {e.step_overhead * 1e3:.2f} ms; "
+        f"mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}"
+    )
+    return 0
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from quanta.sim.hardware import get_gpu
-    from quanta.sim.model_presets import get_model
     from quanta.sim.report import print_comparison, result_row
     from quanta.sim.simulation import SimConfig, simulate
     from quanta.sim.workload import PRESETS, preset, read_trace
 
-    model, gpu = get_model(args.model), get_gpu(args.gpu)
+    model, gpu, efficiency = _sim_target(args)
     if args.trace in PRESETS:
         if args.qps is None:
             raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
@@ -143,13 +177,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            **({"efficiency": efficiency} if efficiency else {}),
         )
         results[cfg.policy] = simulate(workload, cfg)
         rows.append(result_row(cfg.policy, results[cfg.policy]))
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     print_comparison(
         rows,
-        f"{args.model} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
+        f"{args.model or model.architecture} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
         f"{len(workload)} requests (simulated)",
     )
     if args.json:
@@ -172,12 +207,10 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quanta.sim.capacity import find_capacity
-    from quanta.sim.hardware import get_gpu
-    from quanta.sim.model_presets import get_model
     from quanta.sim.simulation import SimConfig
     from quanta.sim.workload import PRESETS, preset, read_trace
 
-    model, gpu = get_model(args.model), get_gpu(args.gpu)
+    model, gpu, efficiency = _sim_target(args)
     if args.trace in PRESETS:
         base = preset(args.trace, args.num_requests, 1.0, args.cv, args.seed, max_total=args.max_model_len)
     else:
@@ -193,6 +226,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
             replicas=args.replicas,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=args.max_model_len,
+            **({"efficiency": efficiency} if efficiency else {}),
         )
         with console.status(f"searching the capacity of {cfg.policy} ...") as status:
             res = find_capacity(
@@ -252,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     sim = sub.add_parser("simulate", help="run policies on a workload in simulated time (no GPU needed)")
-    sim.add_argument("--model", default="llama-3.1-8b", help="preset name or Hugging Face model folder")
+    sim.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
+    sim.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
     sim.add_argument("--gpu", default="h100")
     sim.add_argument(
         "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
@@ -282,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser(
         "capacity", help="find each policy's highest request rate within the latency targets"
     )
-    cap.add_argument("--model", default="llama-3.1-8b")
+    cap.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
+    cap.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
     cap.add_argument("--gpu", default="h100")
     cap.add_argument("--trace", default="sharegpt")
     cap.add_argument("--cv", type=float, default=1.0)
@@ -303,6 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
     cap.add_argument("--json", default=None)
     cap.add_argument("--plots", default=None, help="folder for a PNG of rate vs P99 TBT")
     cap.set_defaults(func=cmd_capacity)
+
+    prof = sub.add_parser(
+        "profile", help="measure step times of the real engine and calibrate the cost model"
+    )
+    prof.add_argument("--model", required=True, help="Hugging Face model folder")
+    prof.add_argument("--device", default="cpu")
+    prof.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    prof.add_argument("--repeats", type=int, default=3)
+    prof.add_argument("--out", default="profile.json")
+    prof.set_defaults(func=cmd_profile)
 
     mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")
     mk.add_argument("out", help="output folder")

@@ -98,26 +98,36 @@ class CostModel:
             flops / (self.gpu.bf16_flops * compute_eff), nbytes / (self.gpu.mem_bandwidth * self.eff.memory)
         )
 
+    def step_work(self, batch: list[tuple[int, int]], num_sampled: int) -> dict[str, tuple[float, float]]:
+        """(FLOPs, bytes) of each part of a step, all layers together: linear, attention, lm_head."""
+        layers, db = self.model.num_layers, self.dtype_bytes
+        tokens = sum(n for _, n in batch)
+        # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
+        pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
+        kv_read = sum(c + n for c, n in batch) * self.kv_bytes_per_token_layer
+        return {
+            "linear": (
+                layers * 2 * tokens * self.layer_weight_elems,
+                layers * (self.layer_weight_elems * db + 2 * tokens * self.model.hidden_size * db),
+            ),
+            "attention": (layers * self.attn_flops_per_pair * pairs, layers * kv_read),
+            "lm_head": (
+                2 * num_sampled * self.lm_head_elems,
+                self.lm_head_elems * db if num_sampled else 0.0,
+            ),
+        }
+
     def step_cost(self, batch: list[tuple[int, int]], num_sampled: int) -> StepCost:
         """batch: (tokens already in the KV cache, new tokens) per scheduled request."""
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
         layers, db = self.model.num_layers, self.dtype_bytes
         tokens = sum(n for _, n in batch)
-        linear = layers * self._roofline(
-            2 * tokens * self.layer_weight_elems,
-            self.layer_weight_elems * db + 2 * tokens * self.model.hidden_size * db,
-            self.eff.matmul,
-        )
-        # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
-        pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
-        kv_read = sum(c + n for c, n in batch) * self.kv_bytes_per_token_layer
-        attention = layers * self._roofline(self.attn_flops_per_pair * pairs, kv_read, self.eff.attention)
-        lm_head = (
-            self._roofline(2 * num_sampled * self.lm_head_elems, self.lm_head_elems * db, self.eff.matmul)
-            if num_sampled
-            else 0.0
-        )
+        work = self.step_work(batch, num_sampled)
+        # Every layer runs the same shapes: the roofline of the sum over layers is the sum of theirs.
+        linear = self._roofline(*work["linear"], self.eff.matmul)
+        attention = self._roofline(*work["attention"], self.eff.attention)
+        lm_head = self._roofline(*work["lm_head"], self.eff.matmul)
         communication = 0.0
         if self.tp > 1:
             # Two all-reduces of the hidden states per layer; a ring moves 2(tp-1)/tp of the data.

@@ -1,0 +1,125 @@
+"""Fit the cost model's efficiency factors to step times measured by the real engine (`quanta profile`).
+
+Profile file format (JSON), written on the machine being modelled and usable anywhere:
+  {"format": "quanta-profile/1",
+   "device": "cpu" | "cuda:0 (NVIDIA H100 ...)",
+   "device_peak_flops": measured matmul FLOP/s in the model dtype,
+   "device_mem_bandwidth": measured copy bandwidth, bytes/s,
+   "device_mem_bytes": memory size,
+   "dtype_bytes": 2,
+   "model": {ModelConfig fields},
+   "points": [{"batch": [[cached_tokens, new_tokens], ...], "num_sampled": k, "seconds": t}, ...]}
+
+The model time of a point is overhead + sum over parts of max(FLOPs / (peak * e_compute), bytes /
+(bandwidth * e_memory)). For a fixed choice of which side binds each part the time is linear in
+(1/e_matmul, 1/e_attention, 1/e_memory, overhead), so the fit alternates: pick the binding sides with
+the current estimate, solve a least-squares problem on relative errors, repeat until stable.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from quanta.model.config import ModelConfig
+from quanta.sim.cost_model import CostModel, Efficiency
+from quanta.sim.hardware import GPUSpec
+
+FORMAT = "quanta-profile/1"
+
+
+@dataclass(slots=True)
+class Profile:
+    device: str
+    device_peak_flops: float
+    device_mem_bandwidth: float
+    device_mem_bytes: float
+    dtype_bytes: int
+    model: ModelConfig
+    points: list[dict]
+
+    def spec(self) -> GPUSpec:
+        return GPUSpec(
+            self.device, self.device_peak_flops, self.device_mem_bandwidth, self.device_mem_bytes, 0.0
+        )
+
+    def save(self, path: str | Path) -> None:
+        data = {"format": FORMAT, **{f.name: getattr(self, f.name) for f in fields(self)}}
+        data["model"] = asdict(self.model)
+        Path(path).write_text(json.dumps(data, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Profile:
+        try:
+            data = json.loads(Path(path).read_text())
+            if data.get("format") != FORMAT:
+                raise ValueError(f"not a {FORMAT} file")
+            data.pop("format")
+            data["model"] = ModelConfig(**data["model"])
+            return cls(**data)
+        except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError, ValueError) as e:
+            raise ValueError(f"cannot read profile {str(path)!r}: {e}") from None
+
+
+@dataclass(slots=True)
+class Fit:
+    efficiency: Efficiency
+    mean_abs_rel_error: float
+    max_abs_rel_error: float
+
+
+_VARS = ("matmul", "attention", "memory")
+
+
+def fit(profile: Profile, iterations: int = 30) -> Fit:
+    if len(profile.points) < 4:
+        raise ValueError("a profile needs at least 4 points to fit 4 parameters")
+    spec = profile.spec()
+    eff = Efficiency(link=1.0, allreduce_latency=0.0)
+    cm = CostModel(profile.model, spec, dtype_bytes=profile.dtype_bytes, efficiency=eff)
+    works = [cm.step_work([tuple(b) for b in p["batch"]], p["num_sampled"]) for p in profile.points]
+    times = np.array([p["seconds"] for p in profile.points], dtype=float)
+    compute_of = {"linear": "matmul", "attention": "attention", "lm_head": "matmul"}
+    sides: list[tuple[str, ...]] | None = None
+    for _ in range(iterations):
+        cur = [
+            tuple(
+                compute_of[part]
+                if flops / (spec.bf16_flops * getattr(eff, compute_of[part]))
+                >= nbytes / (spec.mem_bandwidth * eff.memory)
+                else "memory"
+                for part, (flops, nbytes) in w.items()
+            )
+            for w in works
+        ]
+        if cur == sides:
+            break
+        sides = cur
+        rows = np.zeros((len(works), 4))
+        for i, (w, side) in enumerate(zip(works, sides)):
+            for (flops, nbytes), var in zip(w.values(), side):
+                if var == "memory":
+                    rows[i, 2] += nbytes / spec.mem_bandwidth
+                else:
+                    rows[i, _VARS.index(var)] += flops / spec.bf16_flops
+            rows[i, 3] = 1.0
+        # Relative errors: divide each equation by its measured time.
+        x, *_ = np.linalg.lstsq(rows / times[:, None], np.ones(len(times)), rcond=None)
+        inv = np.maximum(x[:3], 1e-3)  # an unused or degenerate part keeps a finite efficiency
+        eff = Efficiency(
+            matmul=float(1 / inv[0]),
+            attention=float(1 / inv[1]),
+            memory=float(1 / inv[2]),
+            step_overhead=float(max(x[3], 0.0)),
+            link=1.0,
+            allreduce_latency=0.0,
+        )
+    model = CostModel(profile.model, spec, dtype_bytes=profile.dtype_bytes, efficiency=eff)
+    predicted = np.array(
+        [model.step_cost([tuple(b) for b in p["batch"]], p["num_sampled"]).total for p in profile.points]
+    )
+    rel = np.abs(predicted - times) / times
+    return Fit(eff, float(rel.mean()), float(rel.max()))
