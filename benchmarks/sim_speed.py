@@ -71,9 +71,10 @@ def run_vidur(python: str, n: int, qps: float, out_dir: Path) -> dict:
         str(out),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0 or not out.is_file():
-        return {"engine": "vidur", "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
-    res = json.loads(out.read_text())
+    res = json.loads(out.read_text()) if out.is_file() else {}
+    if proc.returncode != 0 or not res.get("ok", False):
+        why = res.get("notes") or (proc.stderr or proc.stdout).strip().splitlines()[-1:]
+        return {"engine": "vidur", "error": str(why)}
     res["engine"] = "vidur"
     res["requests_per_wall_second"] = res["num_requests"] / res["wall_seconds"]
     return res

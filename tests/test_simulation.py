@@ -74,6 +74,8 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["sarathi", "prefill-first"] and rows[0]["num_requests"] == 30
+    assert set(rows[0]["per_tenant"]) == {"a", "b"} and rows[0]["per_tenant"]["a"]["num_requests"] == 15
+    assert rows[0]["goodput"] > 0
     bad = subprocess.run(
         [sys.executable, "-m", "quanta.cli", "simulate", "--trace", "sharegpt"],
         capture_output=True,

@@ -180,7 +180,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             **({"efficiency": efficiency} if efficiency else {}),
         )
         results[cfg.policy] = simulate(workload, cfg)
-        rows.append(result_row(cfg.policy, results[cfg.policy]))
+        rows.append(
+            result_row(
+                cfg.policy, results[cfg.policy], ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, e2e_slo=None
+            )
+        )
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     print_comparison(
         rows,
@@ -310,6 +314,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--max-num-seqs", type=int, default=128)
     sim.add_argument("--max-model-len", type=int, default=8192)
     sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target, seconds")
+    sim.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target, seconds")
     sim.add_argument("--json", default=None, help="write the comparison as JSON here")
     sim.add_argument("--plots", default=None, help="folder for PNG plots (latency CDFs, KV usage)")
     sim.set_defaults(func=cmd_simulate)

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from quanta.metrics import summarize
+from quanta.metrics import summarize, summarize_by_tenant
 from quanta.sim.simulation import SimResult
 
 
-def result_row(name: str, result: SimResult) -> dict:
-    s = summarize(result.metrics())
+def result_row(name: str, result: SimResult, **slos: float | None) -> dict:
+    metrics = result.metrics()
+    s = summarize(metrics, **slos)
     peak_kv = max((u for replica in result.kv_usage for _, u in replica), default=0.0)
+    tenants = summarize_by_tenant(metrics, **slos)
     return {
         "policy": name,
         **s.as_dict(),
+        "per_tenant": {t: v.as_dict() for t, v in tenants.items()} if len(tenants) > 1 else {},
         "peak_kv_usage": peak_kv,
         "num_steps": result.num_steps,
         "simulated_requests_per_wall_second": len(result.requests) / max(result.wall_seconds, 1e-9),
@@ -35,10 +38,28 @@ def print_comparison(rows: Sequence[dict], title: str) -> None:
         ("sched delay p50 s", lambda r: f"{r['scheduling_delay']['p50']:.3f}"),
         ("out tok/s", lambda r: f"{r['output_throughput']:.0f}"),
         ("preempt", lambda r: str(r["num_preemptions"])),
-        ("peak KV", lambda r: f"{r['peak_kv_usage']:.0%}"),
+        ("peak KV", lambda r: "" if r["peak_kv_usage"] is None else f"{r['peak_kv_usage']:.0%}"),
     ]
     for name, _ in cols:
         table.add_column(name, justify="right")
+    if any(r["goodput"] is not None for r in rows):
+        cols.append(("goodput req/s", lambda r: f"{r['goodput']:.2f}"))
+    for name, _ in cols[len(table.columns) :]:
+        table.add_column(name, justify="right")
     for r in rows:
         table.add_row(*(fmt(r) for _, fmt in cols))
+        for tenant, t in r["per_tenant"].items():
+            table.add_row(
+                *(
+                    fmt(
+                        {
+                            **t,
+                            "policy": f"  {r['policy']}/{tenant}",
+                            "peak_kv_usage": None,
+                            "per_tenant": {},
+                        }
+                    )
+                    for _, fmt in cols
+                )
+            )
     Console().print(table)
