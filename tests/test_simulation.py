@@ -64,6 +64,8 @@ def test_cli_simulate(tmp_path: Path) -> None:
             str(trace),
             "--policy",
             "sarathi,prefill-first",
+            "--ttft-slo",
+            "0.5",
             "--json",
             str(out),
         ],
