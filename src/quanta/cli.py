@@ -179,7 +179,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             max_model_len=args.max_model_len,
             **({"efficiency": efficiency} if efficiency else {}),
         )
-        results[cfg.policy] = simulate(workload, cfg)
+        results[cfg.policy] = simulate(workload, cfg, progress=True)
         rows.append(
             result_row(
                 cfg.policy, results[cfg.policy], ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, e2e_slo=None

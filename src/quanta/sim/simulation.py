@@ -82,8 +82,14 @@ def build_replica(cfg: SimConfig) -> EngineCore:
     )
 
 
-def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig) -> SimResult:
+def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool = False) -> SimResult:
+    """Run the workload to completion; `progress` shows a bar over arrived requests."""
+    from tqdm.auto import tqdm
+
     started = time.perf_counter()
+    bar = tqdm(
+        total=len(workload), desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
+    )
     replicas = [build_replica(cfg) for _ in range(cfg.replicas)]
     usage: list[list[tuple[float, float]]] = [[] for _ in replicas]
     for i, core in enumerate(replicas):
@@ -111,9 +117,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig) -> SimResult:
             if not core.has_unfinished():
                 core.clock.wait_until(req.arrival_time)
             core.add_request(req)
+            bar.update(1)
         else:
             min(busy, key=lambda c: c.clock.now()).step()
             steps += 1
+    bar.close()
     return SimResult(cfg, requests, usage, steps, time.perf_counter() - started)
 
 
