@@ -86,6 +86,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     """Run the workload to completion; `progress` shows a bar over arrived requests."""
     from tqdm.auto import tqdm
 
+    too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
+    if too_long:
+        raise ValueError(
+            f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+        )
     started = time.perf_counter()
     bar = tqdm(
         total=len(workload), desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
@@ -94,11 +99,6 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     usage: list[list[tuple[float, float]]] = [[] for _ in replicas]
     for i, core in enumerate(replicas):
         core.step_observers.append(lambda out, i=i, core=core: usage[i].append((out.end, core.kv.usage())))
-    too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
-    if too_long:
-        raise ValueError(
-            f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
-        )
     requests = to_requests(workload)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     rr = itertools.cycle(range(len(replicas)))
