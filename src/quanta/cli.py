@@ -133,6 +133,40 @@ def _sim_target(args: argparse.Namespace) -> tuple:
     return get_model(args.model or "llama-3.1-8b"), get_gpu(args.gpu), None
 
 
+def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
+    """The workload of --trace: a preset drawn at `qps`, or a trace file (its arrivals, or drawn at `qps`)."""
+    from quanta.sim.workload import PRESETS, preset, read_trace
+
+    if args.trace in PRESETS:
+        if qps is None:
+            raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
+        return preset(args.trace, args.num_requests, qps, args.cv, args.seed, max_total=args.max_model_len)
+    return read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed)[: args.num_requests]
+
+
+def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
+    """One SimConfig per --policy, and a label for the model."""
+    from quanta.sim.simulation import SimConfig
+
+    model, gpu, efficiency = _sim_target(args)
+    configs = [
+        SimConfig(
+            model,
+            gpu,
+            policy=policy.strip(),
+            tp=args.tp,
+            replicas=args.replicas,
+            router=args.router,
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_model_len=args.max_model_len,
+            **({"efficiency": efficiency} if efficiency else {}),
+        )
+        for policy in args.policy.split(",")
+    ]
+    return configs, args.model or model.architecture
+
+
 def cmd_profile(args: argparse.Namespace) -> int:
     from quanta.profiling import run_profile
     from quanta.sim.calibrate import fit
@@ -153,42 +187,21 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quanta.sim.report import print_comparison, result_row
-    from quanta.sim.simulation import SimConfig, simulate
-    from quanta.sim.workload import PRESETS, preset, read_trace
+    from quanta.sim.simulation import simulate
 
-    model, gpu, efficiency = _sim_target(args)
-    if args.trace in PRESETS:
-        if args.qps is None:
-            raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
-        workload = preset(
-            args.trace, args.num_requests, args.qps, args.cv, args.seed, max_total=args.max_model_len
-        )
-    else:
-        workload = read_trace(args.trace, rate=args.qps, cv=args.cv, seed=args.seed)[: args.num_requests]
+    workload = _sim_workload(args, args.qps)
+    configs, label = _sim_configs(args)
     rows, results = [], {}
-    for policy in args.policy.split(","):
-        cfg = SimConfig(
-            model,
-            gpu,
-            policy=policy.strip(),
-            tp=args.tp,
-            replicas=args.replicas,
-            router=args.router,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_num_seqs=args.max_num_seqs,
-            max_model_len=args.max_model_len,
-            **({"efficiency": efficiency} if efficiency else {}),
-        )
+    for cfg in configs:
         results[cfg.policy] = simulate(workload, cfg, progress=True)
         rows.append(
-            result_row(
-                cfg.policy, results[cfg.policy], ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, e2e_slo=None
-            )
+            result_row(cfg.policy, results[cfg.policy], ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
         )
+    gpu = configs[0].gpu
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     print_comparison(
         rows,
-        f"{args.model or model.architecture} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
+        f"{label} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
         f"{len(workload)} requests (simulated)",
     )
     if args.json:
@@ -211,27 +224,16 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from quanta.sim.capacity import find_capacity
-    from quanta.sim.simulation import SimConfig
-    from quanta.sim.workload import PRESETS, preset, read_trace
+    from quanta.sim.workload import scale_rate
 
-    model, gpu, efficiency = _sim_target(args)
-    if args.trace in PRESETS:
-        base = preset(args.trace, args.num_requests, 1.0, args.cv, args.seed, max_total=args.max_model_len)
-    else:
-        base = read_trace(args.trace, rate=1.0, cv=args.cv, seed=args.seed)[: args.num_requests]
+    base = _sim_workload(args, 1.0)
+    span = base[-1].arrival - base[0].arrival
+    if span > 0:  # a trace's own arrivals: rescale to 1 req/s, so that the search's rates are req/s
+        base = scale_rate(base, (len(base) - 1) / span)
     console = Console()
     results = []
-    for policy in args.policy.split(","):
-        cfg = SimConfig(
-            model,
-            gpu,
-            policy=policy.strip(),
-            tp=args.tp,
-            replicas=args.replicas,
-            max_num_batched_tokens=args.max_num_batched_tokens,
-            max_model_len=args.max_model_len,
-            **({"efficiency": efficiency} if efficiency else {}),
-        )
+    configs, _ = _sim_configs(args)
+    for cfg in configs:
         with console.status(f"searching the capacity of {cfg.policy} ...") as status:
             res = find_capacity(
                 base,
@@ -268,6 +270,31 @@ def vars_(obj: object) -> dict:
     return {k: getattr(obj, k) for k in obj.__slots__}  # type: ignore[attr-defined]
 
 
+def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
+    p.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
+    p.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
+    p.add_argument("--gpu", default="h100")
+    p.add_argument(
+        "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
+    )
+    p.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
+    p.add_argument("--policy", default=default_policy, help="comma-separated policies to compare")
+    p.add_argument("--replicas", type=int, default=1)
+    p.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=None,
+        help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
+    )
+    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results as JSON here")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="quanta", description="quanta: LLM serving with a scheduler you can trust"
@@ -290,60 +317,22 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     sim = sub.add_parser("simulate", help="run policies on a workload in simulated time (no GPU needed)")
-    sim.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
-    sim.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
-    sim.add_argument("--gpu", default="h100")
-    sim.add_argument(
-        "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
-    )
+    _add_sim_args(sim, default_policy="sarathi")
     sim.add_argument(
         "--qps", type=float, default=None, help="request rate (not needed for traces with arrivals)"
     )
-    sim.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
-    sim.add_argument("--policy", default="sarathi", help="comma-separated policies to compare")
-    sim.add_argument("--replicas", type=int, default=1)
-    sim.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
-    sim.add_argument("--tp", type=int, default=1)
-    sim.add_argument("--num-requests", type=int, default=1000)
-    sim.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
-    )
-    sim.add_argument("--max-num-seqs", type=int, default=128)
-    sim.add_argument("--max-model-len", type=int, default=8192)
-    sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target, seconds")
     sim.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target, seconds")
-    sim.add_argument("--json", default=None, help="write the comparison as JSON here")
     sim.add_argument("--plots", default=None, help="folder for PNG plots (latency CDFs, KV usage)")
     sim.set_defaults(func=cmd_simulate)
 
     cap = sub.add_parser(
         "capacity", help="find each policy's highest request rate within the latency targets"
     )
-    cap.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
-    cap.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
-    cap.add_argument("--gpu", default="h100")
-    cap.add_argument("--trace", default="sharegpt")
-    cap.add_argument("--cv", type=float, default=1.0)
-    cap.add_argument("--policy", default="sarathi,prefill-first")
+    _add_sim_args(cap, default_policy="sarathi,prefill-first")
     cap.add_argument("--tbt-slo", type=float, default=0.1, help="P99 time-between-tokens target, seconds")
     cap.add_argument("--max-scheduling-delay", type=float, default=2.0, help="median, seconds")
-    cap.add_argument("--replicas", type=int, default=1)
-    cap.add_argument("--tp", type=int, default=1)
-    cap.add_argument("--num-requests", type=int, default=1000)
-    cap.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=None,
-        help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
-    )
-    cap.add_argument("--max-model-len", type=int, default=8192)
-    cap.add_argument("--seed", type=int, default=0)
-    cap.add_argument("--json", default=None)
-    cap.add_argument("--plots", default=None, help="folder for a PNG of rate vs P99 TBT")
+    cap.add_argument("--plots", default=None, help="folder for PNGs of rate vs P99 TBT and median TTFT")
     cap.set_defaults(func=cmd_capacity)
 
     prof = sub.add_parser(
