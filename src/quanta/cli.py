@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 DEFAULT_PROMPTS = [
@@ -259,15 +260,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         )
     if args.json:
         rows = [
-            {"policy": r.policy, "capacity_qps": r.qps, "evaluations": [vars_(e) for e in r.evaluations]}
+            {"policy": r.policy, "capacity_qps": r.qps, "evaluations": [asdict(e) for e in r.evaluations]}
             for r in results
         ]
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
-
-
-def vars_(obj: object) -> dict:
-    return {k: getattr(obj, k) for k in obj.__slots__}  # type: ignore[attr-defined]
 
 
 def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:

@@ -52,7 +52,7 @@ static void decode_kernel(
   const int64_t D = HD > 0 ? HD : head_dim;
   const int64_t total = nd * num_kv_heads;
   at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(group * D), acc(group * D), row(D), scores, maxs(group), sums(group);
+    std::vector<float> qf(group * D), acc(group * D), row(D), scores, sums(group);
     for (int64_t slot = begin; slot < end; ++slot) {
       // Threads get contiguous ranges, and requests often arrive sorted by length: zigzag the order
       // (0, last, 1, last-1, ...) so that every range mixes short and long contexts.
