@@ -1,6 +1,11 @@
-"""Test helpers: the scheduler alone, over a constant-time SimExecutor and a virtual clock."""
+"""Test helpers: the scheduler alone (constant-time SimExecutor, virtual clock), and the CLI."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
@@ -49,3 +54,11 @@ def run_to_end(core: EngineCore, max_steps: int = 100_000) -> int:
         steps += 1
         assert steps < max_steps, "engine made no progress"
     return steps
+
+
+def run_cli(*args: str, env_cache: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `quanta ARGS` as a user would, in a fresh process (QUANTA_CACHE: where its default model goes)."""
+    env = {**os.environ, "QUANTA_CACHE": str(env_cache)} if env_cache else None
+    return subprocess.run(
+        [sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True, timeout=timeout, env=env
+    )

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from quanta.sim.calibrate import Profile, fit
 from quanta.sim.cost_model import CostModel, Efficiency
 from test_cost_model import GPU, MODEL
@@ -37,23 +36,7 @@ def test_fit_recovers_known_efficiencies() -> None:
 
 def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quanta.cli",
-            "profile",
-            "--model",
-            str(llama_dir),
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    run = run_cli("profile", "--model", str(llama_dir), "--repeats", "1", "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert "mean |error|" in run.stdout
     prof = Profile.load(out)
@@ -61,26 +44,18 @@ def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     assert prof.model.hidden_size == 64 and prof.device_peak_flops > 0
     result = fit(prof)
     assert result.efficiency.matmul > 0 and result.mean_abs_rel_error == result.mean_abs_rel_error  # finite
-    sim = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quanta.cli",
-            "simulate",
-            "--profile",
-            str(out),
-            "--trace",
-            "sharegpt",
-            "--qps",
-            "2",
-            "--num-requests",
-            "20",
-            "--max-model-len",
-            "1024",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+    sim = run_cli(
+        "simulate",
+        "--profile",
+        str(out),
+        "--trace",
+        "sharegpt",
+        "--qps",
+        "2",
+        "--num-requests",
+        "20",
+        "--max-model-len",
+        "1024",
     )
     assert sim.returncode == 0, sim.stderr
     with pytest.raises(ValueError, match="cannot read profile"):

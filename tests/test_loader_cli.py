@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from helpers import run_cli
 from quanta.model.config import ModelConfig, ModelLoadError
 
 
@@ -72,15 +71,6 @@ def test_broken_folders_give_one_line_errors(
     with pytest.raises(ModelLoadError, match=message) as info:
         LLM(str(path), num_kv_blocks=64, max_model_len=256)
     assert "\n" not in str(info.value)
-
-
-def run_cli(*args: str, env_cache: Path) -> subprocess.CompletedProcess:
-    import os
-
-    env = {**os.environ, "QUANTA_CACHE": str(env_cache)}
-    return subprocess.run(
-        [sys.executable, "-m", "quanta.cli", *args], capture_output=True, text=True, timeout=300, env=env
-    )
 
 
 def test_cli_generate_and_errors(llama_dir: Path, tmp_path: Path) -> None:

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
+from helpers import run_cli
 from quanta.metrics import summarize
 from quanta.sim.hardware import get_gpu
 from quanta.sim.model_presets import get_model
@@ -50,27 +49,20 @@ def test_cli_simulate(tmp_path: Path) -> None:
         trace, [WorkloadRequest(0.05 * i, 300 + i, 30, tenant="a" if i % 2 else "b") for i in range(30)]
     )
     out = tmp_path / "r.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "quanta.cli",
-            "simulate",
-            "--model",
-            "llama-3.1-8b",
-            "--gpu",
-            "h100",
-            "--trace",
-            str(trace),
-            "--policy",
-            "sarathi,prefill-first",
-            "--ttft-slo",
-            "0.5",
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
+    proc = run_cli(
+        "simulate",
+        "--model",
+        "llama-3.1-8b",
+        "--gpu",
+        "h100",
+        "--trace",
+        str(trace),
+        "--policy",
+        "sarathi,prefill-first",
+        "--ttft-slo",
+        "0.5",
+        "--json",
+        str(out),
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
@@ -78,12 +70,7 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert [r["policy"] for r in rows] == ["sarathi", "prefill-first"] and rows[0]["num_requests"] == 30
     assert set(rows[0]["per_tenant"]) == {"a", "b"} and rows[0]["per_tenant"]["a"]["num_requests"] == 15
     assert rows[0]["goodput"] > 0
-    bad = subprocess.run(
-        [sys.executable, "-m", "quanta.cli", "simulate", "--trace", "sharegpt"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = run_cli("simulate", "--trace", "sharegpt", timeout=120)
     assert bad.returncode == 2 and "--qps" in bad.stderr
 
 
