@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
+import numpy as np
 import pytest
 import torch
 
-from quanta.model.attention import AttentionMetadata, PrefillChunk, TorchPagedAttention
+from quanta.model.attention import AttentionBackend, SeqSlice, TorchPagedAttention
 from quanta.model.cpu_kernels import cpu_kernels
 
 
@@ -31,96 +34,131 @@ def random_layout(num_blocks: int, context_lens: list[int], block_size: int, see
     return tables
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["portable", "cpp"])
-@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 64)])
-def test_decode_and_prefill_against_dense_reference(kernels: bool, dtype: torch.dtype, head_dim: int) -> None:
-    module = cpu_kernels() if kernels else None
-    if kernels and module is None:
+def make_backend(name: str, h: int, hkv: int, head_dim: int, bs: int) -> AttentionBackend:
+    if name == "triton":
+        pytest.importorskip("triton")
+        from quanta.model.triton_attention import TritonPagedAttention
+
+        return TritonPagedAttention(h, hkv, head_dim, bs)
+    module = cpu_kernels() if name == "cpp" else None
+    if name == "cpp" and module is None:
         pytest.skip("C++ kernels cannot be built here")
-    bs, h, hkv, nblocks = 16, 4, 2, 96
-    attn = TorchPagedAttention(h, hkv, head_dim, bs, kernels=module)
+    return TorchPagedAttention(h, hkv, head_dim, bs, kernels=module)
+
+
+BACKENDS = ["portable", "cpp", "triton"]
+# (new tokens, context) per sequence; decodes (1 new token, earlier context) first.
+LAYOUTS = {
+    # Ragged decodes across block boundaries, a chunk with cached context (a prefix hit or an earlier
+    # chunk), a fresh prompt, and a prompt of one token.
+    "mixed": [(1, n) for n in sorted([2, 15, 16, 17, 33, 64, 100, 160])] + [(21, 70), (19, 19), (1, 1)],
+    "decode-only": [(1, n) for n in sorted([3, 16, 31, 32, 49, 130, 257])],
+    "prefill-only": [(150, 150), (40, 200), (16, 48)],
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype,head_dim", [(torch.float32, 16), (torch.float32, 64), (torch.bfloat16, 64)])
+def test_attention_against_dense_reference(
+    backend: str, layout: str, dtype: torch.dtype, head_dim: int
+) -> None:
+    bs, h, hkv, nblocks = 16, 4, 2, 128
+    attn = make_backend(backend, h, hkv, head_dim, bs)
+    seqs_spec = LAYOUTS[layout]
+    nd = sum(1 for new, ctx in seqs_spec if new == 1 and ctx > 1)
     g = torch.Generator().manual_seed(0)
     k_cache = torch.randn(attn.kv_cache_shape(nblocks), generator=g).to(dtype)
     v_cache = torch.randn(attn.kv_cache_shape(nblocks), generator=g).to(dtype)
-    # Ragged decodes (block boundaries included) and two prefill chunks: one with cached context, one fresh.
-    decode_lens = sorted([1, 15, 16, 17, 33, 64, 100, 160])
-    chunk_ctx, chunk_new, fresh_len = 70, 21, 19
-    tables = random_layout(nblocks, [*decode_lens, chunk_ctx, fresh_len], bs, seed=1)
-    nd = len(decode_lens)
-    total = nd + chunk_new + fresh_len
-    q = torch.randn(total, h, head_dim, generator=g).to(dtype)
-    k = torch.randn(total, hkv, head_dim, generator=g).to(dtype)
-    v = torch.randn(total, hkv, head_dim, generator=g).to(dtype)
-    positions = (
-        [n - 1 for n in decode_lens] + list(range(chunk_ctx - chunk_new, chunk_ctx)) + list(range(fresh_len))
-    )
-    owners = list(range(nd)) + [nd] * chunk_new + [nd + 1] * fresh_len
-    slots = [tables[o][p // bs] * bs + p % bs for o, p in zip(owners, positions)]
-    slot_t = torch.tensor(slots)
-    meta = AttentionMetadata(
-        slot_blocks=slot_t // bs,
-        slot_offsets=slot_t % bs,
-        prefills=[
-            PrefillChunk(nd, chunk_new, chunk_ctx, torch.tensor(tables[nd])),
-            PrefillChunk(nd + chunk_new, fresh_len, fresh_len, torch.tensor(tables[nd + 1])),
-        ],
-    )
-    attn.plan_decodes(tables[:nd], decode_lens, torch.device("cpu"), meta)
-    out = attn.forward(q, k, v, k_cache, v_cache, meta)
-
-    def context(i: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        pos = torch.arange(n)
-        blocks = torch.tensor(tables[i])[pos // bs]
-        return k_cache[blocks, :, pos % bs], v_cache[blocks, :, pos % bs]
+    tables = random_layout(nblocks, [ctx for _, ctx in seqs_spec], bs, seed=1)
+    total = sum(new for new, _ in seqs_spec)
+    # q/k/v as views of one fused projection, as the model passes them (strided rows).
+    qkv = torch.randn(total, (h + 2 * hkv) * head_dim, generator=g).to(dtype)
+    q, k, v = qkv.split([h * head_dim, hkv * head_dim, hkv * head_dim], dim=-1)
+    q, k, v = q.view(total, h, head_dim), k.view(total, hkv, head_dim), v.view(total, hkv, head_dim)
+    seqs, slots = [], []
+    for (new, ctx), table in zip(seqs_spec, tables):
+        seqs.append(SeqSlice(new, ctx, table))
+        slots += [table[p // bs] * bs + p % bs for p in range(ctx - new, ctx)]
+    dev = torch.device("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    meta = attn.build_metadata(seqs, nd, np.array(slots), dev, dtype)
+    k_dev, v_dev = k_cache.to(dev), v_cache.to(dev)
+    out = attn.forward(q.to(dev), k.to(dev), v.to(dev), k_dev, v_dev, meta).cpu()
+    k_cache, v_cache = k_dev.cpu(), v_dev.cpu()
 
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for i, n in enumerate(decode_lens):
-        keys, values = context(i, n)
-        torch.testing.assert_close(
-            out[i].double(), reference(q[i : i + 1], keys, values, n - 1)[0], atol=tol, rtol=tol
-        )
-    keys, values = context(nd, chunk_ctx)
-    rows = slice(nd, nd + chunk_new)
-    torch.testing.assert_close(
-        out[rows].double(), reference(q[rows], keys, values, chunk_ctx - chunk_new), atol=tol, rtol=tol
-    )
-    keys, values = context(nd + 1, fresh_len)
-    rows = slice(nd + chunk_new, total)
-    torch.testing.assert_close(out[rows].double(), reference(q[rows], keys, values, 0), atol=tol, rtol=tol)
+    row = 0
+    for (new, ctx), table in zip(seqs_spec, tables):
+        pos = torch.arange(ctx)
+        blocks = torch.tensor(table)[pos // bs]
+        keys, values = k_cache[blocks, :, pos % bs], v_cache[blocks, :, pos % bs]
+        rows = slice(row, row + new)
+        # The new tokens' KV went into the cache.
+        torch.testing.assert_close(keys[ctx - new :], k[rows], atol=0, rtol=0)
+        torch.testing.assert_close(values[ctx - new :], v[rows], atol=0, rtol=0)
+        expected = reference(q[rows], keys, values, ctx - new)
+        torch.testing.assert_close(out[rows].double(), expected, atol=tol, rtol=tol)
+        row += new
 
 
+@pytest.mark.parametrize("kind", ["cpp", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_cpu_ops_match_torch(dtype: torch.dtype) -> None:
-    from quanta.model.llama import RMSNorm, apply_rotary
-
-    module = cpu_kernels()
+def test_fused_ops_match_torch(kind: str, dtype: torch.dtype) -> None:
+    if kind == "triton":
+        pytest.importorskip("triton")
+        from quanta.model import triton_kernels as module
+    else:
+        module = cpu_kernels()
     if module is None:
         pytest.skip("C++ kernels cannot be built here")
+    dev = "cuda" if kind == "triton" and torch.cuda.is_available() else "cpu"
+    _check_fused_ops(
+        module, dtype, dev, interpreted=kind == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    )
+
+
+def _check_fused_ops(module: object, dtype: torch.dtype, dev: str, interpreted: bool) -> None:
+    from quanta.model.llama import RMSNorm, apply_rotary
+
     g = torch.Generator().manual_seed(0)
-    x = (torch.randn(37, 64, generator=g) * 3).to(dtype)
+    x = (torch.randn(37, 64, generator=g) * 3).to(dtype).to(dev)
     norm = RMSNorm(64, 1e-6)
     with torch.no_grad():
         norm.weight.copy_(torch.randn(64, generator=g))
-    norm = norm.to(dtype)
+    norm = norm.to(dtype).to(dev)
     expected = norm(x)
     norm.kernels = module
     # float32 sums may associate differently; bfloat16 results land on the same or the adjacent value.
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-2, rtol=1.6e-2)
     torch.testing.assert_close(norm(x), expected, **tol)
+    y = (torch.randn(37, 64, generator=g) * 3).to(dtype).to(dev)
+    norm.kernels = None
+    expected_sum, expected_norm = norm.add_norm(x, y)
+    norm.kernels = module
+    got_sum, got_norm = norm.add_norm(x, y)  # fused where the module has add_rms_norm
+    # Triton's interpreter rounds float32 -> bfloat16 by truncation: one bf16 step there.
+    sum_tol = (
+        dict(atol=0, rtol=0) if not interpreted or dtype == torch.float32 else dict(atol=0.07, rtol=8e-3)
+    )
+    torch.testing.assert_close(got_sum, expected_sum, **sum_tol)
+    torch.testing.assert_close(got_norm, expected_norm, **tol)
 
-    q = torch.randn(37, 4, 16, generator=g).to(dtype)
-    k = torch.randn(37, 2, 16, generator=g).to(dtype)
+    q = torch.randn(37, 4, 16, generator=g).to(dtype).to(dev)
+    k = torch.randn(37, 2, 16, generator=g).to(dtype).to(dev)
     angles = torch.randn(37, 8, generator=g)
-    emb = torch.cat([angles, angles], dim=-1)
+    emb = torch.cat([angles, angles], dim=-1).to(dev)
     rope = (emb.cos().to(dtype).unsqueeze(1), emb.sin().to(dtype).unsqueeze(1))
     q_ref, k_ref = apply_rotary(q, k, rope, None)
     q_out, k_out = apply_rotary(q.clone(), k.clone(), rope, module)
-    exact = (
-        dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=0, rtol=0)
-    )  # fp32: FMA contraction
+    # fp32: FMA contraction. bf16: exact for the C++ kernel; Triton's interpreter rounds float32 -> bf16 by
+    # truncation, and on the GPU Triton may keep a product in float32 that torch rounds: one bf16 step.
+    if dtype == torch.float32:
+        exact = dict(atol=1e-6, rtol=1e-5)
+    else:
+        exact = dict(atol=0, rtol=0) if dev == "cpu" and not interpreted else dict(atol=1.6e-2, rtol=1.6e-2)
     torch.testing.assert_close(q_out, q_ref, **exact)
     torch.testing.assert_close(k_out, k_ref, **exact)
 
-    gate_up = (torch.randn(37, 2 * 48, generator=g) * 4).to(dtype)
+    gate_up = (torch.randn(37, 2 * 48, generator=g) * 4).to(dtype).to(dev)
     gate, up = gate_up.split(48, dim=-1)
     torch.testing.assert_close(module.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)

@@ -38,13 +38,23 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model folder (default: a tiny random-weight model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu")
-    p.add_argument("--policy", default="sarathi", help="scheduling policy (sarathi, prefill-first)")
+    p.add_argument(
+        "--policy",
+        default="sarathi",
+        help="scheduling policy (sarathi, prefill-first, priority, vtc, wfq, deadline)",
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     p.add_argument("--max-num-seqs", type=int, default=128)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0)
+    p.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="CPU: memory for KV blocks")
+    p.add_argument(
+        "--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the card for the engine"
+    )
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
+    p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--seed", type=int, default=0)
 
@@ -60,6 +70,10 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         kv_cache_memory_gb=args.kv_cache_memory_gb,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        attention_backend=args.attention_backend,
+        cuda_graphs=False if args.enforce_eager else None,
+        load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
         seed=args.seed,
     )
@@ -114,6 +128,37 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from quanta.engine.llm_engine import EngineArgs, LLMEngine
+    from quanta.server.api_server import run_server
+    from quanta.server.async_engine import QueueLimits
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    model = args.model or str(ensure_default_model())
+    engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
+    # Load the chat-template tokenizer now, not inside the first chat request.
+    if getattr(engine.tokenizer.hf, "chat_template", None) is None:
+        print("quanta serve: the model has no chat template; /v1/chat/completions will return 400", file=sys.stderr)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"quanta serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    limits = QueueLimits(args.max_waiting_requests, args.max_waiting_tokens)
+    name = args.served_model_name or model
+    print(f"quanta serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
+    run_server(
+        engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
+        limits=limits, enable_internal=not args.no_internal,
+    )  # fmt: skip
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from quanta.bench.serve import run_cli
+
+    return run_cli(args)
+
+
 def _sim_target(args: argparse.Namespace) -> tuple:
     """(model shape, device spec, efficiency or None) from --model/--gpu, or from a --profile file."""
     from quanta.sim.hardware import get_gpu
@@ -161,6 +206,9 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
+            preemption_mode=args.preemption_mode,
+            swap_space_gb=args.swap_space_gb if args.preemption_mode == "swap" else 0.0,
+            policy_args=json.loads(args.policy_args) if args.policy_args else {},
             **({"efficiency": efficiency} if efficiency else {}),
         )
         for policy in args.policy.split(",")
@@ -275,7 +323,16 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
     )
     p.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
-    p.add_argument("--policy", default=default_policy, help="comma-separated policies to compare")
+    p.add_argument(
+        "--policy",
+        default=default_policy,
+        help="comma-separated policies to compare (sarathi, prefill-first, priority, vtc, wfq, deadline)",
+    )
+    p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
+    p.add_argument(
+        "--swap-space-gb", type=float, default=16.0, help="host memory per replica for --preemption-mode swap"
+    )
+    p.add_argument("--policy-args", default=None, help="policy settings as JSON, e.g. '{\"aging_s\": 30}'")
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
     p.add_argument("--tp", type=int, default=1)
@@ -341,6 +398,25 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--repeats", type=int, default=3)
     prof.add_argument("--out", default="profile.json")
     prof.set_defaults(func=cmd_profile)
+
+    srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    _add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
+    srv.add_argument("--api-key", default=os.environ.get("QUANTA_API_KEY"), help="require this bearer key")
+    srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
+    srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
+    srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")
+    srv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    srv.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    from quanta.bench.serve_args import add_bench_serve_args
+
+    add_bench_serve_args(bench_sub.add_parser("serve", help="load-test any OpenAI-compatible server"))
+    bench.set_defaults(func=cmd_bench)
 
     mk = sub.add_parser("make-model", help="write a random-weight Hugging Face model folder")
     mk.add_argument("out", help="output folder")

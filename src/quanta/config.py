@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -12,8 +12,15 @@ class CacheConfig:
     num_blocks: int | None = None
     kv_cache_memory_gb: float = 2.0
     enable_prefix_caching: bool = True
+    # Host memory for preemption by swapping: num_cpu_blocks, or sized from swap_space_gb when None.
+    swap_space_gb: float = 0.0
+    num_cpu_blocks: int | None = None
+    # Allocate a request's blocks contiguously where possible, so a swap is a few large copies.
+    block_groups: bool = True
 
     def __post_init__(self) -> None:
+        if self.swap_space_gb < 0 or (self.num_cpu_blocks is not None and self.num_cpu_blocks < 0):
+            raise ValueError("swap_space_gb and num_cpu_blocks must not be negative")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
@@ -29,8 +36,14 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 512
     max_num_seqs: int = 128
     max_model_len: int = 2048
+    # How a preempted request gives up its KV: "recompute" (drop it) or "swap" (copy it to host memory).
+    preemption_mode: str = "recompute"
+    # Policy-specific settings, e.g. {"aging_s": 30} (priority) or {"tenant_weights": {"a": 2}} (vtc, wfq).
+    policy_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.preemption_mode not in ("recompute", "swap"):
+            raise ValueError(f"preemption_mode must be 'recompute' or 'swap', got {self.preemption_mode!r}")
         if self.max_num_batched_tokens < 1:
             raise ValueError(f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}")
         if self.max_num_seqs < 1:

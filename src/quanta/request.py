@@ -52,6 +52,7 @@ class Request:
     tenant: str = "default"
     priority: int = 0  # lower value = more important, as in vLLM
     deadline: float | None = None  # absolute clock time by which the request should finish
+    slo_class: str | None = None  # names TTFT/TPOT targets a deadline-aware policy derives a deadline from
     session_id: str | None = None
     cache_salt: str | None = None  # isolates this request's prefix-cache entries (e.g. per tenant)
     eos_token_ids: tuple[int, ...] = ()

@@ -27,6 +27,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top alternatives besides the sampled token
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    detokenize: bool = True  # False: token ids only (no text, so no stop strings); saves host time
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -67,6 +68,8 @@ class SamplingParams:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        if self.stop and not self.detokenize:
+            raise ValueError("stop strings need detokenize=True")
 
     @property
     def greedy(self) -> bool:

@@ -47,7 +47,13 @@ class EngineCore:
             )
         self.executor = executor
         self.clock = clock
-        self.kv = KVCacheManager(num_blocks, bs, cache_config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            num_blocks,
+            bs,
+            cache_config.enable_prefix_caching,
+            num_host_blocks=getattr(executor, "num_host_kv_blocks", 0),
+            block_groups=cache_config.block_groups,
+        )
         self.policy = policy or make_policy(scheduler_config.policy, scheduler_config)
         self.scheduler = Scheduler(scheduler_config, self.kv, self.policy)
         self.check_integrity = check_integrity
@@ -80,6 +86,7 @@ class EngineCore:
             raise
         self.clock.advance(result.elapsed)
         end = self.clock.now()
+        self.scheduler.swaps_done(result.swapped_in_ids)
         updated = self.scheduler.update(plan, result.sampled_token_ids, end)
         self.num_steps += 1
         if self.check_integrity:

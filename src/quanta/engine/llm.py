@@ -36,7 +36,11 @@ class LLM:
         *,
         tenants: Sequence[str] | None = None,
         priorities: Sequence[int] | None = None,
+        deadlines: Sequence[float | None] | None = None,
+        slo_classes: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
+        """Per-prompt scheduling fields (for the multi-tenant policies): tenant, priority (lower is more
+        important), deadline in seconds from now, SLO class name."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -49,7 +53,16 @@ class LLM:
         )
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling params for {len(prompts)} prompts")
+        for name, values in (
+            ("tenants", tenants),
+            ("priorities", priorities),
+            ("deadlines", deadlines),
+            ("slo_classes", slo_classes),
+        ):
+            if values is not None and len(values) != len(prompts):
+                raise ValueError(f"got {len(values)} {name} for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
+        now = self.engine.core.clock.now()
         try:
             for i, (request_id, prompt, p) in enumerate(zip(ids, prompts, params)):
                 self.engine.add_request(
@@ -58,6 +71,8 @@ class LLM:
                     p,
                     tenant=tenants[i] if tenants else "default",
                     priority=priorities[i] if priorities else 0,
+                    deadline=None if not deadlines or deadlines[i] is None else now + deadlines[i],
+                    slo_class=slo_classes[i] if slo_classes else None,
                 )
         except ValueError:
             self.engine.abort_request(ids)

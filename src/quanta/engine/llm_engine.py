@@ -39,7 +39,15 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     seed: int = 0
     cpu_kernels: bool = True  # C++ decode attention on CPU (compiled on first use); False: portable torch
+    attention_backend: str = "auto"  # torch | triton; auto: triton on CUDA, torch on CPU
+    gpu_memory_utilization: float = 0.9  # CUDA: share of the card's memory for weights, activations and KV
+    cuda_graphs: bool | None = None  # decode steps from CUDA graphs; None: on CUDA with the triton backend
+    load_format: str = "auto"  # auto: the folder's safetensors; dummy: random weights (benchmarks)
     check_integrity: bool = False  # verify the KV pool after every step (tests)
+    preemption_mode: str = "recompute"  # or "swap": preempted KV goes to host memory and comes back
+    swap_space_gb: float = 0.0  # host memory for swapped KV (or num_cpu_blocks blocks)
+    num_cpu_blocks: int | None = None
+    policy_args: dict | None = None  # policy settings, e.g. {"tenant_weights": {"a": 2.0}}
 
 
 class LLMEngine:
@@ -63,6 +71,8 @@ class LLMEngine:
             num_blocks=args.num_kv_blocks,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             enable_prefix_caching=args.enable_prefix_caching,
+            swap_space_gb=args.swap_space_gb,
+            num_cpu_blocks=args.num_cpu_blocks,
         )
         executor = ModelExecutor(
             args.model,
@@ -74,6 +84,11 @@ class LLMEngine:
             seed=args.seed,
             model_config=self.model_config,
             cpu_kernels=args.cpu_kernels,
+            attention_backend=args.attention_backend,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=budget,
+            cuda_graphs=args.cuda_graphs,
+            load_format=args.load_format,
         )
         pool_tokens = executor.num_kv_blocks * args.block_size
         if pool_tokens < max_model_len and args.max_model_len is None:
@@ -87,6 +102,8 @@ class LLMEngine:
             max_num_batched_tokens=budget,
             max_num_seqs=args.max_num_seqs,
             max_model_len=max_model_len,
+            preemption_mode=args.preemption_mode,
+            policy_args=dict(args.policy_args or {}),
         )
         self.core = EngineCore(
             executor, WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
@@ -129,6 +146,7 @@ class LLMEngine:
         priority: int = 0,
         deadline: float | None = None,
         session_id: str | None = None,
+        slo_class: str | None = None,
         arrival_time: float | None = None,
     ) -> None:
         if self.output_processor.has(request_id):
@@ -154,6 +172,7 @@ class LLMEngine:
                     priority=priority,
                     deadline=deadline,
                     session_id=session_id,
+                    slo_class=slo_class,
                     eos_token_ids=self.eos_token_ids,
                 )
             )

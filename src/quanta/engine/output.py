@@ -120,7 +120,7 @@ class OutputProcessor:
             _Sample(
                 child,
                 IncrementalDetokenizer(self.tokenizer, child.prompt_token_ids, params)
-                if self.tokenizer
+                if self.tokenizer and params.detokenize
                 else None,
                 [] if params.logprobs is not None else None,
                 0.0 if params.logprobs is not None else None,

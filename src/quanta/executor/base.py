@@ -25,6 +25,8 @@ class StepResult:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     # request id -> (index of the first prompt token covered, entries for consecutive prompt tokens)
     prompt_logprobs: dict[str, tuple[int, list[TokenLogprobs]]] = field(default_factory=dict)
+    # Requests whose swap-in (of this or an earlier plan) has landed: they may be scheduled again.
+    swapped_in_ids: list[str] = field(default_factory=list)
 
 
 class Executor(Protocol):

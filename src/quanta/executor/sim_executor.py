@@ -7,6 +7,7 @@ their workload entry gives (max_tokens).
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 from quanta.executor.base import StepResult
@@ -38,20 +39,61 @@ class ReplayStepTime:
 
 
 class SimExecutor:
+    """Swaps are priced by the cost model's `copy_time` when it has one (free otherwise). Swap-outs
+    block the step (their device blocks are reused right away); swap-ins queue on the host link and
+    proceed while steps compute, each reported done once the link has carried it."""
+
     def __init__(
-        self, cost_model: StepTimeModel, num_blocks: int, token_id: int = 0, record: bool = False
+        self,
+        cost_model: StepTimeModel,
+        num_blocks: int,
+        token_id: int = 0,
+        record: bool = False,
+        num_host_blocks: int = 0,
+        block_size: int = 16,
     ) -> None:
         self.cost_model = cost_model
         self._num_blocks = num_blocks
+        self.num_host_kv_blocks = num_host_blocks
+        self.block_size = block_size
         self.token_id = token_id
         self.plans: list[StepPlan] | None = [] if record else None  # every plan executed, when recording
+        self._swap_ins: deque[list] = deque()  # [request ids, seconds of link time left], FIFO
+        self.swap_seconds = 0.0  # link time spent on copies
+        self.num_copy_calls = 0  # one per run, per layer tensor (as the cost model counts them)
 
     @property
     def num_kv_blocks(self) -> int:
         return self._num_blocks
 
+    def _copy_time(self, runs: list[tuple[int, int, int]]) -> float:
+        copy_time = getattr(self.cost_model, "copy_time", None)
+        if copy_time is None or not runs:
+            return 0.0
+        tokens = sum(n for _, _, n in runs) * self.block_size
+        model = getattr(self.cost_model, "model", None)
+        self.num_copy_calls += len(runs) * 2 * (model.num_layers if model is not None else 1)
+        seconds = copy_time(len(runs), tokens)
+        self.swap_seconds += seconds
+        return seconds
+
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:
             self.plans.append(plan)
         sampled = {s.request.request_id: self.token_id for s in plan.scheduled if s.sample}
-        return StepResult(sampled, self.cost_model.plan_time(plan) if plan.scheduled else 0.0)
+        elapsed = self._copy_time(plan.swap_out)
+        if plan.swap_in_ids:
+            self._swap_ins.append([plan.swap_in_ids, self._copy_time(plan.swap_in)])
+        compute = self.cost_model.plan_time(plan) if plan.scheduled else 0.0
+        if compute == 0.0 and self._swap_ins:
+            compute = self._swap_ins[0][1]  # nothing else to run: wait for the next swap-in to land
+        elapsed += compute
+        done: list[str] = []
+        link = compute  # link time available while this step computes
+        while self._swap_ins and self._swap_ins[0][1] <= link + 1e-12:
+            ids, seconds = self._swap_ins.popleft()
+            link -= seconds
+            done.extend(ids)
+        if self._swap_ins:
+            self._swap_ins[0][1] -= link
+        return StepResult(sampled, elapsed, swapped_in_ids=done)

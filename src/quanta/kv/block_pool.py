@@ -25,13 +25,18 @@ class KVBlock:
     block_id: int
     ref_cnt: int = 0
     block_hash: BlockHash | None = None
+    free_batch: int = 0  # which `free` call last released it: blocks released together age together
 
 
 class BlockPool:
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, enable_caching: bool = True, contiguous: bool = False) -> None:
         assert num_blocks > 0
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
+        # Block groups: extend a request's last block with its successor when free, and otherwise start
+        # from the bottom of the free range holding the LRU block, so requests own long contiguous runs.
+        self.contiguous = contiguous
+        self._num_free_calls = 0
         self.blocks = [KVBlock(i) for i in range(num_blocks)]
         # block_id -> block, oldest first: the eviction order.
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
@@ -50,12 +55,36 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
-    def allocate(self, n: int) -> list[KVBlock]:
+    def allocate(self, n: int, after: int | None = None) -> list[KVBlock]:
+        """n blocks, least recently freed first; with `contiguous`, continuing after block `after`."""
         if n > len(self._free):
             raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
         out = []
-        for _ in range(n):
-            _, block = self._free.popitem(last=False)
+        free = self._free
+        for i in range(n):
+            block = None
+            if self.contiguous and after is not None:
+                nxt = free.get(after + 1)
+                # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
+                if nxt is not None and (
+                    nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
+                ):
+                    block = free.pop(after + 1)
+            if block is None:
+                if self.contiguous:
+                    # Requests free their blocks tail first, so the LRU block tops a range freed with
+                    # it: start from the low end of that range (same age, so LRU order holds).
+                    head = start = next(iter(free))
+                    batch = free[head].free_batch
+                    while head - start + 1 < n - i:
+                        lower = free.get(start - 1)
+                        if lower is None or lower.free_batch != batch:
+                            break
+                        start -= 1
+                    block = free.pop(start)
+                else:
+                    _, block = free.popitem(last=False)
+            after = block.block_id
             if block.block_hash is not None:  # lazy eviction
                 del self._cached[block.block_hash]
                 block.block_hash = None
@@ -72,10 +101,12 @@ class BlockPool:
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop a reference; blocks reaching zero go to the back of the LRU list, in the given order."""
+        self._num_free_calls += 1
         for block in blocks:
             assert block.ref_cnt > 0, f"double free of block {block.block_id}"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
+                block.free_batch = self._num_free_calls
                 self._free[block.block_id] = block
 
     def cache(self, block: KVBlock, block_hash: BlockHash) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_block
+from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
 from quanta.request import Request
 
 
@@ -13,10 +14,25 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int = 16, enable_caching: bool = True) -> None:
+    GROUP = 4  # blocks per allocation group when block_groups is on
+
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        enable_caching: bool = True,
+        num_host_blocks: int = 0,
+        block_groups: bool = False,
+    ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
-        self.pool = BlockPool(num_blocks, enable_caching)
+        self.block_groups = block_groups
+        self.pool = BlockPool(num_blocks, enable_caching, contiguous=block_groups)
+        self.host = HostBlockPool(num_host_blocks, contiguous=block_groups)
+        self.host_blocks: dict[str, list[int]] = {}  # swapped-out request id -> host block ids
+        self.num_swap_runs = 0  # copies issued (per layer tensor): one per run of contiguous blocks
+        self.num_swapped_blocks = 0
+        self.num_swap_in_hits = 0  # blocks a swap-in found still cached on the device (not copied)
         self.req_blocks: dict[str, list[int]] = {}  # request id -> block ids, in token order
         self._req_hashes: dict[str, list[BlockHash]] = {}
         self._num_indexed: dict[str, int] = {}  # leading blocks of a request already offered to the index
@@ -87,12 +103,20 @@ class KVCacheManager:
         num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
         if num_needed > self.pool.num_free_blocks - num_free_hits:
             return False
+        if self.block_groups and num_needed > 0:
+            # Grow in whole groups: a request's blocks stay in a few long runs (few copies per swap),
+            # at the price of at most GROUP - 1 idle blocks per request. Only when the room is there.
+            total = num_held + len(computed_blocks) + num_needed
+            extra = -total % self.GROUP
+            if num_needed + extra <= self.pool.num_free_blocks - num_free_hits:
+                num_needed += extra
         if blocks is None:
             blocks = self.req_blocks[req.request_id] = []
         self.pool.touch(computed_blocks)
         blocks.extend(b.block_id for b in computed_blocks)
         if num_needed > 0:
-            blocks.extend(b.block_id for b in self.pool.allocate(num_needed))
+            after = blocks[-1] if blocks else None
+            blocks.extend(b.block_id for b in self.pool.allocate(num_needed, after))
         self._index_full_blocks(req, blocks, num_tokens)
         return True
 
@@ -122,15 +146,75 @@ class KVCacheManager:
             self.pool.uncache(pool_blocks[block_id])
         self.free(req)
 
+    # ---- swapping -------------------------------------------------------------------------------
+    def is_swapped(self, request_id: str) -> bool:
+        return request_id in self.host_blocks
+
+    def swap_out(self, req: Request) -> list[Run] | None:
+        """Move the request's computed KV to host blocks and free its device blocks. Returns the copies
+        (device -> host), or None (nothing changed) when there is nothing to keep or no host room."""
+        blocks = self.req_blocks.get(req.request_id)
+        n = cdiv(req.num_computed_tokens, self.block_size)
+        if not blocks or n == 0 or n > self.host.num_free_blocks:
+            return None
+        host = self.host.allocate(n)
+        runs = self._count(merge_runs(list(zip(blocks[:n], host)), self.block_groups))
+        self._free_device(req)
+        self.host_blocks[req.request_id] = host
+        return runs
+
+    def swap_in_blocks_needed(self, req: Request) -> int:
+        return len(self.host_blocks[req.request_id])
+
+    def swap_in(self, req: Request) -> list[Run] | None:
+        """Device blocks for a swapped-out request's KV; returns the copies (host -> device), or None when
+        the pool is short. Leading blocks still in the prefix cache on the device are taken from there
+        and not copied. The copied blocks stay out of the prefix index: their contents arrive later."""
+        host = self.host_blocks[req.request_id]
+        hits: list[KVBlock] = []
+        if self.enable_caching:
+            full = min(len(host), req.num_computed_tokens // self.block_size)
+            for block_hash in self.block_hashes(req)[:full]:
+                block = self.pool.lookup(block_hash)
+                if block is None:
+                    break
+                hits.append(block)
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        if len(host) - len(hits) > self.pool.num_free_blocks - num_free_hits:
+            return None
+        assert req.request_id not in self.req_blocks
+        self.pool.touch(hits)
+        after = hits[-1].block_id if hits else None
+        copied = [b.block_id for b in self.pool.allocate(len(host) - len(hits), after)]
+        self.req_blocks[req.request_id] = [b.block_id for b in hits] + copied
+        self._num_indexed[req.request_id] = len(host)
+        self.num_swap_in_hits += len(hits)
+        runs = self._count(merge_runs(list(zip(host[len(hits) :], copied)), self.block_groups))
+        del self.host_blocks[req.request_id]
+        self.host.free(host)
+        return runs
+
+    def _count(self, runs: list[Run]) -> list[Run]:
+        self.num_swap_runs += len(runs)
+        self.num_swapped_blocks += sum(n for _, _, n in runs)
+        return runs
+
     def free(self, req: Request) -> None:
-        """Release the request's blocks (tail first to the LRU list, so shared prefixes live longest)."""
+        """Release the request's device and host blocks."""
+        self._free_device(req)
+        host = self.host_blocks.pop(req.request_id, None)
+        if host:
+            self.host.free(host)
+        if req.finished:
+            self._req_hashes.pop(req.request_id, None)
+
+    def _free_device(self, req: Request) -> None:
+        """Release the device blocks (tail first to the LRU list, so shared prefixes live longest)."""
         blocks = self.req_blocks.pop(req.request_id, None)
         if blocks:
             pool_blocks = self.pool.blocks
             self.pool.free(pool_blocks[i] for i in reversed(blocks))
         self._num_indexed.pop(req.request_id, None)
-        if req.finished:
-            self._req_hashes.pop(req.request_id, None)
 
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
@@ -146,3 +230,8 @@ class KVCacheManager:
             assert block.ref_cnt == owners.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={owners.get(block.block_id, 0)}"
             )
+        held = [b for blocks in self.host_blocks.values() for b in blocks]
+        assert len(set(held)) == len(held), "a host block has two owners"
+        assert len(held) + self.host.num_free_blocks == self.host.num_blocks, "host blocks leaked"
+        assert not set(held) & self.host._free, "a host block is both owned and free"
+        assert not self.host_blocks.keys() & self.req_blocks.keys(), "a request holds device and host KV"

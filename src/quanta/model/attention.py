@@ -10,9 +10,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+
+@dataclass(slots=True)
+class SeqSlice:
+    """One sequence's part of a step: its new tokens are the last `num_tokens` of `context_len`."""
+
+    num_tokens: int
+    context_len: int
+    block_ids: list[int]
+
+
+class AttentionBackend(Protocol):
+    """What the model needs from an attention backend (torch here, Triton in triton_attention.py)."""
+
+    kernels: Any
+
+    def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]: ...
+
+    def build_metadata(
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
+    ) -> Any:
+        """Metadata for a step whose first `num_decodes` sequences are decodes; slots: [T] cache slot of
+        each new token (block * block_size + offset), in batch order."""
+        ...
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: Any,
+    ) -> torch.Tensor: ...
 
 
 @dataclass(slots=True)
@@ -69,14 +105,29 @@ class TorchPagedAttention:
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]:
         return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
-    def plan_decodes(
+    def build_metadata(
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
+    ) -> AttentionMetadata:
+        """Decodes come first, sorted by context length (ascending) so that grouping pads little."""
+        slot_tensor = torch.from_numpy(slots.astype(np.int64)).to(device)
+        chunks: list[PrefillChunk] = []
+        row = num_decodes
+        for s in seqs[num_decodes:]:
+            chunks.append(PrefillChunk(row, s.num_tokens, s.context_len, torch.tensor(s.block_ids, device=device)))
+            row += s.num_tokens
+        meta = AttentionMetadata(slot_tensor // self.block_size, slot_tensor % self.block_size, chunks)
+        if num_decodes:
+            decodes = seqs[:num_decodes]
+            self._plan_decodes([s.block_ids for s in decodes], [s.context_len for s in decodes], device, meta)
+        return meta
+
+    def _plan_decodes(
         self,
         block_tables: list[list[int]],
         context_lens: list[int],
         device: torch.device,
         meta: AttentionMetadata,
     ) -> None:
-        """Fill the metadata of the step's decodes (sorted by context length, ascending)."""
         if self.kernels is not None:
             width = max(len(t) for t in block_tables)
             meta.decode_tables = torch.tensor(

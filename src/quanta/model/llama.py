@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quanta.model.attention import AttentionMetadata, TorchPagedAttention
+from quanta.model.attention import AttentionBackend, TorchPagedAttention
 from quanta.model.config import ModelConfig, ModelLoadError
 
 
@@ -29,6 +30,14 @@ class RMSNorm(nn.Module):
             return self.kernels.rms_norm(x, self.weight, self.eps)
         # Normalize in float32, scale in the model dtype: the order transformers uses.
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+    def add_norm(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + y, norm(x + y)): the residual add and the next norm, one kernel where one exists."""
+        fused = getattr(self.kernels, "add_rms_norm", None)
+        if fused is not None:
+            return fused(x, y, self.weight, self.eps)
+        s = x + y
+        return s, self(s)
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -73,7 +82,8 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = rope
     if kernels is not None:
-        q, k = q.contiguous(), k.contiguous()
+        if not getattr(kernels, "ROTARY_TAKES_STRIDES", False):
+            q, k = q.contiguous(), k.contiguous()
         kernels.rotary_inplace(q, k, cos.squeeze(1), sin.squeeze(1))
         return q, k
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
@@ -85,7 +95,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, attn: TorchPagedAttention) -> None:
+    def __init__(self, cfg: ModelConfig, attn: AttentionBackend) -> None:
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         self.q_size = cfg.num_heads * cfg.head_dim
@@ -105,28 +115,36 @@ class DecoderLayer(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         kv_cache: tuple[torch.Tensor, torch.Tensor],
-        meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        meta: Any,
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (residual stream, MLP output): the caller adds the two, fused with the next layer's
+        input norm. `pending` is the previous layer's MLP output, not yet added to x."""
         t = x.shape[0]
-        qkv = self.qkv_proj(self.input_layernorm(x))
+        if pending is None:
+            h = self.input_layernorm(x)
+        else:
+            x, h = self.input_layernorm.add_norm(x, pending)
+        qkv = self.qkv_proj(h)
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, k, rope, self.kernels)
         o = self.attn.forward(q, k, v, kv_cache[0], kv_cache[1], meta)
-        x = x + self.o_proj(o.reshape(t, self.q_size))
-        gate_up = self.gate_up_proj(self.post_attention_layernorm(x))
+        x, h = self.post_attention_layernorm.add_norm(x, self.o_proj(o.reshape(t, self.q_size)))
+        gate_up = self.gate_up_proj(h)
         if self.kernels is not None:
-            return x + self.down_proj(self.kernels.silu_and_mul(gate_up))
+            return x, self.down_proj(self.kernels.silu_and_mul(gate_up))
         gate, up = gate_up.split(self.intermediate_size, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x, self.down_proj(F.silu(gate) * up)
 
 
 class LlamaModel(nn.Module):
     def __init__(self, cfg: ModelConfig, block_size: int, max_positions: int) -> None:
         super().__init__()
         self.cfg = cfg
+        self.attn: AttentionBackend
         self.attn = attn = TorchPagedAttention(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, block_size)
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, attn) for _ in range(cfg.num_layers))
@@ -136,8 +154,14 @@ class LlamaModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
+    def set_attention(self, attn: AttentionBackend) -> None:
+        self.attn = attn
+        for layer in self.layers:
+            layer.attn = attn
+
     def use_kernels(self, kernels: ModuleType | None) -> None:
-        """Route attention, norms, rotary and SiLU through the C++ CPU kernels (None: portable torch)."""
+        """Route norms, rotary and SiLU (and the torch backend's decode attention) through fused kernels:
+        `quanta.model.cpu_kernels` (C++) or `quanta.model.triton_kernels` (CUDA); None: portable torch."""
         self.attn.kernels = kernels
         for module in self.modules():
             if isinstance(module, (RMSNorm, DecoderLayer)):
@@ -148,14 +172,15 @@ class LlamaModel(nn.Module):
         input_ids: torch.Tensor,
         positions: torch.Tensor,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-        meta: AttentionMetadata,
+        meta: Any,
     ) -> torch.Tensor:
         """Hidden states of every token, final norm not applied (logits are computed for few rows)."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.tables(positions, x.dtype)
+        pending = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, rope, kv_cache, meta)
-        return x
+            x, pending = layer(x, rope, kv_cache, meta, pending)
+        return x if pending is None else x + pending
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.norm(hidden)).float()

@@ -61,8 +61,11 @@ def load_model(
     device: torch.device,
     block_size: int,
     max_positions: int,
+    dummy: bool = False,
 ) -> LlamaModel:
     path = Path(path)
+    if dummy:
+        return random_model(cfg, dtype, device, block_size, max_positions)
     tensors = _read_tensors(weight_files(path))
 
     def take(name: str) -> torch.Tensor:
@@ -104,6 +107,32 @@ def load_model(
     # Buffers (rotary tables) were created on the meta device: build them for real.
     model.rotary = type(model.rotary)(cfg, max_positions)
     model = model.to(device).eval()
+    if device.type == "cpu":
+        pack_linears(model)
+    return model
+
+
+@torch.inference_mode()
+def random_model(
+    cfg: ModelConfig, dtype: torch.dtype, device: torch.device, block_size: int, max_positions: int
+) -> LlamaModel:
+    """Random weights made on the device, no files read (vLLM's --load-format dummy): for benchmarks of
+    large shapes where only the config matters."""
+    with torch.device("meta"):
+        model = LlamaModel(cfg, block_size, max_positions)
+    model = model.to(dtype).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for name, param in model.named_parameters():
+        if name.endswith("layernorm.weight") or name == "norm.weight":
+            param.fill_(1.0)
+        elif name.endswith(".bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02, generator=gen)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary = type(model.rotary)(cfg, max_positions).to(device)
+    model = model.eval()
     if device.type == "cpu":
         pack_linears(model)
     return model

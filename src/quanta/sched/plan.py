@@ -32,10 +32,20 @@ class StepPlan:
     # Requests that left the engine since the previous plan: executors drop their per-request state.
     finished_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # Swaps as contiguous runs (src block, dst block, number of blocks). Swap-outs (device -> host) run
+    # before the step's forward; swap-ins (host -> device) may finish in a later step: the executor reports
+    # the requests whose swap-in is done, and only those are scheduled again.
+    swap_out: list[tuple[int, int, int]] = field(default_factory=list)
+    swap_in: list[tuple[int, int, int]] = field(default_factory=list)
+    swap_in_ids: list[str] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    @property
+    def has_swaps(self) -> bool:
+        return bool(self.swap_out or self.swap_in)
 
     def summary(self) -> tuple:
         """A comparable description of the plan (for replay tests and logs)."""

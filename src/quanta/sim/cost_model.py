@@ -25,6 +25,7 @@ class Efficiency:
     link: float = 0.7  # of interconnect bandwidth
     step_overhead: float = 2e-3  # seconds per step: scheduling, launches, sampling
     allreduce_latency: float = 10e-6  # seconds per all-reduce
+    copy_latency: float = 10e-6  # seconds per host<->device copy call (launch and DMA set-up)
 
 
 @dataclass(slots=True)
@@ -135,6 +136,15 @@ class CostModel:
             per = self.eff.allreduce_latency + nbytes / (self.gpu.link_bandwidth * self.eff.link)
             communication = 2 * layers * per
         return StepCost(linear, attention, lm_head, communication, self.eff.step_overhead)
+
+    def copy_time(self, num_runs: int, num_tokens: int) -> float:
+        """Host<->device KV copies: one call per run of contiguous blocks per layer per K/V tensor, each
+        costing a fixed latency, plus the bytes over the host link."""
+        calls = num_runs * 2 * self.model.num_layers
+        return (
+            calls * self.eff.copy_latency
+            + num_tokens * self.kv_bytes_per_token() / self.gpu.host_link_bandwidth
+        )
 
     def plan_time(self, plan: StepPlan) -> float:
         batch = [(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled]

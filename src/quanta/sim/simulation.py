@@ -39,6 +39,11 @@ class SimConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     efficiency: Efficiency = field(default_factory=Efficiency)
+    num_kv_blocks: int | None = None  # default: what the GPU's memory holds after the weights
+    preemption_mode: str = "recompute"  # or "swap", into swap_space_gb of host memory per replica
+    swap_space_gb: float = 0.0
+    block_groups: bool = True
+    policy_args: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -60,6 +65,8 @@ class SimResult:
     kv_usage: list[list[tuple[float, float]]]  # per replica: (time, fraction of KV blocks in use) per step
     num_steps: int
     wall_seconds: float
+    # Over all replicas: swap_outs, swap_ins, swapped_blocks, copy_runs, copy_calls, copy_seconds.
+    swap_stats: dict[str, float] = field(default_factory=dict)
 
     def metrics(self) -> list[RequestMetrics]:
         return [RequestMetrics.of(r) for r in self.requests]
@@ -71,13 +78,24 @@ class SimResult:
 
 def build_replica(cfg: SimConfig) -> EngineCore:
     cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
-    num_blocks = cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
+    num_blocks = cfg.num_kv_blocks or cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
+    num_host_blocks = int(cfg.swap_space_gb * 2**30 // (cfg.block_size * cost.kv_bytes_per_token()))
     return EngineCore(
-        SimExecutor(cost, num_blocks),
+        SimExecutor(cost, num_blocks, num_host_blocks=num_host_blocks, block_size=cfg.block_size),
         VirtualClock(),
-        SchedulerConfig(cfg.policy, cfg.budget, cfg.max_num_seqs, cfg.max_model_len),
+        SchedulerConfig(
+            cfg.policy,
+            cfg.budget,
+            cfg.max_num_seqs,
+            cfg.max_model_len,
+            preemption_mode=cfg.preemption_mode,
+            policy_args=cfg.policy_args,
+        ),
         CacheConfig(
-            block_size=cfg.block_size, num_blocks=num_blocks, enable_prefix_caching=cfg.enable_prefix_caching
+            block_size=cfg.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            block_groups=cfg.block_groups,
         ),
     )
 
@@ -122,7 +140,15 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             min(busy, key=lambda c: c.clock.now()).step()
             steps += 1
     bar.close()
-    return SimResult(cfg, requests, usage, steps, time.perf_counter() - started)
+    swap_stats = {
+        "swap_outs": sum(c.scheduler.num_swap_outs for c in replicas),
+        "swap_ins": sum(c.scheduler.num_swap_ins for c in replicas),
+        "swapped_blocks": sum(c.kv.num_swapped_blocks for c in replicas),
+        "copy_runs": sum(c.kv.num_swap_runs for c in replicas),
+        "copy_calls": sum(c.executor.num_copy_calls for c in replicas),  # type: ignore[attr-defined]
+        "copy_seconds": sum(c.executor.swap_seconds for c in replicas),  # type: ignore[attr-defined]
+    }
+    return SimResult(cfg, requests, usage, steps, time.perf_counter() - started, swap_stats)
 
 
 def _load(core: EngineCore) -> int:

@@ -4,7 +4,7 @@ Trace format (CSV with a header, or JSONL with one object per line), one request
   prompt_len   (or num_prefill_tokens)  prompt tokens                       required
   output_len   (or num_decode_tokens)   output tokens                       required
   arrival      (or arrived_at)          seconds from the start              optional: drawn when absent
-  tenant, priority, deadline (seconds after arrival), session_id        optional
+  tenant (or user), priority, deadline (seconds after arrival), slo_class, session_id   optional
 The public traces in ../shared/traces/ read as they are.
 """
 
@@ -34,6 +34,7 @@ class WorkloadRequest:
     priority: int = 0
     deadline: float | None = None  # seconds after arrival
     session_id: str | None = None
+    slo_class: str | None = None  # TTFT/TPOT targets by name (the deadline policy's slo_classes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,12 @@ def preset(
     return synthetic(n, prompt, output, rate, cv, seed, max_total)
 
 
-_ALIASES = {"num_prefill_tokens": "prompt_len", "num_decode_tokens": "output_len", "arrived_at": "arrival"}
+_ALIASES = {
+    "num_prefill_tokens": "prompt_len",
+    "num_decode_tokens": "output_len",
+    "arrived_at": "arrival",
+    "user": "tenant",
+}
 
 
 def _parse_row(raw: dict, where: str) -> dict:
@@ -127,7 +133,13 @@ def _parse_row(raw: dict, where: str) -> dict:
         out = {"prompt_len": int(float(row["prompt_len"])), "output_len": int(float(row["output_len"]))}
         if "arrival" in row:
             out["arrival"] = float(row["arrival"])
-        for key, cast in (("tenant", str), ("priority", int), ("deadline", float), ("session_id", str)):
+        for key, cast in (
+            ("tenant", str),
+            ("priority", int),
+            ("deadline", float),
+            ("session_id", str),
+            ("slo_class", str),
+        ):
             if key in row:
                 out[key] = cast(row[key])
     except KeyError as e:
@@ -204,6 +216,7 @@ def to_requests(reqs: Sequence[WorkloadRequest], prefix: str = "w") -> list[Requ
                 priority=w.priority,
                 deadline=None if w.deadline is None else w.arrival + w.deadline,
                 session_id=w.session_id,
+                slo_class=w.slo_class,
             )
         )
     return out

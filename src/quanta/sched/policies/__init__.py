@@ -1,6 +1,17 @@
 """Built-in policies, one short file each; importing registers them."""
 
+from quanta.sched.policies.deadline import DeadlinePolicy
 from quanta.sched.policies.prefill_first import PrefillFirstPolicy
+from quanta.sched.policies.priority import PriorityPolicy
 from quanta.sched.policies.sarathi import SarathiPolicy
+from quanta.sched.policies.vtc import VTCPolicy
+from quanta.sched.policies.wfq import WFQPolicy
 
-__all__ = ["PrefillFirstPolicy", "SarathiPolicy"]
+__all__ = [
+    "DeadlinePolicy",
+    "PrefillFirstPolicy",
+    "PriorityPolicy",
+    "SarathiPolicy",
+    "VTCPolicy",
+    "WFQPolicy",
+]

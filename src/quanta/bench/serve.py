@@ -1,0 +1,428 @@
+"""`quanta bench serve`: replay a workload against any OpenAI-compatible server and report what
+`vllm bench serve` reports (throughput, TTFT/TPOT/ITL/E2E, goodput), overall and per tenant.
+
+Only standard fields are sent (plus `ignore_eos`, which vLLM and quanta accept), streaming, with
+`stream_options.include_usage` so output token counts come from the server. Prompts of a given length
+are token-id lists, which the completions API accepts, so no tokenizer is needed on this side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from quanta.metrics import RequestMetrics, summarize, summarize_by_tenant
+from quanta.sim import workload as wl
+
+
+@dataclass(slots=True)
+class BenchRequest:
+    arrival: float  # seconds after the start
+    prompt: str | list[int]
+    prompt_len: int
+    output_len: int
+    tenant: str = "default"
+
+
+@dataclass(slots=True)
+class BenchResult:
+    index: int
+    tenant: str
+    ok: bool
+    error: str | None
+    sent: float  # seconds after the start
+    prompt_len: int
+    output_tokens: int = 0
+    ttft: float | None = None
+    e2e: float | None = None
+    itl: list[float] = field(default_factory=list)
+
+    def metrics(self) -> RequestMetrics:
+        n = self.output_tokens
+        tpot = None
+        if self.ttft is not None and self.e2e is not None and n > 1:
+            tpot = (self.e2e - self.ttft) / (n - 1)
+        return RequestMetrics(
+            str(self.index),
+            self.tenant,
+            self.sent,
+            self.prompt_len,
+            n,
+            self.ttft,
+            self.e2e,
+            tpot,
+            None,
+            self.itl,
+        )
+
+
+# ---- workloads ------------------------------------------------------------------------------------
+def _vocab_size(tokenizer: str | None) -> tuple[int, Any]:
+    if tokenizer is None:
+        return 500, None  # ids every tokenizer has (quanta's tiny test model has 512)
+    from tokenizers import Tokenizer
+
+    path = Path(tokenizer)
+    tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    return tok.get_vocab_size(), tok
+
+
+def _random_ids(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
+    # Start above the usual special-token ids; distinct random ids avoid accidental prefix sharing.
+    return rng.integers(min(10, vocab - 1), vocab, n).tolist()
+
+
+def _sharegpt(path: Path, n: int, output_len: int | None, tok: Any, rng: np.random.Generator) -> list[tuple]:
+    data = json.loads(path.read_text())
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of conversations")
+    order = rng.permutation(len(data))
+    rows = []
+    for i in order:
+        conv = data[int(i)].get("conversations") or data[int(i)].get("messages") or []
+        if len(conv) < 2:
+            continue
+        prompt = conv[0].get("value", conv[0].get("content"))
+        answer = conv[1].get("value", conv[1].get("content"))
+        if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt:
+            continue
+        if tok is not None:
+            p_len, a_len = len(tok.encode(prompt).ids), len(tok.encode(answer).ids)
+        else:  # about four characters a token
+            p_len, a_len = max(1, len(prompt) // 4), max(1, len(answer) // 4)
+        rows.append((prompt, p_len, output_len or max(1, a_len)))
+        if len(rows) == n:
+            break
+    if not rows:
+        raise ValueError(f"{path}: no usable conversations")
+    return rows
+
+
+def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
+    rng = np.random.default_rng(args.seed)
+    vocab, tok = _vocab_size(args.tokenizer)
+    n = args.num_prompts
+    tenants = args.tenants.split(",") if args.tenants else None
+    rate = args.request_rate
+    cv = 1.0 / math.sqrt(args.burstiness)
+    draw_rate = None if rate is None or math.isinf(rate) else rate
+    spec = args.workload
+    path = Path(spec)
+    trace_arrivals = False
+    if spec == "random":
+        r = args.range_ratio
+        lo_p, hi_p = max(1, int(args.input_len * (1 - r))), max(1, int(args.input_len * (1 + r)))
+        out_len = args.output_len or 64
+        lo_o, hi_o = max(1, int(out_len * (1 - r))), max(1, int(out_len * (1 + r)))
+        reqs = wl.synthetic(
+            n, wl.LengthDist("uniform", lo_p, hi_p), wl.LengthDist("uniform", lo_o, hi_o), draw_rate, cv,
+            args.seed, args.max_model_len,
+        )  # fmt: skip
+        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant) for w in reqs]
+    elif spec in wl.PRESETS:
+        reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
+        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant) for w in reqs]
+    elif path.suffix == ".json":
+        conv = _sharegpt(path, n, args.output_len, tok, rng)
+        arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
+        rows = [(p, pl, ol, float(a), "default") for (p, pl, ol), a in zip(conv, arrivals)]
+    else:
+        reqs = wl.read_trace(path, rate=draw_rate or 1.0, cv=cv, seed=args.seed)[:n]
+        trace_arrivals = rate is None
+        if not trace_arrivals:
+            arrivals = wl.gamma_arrivals(draw_rate, cv, len(reqs), rng) if draw_rate else np.zeros(len(reqs))
+            reqs = [
+                wl.WorkloadRequest(float(a), w.prompt_len, w.output_len, w.tenant)
+                for w, a in zip(reqs, arrivals)
+            ]
+        start = reqs[0].arrival if reqs else 0.0
+        rows = [(None, w.prompt_len, w.output_len, w.arrival - start, w.tenant) for w in reqs]
+    out = []
+    for i, (text, p_len, o_len, arrival, tenant) in enumerate(rows):
+        if args.max_model_len is not None:
+            p_len = min(p_len, args.max_model_len - 1)
+            o_len = max(1, min(o_len, args.max_model_len - p_len))
+        prompt = text if text is not None else _random_ids(rng, p_len, vocab)
+        if tenants:
+            tenant = tenants[i % len(tenants)]
+        out.append(BenchRequest(arrival, prompt, p_len, o_len, tenant))
+    return out
+
+
+# ---- sending --------------------------------------------------------------------------------------
+async def _send(
+    session: Any, url: str, body: dict, headers: dict, result: BenchResult, t0: float
+) -> BenchResult:
+    start = time.perf_counter()
+    result.sent = start - t0
+    last = None
+    chunks = 0
+    usage_tokens = None
+    try:
+        async with session.post(url, json=body, headers=headers) as resp:
+            if resp.status != 200:
+                result.ok, result.error = False, f"HTTP {resp.status}: {(await resp.text())[:200]}"
+                return result
+            buffer = b""
+            async for data in resp.content.iter_any():
+                buffer += data
+                while b"\n\n" in buffer:
+                    event, buffer = buffer.split(b"\n\n", 1)
+                    for line in event.split(b"\n"):
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            continue
+                        obj = json.loads(payload)
+                        if "error" in obj:
+                            raise RuntimeError(str(obj["error"].get("message")))
+                        if obj.get("usage"):
+                            usage_tokens = obj["usage"].get("completion_tokens")
+                        if not obj.get("choices"):
+                            continue
+                        choice = obj["choices"][0]
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                        if not text and choice.get("finish_reason") is None:
+                            continue
+                        now = time.perf_counter()
+                        if last is None:
+                            result.ttft = now - start
+                        else:
+                            result.itl.append(now - last)
+                        last = now
+                        chunks += 1
+        result.e2e = time.perf_counter() - start
+        result.output_tokens = usage_tokens if usage_tokens is not None else chunks
+        result.ok = result.ttft is not None
+        if not result.ok:
+            result.error = "no output"
+    except Exception as e:  # a failed request is counted, not fatal
+        result.ok, result.error = False, f"{type(e).__name__}: {e}"
+    return result
+
+
+async def run_bench(
+    base_url: str,
+    model: str,
+    requests: list[BenchRequest],
+    *,
+    endpoint: str = "/v1/completions",
+    api_key: str | None = None,
+    max_concurrency: int | None = None,
+    temperature: float = 0.0,
+    ignore_eos: bool = True,
+    progress: bool = True,
+) -> tuple[list[BenchResult], float]:
+    """Send every request at its arrival time; returns the results and the wall time of the run."""
+    import aiohttp
+    from tqdm.auto import tqdm
+
+    url = base_url.rstrip("/") + endpoint
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    chat = "chat" in endpoint
+    sem = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+    bar = tqdm(total=len(requests), disable=not progress, desc="requests", dynamic_ncols=True)
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        t0 = time.perf_counter()
+
+        async def one(i: int, r: BenchRequest) -> BenchResult:
+            delay = r.arrival - (time.perf_counter() - t0)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            body: dict[str, Any] = {
+                "model": model,
+                "max_tokens": r.output_len,
+                "temperature": temperature,
+                "stream": True,
+                "stream_options": {"include_usage": True},
+            }
+            if chat:
+                text = r.prompt if isinstance(r.prompt, str) else " ".join(map(str, r.prompt))
+                body["messages"] = [{"role": "user", "content": text}]
+            else:
+                body["prompt"] = r.prompt
+            if ignore_eos:
+                body["ignore_eos"] = True
+            if r.tenant != "default":
+                body["user"] = r.tenant
+            result = BenchResult(i, r.tenant, False, None, 0.0, r.prompt_len)
+            if sem is None:
+                await _send(session, url, body, headers, result, t0)
+            else:
+                async with sem:
+                    await _send(session, url, body, headers, result, t0)
+            bar.update(1)
+            return result
+
+        results = await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+        wall = time.perf_counter() - t0
+    bar.close()
+    return list(results), wall
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def parse_goodput(items: list[str]) -> dict[str, float]:
+    """['ttft:500', 'tpot:50'] (milliseconds) -> {'ttft_slo': 0.5, 'tpot_slo': 0.05}."""
+    names = {"ttft": "ttft_slo", "tpot": "tpot_slo", "e2el": "e2e_slo", "e2e": "e2e_slo"}
+    out = {}
+    for item in items:
+        key, _, value = item.partition(":")
+        if key not in names or not value:
+            raise ValueError(f"--goodput takes KEY:MS with KEY in ttft, tpot, e2el; got {item!r}")
+        out[names[key]] = float(value) / 1000.0
+    return out
+
+
+def report(results: list[BenchResult], wall: float, slos: dict[str, float], label: str | None = None) -> dict:
+    ok = [r for r in results if r.ok]
+    metrics = [r.metrics() for r in ok]
+    summary = summarize(metrics, **slos)
+    tenants = {r.tenant for r in ok}
+    by_tenant = summarize_by_tenant(metrics, **slos) if len(tenants) > 1 else {}
+    return {
+        "label": label,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if r.error})[:5],
+        "benchmark_duration": wall,
+        "total_input_tokens": sum(r.prompt_len for r in ok),
+        "total_output_tokens": sum(r.output_tokens for r in ok),
+        "slos": slos,
+        "summary": summary.as_dict(),
+        "per_tenant": {t: s.as_dict() for t, s in by_tenant.items()},
+    }
+
+
+def _ms(d: dict[str, float], key: str) -> str:
+    v = d.get(key, float("nan"))
+    return "-" if v is None or math.isnan(v) else f"{v * 1000:.1f}"
+
+
+def print_report(rep: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = rep["summary"]
+    table = Table(title=f"Serving benchmark{' - ' + rep['label'] if rep['label'] else ''}", show_header=False)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("Successful requests", f"{rep['completed']}"),
+        ("Failed requests", f"{rep['failed']}"),
+        ("Benchmark duration (s)", f"{rep['benchmark_duration']:.2f}"),
+        ("Total input tokens", f"{rep['total_input_tokens']}"),
+        ("Total generated tokens", f"{rep['total_output_tokens']}"),
+        ("Request throughput (req/s)", f"{s['request_throughput']:.2f}"),
+        ("Output token throughput (tok/s)", f"{s['output_throughput']:.2f}"),
+        ("Total token throughput (tok/s)", f"{s['total_token_throughput']:.2f}"),
+    ]
+    if s["goodput"] is not None:
+        rows.append(("Request goodput (req/s)", f"{s['goodput']:.2f}"))
+    for name, key in (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E latency", "e2e")):
+        d = s[key]
+        rows.append(
+            (f"{name} mean / median / p99 (ms)", f"{_ms(d, 'mean')} / {_ms(d, 'p50')} / {_ms(d, 'p99')}")
+        )
+    for k, v in rows:
+        table.add_row(k, v)
+    console = Console()
+    console.print(table)
+    if rep["per_tenant"]:
+        t = Table(title="Per tenant")
+        for col in ("tenant", "requests", "out tok/s", "goodput", "TTFT p50/p99 ms", "TPOT p50/p99 ms"):
+            t.add_column(col)
+        for tenant, ts in rep["per_tenant"].items():
+            t.add_row(
+                tenant,
+                str(ts["num_requests"]),
+                f"{ts['output_throughput']:.1f}",
+                "-" if ts["goodput"] is None else f"{ts['goodput']:.2f}",
+                f"{_ms(ts['ttft'], 'p50')} / {_ms(ts['ttft'], 'p99')}",
+                f"{_ms(ts['tpot'], 'p50')} / {_ms(ts['tpot'], 'p99')}",
+            )
+        console.print(t)
+    if rep["errors"]:
+        console.print(f"errors (first {len(rep['errors'])}): {rep['errors']}")
+
+
+def plot(results: list[BenchResult], folder: str | Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    ok = [r for r in results if r.ok]
+    series = {
+        "ttft": [r.ttft for r in ok if r.ttft is not None],
+        "itl": [x for r in ok for x in r.itl],
+        "e2e": [r.e2e for r in ok if r.e2e is not None],
+    }
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
+    for ax, (name, values) in zip(axes, series.items()):
+        if values:
+            xs = np.sort(np.asarray(values) * 1000)
+            ax.plot(xs, np.arange(1, len(xs) + 1) / len(xs))
+        ax.set_xlabel(f"{name.upper()} (ms)")
+        ax.set_ylabel("CDF")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "latency_cdf.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.scatter([r.sent for r in ok], [r.ttft * 1000 for r in ok if r.ttft is not None], s=8)
+    ax.set_xlabel("send time (s)")
+    ax.set_ylabel("TTFT (ms)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    paths.append(folder / "ttft_over_time.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    slos = parse_goodput(args.goodput)
+    requests = build_workload(args)
+    results, wall = asyncio.run(
+        run_bench(
+            args.base_url,
+            args.model,
+            requests,
+            endpoint=args.endpoint,
+            api_key=args.api_key,
+            max_concurrency=args.max_concurrency,
+            temperature=args.temperature,
+            ignore_eos=not args.no_ignore_eos,
+            progress=not args.no_progress,
+        )
+    )
+    rep = report(results, wall, slos, args.label)
+    rep["config"] = {k: v for k, v in vars(args).items() if k != "func" and k != "api_key"}
+    print_report(rep)
+    if args.result_json:
+        path = Path(args.result_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**rep, "requests": [asdict(r) for r in results]}, indent=1, default=str))
+    if args.plots:
+        for p in plot(results, args.plots):
+            print(f"wrote {p}")
+    return 0 if rep["completed"] else 1
+
+
+__all__ = ["BenchRequest", "BenchResult", "build_workload", "report", "run_bench"]

@@ -1,0 +1,193 @@
+"""Fused RMSNorm, rotary embedding and SiLU-and-mul in Triton, for the CUDA path.
+
+Each replaces several torch kernels (a decode step at batch 1 is otherwise mostly launch gaps and tiny
+elementwise kernels). They round at the same points as the torch code (and `transformers`): products in
+the model dtype are computed in float32 and rounded once.
+
+Same interface as `quanta.model.cpu_kernels`, so `LlamaModel.use_kernels` takes either.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+ROTARY_TAKES_STRIDES = True  # q and k may be views into the fused qkv output; rotated in place
+
+
+@triton.jit
+def _rms_norm_kernel(x, w, out, stride_x, stride_o, N: tl.constexpr, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    v = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
+    normed = (v * rstd).to(out.dtype.element_ty).to(tl.float32)
+    weight = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out + row * stride_o + cols, (normed * weight).to(out.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(
+    x,
+    y,
+    w,
+    out_sum,
+    out_norm,
+    stride_x,
+    stride_y,
+    stride_s,
+    stride_o,
+    N: tl.constexpr,
+    eps,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    a = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    total = (a + b).to(out_sum.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
+    tl.store(out_sum + row * stride_s + cols, total, mask=mask)
+    v = total.to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
+    normed = (v * rstd).to(out_norm.dtype.element_ty).to(tl.float32)
+    weight = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_norm + row * stride_o + cols, (normed * weight).to(out_norm.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q,
+    k,
+    cos,
+    sin,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    NUM_Q_HEADS: tl.constexpr,
+    NUM_K_HEADS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)[None, :]
+    h = tl.arange(0, BLOCK_H)[:, None]
+    d_ok = d < HALF
+    c = tl.load(cos + t * stride_ct + d, mask=d_ok, other=0.0).to(tl.float32)
+    s = tl.load(sin + t * stride_ct + d, mask=d_ok, other=0.0).to(tl.float32)
+    for which in tl.static_range(2):
+        if which == 0:
+            base = q + t * stride_qt + h * stride_qh
+            mask = (h < NUM_Q_HEADS) & d_ok
+        else:
+            base = k + t * stride_kt + h * stride_kh
+            mask = (h < NUM_K_HEADS) & d_ok
+        dtype = base.dtype.element_ty
+        x1 = tl.load(base + d, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF + d, mask=mask, other=0.0).to(tl.float32)
+        # x * cos + rotate_half(x) * sin, each product rounded to the model dtype as torch does.
+        y1 = (x1 * c).to(dtype).to(tl.float32) + (-x2 * s).to(dtype).to(tl.float32)
+        y2 = (x2 * c).to(dtype).to(tl.float32) + (x1 * s).to(dtype).to(tl.float32)
+        tl.store(base + d, y1.to(dtype), mask=mask)
+        tl.store(base + HALF + d, y2.to(dtype), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x, out, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    gate = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x + row * stride_x + N + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out.dtype.element_ty).to(tl.float32)
+    tl.store(out + row * stride_o + cols, (act * up).to(out.dtype.element_ty), mask=mask)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x2 = x.reshape(-1, x.shape[-1])
+    assert x2.stride(-1) == 1
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        n = x2.shape[1]
+        block = triton.next_power_of_2(n)
+        _rms_norm_kernel[(x2.shape[0],)](
+            x2,
+            weight,
+            out,
+            x2.stride(0),
+            out.stride(0),
+            n,
+            eps,
+            BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    return out.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y) * weight) for [T, N] inputs, in one pass."""
+    assert x.shape == y.shape and x.stride(-1) == 1 and y.stride(-1) == 1
+    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if x.shape[0]:
+        n = x.shape[1]
+        block = triton.next_power_of_2(n)
+        _add_rms_norm_kernel[(x.shape[0],)](
+            x,
+            y,
+            weight,
+            total,
+            normed,
+            x.stride(0),
+            y.stride(0),
+            total.stride(0),
+            normed.stride(0),
+            n,
+            eps,
+            BLOCK=block,
+            num_warps=min(16, max(1, block // 256)),
+        )
+    return total, normed
+
+
+def rotary_inplace(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """q [T, H, D] and k [T, Hkv, D] (rows may be strided) rotated in place; cos/sin [T, D]."""
+    assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and cos.stride() == sin.stride()
+    t, hq, d = q.shape
+    if t == 0:
+        return
+    half = d // 2
+    _rotary_kernel[(t,)](
+        q,
+        k,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        cos.stride(0),
+        NUM_Q_HEADS=hq,
+        NUM_K_HEADS=k.shape[1],
+        HALF=half,
+        BLOCK_H=triton.next_power_of_2(max(hq, k.shape[1])),
+        BLOCK_HALF=triton.next_power_of_2(half),
+    )
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2N] = [gate | up] -> silu(gate) * up, [T, N]."""
+    assert x.stride(-1) == 1
+    t, n = x.shape[0], x.shape[1] // 2
+    out = torch.empty((t, n), dtype=x.dtype, device=x.device)
+    if t:
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_and_mul_kernel[(t, triton.cdiv(n, block))](x, out, x.stride(0), out.stride(0), n, BLOCK=block)
+    return out

@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP server: AsyncEngine (engine thread), API routes, Prometheus metrics."""

@@ -1,0 +1,603 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+
+Request handlers tokenize and validate; the AsyncEngine's thread does everything else. A request whose
+client goes away is aborted at once (its stream is closed, which sends an abort to the engine thread).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import asdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.output import CompletionOutput, Logprob, RequestOutput
+from quanta.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    QueueLimits,
+    RequestStream,
+)
+from quanta.server.metrics import ServerMetrics
+from quanta.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str, param: str | None = None, headers=None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.headers = (
+            status,
+            message,
+            type_,
+            param,
+            headers,
+        )
+
+
+def _bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, "invalid_request_error", param)
+
+
+def _error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(error_body(e.message, e.type, e.status, e.param), e.status, headers=e.headers)
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client goes away (the body is already read, so only disconnect messages remain)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Run `work`; cancel it (aborting its requests) if the client disconnects first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+
+
+class OpenAIServer:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        served_model_name: str,
+        api_key: str | None = None,
+        limits: QueueLimits | None = None,
+        retry_after_s: int = 1,
+        enable_internal: bool = True,
+    ) -> None:
+        self.llm_engine = engine
+        self.model_name = served_model_name
+        self.api_key = api_key
+        self.retry_after_s = retry_after_s
+        self.metrics = ServerMetrics(served_model_name, engine.core.kv.block_size)
+        self.metrics.attach(engine)
+        self.engine = AsyncEngine(
+            engine, limits, on_step=self.metrics.observe_outputs, on_abort=self.metrics.observe_aborted
+        )
+        self.created = int(time.time())
+        self.app = self._build(enable_internal)
+
+    # ---- app --------------------------------------------------------------------------------------
+    def _build(self, enable_internal: bool) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            yield
+            self.engine.shutdown()
+
+        app = FastAPI(title="quanta", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+
+        @app.middleware("http")
+        async def auth(request: Request, call_next):  # type: ignore[no-untyped-def]
+            protected = request.url.path.startswith(("/v1", "/internal"))
+            if (
+                self.api_key
+                and protected
+                and request.headers.get("authorization") != f"Bearer {self.api_key}"
+            ):
+                return _error_response(APIError(401, "invalid or missing API key", "authentication_error"))
+            return await call_next(request)
+
+        @app.exception_handler(APIError)
+        async def on_api_error(_: Request, e: APIError) -> JSONResponse:
+            return _error_response(e)
+
+        @app.get("/health")
+        async def health() -> Response:
+            return Response(status_code=200 if self.engine.alive else 503)
+
+        @app.get("/metrics")
+        async def metrics() -> Response:
+            state = await self.engine.state(check=False)
+            self.metrics.set_gauges(state.num_running, state.num_waiting, state.kv_usage)
+            return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+        if enable_internal:
+
+            @app.get("/internal/state")
+            async def internal_state() -> dict:
+                return asdict(await self.engine.state(check=True))
+
+        @app.get("/v1/models")
+        async def models() -> dict:
+            return {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "quanta",
+                        "root": self.model_name,
+                        "max_model_len": self.llm_engine.max_model_len,
+                    }
+                ],
+            }
+
+        @app.post("/v1/completions")
+        async def completions(request: Request) -> Response:
+            body = await self._parse(request, CompletionRequest)
+            return await self._completions(request, body)
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request) -> Response:
+            body = await self._parse(request, ChatCompletionRequest)
+            return await self._chat(request, body)
+
+        return app
+
+    async def _parse(self, request: Request, cls: type) -> Any:
+        raw = await request.body()
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise _bad(f"malformed JSON body: {e}") from None
+        if not isinstance(data, dict):
+            raise _bad("the request body must be a JSON object")
+        try:
+            body = cls.model_validate(data)
+        except ValidationError as e:
+            err = e.errors()[0]
+            loc = [str(x) for x in err["loc"]]
+            param = loc[0] if loc else None
+            raise _bad(f"{'.'.join(loc)}: {err['msg']}" if loc else err["msg"], param) from None
+        if body.model is not None and body.model != self.model_name:
+            raise APIError(404, f"the model {body.model!r} does not exist", "NotFoundError", "model")
+        return body
+
+    # ---- shared ---------------------------------------------------------------------------------
+    def _token_ids(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.llm_engine.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise _bad("prompt must contain at least one token", "prompt")
+        limit = self.llm_engine.max_model_len
+        if len(ids) >= limit:
+            raise _bad(
+                f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens, "
+                f"so prompts may have at most {limit - 1}",
+                "prompt",
+            )
+        return ids
+
+    async def _start(self, body: Any, prompts: list[list[int]], params_of: Any, prefix: str) -> list:
+        """Add every prompt to the engine; on any error abort the ones already added and raise."""
+        arrival = self.engine.now()
+        extra = dict(
+            tenant=body.tenant_name,
+            priority=body.priority,
+            session_id=body.session_id,
+            deadline=None if body.deadline_ms is None else arrival + body.deadline_ms / 1000.0,
+            arrival_time=arrival,
+        )
+        streams: list[RequestStream] = []
+        try:
+            for i, ids in enumerate(prompts):
+                stream = await self.engine.add(
+                    f"{prefix}-{i}", {"prompt_token_ids": ids}, params_of(ids), **extra
+                )
+                streams.append(stream)
+        except BaseException as e:
+            for s in streams:
+                s.close()
+            if isinstance(e, ValueError):
+                raise _bad(str(e)) from None
+            if isinstance(e, QueueFullError):
+                raise APIError(
+                    429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}
+                ) from None
+            if isinstance(e, EngineDeadError):
+                raise APIError(503, str(e), "server_error") from None
+            raise
+        return streams
+
+    def _params(self, make: Any) -> Any:
+        def params_of(ids: list[int]) -> Any:
+            try:
+                return make(ids)
+            except ValueError as e:
+                raise _bad(str(e)) from None
+
+        return params_of
+
+    @staticmethod
+    async def _final(stream: RequestStream) -> RequestOutput:
+        last = None
+        async for out in stream:
+            last = out
+        assert last is not None and last.finished
+        return last
+
+    @staticmethod
+    async def _merge(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """Outputs of several streams as they come, tagged with the stream's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, s: RequestStream) -> None:
+            try:
+                async for out in s:
+                    await queue.put((i, out))
+            except Exception as e:
+                await queue.put((i, e))
+
+        tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+        left = len(streams)
+        try:
+            while left:
+                i, item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield i, item
+                if item.finished:
+                    left -= 1
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _decode(self, t: int) -> str:
+        return self.llm_engine.tokenizer.decode([t], skip_special_tokens=False)
+
+    @staticmethod
+    def _usage(prompts: list[list[int]], outputs: list[RequestOutput]) -> dict:
+        p = sum(len(x) for x in prompts)
+        c = sum(len(o.token_ids) for out in outputs for o in out.outputs)
+        return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+    # ---- /v1/completions ------------------------------------------------------------------------
+    async def _completions(self, request: Request, body: CompletionRequest) -> Response:
+        try:
+            raw_prompts = body.prompts()
+        except ValueError as e:
+            raise _bad(str(e), "prompt") from None
+        try:
+            body.to_sampling_params()  # validates once before tokenizing
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        prompts = [self._token_ids(p) for p in raw_prompts]
+        max_len = self.llm_engine.max_model_len
+
+        def make(ids: list[int]) -> Any:
+            params = body.to_sampling_params()
+            if params.max_tokens is None:
+                params.max_tokens = max_len - len(ids)
+            return params
+
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        streams = await self._start(body, prompts, self._params(make), rid)
+        echo_texts = [
+            (p if isinstance(p, str) else self.llm_engine.tokenizer.decode(ids)) if body.echo else ""
+            for p, ids in zip(raw_prompts, prompts)
+        ]
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                self._stream_completions(body, rid, created, prompts, streams, echo_texts),
+                media_type="text/event-stream",
+            )
+
+        async def collect() -> list[RequestOutput]:
+            return list(await asyncio.gather(*(self._final(s) for s in streams)))
+
+        outputs = await _unless_disconnected(request, collect())
+        if outputs is None:
+            return Response(status_code=499)
+        choices = []
+        for i, out in enumerate(outputs):
+            for o in out.outputs:
+                text, logprobs = o.text, None
+                if body.logprobs is not None:
+                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, body.logprobs)
+                    if body.echo:
+                        plp = self._completion_logprobs(out.prompt_logprobs or [], prompts[i], body.logprobs)
+                        logprobs = {k: plp[k] + logprobs[k] for k in logprobs}
+                if body.echo:
+                    text = echo_texts[i] + text
+                choices.append(self._completion_choice(i * body.n + o.index, text, logprobs, o))
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": self._usage(prompts, outputs),
+            }
+        )
+
+    @staticmethod
+    def _completion_choice(index: int, text: str, logprobs: dict | None, o: CompletionOutput | None) -> dict:
+        return {
+            "index": index,
+            "text": text,
+            "logprobs": logprobs,
+            "finish_reason": o.finish_reason if o else None,
+            "stop_reason": o.stop_reason if o else None,
+        }
+
+    def _completion_logprobs(self, entries: list, token_ids: list[int], k: int) -> dict:
+        """OpenAI's legacy logprobs object; a None entry (the first prompt token) has no logprob."""
+        tokens, lps, tops, offsets = [], [], [], []
+        offset = 0
+        for t, entry in zip(token_ids, entries):
+            s = self._decode(t)
+            tokens.append(s)
+            offsets.append(offset)
+            offset += len(s)
+            if entry is None:
+                lps.append(None)
+                tops.append(None)
+                continue
+            lps.append(entry[t].logprob if t in entry else None)
+            ranked = sorted(entry.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 0)
+            top: dict[str, float] = {}
+            for tid, lp in ranked:
+                if tid == t or len(top) < k:
+                    top[lp.decoded_token if lp.decoded_token is not None else self._decode(tid)] = lp.logprob
+            tops.append(top)
+        return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    async def _stream_completions(
+        self,
+        body: CompletionRequest,
+        rid: str,
+        created: int,
+        prompts: list[list[int]],
+        streams: list[RequestStream],
+        echo_texts: list[str],
+    ) -> AsyncIterator[str]:
+        sent_text: dict[int, int] = {}
+        sent_tokens: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+
+        def chunk(choice: dict) -> str:
+            return _sse(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": created,
+                    "model": self.model_name,
+                    "choices": [choice],
+                }
+            )
+
+        try:
+            async for i, out in self._merge(streams):
+                if out.finished:
+                    finals[i] = out
+                for o in out.outputs:
+                    index = i * body.n + o.index
+                    if index not in sent_text:
+                        sent_text[index] = sent_tokens[index] = 0
+                        if body.echo:
+                            logprobs = None
+                            if body.logprobs is not None:
+                                logprobs = self._completion_logprobs(
+                                    out.prompt_logprobs or [], prompts[i], body.logprobs
+                                )
+                            yield chunk(self._completion_choice(index, echo_texts[i], logprobs, None))
+                    done = o.finish_reason is not None
+                    delta = o.text[sent_text[index] :]
+                    new_ids = o.token_ids[sent_tokens[index] :]
+                    if not delta and not done and not (new_ids and body.logprobs is not None):
+                        continue
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = self._completion_logprobs(
+                            (o.logprobs or [])[sent_tokens[index] :], new_ids, body.logprobs
+                        )
+                    sent_text[index] = len(o.text)
+                    sent_tokens[index] = len(o.token_ids)
+                    yield chunk(self._completion_choice(index, delta, logprobs, o if done else None))
+            if body.include_usage:
+                yield _sse(
+                    {
+                        "id": rid,
+                        "object": "text_completion",
+                        "created": created,
+                        "model": self.model_name,
+                        "choices": [],
+                        "usage": self._usage(prompts, [finals[i] for i in sorted(finals)]),
+                    }
+                )
+        except Exception as e:  # the status line is sent already: report in-band, like vLLM
+            yield _sse(error_body(str(e), "server_error", 500))
+        yield "data: [DONE]\n\n"
+
+    # ---- /v1/chat/completions -------------------------------------------------------------------
+    async def _chat(self, request: Request, body: ChatCompletionRequest) -> Response:
+        tok = self.llm_engine.tokenizer
+        try:
+            messages = [m.as_template_dict() for m in body.messages]
+            text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
+        except ValueError as e:
+            raise _bad(str(e), "messages") from None
+        except Exception as e:  # a template may raise anything (jinja errors) for odd conversations
+            raise _bad(f"cannot apply the chat template: {e}", "messages") from None
+        ids = self._token_ids(tok.encode(text, add_special_tokens=False))
+        max_len = self.llm_engine.max_model_len
+        make = self._params(lambda ids: body.to_sampling_params(max_len - len(ids)))
+        make(ids)  # validate before adding
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        streams = await self._start(body, [ids], make, rid)
+        created = int(time.time())
+        if body.stream:
+            return StreamingResponse(
+                self._stream_chat(body, rid, created, ids, streams[0]), media_type="text/event-stream"
+            )
+        out = await _unless_disconnected(request, self._final(streams[0]))
+        if out is None:
+            return Response(status_code=499)
+        choices = [
+            {
+                "index": o.index,
+                "message": {"role": "assistant", "content": o.text},
+                "logprobs": self._chat_logprobs(o.logprobs or [], o.token_ids, body.top_logprobs or 0)
+                if body.logprobs
+                else None,
+                "finish_reason": o.finish_reason,
+                "stop_reason": o.stop_reason,
+            }
+            for o in out.outputs
+        ]
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+                "usage": self._usage([ids], [out]),
+            }
+        )
+
+    def _chat_logprobs(self, entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> dict:
+        content = []
+        for t, entry in zip(token_ids, entries):
+            s = self._decode(t)
+            ranked = sorted(
+                ((tid, lp) for tid, lp in entry.items() if lp.rank is not None),
+                key=lambda kv: kv[1].rank,  # type: ignore[arg-type,return-value]
+            )
+            top = []
+            for tid, lp in ranked[:k]:
+                ts = lp.decoded_token if lp.decoded_token is not None else self._decode(tid)
+                top.append({"token": ts, "logprob": lp.logprob, "bytes": list(ts.encode())})
+            content.append(
+                {"token": s, "logprob": entry[t].logprob, "bytes": list(s.encode()), "top_logprobs": top}
+            )
+        return {"content": content}
+
+    async def _stream_chat(
+        self,
+        body: ChatCompletionRequest,
+        rid: str,
+        created: int,
+        ids: list[int],
+        stream: RequestStream,
+    ) -> AsyncIterator[str]:
+        def chunk(choices: list[dict], usage: dict | None = None) -> str:
+            obj: dict[str, Any] = {
+                "id": rid,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": self.model_name,
+                "choices": choices,
+            }
+            if usage is not None:
+                obj["usage"] = usage
+            return _sse(obj)
+
+        sent_text = [0] * body.n
+        sent_tokens = [0] * body.n
+        try:
+            yield chunk(
+                [
+                    {
+                        "index": j,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                    for j in range(body.n)
+                ]
+            )
+            final = None
+            async for _, out in self._merge([stream]):
+                if out.finished:
+                    final = out
+                for o in out.outputs:
+                    j = o.index
+                    done = o.finish_reason is not None
+                    delta = o.text[sent_text[j] :]
+                    new_ids = o.token_ids[sent_tokens[j] :]
+                    if not delta and not done and not (new_ids and body.logprobs):
+                        continue
+                    logprobs = None
+                    if body.logprobs:
+                        logprobs = self._chat_logprobs(
+                            (o.logprobs or [])[sent_tokens[j] :], new_ids, body.top_logprobs or 0
+                        )
+                    sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
+                    yield chunk(
+                        [
+                            {
+                                "index": j,
+                                "delta": {"content": delta} if delta else {},
+                                "logprobs": logprobs,
+                                "finish_reason": o.finish_reason,
+                                "stop_reason": o.stop_reason,
+                            }
+                        ]
+                    )
+            if body.include_usage and final is not None:
+                yield chunk([], self._usage([ids], [final]))
+        except Exception as e:
+            yield _sse(error_body(str(e), "server_error", 500))
+        yield "data: [DONE]\n\n"
+
+
+def build_app(engine: LLMEngine, served_model_name: str, **kwargs: Any) -> FastAPI:
+    return OpenAIServer(engine, served_model_name, **kwargs).app
+
+
+def run_server(
+    engine: LLMEngine,
+    served_model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    **kwargs: Any,
+) -> None:
+    import uvicorn
+
+    app = build_app(engine, served_model_name, **kwargs)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)

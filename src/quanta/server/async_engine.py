@@ -1,0 +1,302 @@
+"""AsyncEngine: one thread owns the LLMEngine; asyncio code adds, streams and aborts requests.
+
+The engine is not thread-safe, so every call into it happens on its thread: commands (add, abort, state)
+go into an inbox that the thread drains at the top of each step, and each request's outputs come back to
+its asyncio.Queue through `loop.call_soon_threadsafe`. The thread sleeps on a Condition while it has
+nothing to do (no busy loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from quanta.engine.llm_engine import LLMEngine, PromptType
+from quanta.engine.output import RequestOutput
+from quanta.request import Request, RequestStatus
+from quanta.sampling_params import SamplingParams
+
+logger = logging.getLogger("quanta.server")
+
+
+class QueueFullError(Exception):
+    """The waiting queue is over its configured limit; the client should retry later."""
+
+
+class EngineDeadError(RuntimeError):
+    """A step failed; the request cannot finish."""
+
+
+@dataclass(slots=True)
+class QueueLimits:
+    max_waiting_requests: int | None = None  # waiting (not yet running) requests, n>1 samples counted each
+    max_waiting_tokens: int | None = None  # prompt tokens of those requests
+
+
+@dataclass(slots=True)
+class EngineState:
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    kv_usage: float
+    integrity_ok: bool
+    integrity_error: str | None = None
+
+
+@dataclass(slots=True)
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    requests: list[Request] = field(default_factory=list)  # the engine's requests (n>1: one per sample)
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. Leaving early aborts the request."""
+
+    def __init__(self, engine: AsyncEngine, request_id: str, queue: asyncio.Queue) -> None:
+        self._engine = engine
+        self.request_id = request_id
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except BaseException:  # cancelled: the consumer is gone
+            self.close()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if item.finished:
+            self._done = True
+        return item
+
+    def close(self) -> None:
+        if not self._done:
+            self._done = True
+            self._engine.abort(self.request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # a stream nobody read to the end (e.g. a response never started)
+        self.close()
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        limits: QueueLimits | None = None,
+        on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
+        on_abort: Callable[[list[Request]], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.limits = limits or QueueLimits()
+        # Called on the engine thread after every step with its outputs, and with the requests an abort ended.
+        self.on_step = on_step
+        self.on_abort = on_abort
+        self._inbox: deque[tuple[str, Any, concurrent.futures.Future | None]] = deque()
+        self._cond = threading.Condition()
+        self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="quanta-engine", daemon=True)
+        self._thread.start()
+
+    # ---- asyncio side ---------------------------------------------------------------------------
+    def _send(self, kind: str, payload: Any, want_result: bool = True) -> concurrent.futures.Future | None:
+        fut: concurrent.futures.Future | None = concurrent.futures.Future() if want_result else None
+        with self._cond:
+            if self._stopping:
+                raise EngineDeadError("the engine is shutting down")
+            self._inbox.append((kind, payload, fut))
+            self._cond.notify()
+        return fut
+
+    def now(self) -> float:
+        """The engine's clock (thread-safe: a monotonic wall clock)."""
+        return self.engine.core.clock.now()
+
+    async def add(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams,
+        **kwargs: Any,
+    ) -> RequestStream:
+        """Add a request; returns the stream of its outputs.
+
+        Errors in the request (ValueError) and a full queue (QueueFullError) raise here. A stream closed,
+        cancelled or dropped before its end (client disconnect) aborts the request and frees its blocks.
+        """
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop, asyncio.Queue())
+        kwargs.setdefault("arrival_time", self.now())
+        fut = self._send("add", (request_id, prompt, params, kwargs, stream))
+        assert fut is not None
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:  # the client left while the engine was adding the request
+            self.abort(request_id)
+            raise
+        return RequestStream(self, request_id, stream.queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._cond:
+            if self._stopping:
+                return
+            self._inbox.append(("abort", request_id, None))
+            self._cond.notify()
+
+    async def state(self, check: bool = True) -> EngineState:
+        """Counts and KV occupancy; `check` also runs the KV integrity check (O(blocks))."""
+        fut = self._send("state", check)
+        assert fut is not None
+        return await asyncio.wrap_future(fut)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join(timeout=30)
+
+    # ---- engine thread --------------------------------------------------------------------------
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cond:
+                while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
+                    self._cond.wait()
+                if self._stopping:
+                    break
+                commands = list(self._inbox)
+                self._inbox.clear()
+            for kind, payload, fut in commands:
+                self._handle(kind, payload, fut)
+            if not engine.has_unfinished_requests():
+                continue
+            try:
+                outputs = engine.step()
+            except Exception as e:  # a failed step must not take the server down: fail its requests
+                logger.exception("engine step failed")
+                self._fail_all(EngineDeadError(f"engine step failed: {e}"))
+                continue
+            for out in outputs:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+                if stream is not None:
+                    # RuntimeError: its event loop is closed (shutdown), nobody to tell.
+                    with contextlib.suppress(RuntimeError):
+                        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            if self.on_step is not None:
+                try:
+                    self.on_step(engine, outputs)
+                except Exception:  # metrics must never stop the engine
+                    logger.exception("step observer failed")
+        self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    def _handle(self, kind: str, payload: Any, fut: concurrent.futures.Future | None) -> None:
+        try:
+            if kind == "add":
+                request_id, prompt, params, kwargs, stream = payload
+                self._check_queue(prompt, params)
+                self.engine.add_request(request_id, prompt, params, **kwargs)
+                reqs = self.engine.core.scheduler.requests
+                ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+                stream.requests = [reqs[i] for i in ids]  # LLMEngine's naming of n>1 samples
+                self._streams[request_id] = stream
+                result: Any = None
+            elif kind == "abort":
+                gone = self._streams.pop(payload, None)
+                self.engine.abort_request(payload)
+                if gone is not None and self.on_abort is not None:
+                    try:
+                        self.on_abort(
+                            [r for r in gone.requests if r.status == RequestStatus.FINISHED_ABORTED]
+                        )
+                    except Exception:
+                        logger.exception("abort observer failed")
+                result = None
+            elif kind == "state":
+                result = self._state(payload)
+            else:
+                raise AssertionError(kind)
+        except Exception as e:
+            if fut is not None:
+                fut.set_exception(e)
+            else:
+                logger.exception("engine command %s failed", kind)
+            return
+        if fut is not None:
+            fut.set_result(result)
+
+    def _check_queue(self, prompt: PromptType, params: SamplingParams) -> None:
+        lim = self.limits
+        if lim.max_waiting_requests is None and lim.max_waiting_tokens is None:
+            return
+        waiting = self.engine.core.scheduler.waiting
+        if lim.max_waiting_requests is not None and len(waiting) + params.n > lim.max_waiting_requests:
+            raise QueueFullError(
+                f"the waiting queue holds {len(waiting)} requests (limit {lim.max_waiting_requests})"
+            )
+        if lim.max_waiting_tokens is not None:
+            tokens = sum(r.num_prompt_tokens for r in waiting)
+            ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
+            new = len(ids) if isinstance(ids, list) else 0
+            if tokens + new * params.n > lim.max_waiting_tokens:
+                raise QueueFullError(
+                    f"the waiting queue holds {tokens} prompt tokens (limit {lim.max_waiting_tokens})"
+                )
+
+    def _state(self, check: bool) -> EngineState:
+        core = self.engine.core
+        error = None
+        try:
+            if check:
+                core.scheduler.check_integrity()
+        except AssertionError as e:
+            error = str(e) or "integrity check failed"
+        return EngineState(
+            num_running=len(core.scheduler.running),
+            num_waiting=len(core.scheduler.waiting),
+            num_free_blocks=core.kv.num_free_blocks,
+            num_blocks=core.kv.num_blocks,
+            kv_usage=core.kv.usage(),
+            integrity_ok=error is None,
+            integrity_error=error,
+        )
+
+    def _fail_all(self, error: BaseException) -> None:
+        ids = list(self._streams)
+        for request_id in ids:
+            stream = self._streams.pop(request_id)
+            with contextlib.suppress(RuntimeError):
+                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+        if ids:
+            self.engine.abort_request(ids)
+        with self._cond:
+            pending = list(self._inbox) if self._stopping else []
+            if self._stopping:
+                self._inbox.clear()
+        for _, _, fut in pending:
+            if fut is not None and not fut.done():
+                fut.set_exception(error)

@@ -1,0 +1,205 @@
+"""Prometheus collectors of the server, named like vLLM's (`vllm:` -> `quanta:`) so dashboards carry over.
+
+Each app gets its own CollectorRegistry (tests start several). Counters and histograms are updated on
+the engine thread after every step; gauges are read from the engine state at scrape time.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from quanta.engine.core import StepOutput
+from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.output import RequestOutput
+from quanta.metrics import RequestMetrics
+from quanta.request import Request
+
+# vLLM's buckets for the latency histograms.
+_TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
+_TOKEN_BUCKETS = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_REQUEST_BUCKETS = (
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
+
+
+class ServerMetrics:
+    def __init__(self, model_name: str, block_size: int) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        self.block_size = block_size
+        r = self.registry
+        m, mt = ["model_name"], ["model_name", "tenant"]
+        self.running = Gauge("quanta:num_requests_running", "Requests in the running batch.", m, registry=r)
+        self.waiting = Gauge("quanta:num_requests_waiting", "Requests waiting to run.", m, registry=r)
+        self.kv_usage = Gauge(
+            "quanta:kv_cache_usage_perc", "Fraction of KV blocks in use (0-1).", m, registry=r
+        )
+        self.prefix_queries = Counter(
+            "quanta:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", m, registry=r
+        )
+        self.prefix_hits = Counter(
+            "quanta:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r
+        )
+        self.preemptions = Counter("quanta:num_preemptions", "Preemptions.", m, registry=r)
+        self.prompt_tokens = Counter(
+            "quanta:prompt_tokens", "Prompt tokens of finished requests.", mt, registry=r
+        )
+        self.generation_tokens = Counter("quanta:generation_tokens", "Generated tokens.", mt, registry=r)
+        self.success = Counter(
+            "quanta:request_success",
+            "Finished requests by finish reason.",
+            [*mt, "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "quanta:time_to_first_token_seconds",
+            "Time to first token.",
+            mt,
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "quanta:inter_token_latency_seconds",
+            "Time between tokens.",
+            mt,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "quanta:request_time_per_output_token_seconds",
+            "Mean time per output token of a request.",
+            mt,
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "quanta:e2e_request_latency_seconds",
+            "Arrival to finish.",
+            mt,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "quanta:request_queue_time_seconds",
+            "Arrival to first scheduled.",
+            mt,
+            buckets=_REQUEST_BUCKETS,
+            registry=r,
+        )
+        self._seen_queries = self._seen_hits = self._seen_preemptions = 0
+
+    def attach(self, engine: LLMEngine) -> None:
+        engine.core.step_observers.append(self._on_core_step)
+
+    def _on_core_step(self, out: StepOutput) -> None:
+        """Engine thread, after each step: tokens, TTFT and inter-token gaps as they happen."""
+        name = self.model_name
+        for req in out.updated:
+            t = req.times
+            self.generation_tokens.labels(name, req.tenant).inc()
+            if len(t.tokens) == 1 and t.first_token is not None:
+                self.ttft.labels(name, req.tenant).observe(t.first_token - t.arrival)
+            elif len(t.tokens) > 1:
+                self.itl.labels(name, req.tenant).observe(t.tokens[-1] - t.tokens[-2])
+
+    def observe_outputs(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+        """Engine thread, after each step's outputs are processed (stop strings included)."""
+        name = self.model_name
+        core = engine.core
+        pool = core.kv.pool
+        bs = self.block_size
+        # Cumulative engine counters become Prometheus increments (blocks -> tokens, as vLLM counts tokens).
+        self.prefix_queries.labels(name).inc((pool.num_cache_queries - self._seen_queries) * bs)
+        self.prefix_hits.labels(name).inc((pool.num_cache_hits - self._seen_hits) * bs)
+        self.preemptions.labels(name).inc(core.scheduler.num_preemptions - self._seen_preemptions)
+        self._seen_queries, self._seen_hits = pool.num_cache_queries, pool.num_cache_hits
+        self._seen_preemptions = core.scheduler.num_preemptions
+        for out in outputs:
+            if out.finished:
+                self.prompt_tokens.labels(name, out.requests[0].tenant).inc(len(out.prompt_token_ids))
+                for req in out.requests:
+                    self._observe_finished(req)
+
+    def observe_aborted(self, requests: list[Request]) -> None:
+        """Engine thread: requests ended by an abort (client gone)."""
+        for req in requests:
+            self.success.labels(self.model_name, req.tenant, "abort").inc()
+
+    def _observe_finished(self, req: Request) -> None:
+        labels = (self.model_name, req.tenant)
+        m = RequestMetrics.of(req)
+        self.success.labels(*labels, req.status.finish_reason or "unknown").inc()
+        if m.tpot is not None:
+            self.tpot.labels(*labels).observe(m.tpot)
+        if m.e2e is not None:
+            self.e2e.labels(*labels).observe(m.e2e)
+        if m.scheduling_delay is not None:
+            self.queue_time.labels(*labels).observe(m.scheduling_delay)
+
+    def set_gauges(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
+        self.running.labels(self.model_name).set(num_running)
+        self.waiting.labels(self.model_name).set(num_waiting)
+        self.kv_usage.labels(self.model_name).set(kv_usage)

@@ -1,0 +1,93 @@
+"""`quanta bench serve` workloads and report, without a server (the server run is in test_server.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from quanta.bench.serve import BenchResult, build_workload, parse_goodput, report
+from quanta.bench.serve_args import add_bench_serve_args
+
+
+def _args(*argv: str) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_bench_serve_args(p)
+    return p.parse_args(["--base-url", "http://x", "--model", "m", *argv])
+
+
+def test_random_workload_lengths_rate_and_tenants() -> None:
+    reqs = build_workload(
+        _args(
+            "--num-prompts",
+            "40",
+            "--input-len",
+            "30",
+            "--output-len",
+            "5",
+            "--request-rate",
+            "10",
+            "--tenants",
+            "a,b",
+        )
+    )
+    assert len(reqs) == 40
+    assert all(len(r.prompt) == r.prompt_len == 30 and r.output_len == 5 for r in reqs)
+    assert all(isinstance(t, int) and 0 <= t < 500 for r in reqs for t in r.prompt)
+    arrivals = [r.arrival for r in reqs]
+    assert arrivals == sorted(arrivals) and arrivals[0] == 0.0
+    assert 1.5 < arrivals[-1] < 8.0  # 39 gaps of mean 0.1 s
+    assert [r.tenant for r in reqs[:4]] == ["a", "b", "a", "b"]
+    burst = build_workload(_args("--num-prompts", "5"))
+    assert all(r.arrival == 0.0 for r in burst)  # no rate: everything at once
+
+
+def test_trace_workload_keeps_arrivals_and_tenants(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrival,prompt_len,output_len,tenant\n5.0,10,3,x\n5.5,4000,900,y\n7.0,8,2,x\n")
+    reqs = build_workload(_args("--workload", str(trace), "--max-model-len", "1024"))
+    assert [r.arrival for r in reqs] == [0.0, 0.5, 2.0]
+    assert [r.tenant for r in reqs] == ["x", "y", "x"]
+    assert reqs[1].prompt_len == 1023 and reqs[1].output_len == 1  # clipped to the context
+    assert len(reqs[1].prompt) == 1023
+    rescaled = build_workload(_args("--workload", str(trace), "--request-rate", "inf"))
+    assert all(r.arrival == 0.0 for r in rescaled)
+
+
+def test_sharegpt_json_sends_text(tmp_path: Path) -> None:
+    data = [
+        {
+            "conversations": [
+                {"from": "human", "value": "Tell me a story"},
+                {"from": "gpt", "value": "Once " * 40},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "only one turn"}]},
+        {"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]},
+    ]
+    path = tmp_path / "sg.json"
+    path.write_text(json.dumps(data))
+    reqs = build_workload(_args("--workload", str(path), "--num-prompts", "10"))
+    assert sorted(r.prompt for r in reqs) == ["Hi", "Tell me a story"]
+    story = next(r for r in reqs if r.prompt == "Tell me a story")
+    assert story.output_len == len("Once " * 40) // 4
+
+
+def test_goodput_and_report() -> None:
+    assert parse_goodput(["ttft:500", "tpot:50"]) == {"ttft_slo": 0.5, "tpot_slo": 0.05}
+    with pytest.raises(ValueError, match="KEY:MS"):
+        parse_goodput(["latency:5"])
+    results = [
+        BenchResult(0, "a", True, None, 0.0, 10, 3, ttft=0.1, e2e=0.3, itl=[0.1, 0.1]),
+        BenchResult(1, "b", True, None, 0.5, 10, 3, ttft=0.9, e2e=1.5, itl=[0.3, 0.3]),
+        BenchResult(2, "b", False, "HTTP 500: boom", 0.6, 10),
+    ]
+    rep = report(results, 2.0, parse_goodput(["ttft:500"]))
+    assert rep["completed"] == 2 and rep["failed"] == 1 and rep["errors"] == ["HTTP 500: boom"]
+    s = rep["summary"]
+    assert s["duration"] == pytest.approx(2.0)  # first send to last finish
+    assert s["goodput"] == pytest.approx(0.5)  # one of two meets the TTFT SLO
+    assert s["tpot"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
+    assert set(rep["per_tenant"]) == {"a", "b"}

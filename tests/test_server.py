@@ -1,0 +1,450 @@
+"""`quanta serve` end to end: a real server process on 127.0.0.1 with a random-weight model, driven by the
+official `openai` client, raw HTTP for malformed input, aiohttp for disconnects, and `quanta bench serve`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+openai = pytest.importorskip("openai")
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+from helpers import run_cli  # noqa: E402
+
+MODEL = "tiny"
+API_KEY = "sekret"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, model_dir: Path, *extra: str) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "quanta.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+             "--served-model-name", MODEL, "--num-kv-blocks", "512", "--max-model-len", "256", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "QUANTA_CPU_KERNELS": os.environ.get("QUANTA_CPU_KERNELS", "0")},
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def client(self, api_key: str = "none") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def http(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
+        """(status, parsed JSON or text, headers) of a raw request."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
+        req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                status, raw, hdrs = r.status, r.read(), r.headers
+        except urllib.error.HTTPError as e:
+            status, raw, hdrs = e.code, e.read(), e.headers
+        try:
+            return status, json.loads(raw), hdrs
+        except json.JSONDecodeError:
+            return status, raw.decode(), hdrs
+
+    def state(self, headers: dict | None = None) -> dict:
+        status, body, _ = self.http("GET", "/internal/state", headers=headers)
+        assert status == 200, body
+        return body
+
+    def wait_idle(self, headers: dict | None = None, timeout: float = 30) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            st = self.state(headers)
+            idle = (
+                st["num_running"] == 0
+                and st["num_waiting"] == 0
+                and st["num_free_blocks"] == st["num_blocks"]
+            )
+            if idle or time.monotonic() > deadline:
+                return st
+            time.sleep(0.1)
+
+    def metrics(self) -> dict[tuple, float]:
+        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
+            text = r.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+
+@pytest.fixture(scope="module")
+def servers(llama_dir: Path) -> Iterator[tuple[Server, Server]]:
+    # Started together; the second has an API key and a tiny queue (one running request, one waiting).
+    main = Server(llama_dir)
+    guarded = Server(llama_dir, "--api-key", API_KEY, "--max-num-seqs", "1", "--max-waiting-requests", "1")
+    try:
+        main.wait()
+        guarded.wait()
+        yield main, guarded
+    finally:
+        main.stop()
+        guarded.stop()
+
+
+@pytest.fixture(scope="module")
+def server(servers: tuple[Server, Server]) -> Server:
+    return servers[0]
+
+
+PROMPTS = ["Once upon a time", "The scheduler decides", "def fibonacci(n):"]
+
+
+def test_models_and_health(server: Server) -> None:
+    models = server.client().models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    assert server.http("GET", "/health")[0] == 200
+
+
+def test_greedy_completions_equal_llm_generate(server: Server, llama_dir: Path) -> None:
+    from quanta import LLM, SamplingParams
+
+    client = server.client()
+    resp = client.completions.create(
+        model=MODEL, prompt=PROMPTS, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    llm = LLM(model=str(llama_dir), cpu_kernels=False, max_model_len=256, num_kv_blocks=64)
+    expected = llm.generate(
+        PROMPTS, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True), use_tqdm=False
+    )
+    assert [c.text for c in sorted(resp.choices, key=lambda c: c.index)] == [
+        e.outputs[0].text for e in expected
+    ]
+    assert all(c.finish_reason == "length" for c in resp.choices)
+    tok = llm.engine.tokenizer
+    assert resp.usage.prompt_tokens == sum(len(tok.encode(p)) for p in PROMPTS)
+    assert resp.usage.completion_tokens == 12 * len(PROMPTS)
+    assert resp.usage.total_tokens == resp.usage.prompt_tokens + resp.usage.completion_tokens
+
+    # Token-id prompts give the same result as their text.
+    ids = tok.encode(PROMPTS[0])
+    by_ids = client.completions.create(
+        model=MODEL, prompt=ids, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert by_ids.choices[0].text == expected[0].outputs[0].text
+
+
+def test_streaming_completion_matches_non_streaming(server: Server) -> None:
+    client = server.client()
+    kw = dict(model=MODEL, prompt=PROMPTS[:2], max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kw)
+    texts = ["", ""]
+    usage = None
+    finish = {}
+    for chunk in client.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                finish[c.index] = c.finish_reason
+    assert texts == [c.text for c in sorted(full.choices, key=lambda c: c.index)]
+    assert finish == {0: "length", 1: "length"}
+    assert usage is not None and usage.completion_tokens == 20
+    assert usage.prompt_tokens == full.usage.prompt_tokens
+
+
+def test_n_samples_and_seed_reproducibility(server: Server) -> None:
+    client = server.client()
+    kw = dict(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=8,
+        temperature=1.0,
+        n=3,
+        seed=1234,
+        extra_body={"ignore_eos": True},
+    )
+    a = client.completions.create(**kw)
+    b = client.completions.create(**kw)
+    assert sorted(c.index for c in a.choices) == [0, 1, 2]
+    assert [c.text for c in a.choices] == [c.text for c in b.choices]
+    assert len({c.text for c in a.choices}) > 1  # samples differ from each other
+    assert a.usage.completion_tokens == 3 * 8
+
+
+def test_stop_strings(server: Server) -> None:
+    client = server.client()
+    base = (
+        client.completions.create(
+            model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+        )
+        .choices[0]
+        .text
+    )
+    stop = base[len(base) // 2 : len(base) // 2 + 2]
+    assert stop.strip(), base
+    out = client.completions.create(model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop])
+    choice = out.choices[0]
+    assert choice.finish_reason == "stop"
+    assert choice.text == base[: base.index(stop)]
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model=MODEL, prompt=PROMPTS[1], max_tokens=24, temperature=0, stop=[stop], stream=True
+        )
+        if c.choices
+    )
+    assert streamed == choice.text
+
+
+def test_logprobs_and_echo(server: Server) -> None:
+    client = server.client()
+    prompt = PROMPTS[2]
+    out = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=5,
+        temperature=0,
+        logprobs=2,
+        echo=True,
+        extra_body={"ignore_eos": True},
+    )
+    choice = out.choices[0]
+    assert choice.text.startswith(prompt)
+    lp = choice.logprobs
+    n_prompt = out.usage.prompt_tokens
+    assert len(lp.tokens) == len(lp.token_logprobs) == n_prompt + 5
+    assert lp.token_logprobs[0] is None and all(x <= 0 for x in lp.token_logprobs[1:])
+    for top, chosen in zip(lp.top_logprobs[n_prompt:], lp.token_logprobs[n_prompt:]):
+        assert 2 <= len(top) <= 3
+        assert max(top.values()) == pytest.approx(chosen, abs=1e-4)  # greedy: the sampled token is the best
+
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"ignore_eos": True},
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 4 == chat.usage.completion_tokens
+    assert all(
+        len(c.top_logprobs) == 3 and c.top_logprobs[0].logprob == pytest.approx(c.logprob) for c in content
+    )
+
+
+def test_chat_streaming_and_usage(server: Server, llama_dir: Path) -> None:
+    from quanta.engine.tokenizer import Tokenizer
+
+    client = server.client()
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"}]
+    kw = dict(model=MODEL, messages=messages, max_tokens=9, temperature=0, extra_body={"ignore_eos": True})
+    full = client.chat.completions.create(**kw)
+    assert full.choices[0].message.role == "assistant"
+    tok = Tokenizer(llama_dir)
+    assert full.usage.prompt_tokens == len(
+        tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    )
+    assert full.usage.completion_tokens == 9
+    text, usage, roles = "", None, []
+    for chunk in client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}):
+        if chunk.usage:
+            usage = chunk.usage
+        for c in chunk.choices:
+            text += c.delta.content or ""
+            if c.delta.role:
+                roles.append(c.delta.role)
+    assert text == full.choices[0].message.content
+    assert roles == ["assistant"]
+    assert usage is not None and usage.completion_tokens == 9
+
+
+BAD_REQUESTS = [
+    ("negative max_tokens", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": -1}, 400),
+    ("temperature out of range", "/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": 9}, 400),
+    ("prompt longer than the context", "/v1/completions", {"model": MODEL, "prompt": [5] * 300}, 400),
+    ("token id out of range", "/v1/completions", {"model": MODEL, "prompt": [10**7]}, 400),
+    ("wrong type", "/v1/completions", {"model": MODEL, "prompt": "hi", "n": "many"}, 400),
+    ("missing prompt", "/v1/completions", {"model": MODEL}, 400),
+    ("empty prompt list", "/v1/completions", {"model": MODEL, "prompt": []}, 400),
+    ("top_p zero", "/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 0}, 400),
+    ("seed beyond 64 bits", "/v1/completions", {"model": MODEL, "prompt": "hi", "seed": 2**64}, 400),
+    ("empty stop string", "/v1/completions", {"model": MODEL, "prompt": "hi", "stop": [""]}, 400),
+    ("min_tokens above max_tokens", "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 2, "min_tokens": 5}, 400),
+    ("unknown model", "/v1/completions", {"model": "gpt-9", "prompt": "hi"}, 404),
+    ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
+    ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400),
+    ("chat logprobs too many", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, 400),
+    ("malformed JSON", "/v1/completions", b'{"model": "tiny", "prompt": ', 400),
+    ("not an object", "/v1/chat/completions", b"[1, 2]", 400),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name,path,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
+def test_bad_input_is_a_clear_error(server: Server, name: str, path: str, body, status: int) -> None:
+    got, payload, _ = server.http("POST", path, body)
+    assert got == status, payload
+    err = payload["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], payload
+    # ... and the server keeps serving, with nothing left behind.
+    ok = server.client().completions.create(model=MODEL, prompt="still there?", max_tokens=2)
+    assert ok.choices[0].finish_reason in ("length", "stop")
+    st = server.wait_idle()
+    assert st["integrity_ok"] and st["num_free_blocks"] == st["num_blocks"]
+
+
+def test_openai_client_sees_errors(server: Server) -> None:
+    client = server.client()
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="hi", max_tokens=-5)
+    assert "max_tokens" in str(e.value)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+
+
+def test_api_key_and_queue_limit(servers: tuple[Server, Server]) -> None:
+    _, guarded = servers
+    assert guarded.http("GET", "/health")[0] == 200  # health and metrics stay open
+    for key in ("none", "wrong"):
+        with pytest.raises(openai.AuthenticationError):
+            guarded.client(key).models.list()
+    status, body, _ = guarded.http("POST", "/v1/completions", {"model": MODEL, "prompt": "hi"})
+    assert status == 401 and body["error"]["type"] == "authentication_error"
+    client = guarded.client(API_KEY)
+    assert client.models.list().data[0].id == MODEL
+
+    # One request runs, one may wait; the rest are turned away with 429 and Retry-After.
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: guarded.http("POST", "/v1/completions", body, auth), range(8)))
+    statuses = sorted(r[0] for r in results)
+    assert statuses.count(200) >= 2 and statuses.count(429) >= 1, statuses
+    for status, payload, headers in results:
+        if status == 429:
+            assert headers["Retry-After"] and payload["error"]["type"] == "rate_limit_error"
+    st = guarded.wait_idle(headers=auth)
+    assert st["integrity_ok"] and st["num_free_blocks"] == st["num_blocks"]
+    assert client.completions.create(model=MODEL, prompt="after", max_tokens=2).choices
+
+
+def test_disconnects_abort_and_free_blocks(server: Server) -> None:
+    import aiohttp
+
+    before = server.metrics()
+
+    async def one(session: aiohttp.ClientSession, i: int) -> str:
+        body = {
+            "model": MODEL,
+            "prompt": [5 + i, 6, 7, 8],
+            "max_tokens": 200,
+            "stream": True,
+            "ignore_eos": True,
+        }
+        async with session.post(server.url + "/v1/completions", json=body) as r:
+            assert r.status == 200
+            n = 0
+            async for line in r.content:
+                if line.startswith(b"data:"):
+                    n += 1
+                    if i % 2 == 0 and n >= 2:
+                        r.close()  # the client goes away mid-stream
+                        return "gone"
+            return "done"
+
+    async def run() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            return await asyncio.gather(*(one(session, i) for i in range(50)))
+
+    outcomes = asyncio.run(run())
+    assert outcomes.count("gone") == 25 and outcomes.count("done") == 25
+    st = server.wait_idle()
+    assert st == {**st, "num_running": 0, "num_waiting": 0, "integrity_ok": True}
+    assert st["num_free_blocks"] == st["num_blocks"]
+    after = server.metrics()
+    key = (
+        "quanta:request_success_total",
+        (("finished_reason", "abort"), ("model_name", MODEL), ("tenant", "default")),
+    )
+    assert after.get(key, 0) - before.get(key, 0) == 25  # aborted, not run to the end
+    assert after[("quanta:num_requests_running", (("model_name", MODEL),))] == 0
+    assert after[("quanta:kv_cache_usage_perc", (("model_name", MODEL),))] == 0
+
+
+def test_metrics_counters_move(server: Server) -> None:
+    labels = (("model_name", MODEL), ("tenant", "acme"))
+    before = server.metrics()
+    out = server.client().completions.create(
+        model=MODEL,
+        prompt=PROMPTS[0],
+        max_tokens=7,
+        temperature=0,
+        user="acme",
+        extra_body={"ignore_eos": True},
+    )
+    after = server.metrics()
+
+    def delta(name: str, lab: tuple = labels) -> float:
+        return after.get((name, lab), 0.0) - before.get((name, lab), 0.0)
+
+    assert delta("quanta:generation_tokens_total") == 7
+    assert delta("quanta:prompt_tokens_total") == out.usage.prompt_tokens
+    assert delta("quanta:request_success_total", (("finished_reason", "length"), *labels)) == 1
+    assert delta("quanta:time_to_first_token_seconds_count") == 1
+    assert delta("quanta:inter_token_latency_seconds_count") == 6
+    assert delta("quanta:e2e_request_latency_seconds_count") == 1
+    assert delta("quanta:request_queue_time_seconds_count") == 1
+    assert ("quanta:prefix_cache_queries_total", (("model_name", MODEL),)) in after
+
+
+def test_bench_serve_cli(server: Server, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    result = run_cli(
+        "bench", "serve", "--base-url", server.url, "--model", MODEL, "--num-prompts", "12",
+        "--input-len", "20", "--output-len", "6", "--request-rate", "30", "--tenants", "a,b",
+        "--goodput", "ttft:60000", "--result-json", str(out), "--plots", str(tmp_path / "plots"), "--no-progress",
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Output token throughput" in result.stdout
+    rep = json.loads(out.read_text())
+    assert rep["completed"] == 12 and rep["failed"] == 0
+    assert rep["total_output_tokens"] == 12 * 6
+    assert set(rep["per_tenant"]) == {"a", "b"}
+    assert rep["summary"]["goodput"] == pytest.approx(rep["summary"]["request_throughput"])
+    assert (tmp_path / "plots" / "latency_cdf.png").is_file()
