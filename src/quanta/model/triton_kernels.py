@@ -17,19 +17,7 @@ ROTARY_TAKES_STRIDES = True  # q and k may be views into the fused qkv output; r
 
 
 @triton.jit
-def _rms_norm_kernel(x, w, out, stride_x, stride_o, N: tl.constexpr, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < N
-    v = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
-    normed = (v * rstd).to(out.dtype.element_ty).to(tl.float32)
-    weight = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out + row * stride_o + cols, (normed * weight).to(out.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _add_rms_norm_kernel(
+def _rms_norm_kernel(
     x,
     y,
     w,
@@ -42,15 +30,17 @@ def _add_rms_norm_kernel(
     N: tl.constexpr,
     eps,
     BLOCK: tl.constexpr,
+    ADD: tl.constexpr,  # True: normalize x + y and also store x + y (the residual stream)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
-    a = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    total = (a + b).to(out_sum.dtype.element_ty)  # the residual stream, rounded as torch's add rounds it
-    tl.store(out_sum + row * stride_s + cols, total, mask=mask)
-    v = total.to(tl.float32)
+    v = tl.load(x + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD:
+        b = tl.load(y + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+        total = (v + b).to(out_sum.dtype.element_ty)  # rounded as torch's add rounds it
+        tl.store(out_sum + row * stride_s + cols, total, mask=mask)
+        v = total.to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(v * v, 0) / N + eps)
     normed = (v * rstd).to(out_norm.dtype.element_ty).to(tl.float32)
     weight = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
@@ -108,52 +98,45 @@ def _silu_and_mul_kernel(x, out, stride_x, stride_o, N: tl.constexpr, BLOCK: tl.
     tl.store(out + row * stride_o + cols, (act * up).to(out.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def _norm(
+    x: torch.Tensor, y: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, ...]:
     x2 = x.reshape(-1, x.shape[-1])
-    assert x2.stride(-1) == 1
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    y2 = x2 if y is None else y.reshape(x2.shape)
+    assert x2.stride(-1) == 1 and y2.stride(-1) == 1
+    normed = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    total = normed if y is None else torch.empty_like(normed)
     if x2.shape[0]:
         n = x2.shape[1]
         block = triton.next_power_of_2(n)
         _rms_norm_kernel[(x2.shape[0],)](
             x2,
-            weight,
-            out,
-            x2.stride(0),
-            out.stride(0),
-            n,
-            eps,
-            BLOCK=block,
-            num_warps=min(16, max(1, block // 256)),
-        )
-    return out.view(x.shape)
-
-
-def add_rms_norm(
-    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x + y, rms_norm(x + y) * weight) for [T, N] inputs, in one pass."""
-    assert x.shape == y.shape and x.stride(-1) == 1 and y.stride(-1) == 1
-    total = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    normed = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    if x.shape[0]:
-        n = x.shape[1]
-        block = triton.next_power_of_2(n)
-        _add_rms_norm_kernel[(x.shape[0],)](
-            x,
-            y,
+            y2,
             weight,
             total,
             normed,
-            x.stride(0),
-            y.stride(0),
+            x2.stride(0),
+            y2.stride(0),
             total.stride(0),
             normed.stride(0),
             n,
             eps,
             BLOCK=block,
+            ADD=y is not None,
             num_warps=min(16, max(1, block // 256)),
         )
+    return total.view(x.shape), normed.view(x.shape)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(
+    x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + y, rms_norm(x + y) * weight) in one pass."""
+    total, normed = _norm(x, y, weight, eps)
     return total, normed
 
 

@@ -83,15 +83,16 @@ def heavy_and_light(
     )
 
 
+# ShareGPT-like conversation lengths (prompt, output).
+CHAT_LENGTHS = (LengthDist("lognormal", 400, 1200, high=1536), LengthDist("lognormal", 200, 450, high=512))
+
+
 def priority_mix(
     duration: float = 300.0, rate: float = 3.0, high_fraction: float = 0.1, seed: int = 0
 ) -> list[WorkloadRequest]:
     """`high_fraction` of the requests at priority 0, the rest at 1; ShareGPT-like conversation lengths."""
     rng = np.random.default_rng(seed)
-    prompt, output = (
-        LengthDist("lognormal", 400, 1200, high=1536),
-        LengthDist("lognormal", 200, 450, high=512),
-    )
+    prompt, output = CHAT_LENGTHS
     return merge(
         tenant_stream("high", rate * high_fraction, duration, prompt, output, rng, priority=0),
         tenant_stream("low", rate * (1 - high_fraction), duration, prompt, output, rng, priority=1),
@@ -113,10 +114,7 @@ def slo_mix(
 ) -> list[WorkloadRequest]:
     """Two SLO classes: 'interactive' (priority 0) and 'batch' (priority 1)."""
     rng = np.random.default_rng(seed)
-    prompt, output = (
-        LengthDist("lognormal", 400, 1200, high=1536),
-        LengthDist("lognormal", 200, 450, high=512),
-    )
+    prompt, output = CHAT_LENGTHS
     return merge(
         tenant_stream(
             "interactive",
