@@ -310,6 +310,8 @@ BAD_REQUESTS = [
     ("empty messages", "/v1/chat/completions", {"model": MODEL, "messages": []}, 400),
     ("bad role", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "robot", "content": "x"}]}, 400),
     ("chat logprobs too many", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 99}, 400),
+    ("prompt plus max_tokens beyond the context", "/v1/completions", {"model": MODEL, "prompt": [5] * 200, "max_tokens": 100}, 400),
+    ("chat max_tokens beyond the context", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 300}, 400),
     ("malformed JSON", "/v1/completions", b'{"model": "tiny", "prompt": ', 400),
     ("not an object", "/v1/chat/completions", b"[1, 2]", 400),
 ]  # fmt: skip
@@ -430,6 +432,22 @@ def test_metrics_counters_move(server: Server) -> None:
     assert delta("quanta:e2e_request_latency_seconds_count") == 1
     assert delta("quanta:request_queue_time_seconds_count") == 1
     assert ("quanta:prefix_cache_queries_total", (("model_name", MODEL),)) in after
+
+
+def test_cache_salt_isolates_prefix_hits(server: Server) -> None:
+    """vLLM's `cache_salt`: a prompt cached under one salt is a miss under another and a hit under its own."""
+    key = ("quanta:prefix_cache_hits_total", (("model_name", MODEL),))
+    prompt = list(range(100, 180))  # 80 tokens: 5 full blocks of 16
+
+    def hits_after(salt: str) -> float:
+        server.client().completions.create(
+            model=MODEL, prompt=prompt, max_tokens=1, extra_body={"cache_salt": salt}
+        )
+        return server.metrics().get(key, 0.0)
+
+    first = hits_after("tenant-a")
+    assert hits_after("tenant-b") == first
+    assert hits_after("tenant-a") > first
 
 
 def test_bench_serve_cli(server: Server, tmp_path: Path) -> None:

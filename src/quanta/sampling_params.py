@@ -66,6 +66,9 @@ class SamplingParams:
             raise ValueError(f"logprobs must be non-negative, got {self.logprobs}")
         if self.prompt_logprobs is not None and self.prompt_logprobs < 0:
             raise ValueError(f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}")
+        # torch generators take 64-bit seeds; n > 1 samples use seed, seed + 1, ...
+        if self.seed is not None and not (self.seed >= -(2**63) and self.seed + self.n - 1 < 2**64):
+            raise ValueError("seed must fit in 64 bits")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
         if self.stop and not self.detokenize:

@@ -147,6 +147,7 @@ class LLMEngine:
         deadline: float | None = None,
         session_id: str | None = None,
         slo_class: str | None = None,
+        cache_salt: str | None = None,
         arrival_time: float | None = None,
     ) -> None:
         if self.output_processor.has(request_id):
@@ -173,6 +174,7 @@ class LLMEngine:
                     deadline=deadline,
                     session_id=session_id,
                     slo_class=slo_class,
+                    cache_salt=cache_salt,
                     eos_token_ids=self.eos_token_ids,
                 )
             )

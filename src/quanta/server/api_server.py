@@ -215,6 +215,8 @@ class OpenAIServer:
             tenant=body.tenant_name,
             priority=body.priority,
             session_id=body.session_id,
+            slo_class=body.slo_class,
+            cache_salt=body.cache_salt,
             deadline=None if body.deadline_ms is None else arrival + body.deadline_ms / 1000.0,
             arrival_time=arrival,
         )
@@ -240,11 +242,21 @@ class OpenAIServer:
         return streams
 
     def _params(self, make: Any) -> Any:
+        limit = self.llm_engine.max_model_len
+
         def params_of(ids: list[int]) -> Any:
             try:
-                return make(ids)
+                params = make(ids)
             except ValueError as e:
                 raise _bad(str(e)) from None
+            if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+                raise _bad(
+                    f"this model's maximum context length is {limit} tokens; you requested "
+                    f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in "
+                    "the completion): reduce the prompt or max_tokens",
+                    "max_tokens",
+                )
+            return params
 
         return params_of
 

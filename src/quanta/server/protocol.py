@@ -1,7 +1,7 @@
 """OpenAI-compatible request bodies (pydantic) and their translation to SamplingParams.
 
 Ranges follow OpenAI's and vLLM's. Unknown fields are ignored, as vLLM does; known fields of the wrong
-type or out of range are a 400. quanta's extensions (priority, tenant, deadline_ms, session_id) are
+type or out of range are a 400. quanta's extensions (priority, tenant, deadline_ms, slo_class, session_id, cache_salt) are
 plain extra body fields, so the official clients send them through `extra_body`.
 """
 
@@ -51,7 +51,9 @@ class _Common(BaseModel):
     priority: int = 0
     tenant: str | None = None
     deadline_ms: float | None = Field(None, gt=0)
+    slo_class: str | None = None  # a class the deadline policy knows (its slo_classes): TTFT/TPOT targets
     session_id: str | None = None
+    cache_salt: str | None = None  # as vLLM's: prefix-cache hits only among requests with the same salt
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
