@@ -61,7 +61,7 @@ SHAPES = {"llama-3.1-8b": LLAMA_31_8B, "tiny": TINY}
 
 
 def make_folder(path: Path, shape: dict[str, Any]) -> Path:
-    """config.json plus a placeholder tokenizer: the job is token ids in, token ids out (no detokenizing)."""
+    """config.json plus a two-token tokenizer: the job is token ids in, token ids out (no detokenizing)."""
     from tokenizers import Tokenizer
     from tokenizers.models import WordLevel
     from transformers import LlamaConfig
