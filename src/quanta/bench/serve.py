@@ -358,20 +358,16 @@ def print_report(rep: dict) -> None:
 
 
 def plot(results: list[BenchResult], folder: str | Path) -> list[Path]:
-    import matplotlib
+    from quanta.sim.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     ok = [r for r in results if r.ok]
     series = {
         "ttft": [r.ttft for r in ok if r.ttft is not None],
         "itl": [x for r in ok for x in r.itl],
         "e2e": [r.e2e for r in ok if r.e2e is not None],
     }
-    paths = []
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.5))
     for ax, (name, values) in zip(axes, series.items()):
         if values:
@@ -380,19 +376,14 @@ def plot(results: list[BenchResult], folder: str | Path) -> list[Path]:
         ax.set_xlabel(f"{name.upper()} (ms)")
         ax.set_ylabel("CDF")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "latency_cdf.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths = [save_figure(fig, folder / "latency_cdf.png")]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.scatter([r.sent for r in ok], [r.ttft * 1000 for r in ok if r.ttft is not None], s=8)
+    timed = [r for r in ok if r.ttft is not None]  # send times and TTFTs of the same requests
+    ax.scatter([r.sent for r in timed], [r.ttft * 1000 for r in timed], s=8)
     ax.set_xlabel("send time (s)")
     ax.set_ylabel("TTFT (ms)")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    paths.append(folder / "ttft_over_time.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    paths.append(save_figure(fig, folder / "ttft_over_time.png"))
     return paths
 
 

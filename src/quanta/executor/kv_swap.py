@@ -19,13 +19,15 @@ from quanta.sched.plan import StepPlan
 Caches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
+def bytes_per_block(device_caches: Caches) -> int:
+    """Bytes of one block's K and V over every layer."""
+    return sum(k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in device_caches)
+
+
 def num_host_blocks(cache_config: CacheConfig, device_caches: Caches) -> int:
     if cache_config.num_cpu_blocks is not None:
         return cache_config.num_cpu_blocks
-    per_block = sum(
-        k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in device_caches
-    )
-    return int(cache_config.swap_space_gb * 2**30 // per_block)
+    return int(cache_config.swap_space_gb * 2**30 // bytes_per_block(device_caches))
 
 
 class KVSwapper:
@@ -49,12 +51,6 @@ class KVSwapper:
         ]
         self.stream = torch.cuda.Stream(first.device) if self.cuda else None
         self._pending: list[tuple[list[str], torch.cuda.Event]] = []
-
-    @staticmethod
-    def bytes_per_block(device_caches: Caches) -> int:
-        return sum(
-            k[0].numel() * k.element_size() + v[0].numel() * v.element_size() for k, v in device_caches
-        )
 
     def _copy(self, runs: Sequence[tuple[int, int, int]], to_host: bool) -> None:
         for (dk, dv), (hk, hv) in zip(self.device_caches, self.host_caches):

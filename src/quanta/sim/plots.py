@@ -11,7 +11,8 @@ from quanta.sim.capacity import CapacityResult
 from quanta.sim.simulation import SimResult
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the headless backend, imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -22,7 +23,7 @@ def _pyplot():
 
 def plot_latency_cdfs(results: Mapping[str, SimResult], path: str | Path) -> Path:
     """TTFT and time-between-tokens CDFs, one line per policy."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, res in results.items():
         metrics = res.metrics()
@@ -38,11 +39,11 @@ def plot_latency_cdfs(results: Mapping[str, SimResult], path: str | Path) -> Pat
         ax.set_xscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_kv_usage(results: Mapping[str, SimResult], path: str | Path) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(8, 4))
     for name, res in results.items():
         for i, series in enumerate(res.kv_usage):
@@ -53,13 +54,13 @@ def plot_kv_usage(results: Mapping[str, SimResult], path: str | Path) -> Path:
     ax.set_ylabel("KV blocks in use (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_capacity_sweep(results: Sequence[CapacityResult], tbt_slo: float, path: str | Path) -> Path:
     """Request rate against P99 TBT (with the SLO line) and against median TTFT, for every rate a
     capacity search evaluated."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, (tbt, ttft) = plt.subplots(1, 2, figsize=(12, 4))
     for res in results:
         evals = sorted(res.evaluations, key=lambda e: e.qps)
@@ -75,10 +76,11 @@ def plot_capacity_sweep(results: Sequence[CapacityResult], tbt_slo: float, path:
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
         ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
-def _save(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG (creating the folder) and close the figure."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
