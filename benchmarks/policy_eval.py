@@ -7,6 +7,9 @@ quanta's default, which admits in arrival order) in the same run:
   priority  10% high priority: their P99 TTFT, and the others' P99 TTFT and throughput
   deadline  two SLO classes: deadline attainment vs FCFS and priority
   swap      multi-turn chat with per-turn priorities: recompute vs swap, with and without block groups
+Each scenario runs twice: clients that set no max_tokens (as chat clients do: the policies only have the
+output-length predictor's estimate, as on the server) and clients that set max_tokens to the length they
+need ("known"; the setting of the figures before non-oracle simulation).
 Real engine (--real-engine): the same orderings with a tiny random-weight Llama on CPU (short runs).
 Prints tables and writes JSON.
 
@@ -38,6 +41,14 @@ def config(policy: str, **kw) -> SimConfig:
     return SimConfig(get_model("llama-2-7b"), get_gpu("a10"), policy=policy, max_model_len=4096, **kw)
 
 
+def run(wl: list[WorkloadRequest], cfg: SimConfig, known: bool) -> SimResult:
+    """Simulate with clients that set max_tokens to the length they need (known) or set none, as chat
+    clients do (then policies only have the output-length predictor's estimate, as on the server)."""
+    if known:
+        wl = [dataclasses.replace(w, max_tokens=w.output_len) for w in wl]
+    return simulate(wl, cfg)
+
+
 def table(title: str, rows: list[dict]) -> None:
     print(f"\n== {title}")
     cols = list(rows[0])
@@ -61,7 +72,7 @@ def throughput(res: SimResult) -> float:
 
 
 # ---- simulator scenarios ---------------------------------------------------------------------------
-def vtc(duration: float) -> list[dict]:
+def vtc(duration: float, known: bool) -> list[dict]:
     m_tokens = build_replica(config(FCFS)).kv.num_blocks * 16
     bound = 2 * max(1.0 * 256, 2.0 * m_tokens)
     rows = []
@@ -72,7 +83,7 @@ def vtc(duration: float) -> list[dict]:
     for name, wl in cases:
         base = None
         for policy in (FCFS, "vtc"):
-            res = simulate(wl, config(policy))
+            res = run(wl, config(policy), known)
             gap = pairwise_gap(res.requests)
             thr = throughput(res)
             base = base or thr
@@ -90,15 +101,15 @@ def vtc(duration: float) -> list[dict]:
     return rows
 
 
-def wfq(duration: float) -> list[dict]:
+def wfq(duration: float, known: bool) -> list[dict]:
     rows = []
     burst = [WorkloadRequest(0.0, 256, 256, tenant="heavy") for _ in range(300)]
     burst += [WorkloadRequest(0.0, 256, 256, tenant="light") for _ in range(30)]
     mixed = scenarios.heavy_and_light(n_light=max(int(duration / 10), 10))
     for policy in (FCFS, "vtc", "wfq"):
-        res = simulate(burst, config(policy))
+        res = run(burst, config(policy), known)
         gap = service_gap(res.requests)
-        by = summarize_by_tenant(simulate(mixed, config(policy)).metrics())
+        by = summarize_by_tenant(run(mixed, config(policy), known).metrics())
         rows.append(
             {
                 "policy": policy,
@@ -113,12 +124,12 @@ def wfq(duration: float) -> list[dict]:
     return rows
 
 
-def priority(duration: float) -> list[dict]:
+def priority(duration: float, known: bool) -> list[dict]:
     rows = []
     for rate in (2.0, 2.5):
         wl = scenarios.priority_mix(duration, rate)
         for policy in (FCFS, "priority"):
-            res = simulate(wl, config(policy))
+            res = run(wl, config(policy), known)
             by = summarize_by_tenant(res.metrics())
             rows.append(
                 {
@@ -135,12 +146,12 @@ def priority(duration: float) -> list[dict]:
     return rows
 
 
-def deadline(duration: float) -> list[dict]:
+def deadline(duration: float, known: bool) -> list[dict]:
     rows = []
     for rate in (2.5, 3.0):
         wl = scenarios.slo_mix(duration, rate)
         for policy in (FCFS, "priority", "deadline"):
-            res = simulate(wl, config(policy, policy_args={"slo_classes": scenarios.SLO_CLASSES}))
+            res = run(wl, config(policy, policy_args={"slo_classes": scenarios.SLO_CLASSES}), known)
             met = {c: [] for c in scenarios.SLO_CLASSES}
             for r in res.requests:
                 met[r.slo_class].append(r.times.finished <= scenarios.deadline_of(r))
@@ -158,7 +169,7 @@ def deadline(duration: float) -> list[dict]:
     return rows
 
 
-def swap(n_sessions: int) -> list[dict]:
+def swap(n_sessions: int, known: bool) -> list[dict]:
     wl = scenarios.multi_turn_chat(n_sessions=n_sessions, rate=0.15)
     rows = []
     for name, kw in {
@@ -173,7 +184,7 @@ def swap(n_sessions: int) -> list[dict]:
             "enable_prefix_caching": False,
         },
     }.items():
-        res = simulate(wl, config("priority", **kw))
+        res = run(wl, config("priority", **kw), known)
         s = summarize(res.metrics())
         st = res.swap_stats
         rows.append(
@@ -218,8 +229,12 @@ def real_engine(workdir: Path) -> list[dict]:
         reqs = to_requests(wl)
         start = engine.core.clock.now()
         vocab = engine.model_config.vocab_size
-        for r in reqs:
-            r.sampling_params = dataclasses.replace(r.sampling_params, temperature=0.0)  # greedy: comparable
+        for r, w in zip(reqs, wl):
+            # Greedy, for comparable outputs; a random-weight model has no notion of where to stop, so
+            # its outputs are forced to the scenario's lengths (the simulator ends them at EOS instead).
+            r.sampling_params = dataclasses.replace(
+                r.sampling_params, temperature=0.0, max_tokens=w.output_len, ignore_eos=True
+            )
             r.prompt_token_ids = [t % vocab for t in r.prompt_token_ids]
             r.all_token_ids = list(r.prompt_token_ids)
             r.arrival_time += start
@@ -297,16 +312,21 @@ def main() -> None:
     ap.add_argument("--out", default="results/policy_eval.json")
     args = ap.parse_args()
     started = time.perf_counter()
-    results = {
-        "setup": "simulator: llama-2-7b on a10, budget 512, max_num_seqs 128; FCFS = sarathi",
-        "vtc": vtc(args.duration),
-        "wfq": wfq(args.duration),
-        "priority": priority(args.duration),
-        "deadline": deadline(args.duration),
-        "swap": swap(args.sessions),
-    }
-    for name in ("vtc", "wfq", "priority", "deadline", "swap"):
-        table(name, results[name])
+    results: dict = {"setup": "simulator: llama-2-7b on a10, budget 512, max_num_seqs 128; FCFS = sarathi"}
+    for name, fn, arg in (
+        ("vtc", vtc, args.duration),
+        ("wfq", wfq, args.duration),
+        ("priority", priority, args.duration),
+        ("deadline", deadline, args.duration),
+        ("swap", swap, args.sessions),
+    ):
+        rows = [
+            {"max_tokens": "known" if known else "unset", **row}
+            for known in (False, True)
+            for row in fn(arg, known)  # type: ignore[operator]
+        ]
+        results[name] = rows
+        table(name, rows)
     if args.real_engine:
         out_dir = Path(args.out).parent
         results["real_engine"] = real_engine(out_dir / "models")

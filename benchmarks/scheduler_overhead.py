@@ -1,15 +1,20 @@
 """Microseconds per scheduler step (schedule() + update()) with N running requests, no model.
 
-Every request is decoding (the steady state of a busy server); a constant-time SimExecutor returns a
-token for each. Prints a table and writes JSON.
+Every running request is decoding (the steady state of a busy server); a constant-time SimExecutor
+returns a token for each. With --waiting W, W more requests queue behind a full batch (max_num_seqs =
+running), which policies that rank the queue (priority, deadline, fair queuing) consult every step:
+they rank below the running ones, so nothing is preempted and every step serves the same batch. Each
+policy's time is also given as a ratio to sarathi's in the same run and configuration. Prints a table
+and writes JSON.
 
-    python benchmarks/scheduler_overhead.py --running 256 1024 --out results/scheduler_overhead.json
+    python benchmarks/scheduler_overhead.py --running 256 1024 --waiting 0 1000 --out results/scheduler_overhead.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
 from pathlib import Path
@@ -22,10 +27,10 @@ from quanta.request import Request, RequestStatus
 from quanta.sampling_params import SamplingParams
 
 
-def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) -> dict:
+def measure(num_running: int, policy: str, steps: int, num_waiting: int = 0, prompt_len: int = 100) -> dict:
     block_size = 16
     max_model_len = 4096
-    budget = max(num_running, 512) if policy == "sarathi" else max_model_len
+    budget = max_model_len if policy == "prefill-first" else max(num_running, 512)
     # Room for every request to decode through the prefill phase and the measured steps: no preemption.
     max_tokens = prompt_len + steps + 4 * num_running * prompt_len // budget + 2 * block_size
     num_blocks = num_running * (max_tokens // block_size + 1)
@@ -39,12 +44,24 @@ def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) ->
     )
     for i in range(num_running):
         prompt = [i % 1000 + 1] + list(range(prompt_len - 1))
-        core.add_request(Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6, ignore_eos=True), 0.0))
+        req = Request(f"r{i}", prompt, SamplingParams(max_tokens=10**6, ignore_eos=True), 0.0)
+        req.deadline = 1e6  # only the deadline policy reads it
+        core.add_request(req)
     while any(
         r.num_tokens_to_compute > 1 or r.status != RequestStatus.RUNNING
         for r in core.scheduler.requests.values()
     ):
         core.step()  # prefill everything first: measure the decode steady state
+    rng = random.Random(0)
+    for i in range(num_waiting):
+        # Ranked below every running request (lower class, later deadline, later arrival, a tenant of
+        # its own), in an order of their own so that a queue kept sorted has work to do.
+        prompt = [5000 + i] + list(range(prompt_len - 1))
+        req = Request(f"w{i}", prompt, SamplingParams(max_tokens=64, ignore_eos=True), core.clock.now())
+        req.priority = 1 + rng.randrange(3)
+        req.deadline = 2e6 + rng.random() * 1e6
+        req.tenant = f"t{rng.randrange(8)}"
+        core.add_request(req)
     sched, executor, clock = core.scheduler, core.executor, core.clock
     times = []
     for _ in range(steps):
@@ -60,6 +77,7 @@ def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) ->
     return {
         "policy": policy,
         "running": num_running,
+        "waiting": num_waiting,
         "steps": steps,
         "median_us": statistics.median(times) * 1e6,
         "p90_us": sorted(times)[int(0.9 * len(times))] * 1e6,
@@ -70,24 +88,38 @@ def measure(num_running: int, policy: str, steps: int, prompt_len: int = 100) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--running", type=int, nargs="+", default=[256, 1024])
-    ap.add_argument("--policies", nargs="+", default=["sarathi", "prefill-first"])
+    ap.add_argument("--waiting", type=int, nargs="+", default=[0, 1000])
+    ap.add_argument(
+        "--policies", nargs="+", default=["sarathi", "prefill-first", "priority", "deadline", "vtc", "wfq"]
+    )
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--out", default="results/scheduler_overhead.json")
     args = ap.parse_args()
-    rows = [measure(n, p, args.steps) for n in args.running for p in args.policies]
+    policies = ["sarathi", *(p for p in args.policies if p != "sarathi")]  # the baseline of each ratio
+    rows = []
+    for n in args.running:
+        for w in args.waiting:
+            base = None
+            for p in policies:
+                row = measure(n, p, args.steps, w)
+                base = base or row["median_us"]
+                row["vs_sarathi"] = row["median_us"] / base
+                rows.append(row)
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title="scheduler overhead per step (schedule + update), decode steady state")
-    for col in ("policy", "running", "median µs", "p90 µs", "µs / request"):
+    for col in ("policy", "running", "waiting", "median µs", "p90 µs", "µs / request", "× sarathi"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(
             r["policy"],
             str(r["running"]),
+            str(r["waiting"]),
             f"{r['median_us']:.0f}",
             f"{r['p90_us']:.0f}",
             f"{r['us_per_request']:.2f}",
+            f"{r['vs_sarathi']:.2f}",
         )
     Console().print(table)
     out = Path(args.out)

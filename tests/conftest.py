@@ -44,3 +44,49 @@ def hf_model(path: Path):  # -> transformers model (float32, eval)
     if path not in _HF_MODELS:
         _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return _HF_MODELS[path]
+
+
+# Multiplying the lm_head rows of the eos ids (<|im_end|> and <|endoftext|>, both in generation_config)
+# makes their logits large whenever their sign is positive: greedy decoding then emits eos at once on most
+# prompts, and within a few tokens on the rest; temperature sampling soon after (test_sampling checks
+# this against `transformers` before relying on it).
+EOS_LOGIT_SCALE = 32.0
+
+
+@pytest.fixture(scope="session")
+def eos_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """tiny-llama (untied lm_head) whose eos tokens come early: min_tokens and eos handling can fail."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-llama-eos")
+    shutil.copytree(llama_dir, out, dirs_exist_ok=True)
+    eos = json.loads((out / "generation_config.json").read_text())["eos_token_id"]
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["lm_head.weight"][eos] *= EOS_LOGIT_SCALE
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharp_llama_dir(tmp_path_factory: pytest.TempPathFactory, llama_dir: Path) -> Path:
+    """tiny-llama with q/k projections and lm_head scaled up 8x. At the default init (std 0.02) attention
+    is almost uniform and logits almost flat, so a wrong rotary embedding or a mangled weight moves
+    logprobs by less than bfloat16 rounding does; here attention is sharp and position-dependent, and
+    such bugs move logprobs by tenths to whole units while bfloat16 rounding stays at hundredths."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("tiny-llama-sharp")
+    shutil.copytree(llama_dir, out, dirs_exist_ok=True)
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    for name, tensor in tensors.items():
+        if name.endswith(("q_proj.weight", "k_proj.weight")) or name == "lm_head.weight":
+            tensor *= 8.0
+    save_file(tensors, weights, metadata={"format": "pt"})
+    return out

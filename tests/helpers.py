@@ -21,7 +21,7 @@ def null_engine(
     policy: str = "sarathi",
     budget: int = 64,
     num_blocks: int = 256,
-    max_num_seqs: int = 128,
+    max_num_seqs: int | None = None,  # default: 128, or the budget when smaller
     max_model_len: int = 512,
     block_size: int = 4,
     caching: bool = True,
@@ -30,7 +30,7 @@ def null_engine(
     return EngineCore(
         executor,
         VirtualClock(),
-        SchedulerConfig(policy, budget, max_num_seqs, max_model_len),
+        SchedulerConfig(policy, budget, max_num_seqs or min(128, budget), max_model_len),
         CacheConfig(block_size=block_size, num_blocks=num_blocks, enable_prefix_caching=caching),
         check_integrity=True,
     )

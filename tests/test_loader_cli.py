@@ -104,3 +104,17 @@ def test_cli_make_model_then_default_generate(tmp_path: Path) -> None:
     default = run_cli("generate", "--max-tokens", "3", env_cache=tmp_path)
     assert default.returncode == 0, default.stderr
     assert (tmp_path / "tiny-llama" / "config.json").is_file()
+
+
+def test_serve_options_are_checked_before_the_model_loads(tmp_path) -> None:
+    keys = tmp_path / "keys.json"
+    keys.write_text('{"k1": {"tenant": "team a"}}')
+    for args, message in [
+        (("--priority-range", "5,1"), "the range '5,1' is empty"),
+        (("--api-keys-file", str(keys)), "a key's tenant"),
+        (("--api-keys-file", str(tmp_path / "missing.json")), "cannot read the API key file"),
+    ]:
+        # A model folder that does not exist: the option error must come first.
+        proc = run_cli("serve", "--model", str(tmp_path / "no-model"), *args)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -63,6 +63,43 @@ def test_summary_throughput_percentiles_goodput_and_tenants() -> None:
     assert distribution(range(101))["p90"] == pytest.approx(90.0)
 
 
+# Binary fractions, so the requests sitting exactly on an SLO stay exactly on it.
+#        arrival, token times               TTFT   TPOT   E2E
+_SPLIT = [
+    ("a", 0.0, [0.25, 0.5, 0.75]),  #      0.25   0.25   0.75
+    ("b", 0.0, [1.0, 1.125, 1.25]),  #     1.0    0.125  1.25
+    ("a", 0.5, [0.75, 2.75]),  #           0.25   2.0    2.25
+    ("b", 1.0, [3.0, 3.5, 4.0, 4.5]),  #   2.0    0.5    3.5
+    ("b", 1.0, [1.5, 1.75]),  #            0.5    0.25   0.75
+]
+
+
+@pytest.mark.parametrize(
+    "slos,good",
+    [
+        (dict(ttft_slo=0.5), {0, 2, 4}),
+        (dict(tpot_slo=0.25), {0, 1, 4}),
+        (dict(e2e_slo=1.25), {0, 1, 4}),
+        (dict(ttft_slo=0.5, tpot_slo=0.5), {0, 4}),  # every given SLO must hold
+        (dict(ttft_slo=2.0, tpot_slo=0.5), {0, 1, 3, 4}),
+        (dict(ttft_slo=0.5, e2e_slo=2.25), {0, 2, 4}),
+        (dict(ttft_slo=0.5, tpot_slo=0.25, e2e_slo=0.75), {0, 4}),
+        (dict(ttft_slo=0.2), set()),
+    ],
+)
+def test_goodput_with_slos_that_split_the_requests(slos: dict, good: set[int]) -> None:
+    """vLLM's goodput: requests meeting every given SLO (TPOT = (E2E - TTFT) / (outputs - 1)), per second."""
+    reqs = [timeline(f"x{i}", arr, arr, toks, tenant=t) for i, (t, arr, toks) in enumerate(_SPLIT)]
+    metrics = [RequestMetrics.of(r) for r in reqs]
+    assert [m.tpot for m in metrics] == [0.25, 0.125, 2.0, 0.5, 0.25]
+    assert {i for i, m in enumerate(metrics) if m.meets(**slos)} == good
+    s = summarize(metrics, **slos)
+    assert s.duration == 4.5 and s.goodput == pytest.approx(len(good) / 4.5)
+    by = summarize_by_tenant(metrics, **slos)
+    assert by["a"].goodput == pytest.approx(len(good & {0, 2}) / 2.75)  # 0 to 2.75
+    assert by["b"].goodput == pytest.approx(len(good & {1, 3, 4}) / 4.5)  # 0 to 4.5
+
+
 def test_metrics_of_a_virtual_time_run() -> None:
     core = null_engine("sarathi", budget=16, num_blocks=256)
     reqs = [

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import hf_model
 from quanta import LLM, SamplingParams
 from quanta.engine.llm_engine import EngineArgs, LLMEngine
 from quanta.model.sampler import Sampler
@@ -112,25 +113,115 @@ def test_stop_strings_and_stop_tokens(llm: LLM) -> None:
     assert by_token.finish_reason == "stop" and by_token.stop_reason == ids[3]
 
 
-def test_min_and_max_tokens_and_eos(llm: LLM) -> None:
-    eos = llm.engine.eos_token_ids
-    outs = llm.generate(
-        PROMPTS * 4,
-        SamplingParams(temperature=1.0, seed=3, max_tokens=40, min_tokens=10, logprobs=0),
-        use_tqdm=False,
+@pytest.fixture(scope="module")
+def eos_llm(eos_llama_dir: Path) -> LLM:
+    return LLM(
+        str(eos_llama_dir),
+        num_kv_blocks=400,
+        max_model_len=512,
+        max_num_batched_tokens=64,
+        check_integrity=True,
     )
-    for o in outs:
-        c = o.outputs[0]
-        assert 10 <= len(c.token_ids) <= 40
-        assert not set(c.token_ids[:10]) & set(eos)
+
+
+def eos_prompts() -> list[list[int]]:
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 90, 3, 8, 12, 25, 60)]
+
+
+def hf_greedy_min(path: Path, prompt: list[int], max_tokens: int, min_tokens: int, eos: list[int]) -> list[int]:
+    """transformers' greedy output; `min_new_tokens` masks every id of `eos` for the first steps."""
+    with torch.no_grad():
+        ids = hf_model(path).generate(
+            torch.tensor([prompt]),
+            max_new_tokens=max_tokens,
+            min_new_tokens=min_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos[0],
+        )
+    return ids[0, len(prompt) :].tolist()
+
+
+def test_min_tokens_holds_back_eos_like_transformers(eos_llm: LLM, eos_llama_dir: Path) -> None:
+    eos = list(eos_llm.engine.eos_token_ids)
+    assert sorted(eos) == [0, 2]  # <|endoftext|> and <|im_end|>, both from generation_config.json
+    prompts = eos_prompts()
+
+    def greedy(**kw) -> list:
+        params = SamplingParams(temperature=0.0, max_tokens=20, **kw)
+        return [o.outputs[0] for o in eos_llm.generate(prompts, params, use_tqdm=False)]
+
+    # Without min_tokens the model stops at eos within a few tokens (right away on most prompts).
+    free = greedy()
+    for p, c in zip(prompts, free):
+        ref = hf_greedy_min(eos_llama_dir, p, 20, 0, eos)
+        assert len(ref) <= 4 and ref[-1] in eos, "the fixture model should emit eos early"
+        assert c.token_ids == ref
+        assert c.finish_reason == "stop" and c.stop_reason is None
+    assert sum(len(c.token_ids) == 1 for c in free) >= len(prompts) // 2
+    # With min_tokens=k, neither eos id may appear among the first k tokens; those k tokens (and the eos
+    # that follows) are transformers' greedy tokens with eos masked for k steps.
+    for k in (1, 6):
+        for p, c in zip(prompts, greedy(min_tokens=k)):
+            assert not set(c.token_ids[:k]) & set(eos), (k, c.token_ids)
+            assert c.token_ids == hf_greedy_min(eos_llama_dir, p, 20, k, eos), k
+            assert len(c.token_ids) > k and c.token_ids[-1] in eos  # eos comes right after the hold
+            assert c.finish_reason == "stop" and c.stop_reason is None
+
+
+def test_stop_token_ids_wait_for_min_tokens(eos_llm: LLM, eos_llama_dir: Path) -> None:
+    """ignore_eos with <|im_end|> as a stop token: <|endoftext|> no longer ends the output, <|im_end|>
+    does, and only once min_tokens are out (transformers with eos_token_id=<|im_end|> is the reference)."""
+    prompts = eos_prompts()
+    im_end, endoftext = 2, 0
+    for k in (0, 5):
+        params = SamplingParams(
+            temperature=0.0, max_tokens=20, min_tokens=k, ignore_eos=True, stop_token_ids=[im_end]
+        )
+        outs = [o.outputs[0] for o in eos_llm.generate(prompts, params, use_tqdm=False)]
+        for p, c in zip(prompts, outs):
+            ref = hf_greedy_min(eos_llama_dir, p, 20, k, [im_end])
+            assert c.token_ids == ref, k
+            assert im_end not in c.token_ids[:k]
+            if c.finish_reason == "stop":
+                assert c.token_ids[-1] == im_end and c.stop_reason == im_end
+                assert im_end not in c.token_ids[:-1]
+            else:
+                assert c.finish_reason == "length" and len(c.token_ids) == 20
+        assert sum(c.finish_reason == "stop" for c in outs) >= 3
+        assert any(endoftext in c.token_ids for c in outs), "the ignored eos should be sampled and kept"
+
+
+def test_min_and_max_tokens_and_eos(eos_llm: LLM) -> None:
+    """Temperature sampling on the model that emits eos early: counts, and no eos before min_tokens."""
+    eos = set(eos_llm.engine.eos_token_ids)
+    prompts = eos_prompts()
+
+    def sample(**kw) -> list:
+        params = [SamplingParams(temperature=1.0, seed=100 + i, max_tokens=40, **kw) for i in range(30)]
+        return [o.outputs[0] for o in eos_llm.generate(prompts * 3, params, use_tqdm=False)]
+
+    free = sample()
+    assert sum(len(c.token_ids) < 8 for c in free) >= len(free) // 2, "eos should come early when sampling"
+    for c in free:
+        assert c.finish_reason == "length" or (c.finish_reason == "stop" and c.token_ids[-1] in eos)
+    held = sample(min_tokens=8)
+    for c in held:
+        assert 8 <= len(c.token_ids) <= 40
+        assert not set(c.token_ids[:8]) & eos
         if c.finish_reason == "stop":
-            assert c.token_ids[-1] in eos
+            assert c.token_ids[-1] in eos and not set(c.token_ids[:-1]) & eos
         else:
             assert c.finish_reason == "length" and len(c.token_ids) == 40
-    forced = llm.generate(
-        PROMPTS, SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True), use_tqdm=False
+    assert sum(c.finish_reason == "stop" for c in held) >= len(held) * 3 // 4
+    forced = eos_llm.generate(
+        prompts, SamplingParams(temperature=0.0, max_tokens=25, ignore_eos=True), use_tqdm=False
     )
-    assert all(len(o.outputs[0].token_ids) == 25 and o.outputs[0].finish_reason == "length" for o in forced)
+    for o in forced:
+        c = o.outputs[0]
+        assert len(c.token_ids) == 25 and c.finish_reason == "length"
+        assert set(c.token_ids) & eos, "eos is sampled but does not stop the output"
 
 
 def test_text_prompts_and_chat(llm: LLM) -> None:

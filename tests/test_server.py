@@ -19,11 +19,9 @@ from pathlib import Path
 import pytest
 
 openai = pytest.importorskip("openai")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from helpers import run_cli  # noqa: E402
+from server_harness import MODEL, ServerClient  # noqa: E402
 
-MODEL = "tiny"
 API_KEY = "sekret"
 
 
@@ -33,7 +31,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Server:
+class Server(ServerClient):
+    """`quanta serve` in a subprocess."""
+
     def __init__(self, model_dir: Path, *extra: str) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -63,51 +63,6 @@ class Server:
             self.proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-
-    def client(self, api_key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, timeout=60)
-
-    def http(self, method: str, path: str, body: bytes | dict | None = None, headers: dict | None = None):
-        """(status, parsed JSON or text, headers) of a raw request."""
-        data = json.dumps(body).encode() if isinstance(body, dict) else body
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers or {})
-        req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                status, raw, hdrs = r.status, r.read(), r.headers
-        except urllib.error.HTTPError as e:
-            status, raw, hdrs = e.code, e.read(), e.headers
-        try:
-            return status, json.loads(raw), hdrs
-        except json.JSONDecodeError:
-            return status, raw.decode(), hdrs
-
-    def state(self, headers: dict | None = None) -> dict:
-        status, body, _ = self.http("GET", "/internal/state", headers=headers)
-        assert status == 200, body
-        return body
-
-    def wait_idle(self, headers: dict | None = None, timeout: float = 30) -> dict:
-        deadline = time.monotonic() + timeout
-        while True:
-            st = self.state(headers)
-            idle = (
-                st["num_running"] == 0
-                and st["num_waiting"] == 0
-                and st["num_free_blocks"] == st["num_blocks"]
-            )
-            if idle or time.monotonic() > deadline:
-                return st
-            time.sleep(0.1)
-
-    def metrics(self) -> dict[tuple, float]:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
-        out = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-        return out
 
 
 @pytest.fixture(scope="module")
@@ -314,7 +269,46 @@ BAD_REQUESTS = [
     ("chat max_tokens beyond the context", "/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 300}, 400),
     ("malformed JSON", "/v1/completions", b'{"model": "tiny", "prompt": ', 400),
     ("not an object", "/v1/chat/completions", b"[1, 2]", 400),
+    ("unknown route", "/v1/embeddings", {"model": MODEL, "input": "x"}, 404),
 ]  # fmt: skip
+
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+CMPL = {"model": MODEL, "prompt": "hi"}
+# (what, path, body, the param the 400 names): fields that would change the output in ways quanta does not
+# implement are refused by name, as vLLM does, and so are out-of-bounds scheduling fields.
+REFUSED_FIELDS = [
+    ("json output", "/v1/chat/completions", {**CHAT, "response_format": {"type": "json_object"}}, "response_format"),
+    ("json schema", "/v1/completions", {**CMPL, "response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ("tools", "/v1/chat/completions", {**CHAT, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("tool_choice required", "/v1/chat/completions", {**CHAT, "tool_choice": "required"}, "tool_choice"),
+    ("tool_choice named", "/v1/chat/completions", {**CHAT, "tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+    ("functions", "/v1/chat/completions", {**CHAT, "functions": [{"name": "f"}]}, "functions"),
+    ("function_call", "/v1/chat/completions", {**CHAT, "function_call": {"name": "f"}}, "function_call"),
+    ("best_of", "/v1/completions", {**CMPL, "best_of": 3}, "best_of"),
+    ("guided_json", "/v1/completions", {**CMPL, "guided_json": {"type": "object"}}, "guided_json"),
+    ("guided_regex", "/v1/chat/completions", {**CHAT, "guided_regex": "[a-z]+"}, "guided_regex"),
+    ("guided_choice", "/v1/completions", {**CMPL, "guided_choice": ["a", "b"]}, "guided_choice"),
+    ("guided_grammar", "/v1/completions", {**CMPL, "guided_grammar": "root ::= 'a'"}, "guided_grammar"),
+    ("guided_whitespace_pattern", "/v1/completions", {**CMPL, "guided_whitespace_pattern": " "}, "guided_whitespace_pattern"),
+    ("guided_decoding_backend", "/v1/completions", {**CMPL, "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
+    ("structured_outputs", "/v1/chat/completions", {**CHAT, "structured_outputs": {"json": {}}}, "structured_outputs"),
+    ("suffix", "/v1/completions", {**CMPL, "suffix": "end"}, "suffix"),
+    ("stream_options without stream", "/v1/completions", {**CMPL, "stream_options": {"include_usage": True}}, "stream_options"),
+    ("logit_bias out of vocabulary", "/v1/completions", {**CMPL, "logit_bias": {"100000": 5}}, "logit_bias"),
+    ("logit_bias above 100", "/v1/completions", {**CMPL, "logit_bias": {"5": 101}}, "logit_bias"),
+    ("logit_bias key not a token id", "/v1/chat/completions", {**CHAT, "logit_bias": {"abc": 1}}, "logit_bias"),
+    ("priority out of range", "/v1/completions", {**CMPL, "priority": 10**6}, "priority"),
+    ("tenant with odd characters", "/v1/completions", {**CMPL, "tenant": "a/b c"}, "tenant"),
+    ("tenant too long", "/v1/completions", {**CMPL, "tenant": "t" * 65}, "tenant"),
+    ("deadline beyond a day", "/v1/completions", {**CMPL, "deadline_ms": 86_400_001}, "deadline_ms"),
+    ("cache_salt too long", "/v1/completions", {**CMPL, "cache_salt": "s" * 257}, "cache_salt"),
+    ("session_id too long", "/v1/chat/completions", {**CHAT, "session_id": "s" * 257}, "session_id"),
+]  # fmt: skip
+ACCEPTED_FIELDS = [
+    {**CHAT, "response_format": {"type": "text"}, "tool_choice": "none", "tools": []},
+    {**CHAT, "tool_choice": "auto", "best_of": 1, "function_call": "none"},
+    {**CMPL, "best_of": 2, "n": 2, "stream_options": None},
+]
 
 
 @pytest.mark.parametrize("name,path,body,status", BAD_REQUESTS, ids=[b[0] for b in BAD_REQUESTS])
@@ -330,6 +324,21 @@ def test_bad_input_is_a_clear_error(server: Server, name: str, path: str, body, 
     assert st["integrity_ok"] and st["num_free_blocks"] == st["num_blocks"]
 
 
+@pytest.mark.parametrize("what,path,body,param", REFUSED_FIELDS, ids=[r[0] for r in REFUSED_FIELDS])
+def test_refused_fields_are_named(server: Server, what: str, path: str, body: dict, param: str) -> None:
+    status, payload, _ = server.http("POST", path, body)
+    assert status == 400, payload
+    assert payload["error"]["param"] == param and payload["error"]["type"] == "invalid_request_error"
+    assert param in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("body", ACCEPTED_FIELDS)
+def test_fields_that_change_nothing_are_accepted(server: Server, body: dict) -> None:
+    path = "/v1/chat/completions" if "messages" in body else "/v1/completions"
+    status, payload, _ = server.http("POST", path, {**body, "max_tokens": 2})
+    assert status == 200, payload
+
+
 def test_openai_client_sees_errors(server: Server) -> None:
     client = server.client()
     with pytest.raises(openai.BadRequestError) as e:
@@ -339,9 +348,98 @@ def test_openai_client_sees_errors(server: Server) -> None:
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
 
 
+def test_tokenize_detokenize_version_and_model_card(server: Server, llama_dir: Path) -> None:
+    """vLLM's /tokenize (completion and chat forms), /detokenize and /version, and GET /v1/models/{id}."""
+    from quanta.engine.tokenizer import Tokenizer
+
+    tok = Tokenizer(llama_dir)
+    status, out, _ = server.http("POST", "/tokenize", {"model": MODEL, "prompt": PROMPTS[0]})
+    assert status == 200, out
+    assert out == {
+        "count": len(out["tokens"]),
+        "max_model_len": 256,
+        "tokens": tok.encode(PROMPTS[0]),
+        "token_strs": None,
+    }
+    status, out, _ = server.http(
+        "POST", "/tokenize", {"prompt": PROMPTS[0], "add_special_tokens": False, "return_token_strs": True}
+    )
+    assert out["tokens"] == tok.encode(PROMPTS[0], add_special_tokens=False)
+    assert out["token_strs"] == [tok.backend.id_to_token(t) for t in out["tokens"]]
+    status, out, _ = server.http("POST", "/detokenize", {"model": MODEL, "tokens": out["tokens"]})
+    assert status == 200 and out == {"prompt": PROMPTS[0]}
+
+    # The chat form counts exactly the prompt tokens a chat completion is charged for.
+    messages = [{"role": "user", "content": "hello there"}]
+    status, out, _ = server.http("POST", "/tokenize", {"model": MODEL, "messages": messages})
+    assert status == 200, out
+    chat = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
+    assert out["count"] == len(out["tokens"]) == chat.usage.prompt_tokens
+
+    for path, body, param in [
+        ("/detokenize", {"tokens": [10**6]}, "tokens"),
+        ("/tokenize", {"prompt": 5}, "prompt"),
+        ("/tokenize", {"messages": []}, "messages"),
+    ]:
+        status, out, _ = server.http("POST", path, body)
+        assert status == 400 and out["error"]["param"] == param, out
+    assert server.http("POST", "/tokenize", {"model": "other", "prompt": "x"})[0] == 404
+
+    import quanta
+
+    assert server.http("GET", "/version")[1] == {"version": quanta.__version__}
+    card = server.client().models.retrieve(MODEL)
+    assert card.id == MODEL and card.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.client().models.retrieve("gpt-9")
+
+
+def test_logit_bias_through_the_api(server: Server) -> None:
+    client = server.client()
+    prompt = server.http("POST", "/tokenize", {"prompt": PROMPTS[0]})[1]["tokens"]
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    forced = 42
+    out = client.completions.create(**kw, logit_bias={str(forced): 100}, logprobs=1)
+    assert out.choices[0].text == server.http("POST", "/detokenize", {"tokens": [forced] * 6})[1]["prompt"]
+    # Logprobs are the model's own, before the bias (vLLM's default): the same as the model gives these
+    # tokens when they are in the prompt.
+    echo = client.completions.create(
+        model=MODEL, prompt=prompt + [forced] * 6, max_tokens=1, echo=True, logprobs=0
+    )
+    raw = echo.choices[0].logprobs.token_logprobs[len(prompt) : len(prompt) + 6]
+    assert out.choices[0].logprobs.token_logprobs == pytest.approx(raw, abs=1e-4)
+
+    plain = client.completions.create(**kw).choices[0].text
+    first = server.http("POST", "/tokenize", {"prompt": plain, "add_special_tokens": False})[1]["tokens"][0]
+    assert client.completions.create(**kw, logit_bias={str(first): -100}).choices[0].text != plain
+    chat = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "x"}],
+        max_tokens=3,
+        temperature=0,
+        logit_bias={str(forced): 100},
+        extra_body={"ignore_eos": True},
+    )
+    assert (
+        chat.choices[0].message.content
+        == server.http("POST", "/detokenize", {"tokens": [forced] * 3})[1]["prompt"]
+    )
+
+
 def test_api_key_and_queue_limit(servers: tuple[Server, Server]) -> None:
     _, guarded = servers
-    assert guarded.http("GET", "/health")[0] == 200  # health and metrics stay open
+    assert guarded.http("GET", "/health")[0] == 200  # health, version and metrics stay open
+    assert guarded.http("GET", "/version")[0] == 200
+    assert guarded.http("GET", "/metrics")[0] == 200
+    for path in ("/tokenize", "/detokenize", "/v1/models/tiny"):  # the rest needs the key
+        status, body, _ = guarded.http(
+            "POST" if "tokenize" in path else "GET", path, {"prompt": "x", "tokens": [1]}
+        )
+        assert status == 401 and body["error"]["type"] == "authentication_error", path
+    status, body, _ = guarded.http(
+        "POST", "/tokenize", {"prompt": "x"}, {"Authorization": f"Bearer {API_KEY}"}
+    )
+    assert status == 200 and body["count"] >= 1
     for key in ("none", "wrong"):
         with pytest.raises(openai.AuthenticationError):
             guarded.client(key).models.list()
@@ -416,10 +514,11 @@ def test_metrics_counters_move(server: Server) -> None:
         prompt=PROMPTS[0],
         max_tokens=7,
         temperature=0,
-        user="acme",
-        extra_body={"ignore_eos": True},
+        user="someone",  # OpenAI's end-user id: not a tenant (clients must not mint metric labels with it)
+        extra_body={"ignore_eos": True, "tenant": "acme"},
     )
     after = server.metrics()
+    assert not any(dict(lab).get("tenant") == "someone" for _, lab in after)
 
     def delta(name: str, lab: tuple = labels) -> float:
         return after.get((name, lab), 0.0) - before.get((name, lab), 0.0)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from helpers import run_cli
 from quanta.metrics import summarize
+from quanta.request import RequestStatus
 from quanta.sim.hardware import get_gpu
 from quanta.sim.model_presets import get_model
 from quanta.sim.simulation import SimConfig, simulate
-from quanta.sim.workload import WorkloadRequest, preset, write_trace
+from quanta.sim.workload import WorkloadRequest, preset, read_trace, write_trace
 
 
 def config(**kw) -> SimConfig:
@@ -24,6 +27,60 @@ def test_every_request_finishes_at_its_trace_length_and_runs_are_deterministic()
     assert all(r.finished for r in a.requests)
     assert [r.times.finished for r in a.requests] == [r.times.finished for r in b.requests]
     assert a.kv_usage[0] and all(0.0 <= u <= 1.0 for _, u in a.kv_usage[0])
+
+
+def test_requests_carry_no_oracle_max_tokens_yet_stop_at_their_true_length() -> None:
+    w = [WorkloadRequest(0.01 * i, 64 + i, 5 + 7 * i) for i in range(6)]
+    res = simulate(w, config())
+    # What a chat client without max_tokens sends: the policies cannot read the true length from it.
+    assert all(r.sampling_params.max_tokens is None for r in res.requests)
+    assert [r.num_output_tokens for r in res.requests] == [x.output_len for x in w]
+    assert all(r.status == RequestStatus.FINISHED_STOPPED for r in res.requests)  # at EOS, as the model
+    # A configured default caps the requests that set none; the shorter ones still end at EOS.
+    capped = simulate(w, config(default_max_tokens=20)).requests
+    assert all(r.sampling_params.max_tokens == 20 for r in capped)
+    assert [r.num_output_tokens for r in capped] == [min(x.output_len, 20) for x in w]
+    assert [r.status for r in capped] == [
+        RequestStatus.FINISHED_STOPPED if x.output_len <= 20 else RequestStatus.FINISHED_LENGTH for x in w
+    ]
+    with pytest.raises(ValueError, match="default_max_tokens"):
+        config(default_max_tokens=0)
+
+
+def test_a_trace_max_tokens_cuts_the_output(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    write_trace(
+        path, [WorkloadRequest(0.0, 50, 40, max_tokens=10), WorkloadRequest(0.1, 50, 8, max_tokens=10)]
+    )
+    w = read_trace(path)
+    assert [x.max_tokens for x in w] == [10, 10]
+    res = simulate(w, config())
+    assert [(r.num_output_tokens, r.status) for r in res.requests] == [
+        (10, RequestStatus.FINISHED_LENGTH),  # the client's limit came first: metrics see 10 tokens
+        (8, RequestStatus.FINISHED_STOPPED),
+    ]
+    assert [m.num_output_tokens for m in res.metrics()] == [10, 8]
+
+
+def test_sessions_and_prefix_groups_hit_the_prefix_cache() -> None:
+    w = [
+        # Turn 2 arrives long after turn 1 finished: its first 200 prompt tokens are turn 1's prompt.
+        WorkloadRequest(0.0, 200, 10, session_id="chat"),
+        WorkloadRequest(30.0, 300, 10, session_id="chat"),
+        # A shared 128-token system prompt, then each request's own text.
+        WorkloadRequest(0.0, 300, 10, prefix_group="sys", prefix_len=128),
+        WorkloadRequest(10.0, 250, 10, prefix_group="sys", prefix_len=128),
+        WorkloadRequest(20.0, 400, 10, prefix_group="sys", prefix_len=128),
+        # Unrelated requests share nothing, with each other or with the above.
+        WorkloadRequest(40.0, 300, 10),
+        WorkloadRequest(50.0, 300, 10),
+    ]
+    res = simulate(w, config(block_size=16))
+    assert config().enable_prefix_caching
+    cached = [r.num_cached_tokens for r in res.requests]
+    # Whole blocks only: turn 1's 13th block also holds its outputs, which turn 2's prompt lacks.
+    assert cached == [0, 192, 0, 128, 128, 0, 0]
+    assert all(r.status == RequestStatus.FINISHED_STOPPED for r in res.requests)
 
 
 def test_stall_free_batching_cuts_tail_tbt_under_load() -> None:
@@ -61,6 +118,8 @@ def test_cli_simulate(tmp_path: Path) -> None:
         "sarathi,prefill-first",
         "--ttft-slo",
         "0.5",
+        "--default-max-tokens",
+        "20",  # below the trace's 30 output tokens: every request is cut to 20
         "--json",
         str(out),
         timeout=120,
@@ -70,6 +129,7 @@ def test_cli_simulate(tmp_path: Path) -> None:
     assert [r["policy"] for r in rows] == ["sarathi", "prefill-first"] and rows[0]["num_requests"] == 30
     assert set(rows[0]["per_tenant"]) == {"a", "b"} and rows[0]["per_tenant"]["a"]["num_requests"] == 15
     assert rows[0]["goodput"] > 0
+    assert rows[0]["output_throughput"] * rows[0]["duration"] == pytest.approx(30 * 20)
     bad = run_cli("simulate", "--trace", "sharegpt", timeout=120)
     assert bad.returncode == 2 and "--qps" in bad.stderr
 

@@ -8,11 +8,14 @@ import numpy as np
 import pytest
 
 from quanta.sim.workload import (
+    EOS_TOKEN_ID,
     LengthDist,
     WorkloadRequest,
     gamma_arrivals,
+    output_lengths,
     poisson_arrivals,
     preset,
+    prompt_token_ids,
     read_trace,
     scale_rate,
     to_requests,
@@ -88,5 +91,60 @@ def test_engine_requests_from_a_workload() -> None:
     reqs = to_requests(scale_rate(w, 2.0))
     assert [r.arrival_time for r in reqs] == [0.5, 1.0]
     assert reqs[0].deadline == pytest.approx(3.5) and reqs[0].tenant == "t"
-    assert reqs[0].sampling_params.max_tokens == 9 and reqs[0].sampling_params.ignore_eos
+    # As a client sends them: no max_tokens (the true length stays with the simulator), EOS honoured.
+    assert reqs[0].sampling_params.max_tokens is None and not reqs[0].sampling_params.ignore_eos
+    assert reqs[0].eos_token_ids == (EOS_TOKEN_ID,)
+    assert output_lengths(w) == {"w0": 9, "w1": 4}
     assert reqs[0].prompt_token_ids[0] != reqs[1].prompt_token_ids[0]  # no accidental prefix sharing
+    capped = to_requests(w + [WorkloadRequest(3.0, 40, 9, max_tokens=5)], default_max_tokens=64)
+    assert [r.sampling_params.max_tokens for r in capped] == [64, 64, 5]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_trace_max_tokens_and_prefix_columns(tmp_path: Path, suffix: str) -> None:
+    reqs = [
+        WorkloadRequest(0.0, 40, 30, max_tokens=12, prefix_group="sys", prefix_len=32),
+        WorkloadRequest(0.5, 50, 7, prefix_group="sys", prefix_len=32, session_id="s"),
+        WorkloadRequest(0.7, 20, 7),
+    ]
+    path = tmp_path / f"t{suffix}"
+    write_trace(path, reqs)
+    assert read_trace(path) == reqs
+    # Tables with missing values write integer columns as floats.
+    floats = tmp_path / "floats.csv"
+    floats.write_text("arrival,prompt_len,output_len,max_tokens\n0,10,5,12.0\n1,10,5,\n")
+    assert [r.max_tokens for r in read_trace(floats)] == [12, None]
+    for row, match in (
+        ("0,10,5,0,,", "max_tokens must be at least 1"),
+        ("0,10,5,,g,11", "prefix_len must be between 0 and prompt_len"),
+        ("0,10,5,,,4", "prefix_len needs a prefix_group"),
+    ):
+        bad = tmp_path / "bad.csv"
+        bad.write_text(f"arrival,prompt_len,output_len,max_tokens,prefix_group,prefix_len\n{row}\n")
+        with pytest.raises(ValueError, match=match):
+            read_trace(bad)
+
+
+def test_synthetic_prompts_share_what_the_trace_says() -> None:
+    w = [
+        WorkloadRequest(0.0, 100, 5, session_id="a"),
+        WorkloadRequest(1.0, 180, 5, session_id="a"),  # the next turn: extends the first turn's prompt
+        WorkloadRequest(0.0, 100, 5, session_id="b"),
+        WorkloadRequest(0.0, 90, 5, prefix_group="sys", prefix_len=64),
+        WorkloadRequest(0.0, 80, 5, prefix_group="sys", prefix_len=64),
+        WorkloadRequest(0.0, 100, 5),
+        WorkloadRequest(0.0, 100, 5),
+    ]
+    ids = prompt_token_ids(w)
+    assert [len(x) for x in ids] == [r.prompt_len for r in w]
+    assert ids[1][:100] == ids[0] and ids[1][100:] != ids[0][:80]
+    assert ids[3][:64] == ids[4][:64]
+    # Anything not shared differs at every position, so no block hash can match by accident.
+    for a, b in ((ids[0], ids[2]), (ids[3][64:], ids[4][64:]), (ids[5], ids[6]), (ids[0], ids[5])):
+        assert all(x != y for x, y in zip(a, b))
+    flat = [t for x in ids for t in x]
+    assert min(flat) > max(EOS_TOKEN_ID, 0) and max(flat) < 1_000_000
+    assert prompt_token_ids(w) == ids  # deterministic
+    # A prefix_len longer than the prompt (hand-made rows, not read from a trace) shares the whole prompt.
+    short = prompt_token_ids([WorkloadRequest(0.0, 8, 1, prefix_group="g", prefix_len=20)] * 2)
+    assert short[0] == short[1] and len(short[0]) == 8

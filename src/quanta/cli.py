@@ -44,7 +44,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         help="scheduling policy (sarathi, prefill-first, priority, vtc, wfq, deadline)",
     )
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
-    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument(
+        "--max-num-seqs", type=int, default=None, help="most running requests (default 128, or the budget)"
+    )
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--num-kv-blocks", type=int, default=None)
@@ -56,6 +58,11 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument(
+        "--prefix-cache-per-tenant",
+        action="store_true",
+        help="prefix-cache hits only between requests of the same tenant (no cross-tenant timing signal)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -75,6 +82,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         cuda_graphs=False if args.enforce_eager else None,
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
+        prefix_cache_per_tenant=args.prefix_cache_per_tenant,
         seed=args.seed,
     )
 
@@ -136,19 +144,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from quanta.server.async_engine import QueueLimits
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from quanta.server.auth import load_api_keys, parse_int_range
+
+    # Options are checked before the model loads: a typo costs no start-up.
+    api_keys = load_api_keys(args.api_keys_file) if args.api_keys_file else None
+    priority_range = parse_int_range(args.priority_range)
+    if args.max_request_bytes < 1 or args.max_tenant_labels < 1:
+        raise ValueError("--max-request-bytes and --max-tenant-labels must be positive")
     model = args.model or str(ensure_default_model())
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     # Load the chat-template tokenizer now, not inside the first chat request.
     if getattr(engine.tokenizer.hf, "chat_template", None) is None:
         print("quanta serve: the model has no chat template; /v1/chat/completions will return 400", file=sys.stderr)
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or api_keys):
         print(f"quanta serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     limits = QueueLimits(args.max_waiting_requests, args.max_waiting_tokens)
     name = args.served_model_name or model
     print(f"quanta serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     run_server(
         engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
-        limits=limits, enable_internal=not args.no_internal,
+        limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
+        max_request_bytes=args.max_request_bytes, max_tenant_labels=args.max_tenant_labels,
+        priority_range=priority_range,
     )  # fmt: skip
     return 0
 
@@ -209,6 +226,7 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             preemption_mode=args.preemption_mode,
             swap_space_gb=args.swap_space_gb if args.preemption_mode == "swap" else 0.0,
             policy_args=json.loads(args.policy_args) if args.policy_args else {},
+            default_max_tokens=args.default_max_tokens,
             **({"efficiency": efficiency} if efficiency else {}),
         )
         for policy in args.policy.split(",")
@@ -343,8 +361,17 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
         default=None,
         help="token budget of chunked policies (default 512); prefill-first uses at least --max-model-len",
     )
-    p.add_argument("--max-num-seqs", type=int, default=128)
+    p.add_argument(
+        "--max-num-seqs", type=int, default=None, help="most running requests (default 128, or the budget)"
+    )
     p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=None,
+        help="max_tokens of trace requests that set none: what a client without max_tokens gets "
+        "(default: the remaining context); requests still stop at their trace output length",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results as JSON here")
 
@@ -405,6 +432,24 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     srv.add_argument("--api-key", default=os.environ.get("QUANTA_API_KEY"), help="require this bearer key")
+    srv.add_argument(
+        "--api-keys-file",
+        default=None,
+        help='JSON {"KEY": {"tenant": "team-a", "priority": [0, 5]}, ...}: keys, each bound to a tenant '
+        "and the priorities it may ask for",
+    )
+    srv.add_argument(
+        "--priority-range", default="-1000,1000", help="LOW,HIGH: priorities a request may ask for"
+    )
+    srv.add_argument(
+        "--max-request-bytes", type=int, default=16 * 2**20, help="413 for larger bodies (default 16 MiB)"
+    )
+    srv.add_argument(
+        "--max-tenant-labels",
+        type=int,
+        default=100,
+        help="tenants with their own metric series; later ones share one label",
+    )
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
     srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
     srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")

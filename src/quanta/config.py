@@ -17,6 +17,8 @@ class CacheConfig:
     num_cpu_blocks: int | None = None
     # Allocate a request's blocks contiguously where possible, so a swap is a few large copies.
     block_groups: bool = True
+    # Prefix-cache hits only between requests of the same tenant (on top of per-request cache_salt).
+    prefix_cache_per_tenant: bool = False
 
     def __post_init__(self) -> None:
         if self.swap_space_gb < 0 or (self.num_cpu_blocks is not None and self.num_cpu_blocks < 0):
@@ -50,3 +52,10 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
         if self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            # Every running decode needs a token of the step's budget: with fewer tokens than sequences
+            # the last decodes would be skipped step after step (vLLM rejects this too).
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be at least max_num_seqs "
+                f"({self.max_num_seqs}): raise the token budget or lower max_num_seqs"
+            )

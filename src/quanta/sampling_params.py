@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 
 
 @dataclass(slots=True)
@@ -28,6 +30,9 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     detokenize: bool = True  # False: token ids only (no text, so no stop strings); saves host time
+    # Added to the logits of these token ids before sampling (OpenAI's logit_bias; values in [-100, 100]).
+    # Logprobs stay those of the raw model output, as in vLLM's default (logprobs_mode "raw_logprobs").
+    logit_bias: dict[int, float] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -36,6 +41,7 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self.logit_bias = _normalize_logit_bias(self.logit_bias)
         self.validate()
 
     def validate(self) -> None:
@@ -73,6 +79,11 @@ class SamplingParams:
             raise ValueError("stop strings must be non-empty")
         if self.stop and not self.detokenize:
             raise ValueError("stop strings need detokenize=True")
+        for token_id, bias in (self.logit_bias or {}).items():
+            if token_id < 0:
+                raise ValueError(f"logit_bias token ids must be non-negative, got {token_id}")
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {bias} for token {token_id}")
 
     @property
     def greedy(self) -> bool:
@@ -81,3 +92,23 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _normalize_logit_bias(bias: dict[int, float] | dict[str, float] | None) -> dict[int, float] | None:
+    """Integer token ids (OpenAI's JSON keys are strings of digits) and float biases; empty means none."""
+    if not bias:
+        return None
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if isinstance(key, int) and not isinstance(key, bool):
+            token_id = key
+        elif isinstance(key, str) and key.strip().lstrip("+-").isdigit():
+            token_id = int(key)
+        else:
+            raise ValueError(f"logit_bias keys must be token ids, got {key!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"logit_bias values must be numbers, got {value!r} for token {key!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"logit_bias values must be finite, got {value} for token {key}")
+        out[token_id] = float(value)
+    return out

@@ -19,6 +19,18 @@ from quanta.sched.policy import Policy, make_policy
 from quanta.sched.scheduler import Scheduler
 
 
+class StepFailedError(RuntimeError):
+    """The executor could not run a step. The scheduler has aborted the step's requests (their KV freed and
+    kept out of the prefix index); every other request is untouched, so the engine can go on serving.
+
+    `request_ids` names the aborted requests; the executor's exception is `__cause__`.
+    """
+
+    def __init__(self, request_ids: list[str], cause: BaseException) -> None:
+        super().__init__(f"engine step failed: {cause}")
+        self.request_ids = request_ids
+
+
 @dataclass(slots=True)
 class StepOutput:
     plan: StepPlan
@@ -53,6 +65,7 @@ class EngineCore:
             cache_config.enable_prefix_caching,
             num_host_blocks=getattr(executor, "num_host_kv_blocks", 0),
             block_groups=cache_config.block_groups,
+            per_tenant=cache_config.prefix_cache_per_tenant,
         )
         self.policy = policy or make_policy(scheduler_config.policy, scheduler_config)
         self.scheduler = Scheduler(scheduler_config, self.kv, self.policy)
@@ -81,9 +94,9 @@ class EngineCore:
         plan = self.scheduler.schedule(start)
         try:
             result = self.executor.execute(plan)
-        except Exception:
-            self.scheduler.fail_step(plan, self.clock.now())
-            raise
+        except Exception as e:
+            failed = self.scheduler.fail_step(plan, self.clock.now())
+            raise StepFailedError([r.request_id for r in failed], e) from e
         self.clock.advance(result.elapsed)
         end = self.clock.now()
         self.scheduler.swaps_done(result.swapped_in_ids)

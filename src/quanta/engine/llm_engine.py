@@ -12,7 +12,7 @@ from typing import Any
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import WallClock
-from quanta.engine.core import EngineCore, StepOutput
+from quanta.engine.core import EngineCore, StepFailedError, StepOutput
 from quanta.engine.output import OutputProcessor, RequestOutput
 from quanta.engine.tokenizer import Tokenizer
 from quanta.model.config import ModelConfig
@@ -31,12 +31,13 @@ class EngineArgs:
     device: str = "cpu"
     policy: str = "sarathi"
     max_num_batched_tokens: int | None = None  # default: 512 for chunked policies, max_model_len otherwise
-    max_num_seqs: int = 128
+    max_num_seqs: int | None = None  # default: 128, or the token budget when that is smaller
     max_model_len: int | None = None
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory_gb: float = 2.0
     enable_prefix_caching: bool = True
+    prefix_cache_per_tenant: bool = False  # prefix-cache hits only between requests of one tenant
     seed: int = 0
     cpu_kernels: bool = True  # C++ decode attention on CPU (compiled on first use); False: portable torch
     attention_backend: str = "auto"  # torch | triton; auto: triton on CUDA, torch on CPU
@@ -71,6 +72,7 @@ class LLMEngine:
             num_blocks=args.num_kv_blocks,
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             enable_prefix_caching=args.enable_prefix_caching,
+            prefix_cache_per_tenant=args.prefix_cache_per_tenant,
             swap_space_gb=args.swap_space_gb,
             num_cpu_blocks=args.num_cpu_blocks,
         )
@@ -78,7 +80,7 @@ class LLMEngine:
             args.model,
             cache_config,
             max_model_len,
-            args.max_num_seqs,
+            args.max_num_seqs or min(128, budget),
             dtype=args.dtype,
             device=args.device,
             seed=args.seed,
@@ -100,7 +102,7 @@ class LLMEngine:
         self.scheduler_config = SchedulerConfig(
             policy=args.policy,
             max_num_batched_tokens=budget,
-            max_num_seqs=args.max_num_seqs,
+            max_num_seqs=args.max_num_seqs or min(128, budget),
             max_model_len=max_model_len,
             preemption_mode=args.preemption_mode,
             policy_args=dict(args.policy_args or {}),
@@ -136,6 +138,12 @@ class LLMEngine:
                 raise ValueError(f"token id {t!r} is out of range for a vocabulary of {vocab}")
         return None, ids
 
+    def check_logit_bias(self, params: SamplingParams) -> None:
+        vocab = self.model_config.vocab_size
+        bad = sorted(t for t in params.logit_bias or {} if t >= vocab)
+        if bad:
+            raise ValueError(f"logit_bias has token ids out of range for a vocabulary of {vocab}: {bad[:5]}")
+
     def add_request(
         self,
         request_id: str,
@@ -155,6 +163,7 @@ class LLMEngine:
         text, token_ids = self.to_token_ids(prompt)
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
+        self.check_logit_bias(params)
         now = self.core.clock.now() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
@@ -196,5 +205,21 @@ class LLMEngine:
         return self.core.has_unfinished()
 
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
-        out: StepOutput = self.core.step()
+        """Run one engine step and return the outputs of the requests it advanced.
+
+        If the executor fails, only the requests of that step are lost: they are aborted (with their n > 1
+        siblings) and StepFailedError is raised naming their (parent) request ids. Every other request
+        stays queued, so the caller may report the failure and go on stepping. The offline `LLM` lets the
+        error propagate (and aborts what is left).
+        """
+        try:
+            out: StepOutput = self.core.step()
+        except StepFailedError as e:
+            raise StepFailedError(self._drop_failed(e.request_ids), e.__cause__ or e) from e.__cause__
         return self.output_processor.process(out, only_finished=only_finished)
+
+    def _drop_failed(self, child_ids: list[str]) -> list[str]:
+        """Forget the parents of failed samples; a parent's other samples cannot complete it, so abort them."""
+        parents = dict.fromkeys(p for c in child_ids if (p := self.output_processor.parent_id(c)) is not None)
+        self.abort_request(list(parents))
+        return list(parents)

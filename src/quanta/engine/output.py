@@ -149,6 +149,11 @@ class OutputProcessor:
     def has(self, request_id: str) -> bool:
         return request_id in self._parents
 
+    def parent_id(self, child_id: str) -> str | None:
+        """The request id a sample belongs to (itself when n == 1), or None if it is not tracked."""
+        found = self._parent_of.get(child_id)
+        return found[0].request_id if found is not None else None
+
     def _decode(self, token_id: int) -> str | None:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else None
 

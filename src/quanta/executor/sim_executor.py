@@ -1,16 +1,20 @@
 """SimExecutor: predicts a step's duration with a cost model instead of running a model.
 
 With a VirtualClock, EngineCore then runs quanta's real scheduler, policies and KV manager in simulated
-time. Sampled tokens are a fixed id: simulated requests carry ignore_eos and finish at the output length
-their workload entry gives (max_tokens).
+time. Sampled tokens are a fixed id (`token_id`), except that a request listed in `output_lengths`
+(request id -> true output length, from the workload) samples its EOS id as its last token there, as the
+model would: it finishes "stopped" at its true length, and nothing it carries (max_tokens) reveals that
+length to the policies. Requests not listed run to their max_tokens or the context.
 """
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from typing import Protocol
 
 from quanta.executor.base import StepResult
+from quanta.request import Request
 from quanta.sched.plan import StepPlan
 
 
@@ -51,12 +55,15 @@ class SimExecutor:
         record: bool = False,
         num_host_blocks: int = 0,
         block_size: int = 16,
+        output_lengths: Mapping[str, int] | None = None,
     ) -> None:
         self.cost_model = cost_model
         self._num_blocks = num_blocks
         self.num_host_kv_blocks = num_host_blocks
         self.block_size = block_size
         self.token_id = token_id
+        # Kept by reference, not copied: all replicas of a simulation share its one mapping.
+        self.output_lengths: Mapping[str, int] = {} if output_lengths is None else output_lengths
         self.plans: list[StepPlan] | None = [] if record else None  # every plan executed, when recording
         self._swap_ins: deque[list] = deque()  # [request ids, seconds of link time left], FIFO
         self.swap_seconds = 0.0  # link time spent on copies
@@ -65,6 +72,14 @@ class SimExecutor:
     @property
     def num_kv_blocks(self) -> int:
         return self._num_blocks
+
+    def _next_token(self, req: Request) -> int:
+        n = self.output_lengths.get(req.request_id)
+        if n is None or req.num_output_tokens + 1 < n:
+            return self.token_id
+        if not req.eos_token_ids:
+            raise ValueError(f"request {req.request_id!r} has a true output length but no EOS token id")
+        return req.eos_token_ids[0]
 
     def _copy_time(self, runs: list[tuple[int, int, int]]) -> float:
         copy_time = getattr(self.cost_model, "copy_time", None)
@@ -80,7 +95,7 @@ class SimExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:
             self.plans.append(plan)
-        sampled = {s.request.request_id: self.token_id for s in plan.scheduled if s.sample}
+        sampled = {s.request.request_id: self._next_token(s.request) for s in plan.scheduled if s.sample}
         elapsed = self._copy_time(plan.swap_out)
         if plan.swap_in_ids:
             self._swap_ins.append([plan.swap_in_ids, self._copy_time(plan.swap_in)])

@@ -6,18 +6,32 @@ eviction is lazy and takes the least recently freed block first.
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-# (parent block's hash value, this block's token ids, extra keys). The tuple itself is the cache key,
-# so a hit compares token ids exactly and a hash collision cannot return the wrong KV.
-BlockHash = tuple[int | None, tuple[int, ...], tuple]
+# A block's identity in the prefix cache: a SHA-256 digest chained over the parent's digest, the block's
+# token ids and extra keys (cache salt, tenant). A cryptographic hash, because whoever chooses prompts
+# could otherwise craft two prefixes with one key and read another user's KV (the class of
+# CVE-2025-25183, where Python's hash() keyed the chain).
+BlockHash = bytes
+
+_ROOT = bytes(32)  # the parent of a request's first block
+_PACKERS: dict[int, struct.Struct] = {}
 
 
 def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> BlockHash:
-    parent_value = None if parent is None else hash(parent)
-    return (parent_value, tuple(token_ids), extra_keys)
+    n = len(token_ids)
+    packer = _PACKERS.get(n)
+    if packer is None:
+        packer = _PACKERS[n] = struct.Struct(f"<I{n}q")
+    # Fixed-size fields first (parent, count, ids), so the repr of the extra keys cannot shift them.
+    data = (parent or _ROOT) + packer.pack(n, *token_ids)
+    if extra_keys:
+        data += repr(extra_keys).encode()
+    return hashlib.sha256(data).digest()
 
 
 @dataclass(slots=True, eq=False)

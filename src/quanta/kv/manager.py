@@ -23,13 +23,17 @@ class KVCacheManager:
         enable_caching: bool = True,
         num_host_blocks: int = 0,
         block_groups: bool = False,
+        per_tenant: bool = False,
     ) -> None:
         self.block_size = block_size
         self.enable_caching = enable_caching
         self.block_groups = block_groups
+        self.per_tenant = per_tenant  # prefix hits only between requests of the same tenant
         self.pool = BlockPool(num_blocks, enable_caching, contiguous=block_groups)
         self.host = HostBlockPool(num_host_blocks, contiguous=block_groups)
         self.host_blocks: dict[str, list[int]] = {}  # swapped-out request id -> host block ids
+        # Host blocks a swap-in still reads from: reusable only once the executor says the copy landed.
+        self.host_in_flight: dict[str, list[int]] = {}
         self.num_swap_runs = 0  # copies issued (per layer tensor): one per run of contiguous blocks
         self.num_swapped_blocks = 0
         self.num_swap_in_hits = 0  # blocks a swap-in found still cached on the device (not copied)
@@ -59,12 +63,22 @@ class KVCacheManager:
         tokens = req.all_token_ids
         for i in range(len(hashes), len(tokens) // bs):
             parent = hashes[-1] if hashes else None
-            extra = (req.cache_salt,) if i == 0 and req.cache_salt else ()
+            extra = self._first_block_keys(req) if i == 0 else ()
             hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], extra))
         return hashes
 
-    def get_computed_blocks(self, req: Request) -> list[KVBlock]:
-        """Longest cached prefix of the request's tokens, leaving at least one token to compute."""
+    def _first_block_keys(self, req: Request) -> tuple:
+        """Keys that scope a request's whole chain (it hangs off its first block): salt, tenant."""
+        keys: tuple = ()
+        if req.cache_salt:
+            keys += (("salt", req.cache_salt),)
+        if self.per_tenant:
+            keys += (("tenant", req.tenant),)
+        return keys
+
+    def get_computed_blocks(self, req: Request, count: bool = True) -> list[KVBlock]:
+        """Longest cached prefix of the request's tokens, leaving at least one token to compute.
+        `count=False` looks without counting the lookup in the hit-rate statistics."""
         if not self.enable_caching or req.sampling_params.prompt_logprobs is not None:
             return []  # prompt logprobs need the logits of every prompt position
         max_blocks = (req.num_tokens - 1) // self.block_size
@@ -75,9 +89,41 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        self.pool.num_cache_queries += max_blocks
-        self.pool.num_cache_hits += len(hits)
+        if count:
+            self.pool.num_cache_queries += max_blocks
+            self.pool.num_cache_hits += len(hits)
         return hits
+
+    def blocks_to_take(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        computed_blocks: list[KVBlock] | None = None,
+        num_free: int | None = None,
+    ) -> int | None:
+        """How many blocks `allocate_slots(req, num_new_tokens, computed_blocks)` would take off the free
+        list (new blocks, block-group rounding, and prefix hits it revives from the free list), given
+        `num_free` free blocks (default: the pool's now); None when it would fail. The scheduler's
+        look-ahead and the allocation itself both count with this, so they cannot disagree."""
+        bs = self.block_size
+        blocks = self.req_blocks.get(req.request_id)
+        num_held = len(blocks) if blocks else 0
+        hits = computed_blocks or ()
+        assert not (hits and blocks), "prefix hits only apply to a request holding no blocks"
+        num_tokens = req.num_computed_tokens + len(hits) * bs + num_new_tokens
+        num_needed = max(cdiv(num_tokens, bs) - num_held - len(hits), 0)
+        # Hits that sit on the free list stop being allocatable once we take them.
+        num_free_hits = sum(1 for b in hits if b.ref_cnt == 0)
+        room = (self.pool.num_free_blocks if num_free is None else num_free) - num_free_hits
+        if num_needed > room:
+            return None
+        if self.block_groups and num_needed > 0:
+            # Grow in whole groups: a request's blocks stay in a few long runs (few copies per swap),
+            # at the price of at most GROUP - 1 idle blocks per request. Only when the room is there.
+            extra = -(num_held + len(hits) + num_needed) % self.GROUP
+            if num_needed + extra <= room:
+                num_needed += extra
+        return num_needed + num_free_hits
 
     def allocate_slots(
         self, req: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
@@ -95,21 +141,11 @@ class KVCacheManager:
                     self._index_full_blocks(req, blocks, num_tokens)
                 return True
         computed_blocks = computed_blocks or []
-        assert not (computed_blocks and blocks), "prefix hits only apply to a request holding no blocks"
-        num_held = len(blocks) if blocks else 0
-        num_tokens = req.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
-        num_needed = cdiv(num_tokens, bs) - num_held - len(computed_blocks)
-        # Hits that sit on the free list stop being allocatable once we take them.
-        num_free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
-        if num_needed > self.pool.num_free_blocks - num_free_hits:
+        num_take = self.blocks_to_take(req, num_new_tokens, computed_blocks)
+        if num_take is None:
             return False
-        if self.block_groups and num_needed > 0:
-            # Grow in whole groups: a request's blocks stay in a few long runs (few copies per swap),
-            # at the price of at most GROUP - 1 idle blocks per request. Only when the room is there.
-            total = num_held + len(computed_blocks) + num_needed
-            extra = -total % self.GROUP
-            if num_needed + extra <= self.pool.num_free_blocks - num_free_hits:
-                num_needed += extra
+        num_needed = num_take - sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        num_tokens = req.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
         if blocks is None:
             blocks = self.req_blocks[req.request_id] = []
         self.pool.touch(computed_blocks)
@@ -137,6 +173,19 @@ class KVCacheManager:
         for i in range(start, num_full):
             self.pool.cache(pool_blocks[blocks[i]], hashes[i])
         self._num_indexed[req.request_id] = num_full
+
+    def uncache_uncomputed(self, req: Request) -> None:
+        """Take out of the prefix index the blocks that were offered when a chunk was scheduled but whose
+        KV is not written yet (the request is preempted or unscheduled before its step runs)."""
+        blocks = self.req_blocks.get(req.request_id)
+        start = req.num_computed_tokens // self.block_size
+        if not blocks or self._num_indexed.get(req.request_id, 0) <= start:
+            return
+        pool_blocks = self.pool.blocks
+        for block_id in blocks[start : self._num_indexed[req.request_id]]:
+            assert pool_blocks[block_id].ref_cnt == 1, "a block not yet written was shared"
+            self.pool.uncache(pool_blocks[block_id])
+        self._num_indexed[req.request_id] = start
 
     def discard(self, req: Request) -> None:
         """Free a request whose KV may never have been written (its step failed): no block it holds may
@@ -191,8 +240,15 @@ class KVCacheManager:
         self.num_swap_in_hits += len(hits)
         runs = self._count(merge_runs(list(zip(host[len(hits) :], copied)), self.block_groups))
         del self.host_blocks[req.request_id]
-        self.host.free(host)
+        # The copies read these host blocks until they land; a swap-out must not overwrite them before.
+        self.host_in_flight[req.request_id] = host
         return runs
+
+    def swap_in_landed(self, request_id: str) -> None:
+        """The executor finished copying this request's KV in: its host blocks can be reused."""
+        host = self.host_in_flight.pop(request_id, None)
+        if host:
+            self.host.free(host)
 
     def _count(self, runs: list[Run]) -> list[Run]:
         self.num_swap_runs += len(runs)
@@ -230,8 +286,8 @@ class KVCacheManager:
             assert block.ref_cnt == owners.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={owners.get(block.block_id, 0)}"
             )
-        held = [b for blocks in self.host_blocks.values() for b in blocks]
+        held = [b for blocks in (*self.host_blocks.values(), *self.host_in_flight.values()) for b in blocks]
         assert len(set(held)) == len(held), "a host block has two owners"
         assert len(held) + self.host.num_free_blocks == self.host.num_blocks, "host blocks leaked"
-        assert not set(held) & self.host._free, "a host block is both owned and free"
+        assert not set(held) & self.host.free_block_ids(), "a host block is both owned and free"
         assert not self.host_blocks.keys() & self.req_blocks.keys(), "a request holds device and host KV"

@@ -11,6 +11,7 @@ import torch
 
 from quanta.executor.base import TokenLogprobs
 from quanta.request import Request
+from quanta.sampling_params import SamplingParams
 
 
 def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[int]) -> list[TokenLogprobs]:
@@ -58,12 +59,17 @@ class Sampler:
         params = [r.sampling_params for r in reqs]
         want_lp = [p.logprobs is not None for p in params]
         raw_logprobs = torch.log_softmax(logits, dim=-1) if any(want_lp) else None
-        if any(p.has_penalties for p in params) or any(
+        biased = any(p.logit_bias for p in params)
+        penalized = any(p.has_penalties for p in params) or any(
             len(r.output_token_ids) < r.sampling_params.min_tokens for r in reqs
-        ):
+        )
+        if biased or penalized:  # the common case (none of these) samples from the logits as they are
             logits = logits.clone()
-            self._apply_penalties(logits, reqs)
-            self._block_early_stop(logits, reqs)
+            if biased:  # before penalties, as in vLLM (a bias adds, a repetition penalty scales)
+                self._apply_logit_bias(logits, params)
+            if penalized:
+                self._apply_penalties(logits, reqs)
+                self._block_early_stop(logits, reqs)
         greedy = [p.greedy for p in params]
         if all(greedy):
             tokens = logits.argmax(dim=-1)
@@ -103,6 +109,24 @@ class Sampler:
             mask = torch.tensor(greedy, device=dev)
             sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
         return sampled
+
+    @staticmethod
+    def _apply_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+        """Add every row's logit_bias in one indexed add over the rows that have one."""
+        vocab = logits.shape[1]
+        rows: list[int] = []
+        cols: list[int] = []
+        values: list[float] = []
+        for i, p in enumerate(params):
+            for token_id, bias in (p.logit_bias or {}).items():
+                if token_id < vocab:  # ids are checked against the vocabulary when the request is added
+                    rows.append(i)
+                    cols.append(token_id)
+                    values.append(bias)
+        if rows:
+            dev = logits.device
+            index = (torch.tensor(rows, device=dev), torch.tensor(cols, device=dev))
+            logits.index_put_(index, torch.tensor(values, device=dev, dtype=logits.dtype), accumulate=True)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, reqs: list[Request]) -> None:

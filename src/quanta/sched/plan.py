@@ -64,3 +64,8 @@ class TokenBudget:
     def take(self, n: int) -> None:
         assert 0 <= n <= self.left, f"taking {n} tokens from a budget of {self.left}"
         self.left -= n
+
+    def give_back(self, n: int) -> None:
+        """Tokens of a request taken back out of the step."""
+        assert n >= 0
+        self.left += n

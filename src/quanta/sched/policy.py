@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from quanta.config import SchedulerConfig
 from quanta.request import Request
-from quanta.sched.queue import FCFSQueue
+from quanta.sched.queue import FCFSQueue, WaitingQueue
 
 if TYPE_CHECKING:
     from quanta.sched.plan import StepPlan
@@ -28,37 +28,54 @@ class Policy:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
 
-    def new_queue(self) -> FCFSQueue:
-        """The waiting queue; its iteration order is the admission order."""
+    def new_queue(self) -> WaitingQueue:
+        """The waiting queue, built to give `waiting_order` cheaply. Default: FCFS."""
         return FCFSQueue()
 
-    def waiting_order(self, waiting: FCFSQueue, now: float) -> Iterator[Request]:
+    def waiting_order(self, waiting: WaitingQueue, now: float) -> Iterator[Request]:
         """Waiting requests in admission order. A generator may look at accounting that `on_admit`
         updates between the requests it yields (VTC picks the least-served tenant each time)."""
         return iter(waiting)
 
-    def running_order(self, running: list[Request], now: float) -> Iterable[Request]:
-        """Order in which running requests get the step's budget (decodes first still holds)."""
-        return running
+    def prefill_order(self, partial: list[Request], now: float) -> Iterable[Request]:
+        """Order in which running, partly-computed prompts get what the step's budget has left after the
+        decodes (every running decode gets its token: the budget holds at least max_num_seqs tokens).
+        `partial` is in admission order."""
+        return partial
 
     def preemption_victim(self, candidates: Sequence[Request]) -> Request:
-        """Which running request (in admission order, none yet scheduled this step) gives up its KV."""
+        """Which of `candidates` (running requests, in admission order) gives up its KV. When a running
+        request runs short of blocks it is among them, and choosing it means it yields to the others;
+        candidates may already be scheduled in this step. Default: the most recently admitted."""
         return candidates[-1]
 
     def may_preempt(self, waiting: Request, running: Request, now: float) -> bool:
-        """Whether `waiting`, at the head of the queue and short of KV or a sequence slot, may evict
-        `running`. Default: never (admission waits for memory to free up)."""
+        """Whether `waiting`, at the head of the queue and short of KV, tokens or a sequence slot, may
+        evict `running` (or make it skip a prompt chunk). Default: never (admission waits)."""
         return False
+
+    def victim_for(self, waiting: Request, candidates: Sequence[Request], now: float) -> Request | None:
+        """The request that gives way to `waiting`: the policy's victim among the candidates it may
+        preempt, or None. Policies whose `may_preempt` follows their victim order can answer with one
+        pass (if `waiting` may not preempt the preferred victim, it may preempt none)."""
+        outranked = [r for r in candidates if self.may_preempt(waiting, r, now)]
+        return self.preemption_victim(outranked) if outranked else None
 
     def preemption_mode(self, victim: Request) -> str | None:
         """Swap or recompute ("swap" / "recompute") for this victim; None: SchedulerConfig.preemption_mode."""
         return None
+
+    def on_schedule(self, now: float) -> None:
+        """A step is being planned at clock time `now` (policies whose ranks age read the time here)."""
 
     def on_arrival(self, req: Request) -> None:
         """A request entered the engine."""
 
     def on_admit(self, req: Request, now: float) -> None:
         """A waiting request (new or preempted) was admitted to run."""
+
+    def on_preempt(self, req: Request) -> None:
+        """A running request was preempted: it is waiting again."""
 
     def on_step(self, plan: StepPlan, duration: float) -> None:
         """A step ran (its tokens are counted in the requests already)."""

@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 from quanta.config import SchedulerConfig
-from quanta.kv.manager import KVCacheManager, cdiv
+from quanta.kv.manager import KVCacheManager
 from quanta.request import Request, RequestStatus
 from quanta.sched.plan import ScheduledRequest, StepPlan, TokenBudget
 from quanta.sched.policy import Policy
+
+
+@dataclass(slots=True)
+class _Room:
+    """What a step has left for admissions: free KV blocks (None: a running request will run short),
+    batched tokens, sequence slots."""
+
+    blocks: int | None
+    tokens: int
+    slots: int
 
 
 class Scheduler:
@@ -24,6 +35,7 @@ class Scheduler:
         self._step_id = 0
         self._step_start = 0.0
         self._ran_short = False  # a running request could not get KV this step
+        self._in_plan: dict[str, ScheduledRequest] = {}  # this step's scheduled requests, by id
         self.swapping_in: set[str] = set()  # admitted, but their KV has not landed on the device yet
         self.num_preemptions = 0
         self.num_swap_outs = 0
@@ -82,112 +94,231 @@ class Scheduler:
         self._finished_ids = []
         self._step_start = now
         self._ran_short = False
+        self._in_plan = {}
+        self.policy.on_schedule(now)
         budget = TokenBudget(self.config.max_num_batched_tokens)
-        scheduled: set[str] = set()
         if self.policy.decodes_wait_for_prefill:
-            self._schedule_waiting(plan, budget, scheduled, now)
+            self._schedule_waiting(plan, budget, now)
             if not plan.scheduled:
-                self._schedule_running(plan, budget, scheduled, now)
+                self._schedule_running(plan, budget, self._running_split(now))
         else:
-            self._preempt_for_waiting(plan, budget, now)
-            self._schedule_running(plan, budget, scheduled, now)
+            split = self._running_split(now)
+            deferred, made_room_for = self._preempt_for_waiting(plan, split, now)
+            self._schedule_running(plan, budget, split, deferred)
             if not self._ran_short:  # admitting right after running out of KV would only thrash
-                self._schedule_waiting(plan, budget, scheduled, now)
+                self._schedule_waiting(plan, budget, now)
+            assert made_room_for is None or made_room_for.status == RequestStatus.RUNNING, (
+                f"room was made for {made_room_for.request_id}, but it was not admitted"
+            )
         plan.num_batched_tokens = self.config.max_num_batched_tokens - budget.left
         return plan
 
-    def _add(self, plan: StepPlan, budget: TokenBudget, scheduled: set[str], req: Request, n: int) -> None:
+    def _add(self, plan: StepPlan, budget: TokenBudget, req: Request, n: int) -> None:
         computed = req.num_computed_tokens
-        plan.scheduled.append(
-            ScheduledRequest(
-                req, n, computed, self.kv.req_blocks[req.request_id], computed + n == req.num_tokens
-            )
+        s = ScheduledRequest(
+            req, n, computed, self.kv.req_blocks[req.request_id], computed + n == req.num_tokens
         )
-        scheduled.add(req.request_id)
+        plan.scheduled.append(s)
+        self._in_plan[req.request_id] = s
         budget.take(n)
 
-    def _schedule_running(self, plan: StepPlan, budget: TokenBudget, scheduled: set[str], now: float) -> None:
-        """Running requests in the policy's order: every decode first, then partly-computed prompts."""
+    def _unschedule(self, plan: StepPlan, budget: TokenBudget, req: Request) -> None:
+        """Take back a request scheduled earlier in this step (it is about to be preempted)."""
+        s = self._in_plan.pop(req.request_id)
+        plan.scheduled.remove(s)
+        budget.give_back(s.num_new_tokens)
+
+    def _running_split(self, now: float) -> tuple[list[Request], list[Request]]:
+        """Running requests as the step will serve them: every decode first (Sarathi-Serve), then
+        partly-computed prompts in the policy's order. Requests whose swap-in has not landed sit out."""
         decodes: list[Request] = []
         partial: list[Request] = []
-        for req in self.policy.running_order(self.running, now):
-            if req.request_id in self.swapping_in:
+        swapping_in = self.swapping_in
+        for req in self.running:
+            if swapping_in and req.request_id in swapping_in:
                 continue  # skipped, not waited for: its KV is still on the way
             (decodes if req.num_tokens - req.num_computed_tokens == 1 else partial).append(req)
+        if len(partial) > 1:
+            partial = list(self.policy.prefill_order(partial, now))
+        return decodes, partial
+
+    def _schedule_running(
+        self,
+        plan: StepPlan,
+        budget: TokenBudget,
+        split: tuple[list[Request], list[Request]],
+        deferred: frozenset[str] = frozenset(),
+    ) -> None:
+        decodes, partial = split
         for req in decodes:
             if budget.left == 0:
                 return
-            if req.status == RequestStatus.RUNNING and self._allocate_or_preempt(plan, req, 1, scheduled):
-                self._add(plan, budget, scheduled, req, 1)
+            if req.status == RequestStatus.RUNNING and self._allocate_or_preempt(plan, budget, req, 1):
+                self._add(plan, budget, req, 1)
         for req in partial:
             if budget.left == 0:
                 return
-            if req.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if req.status != RequestStatus.RUNNING or req.request_id in deferred:
+                continue  # preempted earlier in this step, or yielding its chunk to a request ranked above
             missing = req.num_tokens - req.num_computed_tokens
             n = min(self.policy.prefill_tokens(req, missing, budget.left), budget.left)
-            if n > 0 and self._allocate_or_preempt(plan, req, n, scheduled):
-                self._add(plan, budget, scheduled, req, n)
+            if n > 0 and self._allocate_or_preempt(plan, budget, req, n):
+                self._add(plan, budget, req, n)
 
-    def _allocate_or_preempt(self, plan: StepPlan, req: Request, n: int, scheduled: set[str]) -> bool:
-        """Allocate KV for a running request, preempting others while the pool is short."""
+    def _allocate_or_preempt(self, plan: StepPlan, budget: TokenBudget, req: Request, n: int) -> bool:
+        """Allocate KV for a running request, preempting while the pool is short. The policy picks each
+        victim among every running request, the one asking included (as vLLM does): a request ranked
+        below all others gives itself up rather than evict a better one, even one scheduled earlier in
+        this step (it is taken back out of the plan)."""
         while not self.kv.allocate_slots(req, n):
             self._ran_short = True
-            candidates = [
-                r
-                for r in self.running
-                if r is not req and r.request_id not in scheduled and r.request_id not in self.swapping_in
-            ]
-            victim = self.policy.preemption_victim(candidates) if candidates else req
+            victim = self.policy.preemption_victim(self._preemptible())
+            if victim.request_id in self._in_plan:
+                self._unschedule(plan, budget, victim)
             self._preempt(plan, victim)
             if victim is req:
                 return False
         return True
 
-    def _preempt_for_waiting(self, plan: StepPlan, budget: TokenBudget, now: float) -> None:
-        """Evict running requests the policy ranks below the head of the waiting queue, while the head
-        lacks KV blocks or a sequence slot (strict priority, deadlines). Policies that never preempt skip."""
+    # ---- room for the head of the queue -------------------------------------------------------------
+    def _preempt_for_waiting(
+        self, plan: StepPlan, split: tuple[list[Request], list[Request]], now: float
+    ) -> tuple[frozenset[str], Request | None]:
+        """Make room for waiting requests that the policy ranks above running ones (strict priority,
+        deadlines): look ahead at what the running requests will take this step (tokens and KV blocks,
+        counted by the KV manager exactly as the allocation will), then, while the head of the queue
+        would not fit, the policy's victim among the running requests it outranks gives way: a
+        partly-computed prompt skips its chunk this step when tokens or blocks are short (deferred), any
+        request is preempted when a sequence slot is short or nothing is left to defer.
+
+        Returns the deferred requests and the first request room was made for (it must be admitted).
+        Policies that never preempt skip this."""
         if not self.waiting or type(self.policy).may_preempt is Policy.may_preempt:
-            return
-        bs = self.kv.block_size
-        slots = self.config.max_num_seqs - len(self.running)
-        # Running decodes come first in the step: keep their tokens and their next blocks aside.
-        tokens_left = budget.left
-        reserve = 0
-        for r in self.running:
-            if r.num_tokens - r.num_computed_tokens == 1:
-                tokens_left -= 1
-            held = self.kv.req_blocks.get(r.request_id)
-            reserve += held is not None and len(held) * bs < r.num_tokens
-        need = reserve
-        # A snapshot: preempting adds to the waiting queue.
-        for w in list(itertools.islice(self.policy.waiting_order(self.waiting, now), 64)):
-            if self.kv.is_swapped(w.request_id):
-                tokens, blocks = 0, self.kv.swap_in_blocks_needed(w)
+            return frozenset(), None
+        order = list(itertools.islice(self.policy.waiting_order(self.waiting, now), 64))
+        head = next((w for w in order if self.policy.admit(w, now)), None)
+        preemptible = self._preemptible()
+        if head is None or not preemptible or self.policy.victim_for(head, preemptible, now) is None:
+            # The head outranks no running request: it is admitted if it fits, or waits, and nothing
+            # behind it jumps ahead. Most steps of a busy engine end here, without the look-ahead.
+            return frozenset(), None
+        deferred: set[str] = set()
+        made_room_for: Request | None = None
+        look = self._look_ahead(split, deferred)
+        ahead: list[Request] = []  # requests that fit, in order: the room they take is theirs
+        for w in order:  # a snapshot: preempting adds to the waiting queue
+            if not self.policy.admit(w, now):
+                continue
+            gave_way = False
+            while (shortage := self._admission_shortage(w, look)) is not None:
+                victim = self._victim_for(w, shortage, deferred, now)
+                if victim is None:
+                    return frozenset(deferred), made_room_for  # the head waits; nothing behind it jumps
+                is_prompt = victim.num_tokens - victim.num_computed_tokens > 1
+                if shortage != "slot" and is_prompt and victim.request_id not in deferred:
+                    deferred.add(victim.request_id)  # a prompt chunk: skipping it for a step may be enough
+                else:
+                    self._preempt(plan, victim)
+                gave_way = True
+                # Room only grew: the requests ahead still fit, and take their share first.
+                look = self._look_ahead(split, deferred)
+                for a in ahead:
+                    assert self._admission_shortage(a, look) is None, f"{a.request_id} no longer fits"
+            ahead.append(w)
+            if gave_way and made_room_for is None:
+                made_room_for = w
+        return frozenset(deferred), made_room_for
+
+    def _look_ahead(self, split: tuple[list[Request], list[Request]], deferred: set[str]) -> _Room:
+        """Free blocks, tokens and slots left for admissions once the running requests have taken their
+        share of this step, as `_schedule_running` will give it (None blocks: one of them runs short)."""
+        kv, bs = self.kv, self.kv.block_size
+        free: int | None = kv.num_free_blocks
+        tokens = self.config.max_num_batched_tokens
+        decodes, partial = split
+        for req in itertools.chain(decodes, partial):
+            if tokens == 0 or free is None:
+                break
+            if req.status != RequestStatus.RUNNING or req.request_id in deferred:
+                continue
+            missing = req.num_tokens - req.num_computed_tokens
+            if missing == 1:
+                n = 1
+                held = kv.req_blocks.get(req.request_id)
+                if held is not None and len(held) * bs >= req.num_tokens:
+                    tokens -= 1  # a decode inside its last block takes no block
+                    continue
             else:
-                tokens = min(w.num_tokens - w.num_computed_tokens, tokens_left)
-                if tokens <= 0:
-                    return
-                blocks = cdiv(tokens, bs)
-            need += blocks
-            while self.kv.num_free_blocks < need or slots < 1:
-                candidates = [
-                    r
-                    for r in self.running
-                    if r.request_id not in self.swapping_in and self.policy.may_preempt(w, r, now)
-                ]
-                if not candidates:
-                    return  # the head waits, and nothing behind it jumps ahead
-                self._preempt(plan, self.policy.preemption_victim(candidates))
-                slots += 1
-            slots -= 1
-            tokens_left -= tokens
+                n = min(self.policy.prefill_tokens(req, missing, tokens), tokens)
+                if n <= 0:
+                    continue
+            take = kv.blocks_to_take(req, n, num_free=free)
+            free = None if take is None else free - take
+            tokens -= n
+        return _Room(free, tokens, self.config.max_num_seqs - len(self.running))
+
+    def _admission_shortage(self, w: Request, room: _Room) -> str | None:
+        """What keeps `w` from being admitted into `room` ("slot", "tokens", "blocks"), or None when it
+        fits; then `room` is reduced by what it takes, for the requests behind it."""
+        if room.slots < 1:
+            return "slot"
+        if room.blocks is None:
+            return "blocks"
+        if self.kv.is_swapped(w.request_id):
+            need = self.kv.swap_in_blocks_needed(w)
+            if not self._swap_in_fits(need, room.blocks, self.config.max_num_seqs - room.slots):
+                return "blocks"
+            room.blocks -= need
+            room.slots -= 1
+            return None
+        hits = self.kv.get_computed_blocks(w, count=False)
+        n = self._chunk(w, hits, room.tokens)
+        if n <= 0:
+            return "tokens"
+        take = self.kv.blocks_to_take(w, n, hits, num_free=room.blocks)
+        if take is None:
+            return "blocks"
+        room.blocks -= take
+        room.tokens -= n
+        room.slots -= 1
+        return None
+
+    def _victim_for(self, w: Request, shortage: str, deferred: set[str], now: float) -> Request | None:
+        """The policy's victim among the running requests `w` outranks: among prompts that can still
+        skip their chunk when tokens are short, among all of them otherwise."""
+        candidates = self._preemptible()
+        if shortage == "tokens":  # only a prompt chunk gives tokens back
+            candidates = [
+                r
+                for r in candidates
+                if r.num_tokens - r.num_computed_tokens > 1 and r.request_id not in deferred
+            ]
+        return self.policy.victim_for(w, candidates, now) if candidates else None
+
+    def _preemptible(self) -> list[Request]:
+        """Running requests that can give up their KV now (not those whose swap-in is in flight)."""
+        if not self.swapping_in:
+            return self.running
+        return [r for r in self.running if r.request_id not in self.swapping_in]
+
+    def _chunk(self, req: Request, hits: list, tokens_left: int) -> int:
+        """Prompt tokens a waiting request would compute this step after its prefix hits."""
+        missing = req.num_tokens - len(hits) * self.kv.block_size
+        return min(self.policy.prefill_tokens(req, missing, tokens_left), tokens_left)
+
+    @staticmethod
+    def _swap_in_fits(num_blocks: int, num_free: int, num_running: int) -> bool:
+        # Headroom of a block per running request: swapping back into a full pool would only swap
+        # someone out again at the next block boundary (thrashing).
+        return num_blocks + num_running <= num_free
 
     def _preempt(self, plan: StepPlan, req: Request) -> None:
         """Give up the request's KV and requeue it at its old place. Swap: its computed KV is copied to
         host memory and comes back on resumption. Recompute (or no host room): the KV is dropped and the
         request resumes by recomputing its tokens so far."""
+        assert req.request_id not in self._in_plan, f"{req.request_id} is preempted while scheduled"
         self.running.remove(req)
+        self.kv.uncache_uncomputed(req)
         mode = self.policy.preemption_mode(req) or self.config.preemption_mode
         runs = self.kv.swap_out(req) if mode == "swap" else None
         if runs is None:
@@ -200,19 +331,24 @@ class Scheduler:
         req.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.add(req)
+        self.policy.on_preempt(req)
         plan.preempted_ids.append(req.request_id)
 
-    def _schedule_waiting(self, plan: StepPlan, budget: TokenBudget, scheduled: set[str], now: float) -> None:
+    def _schedule_waiting(self, plan: StepPlan, budget: TokenBudget, now: float) -> None:
+        if budget.left == 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return  # without asking the policy for its order: that can cost a pass over the queue
         admitted: list[Request] = []
+        # Requests that gave way earlier in this step do not come back in it (the look-ahead that made
+        # room for the ones above them did not count them either).
+        gave_way = set(plan.preempted_ids)
         for req in self.policy.waiting_order(self.waiting, now):
             if budget.left == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not self.policy.admit(req, now):
+            if not self.policy.admit(req, now) or req.request_id in gave_way:
                 continue
             if self.kv.is_swapped(req.request_id):
-                # Headroom of a block per running request: swapping back into a full pool would only
-                # swap someone out again at the next block boundary (thrashing).
-                if self.kv.swap_in_blocks_needed(req) + len(self.running) > self.kv.num_free_blocks:
+                need = self.kv.swap_in_blocks_needed(req)
+                if not self._swap_in_fits(need, self.kv.num_free_blocks, len(self.running)):
                     break
                 runs = self.kv.swap_in(req)
                 if runs is None:
@@ -228,11 +364,10 @@ class Scheduler:
                 self.policy.on_admit(req, now)
                 continue
             hits = self.kv.get_computed_blocks(req)
-            num_cached = len(hits) * self.kv.block_size
-            n = self.policy.prefill_tokens(req, req.num_tokens - num_cached, budget.left)
-            n = min(n, budget.left)
+            n = self._chunk(req, hits, budget.left)
             if n <= 0 or not self.kv.allocate_slots(req, n, hits):
                 break  # keep the policy's order: nothing jumps the head of the queue
+            num_cached = len(hits) * self.kv.block_size
             req.num_computed_tokens = num_cached
             if req.times.first_scheduled is None:
                 req.times.first_scheduled = now
@@ -241,7 +376,7 @@ class Scheduler:
             self.running.append(req)
             admitted.append(req)
             self.policy.on_admit(req, now)
-            self._add(plan, budget, scheduled, req, n)
+            self._add(plan, budget, req, n)
         for req in admitted:
             self.waiting.remove(req)
 
@@ -257,6 +392,9 @@ class Scheduler:
                 failed.append(req)
         for req in failed:
             self.finish_request(req, RequestStatus.FINISHED_ABORTED, now, kv_valid=False)
+        # Their copies never started, or the executor orders later copies after them.
+        for request_id in plan.swap_in_ids:
+            self.kv.swap_in_landed(request_id)
         return failed
 
     def update(self, plan: StepPlan, sampled: Mapping[str, int], now: float) -> list[Request]:
@@ -286,6 +424,7 @@ class Scheduler:
         """The executor reports swap-ins that have landed: those requests are scheduled again."""
         for request_id in request_ids:
             self.swapping_in.discard(request_id)
+            self.kv.swap_in_landed(request_id)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

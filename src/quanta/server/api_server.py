@@ -1,7 +1,14 @@
-"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health, metrics.
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, tokenize, health, metrics.
 
-Request handlers tokenize and validate; the AsyncEngine's thread does everything else. A request whose
-client goes away is aborted at once (its stream is closed, which sends an abort to the engine thread).
+Request handlers read the body (within `max_request_bytes`), validate it, and tokenize it off the event
+loop; the AsyncEngine's thread does everything else. A request whose client goes away is aborted at once
+(its stream is closed, which sends an abort to the engine thread).
+
+Errors are always OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for bad input
+(including fields that would change the output in ways this server does not implement), 401 for a missing
+or wrong API key, 403 for a tenant the key may not act for, 404, 413 for an oversized body, 429 for a full
+queue, 500 when the engine step running a request failed (the engine serves on), 503 once the engine has
+stopped. Streams that have started report errors in-band (an error event, then `data: [DONE]`), as vLLM does.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -18,19 +26,44 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+import quanta
 from quanta.engine.llm_engine import LLMEngine
 from quanta.engine.output import CompletionOutput, Logprob, RequestOutput
+from quanta.sampling_params import SamplingParams
 from quanta.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
     QueueFullError,
     QueueLimits,
+    RequestFailedError,
     RequestStream,
 )
+from quanta.server.auth import KeyPolicy, KeyTable
 from quanta.server.metrics import ServerMetrics
-from quanta.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from quanta.server.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    _Common,
+    error_body,
+)
+
+logger = logging.getLogger("quanta.server")
+
+DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
+DEFAULT_PRIORITY_RANGE = (-1000, 1000)
+# Paths that need the API key (when one is set). /health, /version and /metrics stay open, as in vLLM.
+_PROTECTED = ("/v1", "/internal", "/tokenize", "/detokenize")
+# Texts shorter than this are tokenized on the event loop: the hop to a worker thread would cost more.
+_INLINE_TOKENIZE_CHARS = 4096
+# Bodies larger than this are parsed off the event loop.
+_INLINE_PARSE_BYTES = 1 << 20
 
 
 class APIError(Exception):
@@ -53,8 +86,27 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.status, e.param), e.status, headers=e.headers)
 
 
+def _api_error_of(e: BaseException) -> APIError:
+    """The API error a request that ended with `e` reports."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, RequestFailedError):
+        return APIError(500, str(e), "server_error")
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e), "server_error")
+    return APIError(500, "internal server error", "server_error")  # details go to the log, not the client
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+def _sse_error(e: BaseException) -> str:
+    """An in-band error event: the status line of a stream is sent already, so report it like vLLM does."""
+    if not isinstance(e, (APIError, RequestFailedError, EngineDeadError)):
+        logger.error("stream failed", exc_info=e)
+    err = _api_error_of(e)
+    return _sse(error_body(err.message, err.type, err.status, err.param))
 
 
 async def _disconnected(request: Request) -> None:
@@ -83,6 +135,15 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 
 
 class OpenAIServer:
+    """The app and what it needs. Options (all keyword arguments of `build_app` and `run_server` too):
+
+    api_key: one bearer key that may do anything. api_keys: a table of keys (see `auth.load_api_keys`),
+    each optionally bound to a tenant and a priority range. With either, /v1/*, /tokenize, /detokenize and
+    /internal/* need a key. limits / retry_after_s: the waiting-queue limits, beyond which requests get 429.
+    max_request_bytes: the largest request body (413 beyond it). max_tenant_labels: distinct tenant label
+    values in /metrics (later tenants share one label). priority_range: the priorities a request may ask for.
+    """
+
     def __init__(
         self,
         engine: LLMEngine,
@@ -91,12 +152,23 @@ class OpenAIServer:
         limits: QueueLimits | None = None,
         retry_after_s: int = 1,
         enable_internal: bool = True,
+        *,
+        api_keys: dict[str, KeyPolicy] | None = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_tenant_labels: int = 100,
+        priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
     ) -> None:
+        if max_request_bytes < 1:
+            raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
+        if priority_range[0] > priority_range[1]:
+            raise ValueError(f"priority_range {priority_range} is empty")
         self.llm_engine = engine
         self.model_name = served_model_name
-        self.api_key = api_key
+        self.keys = KeyTable(api_key, api_keys)
         self.retry_after_s = retry_after_s
-        self.metrics = ServerMetrics(served_model_name, engine.core.kv.block_size)
+        self.max_request_bytes = max_request_bytes
+        self.priority_range = priority_range
+        self.metrics = ServerMetrics(served_model_name, engine.core.kv.block_size, max_tenant_labels)
         self.metrics.attach(engine)
         self.engine = AsyncEngine(
             engine, limits, on_step=self.metrics.observe_outputs, on_abort=self.metrics.observe_aborted
@@ -112,25 +184,18 @@ class OpenAIServer:
             self.engine.shutdown()
 
         app = FastAPI(title="quanta", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-
-        @app.middleware("http")
-        async def auth(request: Request, call_next):  # type: ignore[no-untyped-def]
-            protected = request.url.path.startswith(("/v1", "/internal"))
-            if (
-                self.api_key
-                and protected
-                and request.headers.get("authorization") != f"Bearer {self.api_key}"
-            ):
-                return _error_response(APIError(401, "invalid or missing API key", "authentication_error"))
-            return await call_next(request)
-
-        @app.exception_handler(APIError)
-        async def on_api_error(_: Request, e: APIError) -> JSONResponse:
-            return _error_response(e)
+        self._add_auth(app)
+        self._add_error_handlers(app)
 
         @app.get("/health")
         async def health() -> Response:
-            return Response(status_code=200 if self.engine.alive else 503)
+            if self.engine.alive:
+                return Response(status_code=200)
+            return _error_response(APIError(503, "the engine is not running", "server_error"))
+
+        @app.get("/version")
+        async def version() -> dict:
+            return {"version": quanta.__version__}
 
         @app.get("/metrics")
         async def metrics() -> Response:
@@ -146,19 +211,21 @@ class OpenAIServer:
 
         @app.get("/v1/models")
         async def models() -> dict:
-            return {
-                "object": "list",
-                "data": [
-                    {
-                        "id": self.model_name,
-                        "object": "model",
-                        "created": self.created,
-                        "owned_by": "quanta",
-                        "root": self.model_name,
-                        "max_model_len": self.llm_engine.max_model_len,
-                    }
-                ],
-            }
+            return {"object": "list", "data": [self._model_card()]}
+
+        @app.get("/v1/models/{model_id:path}")
+        async def model(model_id: str) -> dict:
+            if model_id != self.model_name:
+                raise APIError(404, f"the model {model_id!r} does not exist", "NotFoundError", "model")
+            return self._model_card()
+
+        @app.post("/tokenize")
+        async def tokenize(request: Request) -> dict:
+            return await self._tokenize(request)
+
+        @app.post("/detokenize")
+        async def detokenize(request: Request) -> dict:
+            return await self._detokenize(request)
 
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
@@ -172,14 +239,90 @@ class OpenAIServer:
 
         return app
 
-    async def _parse(self, request: Request, cls: type) -> Any:
-        raw = await request.body()
+    def _add_auth(self, app: FastAPI) -> None:
+        @app.middleware("http")
+        async def auth(request: Request, call_next):  # type: ignore[no-untyped-def]
+            policy: KeyPolicy | None = None
+            if self.keys.enabled and request.url.path.startswith(_PROTECTED):
+                policy = self.keys.check(request.headers.get("authorization"))
+                if policy is None:
+                    return _error_response(
+                        APIError(401, "invalid or missing API key", "authentication_error")
+                    )
+            request.state.key_policy = policy
+            return await call_next(request)
+
+    @staticmethod
+    def _add_error_handlers(app: FastAPI) -> None:
+        @app.exception_handler(APIError)
+        async def on_api_error(_: Request, e: APIError) -> JSONResponse:
+            return _error_response(e)
+
+        @app.exception_handler(RequestFailedError)
+        @app.exception_handler(EngineDeadError)
+        async def on_engine_error(_: Request, e: Exception) -> JSONResponse:
+            return _error_response(_api_error_of(e))
+
+        @app.exception_handler(StarletteHTTPException)
+        async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 routes
+            type_ = "NotFoundError" if e.status_code == 404 else "invalid_request_error"
+            return _error_response(APIError(e.status_code, str(e.detail), type_, headers=e.headers))
+
+        @app.exception_handler(Exception)
+        async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
+            logger.error("request failed", exc_info=e)
+            return _error_response(_api_error_of(e))
+
+    def _model_card(self) -> dict:
+        return {
+            "id": self.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "quanta",
+            "root": self.model_name,
+            "max_model_len": self.llm_engine.max_model_len,
+        }
+
+    # ---- request bodies -------------------------------------------------------------------------
+    async def _read_body(self, request: Request) -> bytes:
+        """The body, refused with 413 as soon as it is known to be over the limit: from Content-Length
+        before reading anything, else (chunked) while reading."""
+        limit = self.max_request_bytes
+        too_large = APIError(
+            413,
+            f"the request body is larger than this server's limit of {limit} bytes",
+            "invalid_request_error",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                raise _bad("invalid Content-Length header")
+            if int(declared) > limit:
+                raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _read_json(self, request: Request) -> dict:
+        raw = await self._read_body(request)
         try:
-            data = json.loads(raw)
+            data = (
+                json.loads(raw)
+                if len(raw) < _INLINE_PARSE_BYTES
+                else await asyncio.to_thread(json.loads, raw)
+            )
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"malformed JSON body: {e}") from None
         if not isinstance(data, dict):
             raise _bad("the request body must be a JSON object")
+        return data
+
+    def _validate(self, data: dict, cls: type[BaseModel]) -> Any:
         try:
             body = cls.model_validate(data)
         except ValidationError as e:
@@ -187,16 +330,83 @@ class OpenAIServer:
             loc = [str(x) for x in err["loc"]]
             param = loc[0] if loc else None
             raise _bad(f"{'.'.join(loc)}: {err['msg']}" if loc else err["msg"], param) from None
-        if body.model is not None and body.model != self.model_name:
-            raise APIError(404, f"the model {body.model!r} does not exist", "NotFoundError", "model")
+        model = getattr(body, "model", None)
+        if model is not None and model != self.model_name:
+            raise APIError(404, f"the model {model!r} does not exist", "NotFoundError", "model")
         return body
 
-    # ---- shared ---------------------------------------------------------------------------------
-    def _token_ids(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            ids = self.llm_engine.tokenizer.encode(prompt)
-        else:
-            ids = list(prompt)
+    async def _parse(self, request: Request, cls: type[_Common]) -> Any:
+        body = self._validate(await self._read_json(request), cls)
+        field = body.unsupported_field()
+        if field is not None:
+            raise _bad(f"{field} is not supported by this server", field)
+        if body.stream_options is not None and not body.stream:
+            raise _bad("stream_options can only be set when stream is true", "stream_options")
+        self._check_logit_bias(body.logit_bias)
+        return body
+
+    def _check_logit_bias(self, bias: dict[str, float] | None) -> None:
+        if not bias:
+            return
+        try:
+            self.llm_engine.check_logit_bias(SamplingParams(logit_bias=bias))  # type: ignore[arg-type]
+        except ValueError as e:
+            raise _bad(str(e), "logit_bias") from None
+
+    def _scheduling(self, request: Request, body: _Common) -> dict[str, Any]:
+        """The request's scheduling fields, within what the server and the caller's API key allow."""
+        policy: KeyPolicy | None = getattr(request.state, "key_policy", None)
+        tenant = body.tenant or "default"
+        if policy is not None and policy.tenant is not None:
+            if body.tenant is not None and body.tenant != policy.tenant:
+                raise APIError(
+                    403, f"this API key may not act for tenant {body.tenant!r}", "permission_error", "tenant"
+                )
+            tenant = policy.tenant
+        low, high = self.priority_range
+        if body.priority is not None and not low <= body.priority <= high:
+            raise _bad(f"priority must be in [{low}, {high}], got {body.priority}", "priority")
+        if policy is not None and policy.priority is not None:
+            low, high = max(low, policy.priority[0]), min(high, policy.priority[1])
+            if body.priority is not None and not low <= body.priority <= high:
+                raise _bad(
+                    f"this API key allows priorities in [{low}, {high}], got {body.priority}", "priority"
+                )
+        priority = body.priority if body.priority is not None else min(max(0, low), high)
+        return {
+            "tenant": tenant,
+            "priority": priority,
+            "session_id": body.session_id,
+            "slo_class": body.slo_class,
+            "cache_salt": body.cache_salt,
+        }
+
+    # ---- tokenization (off the event loop) ------------------------------------------------------
+    def _encode_now(self, text: str, add_special_tokens: bool) -> list[int]:
+        # encode_batch, not encode: it releases the GIL while it works, so a long text tokenized on a
+        # worker thread does not stall the event loop (encode holds the GIL for the whole call).
+        backend = self.llm_engine.tokenizer.backend
+        return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
+
+    async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if len(text) < _INLINE_TOKENIZE_CHARS:
+            return self.llm_engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+        return await asyncio.to_thread(self._encode_now, text, add_special_tokens)
+
+    async def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+        tok = self.llm_engine.tokenizer
+        try:
+            rendered = [m.as_template_dict() for m in messages]
+            return await asyncio.to_thread(
+                tok.apply_chat_template, rendered, add_generation_prompt=add_generation_prompt
+            )
+        except ValueError as e:
+            raise _bad(str(e), "messages") from None
+        except Exception as e:  # a template may raise anything (jinja errors) for odd conversations
+            raise _bad(f"cannot apply the chat template: {e}", "messages") from None
+
+    async def _token_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
+        ids = await self._encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise _bad("prompt must contain at least one token", "prompt")
         limit = self.llm_engine.max_model_len
@@ -208,15 +418,45 @@ class OpenAIServer:
             )
         return ids
 
-    async def _start(self, body: Any, prompts: list[list[int]], params_of: Any, prefix: str) -> list:
+    async def _tokenize(self, request: Request) -> dict:
+        data = await self._read_json(request)
+        if "messages" in data:
+            chat = self._validate(data, TokenizeChatRequest)
+            text = await self._render_chat(chat.messages, chat.add_generation_prompt)
+            body: TokenizeChatRequest | TokenizeCompletionRequest = chat
+        else:
+            body = self._validate(data, TokenizeCompletionRequest)
+            text = body.prompt
+        ids = await self._encode(text, body.add_special_tokens)
+        backend = self.llm_engine.tokenizer.backend
+        return {
+            "count": len(ids),
+            "max_model_len": self.llm_engine.max_model_len,
+            "tokens": ids,
+            "token_strs": [backend.id_to_token(t) for t in ids] if body.return_token_strs else None,
+        }
+
+    async def _detokenize(self, request: Request) -> dict:
+        body: DetokenizeRequest = self._validate(await self._read_json(request), DetokenizeRequest)
+        vocab = self.llm_engine.model_config.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise _bad(f"token ids out of range for a vocabulary of {vocab}: {bad[:5]}", "tokens")
+        decode = self.llm_engine.tokenizer.decode
+        if len(body.tokens) < _INLINE_TOKENIZE_CHARS:
+            text = decode(body.tokens, skip_special_tokens=False)
+        else:
+            text = await asyncio.to_thread(decode, body.tokens, skip_special_tokens=False)
+        return {"prompt": text}
+
+    # ---- shared ---------------------------------------------------------------------------------
+    async def _start(
+        self, body: Any, scheduling: dict[str, Any], prompts: list[list[int]], params_of: Any, prefix: str
+    ) -> list:
         """Add every prompt to the engine; on any error abort the ones already added and raise."""
         arrival = self.engine.now()
         extra = dict(
-            tenant=body.tenant_name,
-            priority=body.priority,
-            session_id=body.session_id,
-            slo_class=body.slo_class,
-            cache_salt=body.cache_salt,
+            **scheduling,
             deadline=None if body.deadline_ms is None else arrival + body.deadline_ms / 1000.0,
             arrival_time=arrival,
         )
@@ -314,7 +554,8 @@ class OpenAIServer:
             body.to_sampling_params()  # validates once before tokenizing
         except ValueError as e:
             raise _bad(str(e)) from None
-        prompts = [self._token_ids(p) for p in raw_prompts]
+        scheduling = self._scheduling(request, body)
+        prompts = [await self._token_ids(p) for p in raw_prompts]
         max_len = self.llm_engine.max_model_len
 
         def make(ids: list[int]) -> Any:
@@ -324,7 +565,7 @@ class OpenAIServer:
             return params
 
         rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._start(body, prompts, self._params(make), rid)
+        streams = await self._start(body, scheduling, prompts, self._params(make), rid)
         echo_texts = [
             (p if isinstance(p, str) else self.llm_engine.tokenizer.decode(ids)) if body.echo else ""
             for p, ids in zip(raw_prompts, prompts)
@@ -461,25 +702,23 @@ class OpenAIServer:
                     }
                 )
         except Exception as e:  # the status line is sent already: report in-band, like vLLM
-            yield _sse(error_body(str(e), "server_error", 500))
+            yield _sse_error(e)
         yield "data: [DONE]\n\n"
 
     # ---- /v1/chat/completions -------------------------------------------------------------------
     async def _chat(self, request: Request, body: ChatCompletionRequest) -> Response:
-        tok = self.llm_engine.tokenizer
-        try:
-            messages = [m.as_template_dict() for m in body.messages]
-            text = tok.apply_chat_template(messages, add_generation_prompt=body.add_generation_prompt)
-        except ValueError as e:
-            raise _bad(str(e), "messages") from None
-        except Exception as e:  # a template may raise anything (jinja errors) for odd conversations
-            raise _bad(f"cannot apply the chat template: {e}", "messages") from None
-        ids = self._token_ids(tok.encode(text, add_special_tokens=False))
         max_len = self.llm_engine.max_model_len
         make = self._params(lambda ids: body.to_sampling_params(max_len - len(ids)))
+        try:
+            body.to_sampling_params(max_len)  # validates before rendering and tokenizing
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        scheduling = self._scheduling(request, body)
+        text = await self._render_chat(body.messages, body.add_generation_prompt)
+        ids = await self._token_ids(await self._encode(text, add_special_tokens=False))
         make(ids)  # validate before adding
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start(body, [ids], make, rid)
+        streams = await self._start(body, scheduling, [ids], make, rid)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
@@ -593,7 +832,7 @@ class OpenAIServer:
             if body.include_usage and final is not None:
                 yield chunk([], self._usage([ids], [final]))
         except Exception as e:
-            yield _sse(error_body(str(e), "server_error", 500))
+            yield _sse_error(e)
         yield "data: [DONE]\n\n"
 
 

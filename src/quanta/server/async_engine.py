@@ -4,6 +4,11 @@ The engine is not thread-safe, so every call into it happens on its thread: comm
 go into an inbox that the thread drains at the top of each step, and each request's outputs come back to
 its asyncio.Queue through `loop.call_soon_threadsafe`. The thread sleeps on a Condition while it has
 nothing to do (no busy loop).
+
+Failures: a step the executor could not run ends only that step's requests (their streams get a
+RequestFailedError); the engine goes on serving the rest. Any other exception on the engine thread kills
+it: every open stream and waiting command then fails at once with EngineDeadError, later calls raise it
+immediately, and `alive` turns False (the server's /health answers 503).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from quanta.engine.core import StepFailedError
 from quanta.engine.llm_engine import LLMEngine, PromptType
 from quanta.engine.output import RequestOutput
 from quanta.request import Request, RequestStatus
@@ -31,7 +37,11 @@ class QueueFullError(Exception):
 
 
 class EngineDeadError(RuntimeError):
-    """A step failed; the request cannot finish."""
+    """The engine thread has stopped (shut down, or died of an unexpected error); nothing more can run."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine step running this request failed; the request was aborted (the engine serves on)."""
 
 
 @dataclass(slots=True)
@@ -103,17 +113,19 @@ class AsyncEngine:
         engine: LLMEngine,
         limits: QueueLimits | None = None,
         on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
-        on_abort: Callable[[list[Request]], None] | None = None,
+        on_abort: Callable[[list[Request], str], None] | None = None,
     ) -> None:
         self.engine = engine
         self.limits = limits or QueueLimits()
-        # Called on the engine thread after every step with its outputs, and with the requests an abort ended.
+        # Called on the engine thread after every step with its outputs, and with the requests an abort
+        # ("abort": the client left) or a failed step ("error") ended.
         self.on_step = on_step
         self.on_abort = on_abort
         self._inbox: deque[tuple[str, Any, concurrent.futures.Future | None]] = deque()
         self._cond = threading.Condition()
         self._streams: dict[str, _Stream] = {}  # engine thread only
         self._stopping = False
+        self._death: EngineDeadError | None = None  # set once, when the thread ends (under _cond)
         self._thread = threading.Thread(target=self._run, name="quanta-engine", daemon=True)
         self._thread.start()
 
@@ -121,6 +133,8 @@ class AsyncEngine:
     def _send(self, kind: str, payload: Any, want_result: bool = True) -> concurrent.futures.Future | None:
         fut: concurrent.futures.Future | None = concurrent.futures.Future() if want_result else None
         with self._cond:
+            if self._death is not None:
+                raise EngineDeadError(str(self._death))
             if self._stopping:
                 raise EngineDeadError("the engine is shutting down")
             self._inbox.append((kind, payload, fut))
@@ -157,7 +171,7 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         with self._cond:
-            if self._stopping:
+            if self._stopping or self._death is not None:
                 return
             self._inbox.append(("abort", request_id, None))
             self._cond.notify()
@@ -170,7 +184,12 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return self._thread.is_alive() and not self._stopping and self._death is None
+
+    @property
+    def death(self) -> EngineDeadError | None:
+        """Why the engine thread ended, once it has."""
+        return self._death
 
     def shutdown(self) -> None:
         with self._cond:
@@ -180,13 +199,22 @@ class AsyncEngine:
 
     # ---- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as e:  # a bug or a broken engine: record it so that nothing waits forever
+            logger.exception("the engine thread died")
+            self._die(EngineDeadError(f"the engine stopped after an internal error: {e!r}"))
+        else:
+            self._die(EngineDeadError("the engine is shutting down"))
+
+    def _loop(self) -> None:
         engine = self.engine
         while True:
             with self._cond:
                 while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
                     self._cond.wait()
                 if self._stopping:
-                    break
+                    return
                 commands = list(self._inbox)
                 self._inbox.clear()
             for kind, payload, fut in commands:
@@ -195,24 +223,41 @@ class AsyncEngine:
                 continue
             try:
                 outputs = engine.step()
-            except Exception as e:  # a failed step must not take the server down: fail its requests
-                logger.exception("engine step failed")
-                self._fail_all(EngineDeadError(f"engine step failed: {e}"))
+            except StepFailedError as e:  # only this step's requests are lost; serve the rest
+                logger.error("engine step failed (%d requests aborted): %s", len(e.request_ids), e.__cause__)
+                self._fail_requests(e.request_ids, str(e))
                 continue
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
                 if stream is not None:
-                    # RuntimeError: its event loop is closed (shutdown), nobody to tell.
-                    with contextlib.suppress(RuntimeError):
-                        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+                    self._deliver(stream, out)
             if self.on_step is not None:
                 try:
                     self.on_step(engine, outputs)
                 except Exception:  # metrics must never stop the engine
                     logger.exception("step observer failed")
-        self._fail_all(EngineDeadError("the engine is shutting down"))
+
+    @staticmethod
+    def _deliver(stream: _Stream, item: RequestOutput | BaseException) -> None:
+        # RuntimeError: its event loop is closed (shutdown), nobody to tell.
+        with contextlib.suppress(RuntimeError):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+
+    def _fail_requests(self, request_ids: list[str], message: str) -> None:
+        """End these requests' streams with RequestFailedError (the engine has already dropped them)."""
+        failed: list[Request] = []
+        for request_id in request_ids:
+            stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                self._deliver(stream, RequestFailedError(message))
+                failed.extend(stream.requests)
+        if failed and self.on_abort is not None:
+            try:
+                self.on_abort(failed, "error")
+            except Exception:
+                logger.exception("abort observer failed")
 
     def _handle(self, kind: str, payload: Any, fut: concurrent.futures.Future | None) -> None:
         try:
@@ -231,7 +276,7 @@ class AsyncEngine:
                 if gone is not None and self.on_abort is not None:
                     try:
                         self.on_abort(
-                            [r for r in gone.requests if r.status == RequestStatus.FINISHED_ABORTED]
+                            [r for r in gone.requests if r.status == RequestStatus.FINISHED_ABORTED], "abort"
                         )
                     except Exception:
                         logger.exception("abort observer failed")
@@ -285,18 +330,21 @@ class AsyncEngine:
             integrity_error=error,
         )
 
-    def _fail_all(self, error: BaseException) -> None:
-        ids = list(self._streams)
-        for request_id in ids:
-            stream = self._streams.pop(request_id)
-            with contextlib.suppress(RuntimeError):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-        if ids:
-            self.engine.abort_request(ids)
+    def _die(self, error: EngineDeadError) -> None:
+        """The thread is ending: refuse new commands, and fail every open stream and waiting command."""
         with self._cond:
-            pending = list(self._inbox) if self._stopping else []
-            if self._stopping:
-                self._inbox.clear()
+            self._death = error
+            pending = list(self._inbox)
+            self._inbox.clear()
+        streams, self._streams = self._streams, {}
+        # A fresh exception for each waiter: one instance raised in many tasks would pile up tracebacks.
+        for stream in streams.values():
+            self._deliver(stream, EngineDeadError(str(error)))
         for _, _, fut in pending:
             if fut is not None and not fut.done():
-                fut.set_exception(error)
+                fut.set_exception(EngineDeadError(str(error)))
+        if streams:
+            try:  # free their KV if the engine still can (not if it died of a broken state)
+                self.engine.abort_request(list(streams))
+            except Exception:
+                logger.exception("could not abort the requests of a stopped engine")

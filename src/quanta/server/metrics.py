@@ -2,9 +2,14 @@
 
 Each app gets its own CollectorRegistry (tests start several). Counters and histograms are updated on
 the engine thread after every step; gauges are read from the engine state at scrape time.
+
+Tenant names come from clients, so the tenant label is capped: the first `max_tenant_labels` tenants get
+their own series and later ones share the OTHER_TENANT label, which keeps the number of series bounded.
 """
 
 from __future__ import annotations
+
+import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -13,6 +18,9 @@ from quanta.engine.llm_engine import LLMEngine
 from quanta.engine.output import RequestOutput
 from quanta.metrics import RequestMetrics
 from quanta.request import Request
+
+logger = logging.getLogger("quanta.server")
+OTHER_TENANT = "__other__"
 
 # vLLM's buckets for the latency histograms.
 _TTFT_BUCKETS = (
@@ -86,10 +94,14 @@ _REQUEST_BUCKETS = (
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, block_size: int) -> None:
+    def __init__(self, model_name: str, block_size: int, max_tenant_labels: int = 100) -> None:
+        if max_tenant_labels < 1:
+            raise ValueError(f"max_tenant_labels must be at least 1, got {max_tenant_labels}")
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.block_size = block_size
+        self.max_tenant_labels = max_tenant_labels
+        self._tenants: set[str] = set()  # tenants with their own label (engine thread only)
         r = self.registry
         m, mt = ["model_name"], ["model_name", "tenant"]
         self.running = Gauge("quanta:num_requests_running", "Requests in the running batch.", m, registry=r)
@@ -154,16 +166,31 @@ class ServerMetrics:
     def attach(self, engine: LLMEngine) -> None:
         engine.core.step_observers.append(self._on_core_step)
 
+    def tenant_label(self, tenant: str) -> str:
+        if tenant in self._tenants:
+            return tenant
+        if len(self._tenants) < self.max_tenant_labels and tenant != OTHER_TENANT:
+            self._tenants.add(tenant)
+            return tenant
+        return OTHER_TENANT
+
     def _on_core_step(self, out: StepOutput) -> None:
         """Engine thread, after each step: tokens, TTFT and inter-token gaps as they happen."""
+        try:
+            self._observe_tokens(out)
+        except Exception:  # metrics must never stop the engine
+            logger.exception("metrics observer failed")
+
+    def _observe_tokens(self, out: StepOutput) -> None:
         name = self.model_name
         for req in out.updated:
             t = req.times
-            self.generation_tokens.labels(name, req.tenant).inc()
+            tenant = self.tenant_label(req.tenant)
+            self.generation_tokens.labels(name, tenant).inc()
             if len(t.tokens) == 1 and t.first_token is not None:
-                self.ttft.labels(name, req.tenant).observe(t.first_token - t.arrival)
+                self.ttft.labels(name, tenant).observe(t.first_token - t.arrival)
             elif len(t.tokens) > 1:
-                self.itl.labels(name, req.tenant).observe(t.tokens[-1] - t.tokens[-2])
+                self.itl.labels(name, tenant).observe(t.tokens[-1] - t.tokens[-2])
 
     def observe_outputs(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
         """Engine thread, after each step's outputs are processed (stop strings included)."""
@@ -179,17 +206,18 @@ class ServerMetrics:
         self._seen_preemptions = core.scheduler.num_preemptions
         for out in outputs:
             if out.finished:
-                self.prompt_tokens.labels(name, out.requests[0].tenant).inc(len(out.prompt_token_ids))
+                tenant = self.tenant_label(out.requests[0].tenant)
+                self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
                 for req in out.requests:
                     self._observe_finished(req)
 
-    def observe_aborted(self, requests: list[Request]) -> None:
-        """Engine thread: requests ended by an abort (client gone)."""
+    def observe_aborted(self, requests: list[Request], reason: str = "abort") -> None:
+        """Engine thread: requests ended by an abort (client gone) or, with reason "error", a failed step."""
         for req in requests:
-            self.success.labels(self.model_name, req.tenant, "abort").inc()
+            self.success.labels(self.model_name, self.tenant_label(req.tenant), reason).inc()
 
     def _observe_finished(self, req: Request) -> None:
-        labels = (self.model_name, req.tenant)
+        labels = (self.model_name, self.tenant_label(req.tenant))
         m = RequestMetrics.of(req)
         self.success.labels(*labels, req.status.finish_reason or "unknown").inc()
         if m.tpot is not None:

@@ -1,12 +1,16 @@
 """OpenAI-compatible request bodies (pydantic) and their translation to SamplingParams.
 
 Ranges follow OpenAI's and vLLM's. Unknown fields are ignored, as vLLM does; known fields of the wrong
-type or out of range are a 400. quanta's extensions (priority, tenant, deadline_ms, slo_class, session_id, cache_salt) are
-plain extra body fields, so the official clients send them through `extra_body`.
+type or out of range are a 400, and so are known fields that would change the output in ways this server
+does not implement (structured output, tools, best_of, ...: see `unsupported_field`). quanta's extensions
+(priority, tenant, deadline_ms, slo_class, session_id, cache_salt) are plain extra body fields, so the
+official clients send them through `extra_body`; their sizes are bounded so that a client cannot grow the
+scheduler's or the metrics' state without limit.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -14,6 +18,21 @@ from pydantic import BaseModel, ConfigDict, Field
 from quanta.sampling_params import SamplingParams
 
 MAX_LOGPROBS = 20
+TENANT_PATTERN = r"^[A-Za-z0-9._:@-]+$"
+MAX_TENANT_LEN = 64
+MAX_DEADLINE_MS = 86_400_000  # one day
+MAX_ID_LEN = 256  # session_id, cache_salt
+
+# Fields of vLLM's structured-output support; any value changes the output, so they are refused here.
+GUIDED_FIELDS = (
+    "guided_json",
+    "guided_regex",
+    "guided_choice",
+    "guided_grammar",
+    "guided_whitespace_pattern",
+    "guided_decoding_backend",
+    "structured_outputs",
+)
 
 
 def error_body(message: str, type_: str, code: int | str | None, param: str | None = None) -> dict:
@@ -47,13 +66,46 @@ class _Common(BaseModel):
     min_tokens: int = Field(0, ge=0)
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
+    logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    # Known so that they can be refused with a clear 400 (see unsupported_field), not silently ignored.
+    response_format: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    best_of: int | None = None
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    guided_whitespace_pattern: Any = None
+    guided_decoding_backend: Any = None
+    structured_outputs: Any = None
     # quanta extensions
-    priority: int = 0
-    tenant: str | None = None
-    deadline_ms: float | None = Field(None, gt=0)
-    slo_class: str | None = None  # a class the deadline policy knows (its slo_classes): TTFT/TPOT targets
-    session_id: str | None = None
-    cache_salt: str | None = None  # as vLLM's: prefix-cache hits only among requests with the same salt
+    priority: int | None = None  # default 0 (or the nearest value the API key allows); range: server option
+    tenant: str | None = Field(None, min_length=1, max_length=MAX_TENANT_LEN, pattern=TENANT_PATTERN)
+    deadline_ms: float | None = Field(None, gt=0, le=MAX_DEADLINE_MS)
+    # a class the deadline policy knows (its slo_classes): TTFT/TPOT targets
+    slo_class: str | None = Field(None, max_length=MAX_TENANT_LEN)
+    session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
+    # as vLLM's: prefix-cache hits only among requests with the same salt
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
+
+    def unsupported_field(self) -> str | None:
+        """The first field whose value would change the output in a way this server does not implement."""
+        if self.response_format is not None and self.response_format.get("type") != "text":
+            return "response_format"
+        if self.tools:
+            return "tools"
+        if self.tool_choice not in (None, "none", "auto"):
+            return "tool_choice"
+        if self.functions:
+            return "functions"
+        if self.function_call not in (None, "none", "auto"):
+            return "function_call"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of"
+        return next((f for f in GUIDED_FIELDS if getattr(self, f) is not None), None)
 
     def sampling_params(
         self, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None
@@ -78,15 +130,12 @@ class _Common(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            logit_bias=self.logit_bias,  # type: ignore[arg-type]  # SamplingParams parses the string keys
         )
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
-
-    @property
-    def tenant_name(self) -> str:
-        return self.tenant or self.user or "default"
 
 
 class CompletionRequest(_Common):
@@ -106,9 +155,10 @@ class CompletionRequest(_Common):
             return [list(p)]  # type: ignore[arg-type]
         return list(p)  # type: ignore[arg-type]
 
+    def unsupported_field(self) -> str | None:
+        return "suffix" if self.suffix else super().unsupported_field()
+
     def to_sampling_params(self) -> SamplingParams:
-        if self.suffix:
-            raise ValueError("suffix is not supported")
         plp = self.logprobs if self.echo and self.logprobs is not None else None
         return self.sampling_params(self.max_tokens, self.logprobs, plp)
 
@@ -118,6 +168,9 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     def as_template_dict(self) -> dict[str, Any]:
         content = self.content
@@ -128,7 +181,29 @@ class ChatMessage(BaseModel):
                     raise ValueError("only text content parts are supported")
                 parts.append(part["text"])
             content = "\n".join(parts)
-        return {"role": self.role, "content": content or ""}
+        out: dict[str, Any] = {"role": self.role, "content": content or ""}
+        if self.name is not None:
+            out["name"] = self.name
+        if self.tool_calls is not None:
+            out["tool_calls"] = [_template_tool_call(c) for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
+
+
+def _template_tool_call(call: dict[str, Any]) -> dict[str, Any]:
+    """Chat templates expect a call's `arguments` as a mapping, while the API sends a JSON string; parse it
+    (as vLLM does) when it is a JSON object, and keep it as it is otherwise."""
+    function = call.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        args = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call
+    if not isinstance(args, dict):
+        return call
+    return {**call, "function": {**function, "arguments": args}}
 
 
 class ChatCompletionRequest(_Common):
@@ -145,3 +220,33 @@ class ChatCompletionRequest(_Common):
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self.sampling_params(max_tokens, logprobs, None)
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """vLLM's POST /tokenize, completion form."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool | None = False
+
+
+class TokenizeChatRequest(BaseModel):
+    """vLLM's POST /tokenize, chat form: the prompt the chat template renders."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False  # the template adds the special tokens itself
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]

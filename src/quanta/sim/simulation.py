@@ -7,7 +7,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from quanta.config import CacheConfig, SchedulerConfig
@@ -19,7 +19,7 @@ from quanta.model.config import ModelConfig
 from quanta.request import Request
 from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
-from quanta.sim.workload import WorkloadRequest, to_requests
+from quanta.sim.workload import WorkloadRequest, output_lengths, to_requests
 
 ROUTERS = ("round-robin", "least-load")
 
@@ -33,7 +33,7 @@ class SimConfig:
     replicas: int = 1
     router: str = "least-load"
     max_num_batched_tokens: int | None = None  # default: 512 for chunked policies, max_model_len otherwise
-    max_num_seqs: int = 128
+    max_num_seqs: int | None = None  # default: 128, or the token budget when that is smaller
     max_model_len: int = 8192
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
@@ -44,12 +44,17 @@ class SimConfig:
     swap_space_gb: float = 0.0
     block_groups: bool = True
     policy_args: dict = field(default_factory=dict)
+    # max_tokens of requests whose trace sets none (None: up to the remaining context, as the server
+    # gives a client that sends none). Requests still end at their true length, as at EOS.
+    default_max_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
             raise ValueError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        if self.default_max_tokens is not None and self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1")
 
     @property
     def budget(self) -> int:
@@ -76,17 +81,25 @@ class SimResult:
         return sum(r.num_preemptions for r in self.requests)
 
 
-def build_replica(cfg: SimConfig) -> EngineCore:
+def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = None) -> EngineCore:
+    """One replica; `output_lengths` (request id -> true output length) tells its executor where each
+    request emits EOS."""
     cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
     num_blocks = cfg.num_kv_blocks or cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
     num_host_blocks = int(cfg.swap_space_gb * 2**30 // (cfg.block_size * cost.kv_bytes_per_token()))
     return EngineCore(
-        SimExecutor(cost, num_blocks, num_host_blocks=num_host_blocks, block_size=cfg.block_size),
+        SimExecutor(
+            cost,
+            num_blocks,
+            num_host_blocks=num_host_blocks,
+            block_size=cfg.block_size,
+            output_lengths=output_lengths,
+        ),
         VirtualClock(),
         SchedulerConfig(
             cfg.policy,
             cfg.budget,
-            cfg.max_num_seqs,
+            cfg.max_num_seqs or min(128, cfg.budget),
             cfg.max_model_len,
             preemption_mode=cfg.preemption_mode,
             policy_args=cfg.policy_args,
@@ -113,11 +126,13 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     bar = tqdm(
         total=len(workload), desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
     )
-    replicas = [build_replica(cfg) for _ in range(cfg.replicas)]
+    # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
+    lengths = output_lengths(workload)
+    replicas = [build_replica(cfg, lengths) for _ in range(cfg.replicas)]
     usage: list[list[tuple[float, float]]] = [[] for _ in replicas]
     for i, core in enumerate(replicas):
         core.step_observers.append(lambda out, i=i, core=core: usage[i].append((out.end, core.kv.usage())))
-    requests = to_requests(workload)
+    requests = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     rr = itertools.cycle(range(len(replicas)))
     steps = 0

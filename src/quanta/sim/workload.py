@@ -2,9 +2,18 @@
 
 Trace format (CSV with a header, or JSONL with one object per line), one request per row:
   prompt_len   (or num_prefill_tokens)  prompt tokens                       required
-  output_len   (or num_decode_tokens)   output tokens                       required
+  output_len   (or num_decode_tokens)   output tokens: where the model      required
+                                        emits EOS (the true length)
   arrival      (or arrived_at)          seconds from the start              optional: drawn when absent
+  max_tokens                            the client's max_tokens             optional: absent = none set
+  prefix_group, prefix_len              requests of one group share their   optional
+                                        first prefix_len prompt tokens
+                                        (e.g. a system prompt)
   tenant (or user), priority, deadline (seconds after arrival), slo_class, session_id   optional
+A request's session_id also shares tokens: its prompt is the start of its session's token stream, so a
+later turn with a longer prompt extends the earlier turns' prompts (prefix-cache hits, as in a chat).
+A max_tokens below output_len cuts the output: the request stops at max_tokens (finish reason
+"length") and metrics see the shorter output.
 The public traces in ../shared/traces/ read as they are.
 """
 
@@ -35,6 +44,9 @@ class WorkloadRequest:
     deadline: float | None = None  # seconds after arrival
     session_id: str | None = None
     slo_class: str | None = None  # TTFT/TPOT targets by name (the deadline policy's slo_classes)
+    max_tokens: int | None = None  # what the client asked for (None: not set), not the true length
+    prefix_group: str | None = None  # requests of one group share their first prefix_len prompt tokens
+    prefix_len: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,10 +139,15 @@ _ALIASES = {
 }
 
 
+def _int(v: object) -> int:
+    """Integers as tables write them: "12", or "12.0" from a column that also has missing values."""
+    return int(float(v))  # type: ignore[arg-type]
+
+
 def _parse_row(raw: dict, where: str) -> dict:
     row = {_ALIASES.get(k, k): v for k, v in raw.items() if v not in (None, "")}
     try:
-        out = {"prompt_len": int(float(row["prompt_len"])), "output_len": int(float(row["output_len"]))}
+        out = {"prompt_len": _int(row["prompt_len"]), "output_len": _int(row["output_len"])}
         if "arrival" in row:
             out["arrival"] = float(row["arrival"])
         for key, cast in (
@@ -139,6 +156,9 @@ def _parse_row(raw: dict, where: str) -> dict:
             ("deadline", float),
             ("session_id", str),
             ("slo_class", str),
+            ("max_tokens", _int),
+            ("prefix_group", str),
+            ("prefix_len", _int),
         ):
             if key in row:
                 out[key] = cast(row[key])
@@ -148,6 +168,13 @@ def _parse_row(raw: dict, where: str) -> dict:
         raise ValueError(f"{where}: {e}") from None
     if out["prompt_len"] < 1 or out["output_len"] < 1:
         raise ValueError(f"{where}: prompt_len and output_len must be at least 1")
+    if out.get("max_tokens", 1) < 1:
+        raise ValueError(f"{where}: max_tokens must be at least 1")
+    prefix_len = out.get("prefix_len", 0)
+    if not 0 <= prefix_len <= out["prompt_len"]:
+        raise ValueError(f"{where}: prefix_len must be between 0 and prompt_len")
+    if prefix_len and "prefix_group" not in out:
+        raise ValueError(f"{where}: prefix_len needs a prefix_group (who shares the prefix)")
     return out
 
 
@@ -200,23 +227,70 @@ def scale_rate(reqs: Sequence[WorkloadRequest], factor: float) -> list[WorkloadR
     return [replace(r, arrival=r.arrival / factor) for r in reqs]
 
 
-def to_requests(reqs: Sequence[WorkloadRequest], prefix: str = "w") -> list[Request]:
-    """Engine requests with synthetic prompt ids, disjoint between requests (no accidental prefix sharing),
-    and outputs forced to the trace's lengths."""
+# Synthetic token ids. SimExecutors sample token 0 (the default) or 1 (the tests' null engines) and end
+# a request with EOS_TOKEN_ID; prompt ids lie in [_FIRST_PROMPT_ID, 1_000_000), so they are none of these.
+EOS_TOKEN_ID = 2
+_FIRST_PROMPT_ID = 3
+_SPAN = 1_000_000 - _FIRST_PROMPT_ID
+_STRIDE = 7919  # prime, coprime with _SPAN: streams 0 .. _SPAN - 1 start at distinct offsets
+
+
+def _stream(key: int, start: int, stop: int) -> list[int]:
+    """Tokens [start, stop) of token stream `key`. Two streams hold different ids at every position, so
+    block hashes (a chain from the first token) never match between streams: sharing is only by key."""
+    out: list[int] = []
+    pos, n = (key * _STRIDE + start) % _SPAN, stop - start
+    while n > 0:  # consecutive ids, wrapping around the range (ranges: fast for long prompts)
+        take = min(n, _SPAN - pos)
+        out.extend(range(_FIRST_PROMPT_ID + pos, _FIRST_PROMPT_ID + pos + take))
+        pos, n = 0, n - take
+    return out
+
+
+def prompt_token_ids(reqs: Sequence[WorkloadRequest]) -> list[list[int]]:
+    """Synthetic prompts whose sharing is what the trace says: the first prefix_len tokens of a
+    prefix_group's requests are the group's; the rest comes from the request's session stream (a
+    session's prompts are prefixes of one stream), or from a stream of its own (no accidental sharing)."""
+    keys: dict[tuple[str, str], int] = {}
+
+    def key(kind: str, name: str) -> int:  # streams len(reqs), len(reqs) + 1, ... in order of appearance
+        return keys.setdefault((kind, name), len(reqs) + len(keys))
+
     out = []
     for i, w in enumerate(reqs):
-        base = (i * 7919) % 1_000_000  # distinct first tokens; ids only matter for prefix hashing
-        out.append(
-            Request(
-                f"{prefix}{i}",
-                list(range(base, base + w.prompt_len)),
-                SamplingParams(max_tokens=w.output_len, ignore_eos=True),
-                arrival_time=w.arrival,
-                tenant=w.tenant,
-                priority=w.priority,
-                deadline=None if w.deadline is None else w.arrival + w.deadline,
-                session_id=w.session_id,
-                slo_class=w.slo_class,
-            )
-        )
+        head: list[int] = []
+        if w.prefix_group is not None:
+            head = _stream(key("group", w.prefix_group), 0, min(w.prefix_len, w.prompt_len))
+        shared = len(head)
+        own = i if w.session_id is None else key("session", w.session_id)
+        out.append(head + _stream(own, shared, w.prompt_len))
     return out
+
+
+def to_requests(
+    reqs: Sequence[WorkloadRequest], prefix: str = "w", default_max_tokens: int | None = None
+) -> list[Request]:
+    """Engine requests as a client would send them: synthetic prompt ids (see `prompt_token_ids`), the
+    trace's max_tokens or else `default_max_tokens` (None: up to the remaining context), and EOS_TOKEN_ID
+    as their EOS. The true output lengths stay in the workload: a SimExecutor given them
+    (`output_lengths`) emits EOS there, so policies see no more than on the server."""
+    return [
+        Request(
+            f"{prefix}{i}",
+            ids,
+            SamplingParams(max_tokens=w.max_tokens if w.max_tokens is not None else default_max_tokens),
+            arrival_time=w.arrival,
+            tenant=w.tenant,
+            priority=w.priority,
+            deadline=None if w.deadline is None else w.arrival + w.deadline,
+            session_id=w.session_id,
+            slo_class=w.slo_class,
+            eos_token_ids=(EOS_TOKEN_ID,),
+        )
+        for i, (w, ids) in enumerate(zip(reqs, prompt_token_ids(reqs)))
+    ]
+
+
+def output_lengths(reqs: Sequence[WorkloadRequest], prefix: str = "w") -> dict[str, int]:
+    """Request id (as `to_requests` names them) -> true output length: what SimExecutor ends them at."""
+    return {f"{prefix}{i}": w.output_len for i, w in enumerate(reqs)}
