@@ -202,32 +202,33 @@ class Scheduler:
             # The head outranks no running request: it is admitted if it fits, or waits, and nothing
             # behind it jumps ahead. Most steps of a busy engine end here, without the look-ahead.
             return frozenset(), None
+        admissible = [w for w in order if self.policy.admit(w, now)]  # a snapshot: preempting adds to the queue
         deferred: set[str] = set()
-        made_room_for: Request | None = None
-        look = self._look_ahead(split, deferred)
-        ahead: list[Request] = []  # requests that fit, in order: the room they take is theirs
-        for w in order:  # a snapshot: preempting adds to the waiting queue
-            if not self.policy.admit(w, now):
-                continue
-            gave_way = False
-            while (shortage := self._admission_shortage(w, look)) is not None:
-                victim = self._victim_for(w, shortage, deferred, now)
-                if victim is None:
-                    return frozenset(deferred), made_room_for  # the head waits; nothing behind it jumps
-                is_prompt = victim.num_tokens - victim.num_computed_tokens > 1
-                if shortage != "slot" and is_prompt and victim.request_id not in deferred:
-                    deferred.add(victim.request_id)  # a prompt chunk: skipping it for a step may be enough
-                else:
-                    self._preempt(plan, victim)
-                gave_way = True
-                # Room only grew: the requests ahead still fit, and take their share first.
-                look = self._look_ahead(split, deferred)
-                for a in ahead:
-                    assert self._admission_shortage(a, look) is None, f"{a.request_id} no longer fits"
-            ahead.append(w)
-            if gave_way and made_room_for is None:
-                made_room_for = w
-        return frozenset(deferred), made_room_for
+        helped: set[str] = set()  # requests that something gave way to
+        while True:
+            # From the top each time: a request that fitted may take more once others gave way (a longer
+            # chunk with the tokens a deferred prompt handed back), so nobody's room is taken as given.
+            look = self._look_ahead(split, deferred)
+            fitted: list[Request] = []
+            for w in admissible:
+                shortage = self._admission_shortage(w, look)
+                if shortage is not None:
+                    break
+                fitted.append(w)
+            else:
+                shortage = None
+            made_room_for = next((w for w in fitted if w.request_id in helped), None)
+            if shortage is None:
+                return frozenset(deferred), made_room_for
+            victim = self._victim_for(w, shortage, deferred, now)
+            if victim is None:
+                return frozenset(deferred), made_room_for  # w waits; nothing behind it jumps
+            is_prompt = victim.num_tokens - victim.num_computed_tokens > 1
+            if shortage != "slot" and is_prompt and victim.request_id not in deferred:
+                deferred.add(victim.request_id)  # a prompt chunk: skipping it for a step may be enough
+            else:
+                self._preempt(plan, victim)
+            helped.add(w.request_id)
 
     def _look_ahead(self, split: tuple[list[Request], list[Request]], deferred: set[str]) -> _Room:
         """Free blocks, tokens and slots left for admissions once the running requests have taken their

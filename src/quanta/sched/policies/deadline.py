@@ -209,8 +209,9 @@ class DeadlinePolicy(Policy):
         return key - redo * self.step_s > w_slack + self.remaining_steps(waiting) * self.step_s
 
     def victim_for(self, waiting: Request, candidates: Sequence[Request], now: float) -> Request | None:
-        if self._classify(waiting.request_id, self.slack(waiting, now)) != FEASIBLE:
-            return None  # without ranking the running requests
+        slack = self.slack(waiting, now)
+        if self._classify(waiting.request_id, slack) != FEASIBLE or slack > self.urgent_steps * self.step_s:
+            return None  # as may_preempt would say of every candidate, without ranking them
         victim = self.preemption_victim(candidates)  # if not the one most able to wait, none
         return victim if self.may_preempt(waiting, victim, now) else None
 
