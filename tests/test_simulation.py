@@ -105,6 +105,15 @@ def test_cli_simulate(tmp_path: Path) -> None:
     write_trace(
         trace, [WorkloadRequest(0.05 * i, 300 + i, 30, tenant="a" if i % 2 else "b") for i in range(30)]
     )
+    # The same simulation in-process gives each request's TTFT: an SLO at their median splits them, so
+    # goodput must count exactly the requests that meet it.
+    same = simulate(
+        read_trace(trace), SimConfig(get_model("llama-3.1-8b"), get_gpu("h100"), default_max_tokens=20)
+    )
+    ttfts = sorted(r.times.first_token - r.arrival_time for r in same.requests)
+    slo = ttfts[len(ttfts) // 2]
+    num_good = sum(t <= slo for t in ttfts)
+    assert 0 < num_good < 30
     out = tmp_path / "r.json"
     proc = run_cli(
         "simulate",
@@ -117,7 +126,7 @@ def test_cli_simulate(tmp_path: Path) -> None:
         "--policy",
         "sarathi,prefill-first",
         "--ttft-slo",
-        "0.5",
+        repr(slo),
         "--default-max-tokens",
         "20",  # below the trace's 30 output tokens: every request is cut to 20
         "--json",
@@ -128,7 +137,7 @@ def test_cli_simulate(tmp_path: Path) -> None:
     rows = json.loads(out.read_text())
     assert [r["policy"] for r in rows] == ["sarathi", "prefill-first"] and rows[0]["num_requests"] == 30
     assert set(rows[0]["per_tenant"]) == {"a", "b"} and rows[0]["per_tenant"]["a"]["num_requests"] == 15
-    assert rows[0]["goodput"] > 0
+    assert rows[0]["goodput"] * rows[0]["duration"] == pytest.approx(num_good)
     assert rows[0]["output_throughput"] * rows[0]["duration"] == pytest.approx(30 * 20)
     bad = run_cli("simulate", "--trace", "sharegpt", timeout=120)
     assert bad.returncode == 2 and "--qps" in bad.stderr
