@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -109,7 +110,12 @@ def test_cli_make_model_then_default_generate(tmp_path: Path) -> None:
 def test_serve_options_are_checked_before_the_model_loads(tmp_path) -> None:
     keys = tmp_path / "keys.json"
     keys.write_text('{"k1": {"tenant": "team a"}}')
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
     for args, message in [
+        (("--port", str(taken.getsockname()[1])), "cannot listen on 127.0.0.1"),
+        (("--max-waiting-requests", "-1"), "--max-waiting-requests must be at least 1"),
         (("--priority-range", "5,1"), "the range '5,1' is empty"),
         (("--api-keys-file", str(keys)), "a key's tenant"),
         (("--api-keys-file", str(tmp_path / "missing.json")), "cannot read the API key file"),
@@ -118,3 +124,45 @@ def test_serve_options_are_checked_before_the_model_loads(tmp_path) -> None:
         proc = run_cli("serve", "--model", str(tmp_path / "no-model"), *args)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
+    taken.close()
+
+
+def test_every_serve_flag_has_help() -> None:
+    from quanta.cli import build_parser
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]  # type: ignore[union-attr]
+    missing = [a.option_strings[0] for a in serve._actions if a.option_strings and not a.help]
+    assert not missing, f"serve flags without help: {missing}"
+
+
+def test_serve_says_when_it_is_ready(llama_dir: Path) -> None:
+    """At the default log level, a `loading` line before the model loads and a `ready` line once the
+    server answers (the first start used to be silent until the first request)."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "quanta.cli", "serve", "--model", str(llama_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        lines = []
+        assert proc.stderr is not None
+        for line in proc.stderr:  # the process ends (and the loop with it) if it fails to start
+            lines.append(line)
+            if "ready" in line:
+                break
+        assert any("loading" in x for x in lines) and "ready" in lines[-1], lines
+        assert f"http://127.0.0.1:{port}/v1" in lines[-1]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+            assert r.status == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

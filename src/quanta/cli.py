@@ -36,8 +36,13 @@ def ensure_default_model() -> Path:
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="Hugging Face model folder (default: a tiny random-weight model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16"],
+        help="weights and activations (auto: the checkpoint's own dtype)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument(
         "--policy",
         default="sarathi",
@@ -47,23 +52,32 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-num-seqs", type=int, default=None, help="most running requests (default 128, or the budget)"
     )
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)"
+    )
     p.add_argument("--kv-cache-memory-gb", type=float, default=2.0, help="CPU: memory for KV blocks")
     p.add_argument(
         "--gpu-memory-utilization", type=float, default=0.9, help="CUDA: share of the card for the engine"
     )
-    p.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
+    p.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "torch", "triton"],
+        help="auto: triton on CUDA, torch (with C++ kernels) on CPU",
+    )
     p.add_argument("--enforce-eager", action="store_true", help="CUDA: no decode graphs")
     p.add_argument("--load-format", default="auto", choices=["auto", "dummy"], help="dummy: random weights")
-    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-prefix-caching", action="store_true", help="never reuse KV between requests")
     p.add_argument(
         "--prefix-cache-per-tenant",
         action="store_true",
         help="prefix-cache hits only between requests of the same tenant (no cross-tenant timing signal)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (for requests without a seed)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -136,6 +150,24 @@ def cmd_make_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Fail in one line before a model load of minutes, not after it, when the port is taken."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise ValueError(f"cannot resolve --host {host!r}: {e}") from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT is not reported as taken.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import logging
 
@@ -149,9 +181,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Options are checked before the model loads: a typo costs no start-up.
     api_keys = load_api_keys(args.api_keys_file) if args.api_keys_file else None
     priority_range = parse_int_range(args.priority_range)
-    if args.max_request_bytes < 1 or args.max_tenant_labels < 1:
-        raise ValueError("--max-request-bytes and --max-tenant-labels must be positive")
+    for flag in ("max_request_bytes", "max_tenant_labels", "max_waiting_requests", "max_waiting_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    _check_port_free(args.host, args.port)
     model = args.model or str(ensure_default_model())
+    print(f"quanta serve: loading {model}", file=sys.stderr, flush=True)
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     # Load the chat-template tokenizer now, not inside the first chat request.
     if getattr(engine.tokenizer.hf, "chat_template", None) is None:
@@ -160,12 +196,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"quanta serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     limits = QueueLimits(args.max_waiting_requests, args.max_waiting_tokens)
     name = args.served_model_name or model
-    print(f"quanta serve: {name} on http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     run_server(
         engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
         limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
         max_request_bytes=args.max_request_bytes, max_tenant_labels=args.max_tenant_labels,
-        priority_range=priority_range,
+        priority_range=priority_range, cors_origins=args.cors_origins,
     )  # fmt: skip
     return 0
 
@@ -429,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
     _add_engine_args(srv)
     srv.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (checked before the model loads)")
     srv.add_argument("--served-model-name", default=None, help="model name in the API (default: --model)")
     srv.add_argument("--api-key", default=os.environ.get("QUANTA_API_KEY"), help="require this bearer key")
     srv.add_argument(
@@ -453,7 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
     srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
     srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")
-    srv.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    srv.add_argument(
+        "--cors-origins",
+        nargs="+",
+        default=None,
+        help="origins allowed to call the API from a browser (default: none; '*' for any)",
+    )
+    srv.add_argument(
+        "--log-level",
+        default="warning",
+        choices=["debug", "info", "warning", "error"],
+        help="uvicorn's access and error log (quanta's own start-up lines print at every level)",
+    )
     srv.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks against a running server")

@@ -6,17 +6,20 @@ loop; the AsyncEngine's thread does everything else. A request whose client goes
 
 Errors are always OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for bad input
 (including fields that would change the output in ways this server does not implement), 401 for a missing
-or wrong API key, 403 for a tenant the key may not act for, 404, 413 for an oversized body, 429 for a full
-queue, 500 when the engine step running a request failed (the engine serves on), 503 once the engine has
-stopped. Streams that have started report errors in-band (an error event, then `data: [DONE]`), as vLLM does.
+or wrong API key, 403 for a tenant the key may not act for, 404, 413 for an oversized body, 415 for a body
+not sent as application/json, 429 for a full queue, 500 when the engine step running a request failed (the
+engine serves on), 503 once the engine has stopped. Streams that have started report errors in-band (an
+error event, then `data: [DONE]`), as vLLM does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -24,6 +27,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
@@ -97,6 +101,28 @@ def _api_error_of(e: BaseException) -> APIError:
     return APIError(500, "internal server error", "server_error")  # details go to the log, not the client
 
 
+def _without_completion(out: RequestOutput) -> RequestOutput:
+    """A prompt-scoring request's output (echo with max_tokens=0): the engine samples one token, since it
+    computes prompt logprobs in a prefill; the client asked for none, so drop it, as vLLM returns none."""
+    outputs = [
+        dataclasses.replace(
+            o,
+            text="",
+            token_ids=[],
+            cumulative_logprob=None,
+            logprobs=[] if o.logprobs is not None else None,
+            finish_reason="length" if o.finish_reason is not None else None,
+            stop_reason=None,
+        )
+        for o in out.outputs
+    ]
+    return dataclasses.replace(out, outputs=outputs)
+
+
+def _is_json(content_type: str | None) -> bool:
+    return content_type is not None and content_type.split(";")[0].strip().lower() == "application/json"
+
+
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
@@ -142,6 +168,7 @@ class OpenAIServer:
     /internal/* need a key. limits / retry_after_s: the waiting-queue limits, beyond which requests get 429.
     max_request_bytes: the largest request body (413 beyond it). max_tenant_labels: distinct tenant label
     values in /metrics (later tenants share one label). priority_range: the priorities a request may ask for.
+    cors_origins: origins browsers may call this API from (CORS headers); none by default.
     """
 
     def __init__(
@@ -157,6 +184,7 @@ class OpenAIServer:
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         max_tenant_labels: int = 100,
         priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
+        cors_origins: list[str] | None = None,
     ) -> None:
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
@@ -174,6 +202,7 @@ class OpenAIServer:
             engine, limits, on_step=self.metrics.observe_outputs, on_abort=self.metrics.observe_aborted
         )
         self.created = int(time.time())
+        self.cors_origins = list(cors_origins or [])
         self.app = self._build(enable_internal)
 
     # ---- app --------------------------------------------------------------------------------------
@@ -183,8 +212,21 @@ class OpenAIServer:
             yield
             self.engine.shutdown()
 
-        app = FastAPI(title="quanta", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+        # /openapi.json is FastAPI's own schema (as vLLM serves it); the docs pages load scripts from a
+        # CDN, so they stay off.
+        app = FastAPI(
+            title="quanta", version=quanta.__version__, docs_url=None, redoc_url=None, lifespan=lifespan
+        )
         self._add_auth(app)
+        if self.cors_origins:
+            # Added after the auth middleware, so it wraps it: preflights (which carry no key) get their
+            # answer here.
+            app.add_middleware(
+                CORSMiddleware,
+                allow_origins=self.cors_origins,
+                allow_methods=["*"],
+                allow_headers=["*"],
+            )
         self._add_error_handlers(app)
 
         @app.get("/health")
@@ -192,6 +234,15 @@ class OpenAIServer:
             if self.engine.alive:
                 return Response(status_code=200)
             return _error_response(APIError(503, "the engine is not running", "server_error"))
+
+        # vLLM's (SageMaker's) health check; two routes, so that the schema's operation ids differ.
+        @app.get("/ping")
+        async def ping() -> Response:
+            return await health()
+
+        @app.post("/ping")
+        async def ping_post() -> Response:
+            return await health()
 
         @app.get("/version")
         async def version() -> dict:
@@ -309,6 +360,14 @@ class OpenAIServer:
         return b"".join(chunks)
 
     async def _read_json(self, request: Request) -> dict:
+        # Browsers send text/plain (or form) bodies cross-origin without a CORS preflight; requiring JSON
+        # keeps a web page from driving this API through a visitor's browser.
+        if not _is_json(request.headers.get("content-type")):
+            raise APIError(
+                415,
+                "the request body must be JSON, sent with Content-Type: application/json",
+                "invalid_request_error",
+            )
         raw = await self._read_body(request)
         try:
             data = (
@@ -409,14 +468,21 @@ class OpenAIServer:
         ids = await self._encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise _bad("prompt must contain at least one token", "prompt")
-        limit = self.llm_engine.max_model_len
-        if len(ids) >= limit:
-            raise _bad(
-                f"the prompt has {len(ids)} tokens; this model's context is {limit} tokens, "
-                f"so prompts may have at most {limit - 1}",
-                "prompt",
-            )
         return ids
+
+    def _check_context(self, ids: list[int], max_tokens: int | None, param: str) -> None:
+        """A prompt with no room left for a token is a 400 in vLLM's words (litellm and other clients
+        match "maximum context length"); a prompt that fits is served, with max_tokens trimmed."""
+        limit = self.llm_engine.max_model_len
+        if len(ids) < limit:
+            return
+        asked = max_tokens or 0
+        raise _bad(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{len(ids) + asked} tokens ({len(ids)} in the messages, {asked} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            param,
+        )
 
     async def _tokenize(self, request: Request) -> dict:
         data = await self._read_json(request)
@@ -460,16 +526,14 @@ class OpenAIServer:
             deadline=None if body.deadline_ms is None else arrival + body.deadline_ms / 1000.0,
             arrival_time=arrival,
         )
-        streams: list[RequestStream] = []
+        # One engine command for all of them: a list of prompts enters the scheduler at once, not one
+        # engine step per prompt (the engine thread would step between separate adds).
+        items = [
+            (f"{prefix}-{i}", {"prompt_token_ids": ids}, params_of(ids)) for i, ids in enumerate(prompts)
+        ]
         try:
-            for i, ids in enumerate(prompts):
-                stream = await self.engine.add(
-                    f"{prefix}-{i}", {"prompt_token_ids": ids}, params_of(ids), **extra
-                )
-                streams.append(stream)
+            streams = await self.engine.add_many(items, **extra)
         except BaseException as e:
-            for s in streams:
-                s.close()
             if isinstance(e, ValueError):
                 raise _bad(str(e)) from None
             if isinstance(e, QueueFullError):
@@ -490,12 +554,10 @@ class OpenAIServer:
             except ValueError as e:
                 raise _bad(str(e)) from None
             if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
-                raise _bad(
-                    f"this model's maximum context length is {limit} tokens; you requested "
-                    f"{len(ids) + params.max_tokens} tokens ({len(ids)} in the prompt, {params.max_tokens} in "
-                    "the completion): reduce the prompt or max_tokens",
-                    "max_tokens",
-                )
+                # The prompt fits (checked before): trim the completion to the context and serve, as vLLM
+                # does, rather than refusing a max_tokens that clients often set generously.
+                params.max_tokens = limit - len(ids)
+                params.min_tokens = min(params.min_tokens, params.max_tokens)
             return params
 
         return params_of
@@ -556,7 +618,10 @@ class OpenAIServer:
             raise _bad(str(e)) from None
         scheduling = self._scheduling(request, body)
         prompts = [await self._token_ids(p) for p in raw_prompts]
+        for ids in prompts:
+            self._check_context(ids, body.max_tokens, "prompt")
         max_len = self.llm_engine.max_model_len
+        score_only = body.scores_prompt_only
 
         def make(ids: list[int]) -> Any:
             params = body.to_sampling_params()
@@ -583,6 +648,8 @@ class OpenAIServer:
         outputs = await _unless_disconnected(request, collect())
         if outputs is None:
             return Response(status_code=499)
+        if score_only:
+            outputs = [_without_completion(out) for out in outputs]
         choices = []
         for i, out in enumerate(outputs):
             for o in out.outputs:
@@ -664,6 +731,8 @@ class OpenAIServer:
 
         try:
             async for i, out in self._merge(streams):
+                if body.scores_prompt_only:
+                    out = _without_completion(out)
                 if out.finished:
                     finals[i] = out
                 for o in out.outputs:
@@ -716,6 +785,7 @@ class OpenAIServer:
         scheduling = self._scheduling(request, body)
         text = await self._render_chat(body.messages, body.add_generation_prompt)
         ids = await self._token_ids(await self._encode(text, add_special_tokens=False))
+        self._check_context(ids, body.max_completion_tokens or body.max_tokens, "messages")
         make(ids)  # validate before adding
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         streams = await self._start(body, scheduling, [ids], make, rid)
@@ -789,18 +859,21 @@ class OpenAIServer:
 
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
+        # Sent with (just before, in the same write as) the first chunk that carries a token, as vLLM
+        # does: a client timing its first chunk then measures the time to the first token, not to
+        # the request's admission.
+        role: str | None = chunk(
+            [
+                {
+                    "index": j,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for j in range(body.n)
+            ]
+        )
         try:
-            yield chunk(
-                [
-                    {
-                        "index": j,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                    for j in range(body.n)
-                ]
-            )
             final = None
             async for _, out in self._merge([stream]):
                 if out.finished:
@@ -811,6 +884,9 @@ class OpenAIServer:
                     delta = o.text[sent_text[j] :]
                     new_ids = o.token_ids[sent_tokens[j] :]
                     if not delta and not done and not (new_ids and body.logprobs):
+                        if role is not None and new_ids:  # a first token with no text yet (held back)
+                            yield role
+                            role = None
                         continue
                     logprobs = None
                     if body.logprobs:
@@ -818,7 +894,8 @@ class OpenAIServer:
                             (o.logprobs or [])[sent_tokens[j] :], new_ids, body.top_logprobs or 0
                         )
                     sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
-                    yield chunk(
+                    head, role = role or "", None
+                    yield head + chunk(
                         [
                             {
                                 "index": j,
@@ -829,6 +906,8 @@ class OpenAIServer:
                             }
                         ]
                     )
+            if role is not None:  # finished without a chunk to send (not expected): the role still goes out
+                yield role
             if body.include_usage and final is not None:
                 yield chunk([], self._usage([ids], [final]))
         except Exception as e:
@@ -850,5 +929,16 @@ def run_server(
 ) -> None:
     import uvicorn
 
+    class Server(uvicorn.Server):
+        async def startup(self, sockets: list | None = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # listening: say so at every log level (uvicorn's own line is info only)
+                print(
+                    f"quanta serve: ready, {served_model_name} on http://{host}:{port}/v1",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
     app = build_app(engine, served_model_name, **kwargs)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    Server(config).run()

@@ -169,6 +169,27 @@ class AsyncEngine:
             raise
         return RequestStream(self, request_id, stream.queue)
 
+    async def add_many(
+        self, items: list[tuple[str, PromptType, SamplingParams]], **kwargs: Any
+    ) -> list[RequestStream]:
+        """Add several requests (the prompts of one API call) with one command, so the engine thread adds
+        them all before its next step: they enter the scheduler together rather than one step apart.
+        All or nothing: if one is refused, the ones already added are aborted and the error raises here."""
+        loop = asyncio.get_running_loop()
+        kwargs.setdefault("arrival_time", self.now())
+        batch = [
+            (rid, prompt, params, kwargs, _Stream(loop, asyncio.Queue())) for rid, prompt, params in items
+        ]
+        fut = self._send("add_many", batch)
+        assert fut is not None
+        try:
+            await asyncio.wrap_future(fut)
+        except asyncio.CancelledError:
+            for rid, *_ in batch:
+                self.abort(rid)
+            raise
+        return [RequestStream(self, rid, stream.queue) for rid, _, _, _, stream in batch]
+
     def abort(self, request_id: str) -> None:
         with self._cond:
             if self._stopping or self._death is not None:
@@ -262,14 +283,20 @@ class AsyncEngine:
     def _handle(self, kind: str, payload: Any, fut: concurrent.futures.Future | None) -> None:
         try:
             if kind == "add":
-                request_id, prompt, params, kwargs, stream = payload
-                self._check_queue(prompt, params)
-                self.engine.add_request(request_id, prompt, params, **kwargs)
-                reqs = self.engine.core.scheduler.requests
-                ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-                stream.requests = [reqs[i] for i in ids]  # LLMEngine's naming of n>1 samples
-                self._streams[request_id] = stream
+                self._add(*payload)
                 result: Any = None
+            elif kind == "add_many":
+                added: list[str] = []
+                try:
+                    for item in payload:
+                        self._add(*item)
+                        added.append(item[0])
+                except Exception:
+                    for request_id in added:
+                        self._streams.pop(request_id, None)
+                    self.engine.abort_request(added)
+                    raise
+                result = None
             elif kind == "abort":
                 gone = self._streams.pop(payload, None)
                 self.engine.abort_request(payload)
@@ -293,6 +320,16 @@ class AsyncEngine:
             return
         if fut is not None:
             fut.set_result(result)
+
+    def _add(
+        self, request_id: str, prompt: PromptType, params: SamplingParams, kwargs: dict, stream: _Stream
+    ) -> None:
+        self._check_queue(prompt, params)
+        self.engine.add_request(request_id, prompt, params, **kwargs)
+        reqs = self.engine.core.scheduler.requests
+        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        stream.requests = [reqs[i] for i in ids]  # LLMEngine's naming of n>1 samples
+        self._streams[request_id] = stream
 
     def _check_queue(self, prompt: PromptType, params: SamplingParams) -> None:
         lim = self.limits

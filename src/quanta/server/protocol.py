@@ -140,10 +140,15 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 only with echo: scoring the prompt
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
+
+    @property
+    def scores_prompt_only(self) -> bool:
+        """echo with max_tokens=0: return the prompt (and its logprobs), no completion, as vLLM does."""
+        return self.echo and self.max_tokens == 0
 
     def prompts(self) -> list[str | list[int]]:
         p = self.prompt
@@ -159,8 +164,13 @@ class CompletionRequest(_Common):
         return "suffix" if self.suffix else super().unsupported_field()
 
     def to_sampling_params(self) -> SamplingParams:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens must be at least 1 (0 only with echo=true, to score the prompt)")
         plp = self.logprobs if self.echo and self.logprobs is not None else None
-        return self.sampling_params(self.max_tokens, self.logprobs, plp)
+        # Scoring still runs one step: the engine computes prompt logprobs in a prefill that samples a
+        # token, which the response then leaves out.
+        max_tokens = 1 if self.scores_prompt_only else self.max_tokens
+        return self.sampling_params(max_tokens, self.logprobs, plp)
 
 
 class ChatMessage(BaseModel):
