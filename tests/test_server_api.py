@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -155,3 +156,35 @@ def test_chat_keeps_tool_calls_names_and_call_ids(tool_model: Path) -> None:
         )
         chat = srv.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
         assert chat.usage.prompt_tokens == out["count"]
+
+
+def test_metrics_stay_bounded_over_ten_thousand_tenants() -> None:
+    """10,000 tenants (each with a finished request, its tokens, TTFT and ITL) make no more series than
+    the cap: the exposition is the same size at 10,000 tenants as at the first 200."""
+    from prometheus_client import generate_latest
+
+    from quanta.request import Request, RequestStatus
+    from quanta.sampling_params import SamplingParams
+    from quanta.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics("m", block_size=16)  # the default cap: 100 tenants
+
+    def serve(tenant: str) -> None:
+        req = Request(tenant, [1, 2, 3], SamplingParams(max_tokens=2), arrival_time=0.0, tenant=tenant)
+        step = SimpleNamespace(updated=[req])  # what the step observer reads of a StepOutput
+        for token, now in ((5, 0.1), (6, 0.2)):  # the first token (TTFT), then the second (ITL)
+            req.append_output_token(token, now)
+            metrics._observe_tokens(step)  # type: ignore[arg-type]
+        req.status = RequestStatus.FINISHED_LENGTH
+        req.times.finished = 0.2
+        metrics._observe_finished(req)
+
+    for i in range(200):
+        serve(f"tenant-{i}")
+    at_cap = len(generate_latest(metrics.registry))
+    for i in range(200, 10_000):
+        serve(f"tenant-{i}")
+    text = generate_latest(metrics.registry).decode()
+    assert len(text) <= 1.05 * at_cap  # counts grow by digits, not by series
+    tenants = {line.split('tenant="')[1].split('"')[0] for line in text.splitlines() if 'tenant="' in line}
+    assert len(tenants) == 101 and OTHER_TENANT in tenants
