@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
+from quanta.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TENANT_LABELS, DEFAULT_PRIORITY_RANGE
+
 DEFAULT_PROMPTS = [
     "The scheduler decides",
     "def fibonacci(n):",
@@ -474,15 +476,20 @@ def build_parser() -> argparse.ArgumentParser:
         "and the priorities it may ask for",
     )
     srv.add_argument(
-        "--priority-range", default="-1000,1000", help="LOW,HIGH: priorities a request may ask for"
+        "--priority-range",
+        default="{},{}".format(*DEFAULT_PRIORITY_RANGE),
+        help="LOW,HIGH: priorities a request may ask for (default %(default)s)",
     )
     srv.add_argument(
-        "--max-request-bytes", type=int, default=16 * 2**20, help="413 for larger bodies (default 16 MiB)"
+        "--max-request-bytes",
+        type=int,
+        default=DEFAULT_MAX_REQUEST_BYTES,
+        help="413 for larger bodies (default %(default)s)",
     )
     srv.add_argument(
         "--max-tenant-labels",
         type=int,
-        default=100,
+        default=DEFAULT_MAX_TENANT_LABELS,
         help="tenants with their own metric series; later ones share one label",
     )
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")

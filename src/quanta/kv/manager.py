@@ -105,6 +105,17 @@ class KVCacheManager:
         list (new blocks, block-group rounding, and prefix hits it revives from the free list), given
         `num_free` free blocks (default: the pool's now); None when it would fail. The scheduler's
         look-ahead and the allocation itself both count with this, so they cannot disagree."""
+        counts = self._blocks_needed(req, num_new_tokens, computed_blocks, num_free)
+        return None if counts is None else sum(counts)
+
+    def _blocks_needed(
+        self,
+        req: Request,
+        num_new_tokens: int,
+        computed_blocks: list[KVBlock] | None,
+        num_free: int | None,
+    ) -> tuple[int, int] | None:
+        """(new blocks to allocate, prefix hits revived from the free list), or None when they do not fit."""
         bs = self.block_size
         blocks = self.req_blocks.get(req.request_id)
         num_held = len(blocks) if blocks else 0
@@ -123,7 +134,7 @@ class KVCacheManager:
             extra = -(num_held + len(hits) + num_needed) % self.GROUP
             if num_needed + extra <= room:
                 num_needed += extra
-        return num_needed + num_free_hits
+        return num_needed, num_free_hits
 
     def allocate_slots(
         self, req: Request, num_new_tokens: int, computed_blocks: list[KVBlock] | None = None
@@ -141,10 +152,10 @@ class KVCacheManager:
                     self._index_full_blocks(req, blocks, num_tokens)
                 return True
         computed_blocks = computed_blocks or []
-        num_take = self.blocks_to_take(req, num_new_tokens, computed_blocks)
-        if num_take is None:
+        counts = self._blocks_needed(req, num_new_tokens, computed_blocks, None)
+        if counts is None:
             return False
-        num_needed = num_take - sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        num_needed = counts[0]
         num_tokens = req.num_computed_tokens + len(computed_blocks) * bs + num_new_tokens
         if blocks is None:
             blocks = self.req_blocks[req.request_id] = []

@@ -160,8 +160,7 @@ class Scheduler:
                 return
             if req.status != RequestStatus.RUNNING or req.request_id in deferred:
                 continue  # preempted earlier in this step, or yielding its chunk to a request ranked above
-            missing = req.num_tokens - req.num_computed_tokens
-            n = min(self.policy.prefill_tokens(req, missing, budget.left), budget.left)
+            n = self._chunk(req, budget.left)
             if n > 0 and self._allocate_or_preempt(plan, budget, req, n):
                 self._add(plan, budget, req, n)
 
@@ -195,14 +194,14 @@ class Scheduler:
         Policies that never preempt skip this."""
         if not self.waiting or type(self.policy).may_preempt is Policy.may_preempt:
             return frozenset(), None
-        order = list(itertools.islice(self.policy.waiting_order(self.waiting, now), 64))
-        head = next((w for w in order if self.policy.admit(w, now)), None)
+        # A snapshot of the order: preempting adds to the queue.
+        order = itertools.islice(self.policy.waiting_order(self.waiting, now), 64)
+        admissible = [w for w in order if self.policy.admit(w, now)]
         preemptible = self._preemptible()
-        if head is None or not preemptible or self.policy.victim_for(head, preemptible, now) is None:
+        if not admissible or not preemptible or self.policy.victim_for(admissible[0], preemptible, now) is None:
             # The head outranks no running request: it is admitted if it fits, or waits, and nothing
             # behind it jumps ahead. Most steps of a busy engine end here, without the look-ahead.
             return frozenset(), None
-        admissible = [w for w in order if self.policy.admit(w, now)]  # a snapshot: preempting adds to the queue
         deferred: set[str] = set()
         helped: set[str] = set()  # requests that something gave way to
         while True:
@@ -223,7 +222,7 @@ class Scheduler:
             victim = self._victim_for(w, shortage, deferred, now)
             if victim is None:
                 return frozenset(deferred), made_room_for  # w waits; nothing behind it jumps
-            is_prompt = victim.num_tokens - victim.num_computed_tokens > 1
+            is_prompt = victim.num_tokens_to_compute > 1
             if shortage != "slot" and is_prompt and victim.request_id not in deferred:
                 deferred.add(victim.request_id)  # a prompt chunk: skipping it for a step may be enough
             else:
@@ -242,15 +241,14 @@ class Scheduler:
                 break
             if req.status != RequestStatus.RUNNING or req.request_id in deferred:
                 continue
-            missing = req.num_tokens - req.num_computed_tokens
-            if missing == 1:
+            if req.num_tokens_to_compute == 1:
                 n = 1
                 held = kv.req_blocks.get(req.request_id)
                 if held is not None and len(held) * bs >= req.num_tokens:
                     tokens -= 1  # a decode inside its last block takes no block
                     continue
             else:
-                n = min(self.policy.prefill_tokens(req, missing, tokens), tokens)
+                n = self._chunk(req, tokens)
                 if n <= 0:
                     continue
             take = kv.blocks_to_take(req, n, num_free=free)
@@ -273,7 +271,7 @@ class Scheduler:
             room.slots -= 1
             return None
         hits = self.kv.get_computed_blocks(w, count=False)
-        n = self._chunk(w, hits, room.tokens)
+        n = self._chunk(w, room.tokens, hits)
         if n <= 0:
             return "tokens"
         take = self.kv.blocks_to_take(w, n, hits, num_free=room.blocks)
@@ -289,11 +287,7 @@ class Scheduler:
         skip their chunk when tokens are short, among all of them otherwise."""
         candidates = self._preemptible()
         if shortage == "tokens":  # only a prompt chunk gives tokens back
-            candidates = [
-                r
-                for r in candidates
-                if r.num_tokens - r.num_computed_tokens > 1 and r.request_id not in deferred
-            ]
+            candidates = [r for r in candidates if r.num_tokens_to_compute > 1 and r.request_id not in deferred]
         return self.policy.victim_for(w, candidates, now) if candidates else None
 
     def _preemptible(self) -> list[Request]:
@@ -302,9 +296,10 @@ class Scheduler:
             return self.running
         return [r for r in self.running if r.request_id not in self.swapping_in]
 
-    def _chunk(self, req: Request, hits: list, tokens_left: int) -> int:
-        """Prompt tokens a waiting request would compute this step after its prefix hits."""
-        missing = req.num_tokens - len(hits) * self.kv.block_size
+    def _chunk(self, req: Request, tokens_left: int, hits: list | tuple = ()) -> int:
+        """Prompt tokens the request would compute this step (a waiting one after its prefix hits), as
+        the policy chunks them within what the budget has left."""
+        missing = req.num_tokens_to_compute - len(hits) * self.kv.block_size
         return min(self.policy.prefill_tokens(req, missing, tokens_left), tokens_left)
 
     @staticmethod
@@ -365,7 +360,7 @@ class Scheduler:
                 self.policy.on_admit(req, now)
                 continue
             hits = self.kv.get_computed_blocks(req)
-            n = self._chunk(req, hits, budget.left)
+            n = self._chunk(req, budget.left, hits)
             if n <= 0 or not self.kv.allocate_slots(req, n, hits):
                 break  # keep the policy's order: nothing jumps the head of the queue
             num_cached = len(hits) * self.kv.block_size

@@ -37,6 +37,7 @@ import quanta
 from quanta.engine.llm_engine import LLMEngine
 from quanta.engine.output import CompletionOutput, Logprob, RequestOutput
 from quanta.sampling_params import SamplingParams
+from quanta.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TENANT_LABELS, DEFAULT_PRIORITY_RANGE
 from quanta.server.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -60,8 +61,6 @@ from quanta.server.protocol import (
 
 logger = logging.getLogger("quanta.server")
 
-DEFAULT_MAX_REQUEST_BYTES = 16 * 2**20
-DEFAULT_PRIORITY_RANGE = (-1000, 1000)
 # Paths that need the API key (when one is set). /health, /version and /metrics stay open, as in vLLM.
 _PROTECTED = ("/v1", "/internal", "/tokenize", "/detokenize")
 # Texts shorter than this are tokenized on the event loop: the hop to a worker thread would cost more.
@@ -182,7 +181,7 @@ class OpenAIServer:
         *,
         api_keys: dict[str, KeyPolicy] | None = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-        max_tenant_labels: int = 100,
+        max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS,
         priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
         cors_origins: list[str] | None = None,
     ) -> None:
@@ -519,7 +518,7 @@ class OpenAIServer:
     async def _start(
         self, body: Any, scheduling: dict[str, Any], prompts: list[list[int]], params_of: Any, prefix: str
     ) -> list:
-        """Add every prompt to the engine; on any error abort the ones already added and raise."""
+        """Add every prompt to the engine at once; on any error none of them stays added."""
         arrival = self.engine.now()
         extra = dict(
             **scheduling,
@@ -532,18 +531,15 @@ class OpenAIServer:
             (f"{prefix}-{i}", {"prompt_token_ids": ids}, params_of(ids)) for i, ids in enumerate(prompts)
         ]
         try:
-            streams = await self.engine.add_many(items, **extra)
-        except BaseException as e:
-            if isinstance(e, ValueError):
-                raise _bad(str(e)) from None
-            if isinstance(e, QueueFullError):
-                raise APIError(
-                    429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}
-                ) from None
-            if isinstance(e, EngineDeadError):
-                raise APIError(503, str(e), "server_error") from None
-            raise
-        return streams
+            return await self.engine.add_many(items, **extra)  # all or nothing
+        except ValueError as e:
+            raise _bad(str(e)) from None
+        except QueueFullError as e:
+            raise APIError(
+                429, str(e), "rate_limit_error", headers={"Retry-After": str(self.retry_after_s)}
+            ) from None
+        except EngineDeadError as e:
+            raise _api_error_of(e) from None
 
     def _params(self, make: Any) -> Any:
         limit = self.llm_engine.max_model_len

@@ -157,17 +157,8 @@ class AsyncEngine:
         Errors in the request (ValueError) and a full queue (QueueFullError) raise here. A stream closed,
         cancelled or dropped before its end (client disconnect) aborts the request and frees its blocks.
         """
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, asyncio.Queue())
-        kwargs.setdefault("arrival_time", self.now())
-        fut = self._send("add", (request_id, prompt, params, kwargs, stream))
-        assert fut is not None
-        try:
-            await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:  # the client left while the engine was adding the request
-            self.abort(request_id)
-            raise
-        return RequestStream(self, request_id, stream.queue)
+        (stream,) = await self.add_many([(request_id, prompt, params)], **kwargs)
+        return stream
 
     async def add_many(
         self, items: list[tuple[str, PromptType, SamplingParams]], **kwargs: Any
@@ -184,7 +175,7 @@ class AsyncEngine:
         assert fut is not None
         try:
             await asyncio.wrap_future(fut)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # the client left while the engine was adding the requests
             for rid, *_ in batch:
                 self.abort(rid)
             raise
@@ -282,10 +273,7 @@ class AsyncEngine:
 
     def _handle(self, kind: str, payload: Any, fut: concurrent.futures.Future | None) -> None:
         try:
-            if kind == "add":
-                self._add(*payload)
-                result: Any = None
-            elif kind == "add_many":
+            if kind == "add_many":
                 added: list[str] = []
                 try:
                     for item in payload:
@@ -296,7 +284,7 @@ class AsyncEngine:
                         self._streams.pop(request_id, None)
                     self.engine.abort_request(added)
                     raise
-                result = None
+                result: Any = None
             elif kind == "abort":
                 gone = self._streams.pop(payload, None)
                 self.engine.abort_request(payload)

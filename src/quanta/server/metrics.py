@@ -18,6 +18,7 @@ from quanta.engine.llm_engine import LLMEngine
 from quanta.engine.output import RequestOutput
 from quanta.metrics import RequestMetrics
 from quanta.request import Request
+from quanta.server import DEFAULT_MAX_TENANT_LABELS
 
 logger = logging.getLogger("quanta.server")
 OTHER_TENANT = "__other__"
@@ -94,7 +95,9 @@ _REQUEST_BUCKETS = (
 
 
 class ServerMetrics:
-    def __init__(self, model_name: str, block_size: int, max_tenant_labels: int = 100) -> None:
+    def __init__(
+        self, model_name: str, block_size: int, max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS
+    ) -> None:
         if max_tenant_labels < 1:
             raise ValueError(f"max_tenant_labels must be at least 1, got {max_tenant_labels}")
         self.registry = CollectorRegistry()

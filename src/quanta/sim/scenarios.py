@@ -103,13 +103,12 @@ def priority_mix(
 SLO_CLASSES = {"interactive": {"ttft": 1.0, "tpot": 0.1}, "batch": {"ttft": 10.0, "tpot": 0.25}}
 
 
-def deadline_of(req: Request, classes: dict = SLO_CLASSES, output_len: int | None = None) -> float:
+def deadline_of(req: Request, classes: dict = SLO_CLASSES) -> float:
     """A request's end-to-end deadline from its SLO class: arrival + TTFT + TPOT per further token, for
-    `output_len` tokens (default: those it produced, so after a simulation its true length, or where
-    max_tokens or the context cut it). Not max_tokens: a client usually sets none."""
+    the tokens it produced (after a simulation its true length, or where max_tokens or the context cut
+    it). Not max_tokens: a client usually sets none."""
     slo = classes[req.slo_class]
-    n = req.num_output_tokens if output_len is None else output_len
-    return req.arrival_time + slo["ttft"] + slo["tpot"] * max(n - 1, 0)
+    return req.arrival_time + slo["ttft"] + slo["tpot"] * max(req.num_output_tokens - 1, 0)
 
 
 def slo_mix(

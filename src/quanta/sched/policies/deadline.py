@@ -116,6 +116,14 @@ class DeadlinePolicy(Policy):
             return DEMOTED
         return FEASIBLE
 
+    def _demote(self, reqs: Sequence[Request], slack: np.ndarray, was: np.ndarray) -> np.ndarray:
+        """`_classify` over arrays (best effort: inf slack): which requests are demoted now, with
+        `self.demoted` brought up to date."""
+        demoted = ~np.isinf(slack) & ((slack < 0) | (was & (slack <= self.recover_steps * self.step_s)))
+        for i in np.flatnonzero(demoted != was).tolist():
+            (self.demoted.add if demoted[i] else self.demoted.discard)(reqs[i].request_id)
+        return demoted
+
     def rank(self, req: Request) -> tuple[int, float]:
         """(class, key) of a running request this step, lower first: slack, deadline, or arrival."""
         rid = req.request_id
@@ -180,9 +188,7 @@ class DeadlinePolicy(Policy):
         slack = deadline - now - (to_next + np.maximum(exp - outputs, 1) - 1) * step
         best_effort = np.isinf(deadline)
         was = np.fromiter((r.request_id in self.demoted for r in candidates), bool, n)
-        demoted = ~best_effort & ((slack < 0) | (was & (slack <= self.recover_steps * self.step_s)))
-        for i in np.flatnonzero(demoted != was).tolist():
-            (self.demoted.add if demoted[i] else self.demoted.discard)(candidates[i].request_id)
+        demoted = self._demote(candidates, slack, was)
         arrival = np.fromiter((r.arrival_time for r in candidates), float, n)
         give_way = np.where(best_effort, BEST_EFFORT, np.where(demoted, DEMOTED, FEASIBLE - 1))
         if self.config.preemption_mode == "recompute":
@@ -194,26 +200,35 @@ class DeadlinePolicy(Policy):
         order = np.lexsort((np.arange(n), key, give_way))
         return candidates[int(order[-1])]
 
-    def may_preempt(self, waiting: Request, running: Request, now: float) -> bool:
-        w_slack = self.slack(waiting, now)
-        if self._classify(waiting.request_id, w_slack) != FEASIBLE or w_slack > self.urgent_steps * self.step_s:
-            return False  # it cannot make it anyway, or it can still wait for memory to free up
+    def _urgent_slack(self, waiting: Request, now: float) -> float | None:
+        """The slack of a waiting request that may preempt: one that can still make its deadline, but
+        only if it runs soon (otherwise memory frees up in time); None for any other."""
+        slack = self.slack(waiting, now)
+        if self._classify(waiting.request_id, slack) != FEASIBLE or slack > self.urgent_steps * self.step_s:
+            return None
+        return slack
+
+    def _gives_way(self, waiting: Request, w_slack: float, running: Request) -> bool:
         c, key = self.rank(running)
         if c != FEASIBLE:
             return True
         # Only a request that can wait for the newcomer, redo what a recompute preemption throws away,
         # and still make its own deadline (otherwise preempting only trades one miss for another).
-        redo = math.ceil(running.num_computed_tokens / self.config.max_num_batched_tokens)
-        if self.config.preemption_mode != "recompute":
-            redo = 0
+        redo = 0
+        if self.config.preemption_mode == "recompute":
+            redo = math.ceil(running.num_computed_tokens / self.config.max_num_batched_tokens)
         return key - redo * self.step_s > w_slack + self.remaining_steps(waiting) * self.step_s
 
+    def may_preempt(self, waiting: Request, running: Request, now: float) -> bool:
+        w_slack = self._urgent_slack(waiting, now)
+        return w_slack is not None and self._gives_way(waiting, w_slack, running)
+
     def victim_for(self, waiting: Request, candidates: Sequence[Request], now: float) -> Request | None:
-        slack = self.slack(waiting, now)
-        if self._classify(waiting.request_id, slack) != FEASIBLE or slack > self.urgent_steps * self.step_s:
+        w_slack = self._urgent_slack(waiting, now)
+        if w_slack is None:
             return None  # as may_preempt would say of every candidate, without ranking them
         victim = self.preemption_victim(candidates)  # if not the one most able to wait, none
-        return victim if self.may_preempt(waiting, victim, now) else None
+        return victim if self._gives_way(waiting, w_slack, victim) else None
 
 
 class SlackQueue:
@@ -289,13 +304,7 @@ class SlackQueue:
         slack = deadline - now - self._steps[:n] * step
         was = self._demoted[:n]
         best_effort = np.isinf(deadline)
-        demoted = ~best_effort & ((slack < 0) | (was & (slack <= policy.recover_steps * step)))
-        for i in np.flatnonzero(demoted != was).tolist():
-            rid = self._reqs[i].request_id
-            if demoted[i]:
-                policy.demoted.add(rid)
-            else:
-                policy.demoted.discard(rid)
+        demoted = policy._demote(self._reqs, slack, was)
         was[:] = demoted
         cls = np.where(best_effort, BEST_EFFORT, np.where(demoted, DEMOTED, FEASIBLE))
         key = np.where(cls == FEASIBLE, slack, np.where(cls == DEMOTED, deadline, self._arrival[:n]))
