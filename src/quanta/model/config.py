@@ -91,7 +91,9 @@ class ModelConfig:
         if not path.exists():
             raise ModelLoadError(f"model folder {str(path)!r} does not exist")
         if not path.is_dir():
-            raise ModelLoadError(f"{str(path)!r} is not a folder (expected a Hugging Face model folder)")
+            raise ModelLoadError(
+                f"{str(path)!r} is neither a Hugging Face model folder nor a GGUF file"
+            )
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face model folder")
@@ -111,6 +113,13 @@ class ModelConfig:
             if eos is not None:
                 out.eos_token_ids = [eos] if isinstance(eos, int) else list(eos)
         return out
+
+    @classmethod
+    def from_path(cls, path: str | Path) -> ModelConfig:
+        """A Hugging Face folder's config, or a GGUF file's (read from its metadata)."""
+        from quanta.model.gguf_loader import config_from_gguf, is_gguf
+
+        return config_from_gguf(path) if is_gguf(path) else cls.from_folder(path)
 
     @property
     def num_params(self) -> int:

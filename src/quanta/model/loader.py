@@ -24,6 +24,16 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
         raise ModelLoadError(f"unsupported dtype {name!r}; choose from auto, {', '.join(DTYPES)}") from None
 
 
+def model_path(model: str | Path, dtype: str) -> Path:
+    """The Hugging Face folder to load: the model itself, or a GGUF file's converted folder."""
+    from quanta.model.gguf_loader import config_from_gguf, is_gguf, model_folder
+
+    if not is_gguf(model):
+        return Path(model)
+    cfg = config_from_gguf(model)
+    return model_folder(model, str(resolve_dtype(dtype, cfg)).removeprefix("torch."))
+
+
 def weight_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():

@@ -46,8 +46,8 @@ def get_model(name_or_path: str) -> ModelConfig:
     path = Path(name_or_path)
     if path.name == "config.json":
         path = path.parent
-    if path.is_dir():
-        return ModelConfig.from_folder(path)
+    if path.is_dir() or path.is_file():
+        return ModelConfig.from_path(path)
     raise ValueError(
-        f"unknown model {name_or_path!r}: give a Hugging Face model folder or one of {', '.join(MODEL_PRESETS)}"
+        f"unknown model {name_or_path!r}: give a Hugging Face model folder, a GGUF file or one of {', '.join(MODEL_PRESETS)}"
     )
