@@ -66,7 +66,9 @@ def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: tuple = 
     out: list[BlockHash] = []
     for i in range(reusable_blocks(len(token_ids), block_size)):
         parent = out[-1] if out else None
-        out.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys if i == 0 else ()))
+        out.append(
+            hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys if i == 0 else ())
+        )
     return out
 
 
