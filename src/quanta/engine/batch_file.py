@@ -34,6 +34,14 @@ class _BadBody(ValueError):
     """The request is well formed but its body is refused (the API's 400)."""
 
 
+class _BadLine(ValueError):
+    """The line is no request; `custom_id` is its custom_id when that much could be read."""
+
+    def __init__(self, message: str, custom_id: str | None = None) -> None:
+        super().__init__(message)
+        self.custom_id = custom_id
+
+
 @dataclass(slots=True)
 class _Item:
     line: int
@@ -78,24 +86,24 @@ def _done_so_far(path: Path) -> tuple[set[str], set[int]]:
 
 
 def _envelope(line: str, lineno: int) -> tuple[str, str, dict]:
-    """(custom_id, url, body) of an input line, or ValueError saying why it is no request."""
+    """(custom_id, url, body) of an input line, or _BadLine saying why it is no request."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise ValueError(f"line {lineno}: invalid JSON: {e}") from None
+        raise _BadLine(f"line {lineno}: invalid JSON: {e}") from None
     if not isinstance(row, dict):
-        raise ValueError(f"line {lineno}: expected a JSON object")
+        raise _BadLine(f"line {lineno}: expected a JSON object")
     custom_id = row.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        raise ValueError(f"line {lineno}: missing custom_id (a non-empty string)")
+        raise _BadLine(f"line {lineno}: missing custom_id (a non-empty string)")
     if row.get("method", "POST") != "POST":
-        raise ValueError(f"line {lineno}: method must be POST")
+        raise _BadLine(f"line {lineno}: method must be POST", custom_id)
     url = row.get("url")
     if url not in URLS:
-        raise ValueError(f"line {lineno}: url must be one of {', '.join(URLS)}, got {url!r}")
+        raise _BadLine(f"line {lineno}: url must be one of {', '.join(URLS)}, got {url!r}", custom_id)
     body = row.get("body")
     if not isinstance(body, dict):
-        raise ValueError(f"line {lineno}: body must be a JSON object")
+        raise _BadLine(f"line {lineno}: body must be a JSON object", custom_id)
     return custom_id, url, body
 
 
@@ -238,48 +246,52 @@ def run_batch(
         raise ValueError(f"input file {str(input_path)!r} does not exist")
     done_ids, done_lines = _done_so_far(output_path)
     summary = BatchSummary()
-    items: list[_Item] = []
-    seen: set[str] = set()
     with output_path.open("a") as out:
-        with input_path.open() as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    custom_id, url, body = _envelope(line, lineno)
-                except ValueError as e:
-                    if lineno in done_lines:
-                        summary.skipped += 1
-                    else:
-                        out.write(
-                            _line(
-                                None, None, None, {"code": "invalid_line", "message": str(e), "line": lineno}
-                            )
-                        )
-                        summary.failed += 1
-                    continue
-                if custom_id in done_ids:
-                    summary.skipped += 1
-                    continue
-                if custom_id in seen:
-                    out.write(
-                        _line(
-                            custom_id, 400, _error_body(f"line {lineno}: duplicate custom_id {custom_id!r}")
-                        )
-                    )
-                    summary.failed += 1
-                    continue
-                seen.add(custom_id)
-                try:
-                    model, prompts, params = _build(engine, url, body)
-                except _BadBody as e:
-                    out.write(_line(custom_id, 400, _error_body(str(e))))
-                    summary.failed += 1
-                    continue
-                items.append(_Item(lineno, custom_id, url, model or "", prompts, params))
+        items = _read_input(engine, input_path, out, done_ids, done_lines, summary)
         out.flush()
         _run(engine, items, out, model_name, summary, progress)
     return summary
+
+
+def _read_input(
+    engine: LLMEngine,
+    path: Path,
+    out: TextIO,
+    done_ids: set[str],
+    done_lines: set[int],
+    summary: BatchSummary,
+) -> list[_Item]:
+    """The requests of the input file still to run; bad ones are answered in `out` at once."""
+    items: list[_Item] = []
+    seen: set[str] = set()
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                custom_id, url, body = _envelope(line, lineno)
+            except _BadLine as e:
+                if lineno in done_lines or e.custom_id in done_ids:
+                    summary.skipped += 1
+                else:
+                    error = {"code": "invalid_line", "message": str(e), "line": lineno}
+                    out.write(_line(e.custom_id, None, None, error))
+                    summary.failed += 1
+                continue
+            if custom_id in done_ids:
+                summary.skipped += 1
+                continue
+            try:
+                if custom_id in seen:
+                    raise _BadBody(f"line {lineno}: duplicate custom_id {custom_id!r}")
+                seen.add(custom_id)
+                model, prompts, params = _build(engine, url, body)
+            except _BadBody as e:
+                out.write(_line(custom_id, 400, _error_body(str(e))))
+                summary.failed += 1
+                continue
+            items.append(_Item(lineno, custom_id, url, model or "", prompts, params))
+    return items
 
 
 def _run(
