@@ -128,6 +128,8 @@ class BatchPolicy(Policy):
         bs = self._kv.block_size
         tokens = max(req.num_tokens, req.num_prompt_tokens + self._expected_decode(req))
         own = -(-tokens // bs)
+        if self._kv.block_groups:  # a request's blocks grow in whole groups (when the room is there)
+            own = -(-own // self._kv.GROUP) * self._kv.GROUP
         return own - self._prefix[key] if self._shared(key) else own
 
     def _computing_prefix(self, key: GroupKey) -> bool:
