@@ -308,3 +308,37 @@ def test_simulated_batch_policy_saves_the_optimum_and_beats_sarathi() -> None:
     assert optimum - 0.02 <= out["batch"][0] <= optimum + 1e-9
     assert out["sarathi"][0] < optimum - 0.2
     assert out["batch"][1] >= 1.3 * out["sarathi"][1]
+
+
+def test_simulate_cli_reports_prefill_saved_against_the_optimum(tmp_path) -> None:
+    import json
+
+    from helpers import run_cli
+
+    out = tmp_path / "r.json"
+    args = ["--trace", "shared-prefix", "--groups", "8", "--group-size", "8", "--prefix-len", "1024"]
+    proc = run_cli(
+        "simulate",
+        *args,
+        "--policy",
+        "batch,sarathi",
+        "--num-kv-blocks",
+        "512",
+        "--max-model-len",
+        "2048",
+        "--json",
+        str(out),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    w = shared_prefix_batch(
+        8, 8, LengthDist("uniform", 1024, 1024), LengthDist("uniform", 32, 96), LengthDist("uniform", 64, 192)
+    )
+    optimum = plan_prompts(prompt_token_ids(w), 16).optimal_saved_fraction
+    assert rows["batch"]["prefill_saved_optimum"] == pytest.approx(optimum)
+    assert rows["batch"]["prefill_saved"] == pytest.approx(optimum)
+    assert rows["sarathi"]["prefill_saved"] < optimum
+    assert f"(optimum {optimum:.1%})" in proc.stdout
+    bad = run_cli("simulate", *args, "--output-len", "0", timeout=120)
+    assert bad.returncode == 2 and bad.stderr.strip().endswith("must be at least 1")
