@@ -202,7 +202,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
         limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
         max_request_bytes=args.max_request_bytes, max_tenant_labels=args.max_tenant_labels,
-        priority_range=priority_range, cors_origins=args.cors_origins,
+        priority_range=priority_range, cors_origins=args.cors_origins, batch_dir=args.batch_dir,
     )  # fmt: skip
     return 0
 
@@ -565,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
     srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
     srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")
+    srv.add_argument(
+        "--batch-dir",
+        default=None,
+        help="serve /v1/files and /v1/batches, kept in this folder (a restart finishes accepted batches)",
+    )
     srv.add_argument(
         "--cors-origins",
         nargs="+",

@@ -30,11 +30,11 @@ from quanta.server.protocol import ChatCompletionRequest, CompletionRequest
 URLS = ("/v1/chat/completions", "/v1/completions")
 
 
-class _BadBody(ValueError):
+class BadBody(ValueError):
     """The request is well formed but its body is refused (the API's 400)."""
 
 
-class _BadLine(ValueError):
+class BadLine(ValueError):
     """The line is no request; `custom_id` is its custom_id when that much could be read."""
 
     def __init__(self, message: str, custom_id: str | None = None) -> None:
@@ -43,7 +43,7 @@ class _BadLine(ValueError):
 
 
 @dataclass(slots=True)
-class _Item:
+class BatchItem:
     line: int
     custom_id: str
     url: str
@@ -60,7 +60,7 @@ class BatchSummary:
     skipped: int = 0  # already in the output file
 
 
-def _done_so_far(path: Path) -> tuple[set[str], set[int]]:
+def answered(path: Path) -> tuple[set[str], set[int]]:
     """custom_ids and bad line numbers already answered in `path`; a torn last line is removed."""
     if not path.exists():
         return set(), set()
@@ -85,25 +85,25 @@ def _done_so_far(path: Path) -> tuple[set[str], set[int]]:
     return ids, bad_lines
 
 
-def _envelope(line: str, lineno: int) -> tuple[str, str, dict]:
-    """(custom_id, url, body) of an input line, or _BadLine saying why it is no request."""
+def parse_envelope(line: str, lineno: int) -> tuple[str, str, dict]:
+    """(custom_id, url, body) of an input line, or BadLine saying why it is no request."""
     try:
         row = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _BadLine(f"line {lineno}: invalid JSON: {e}") from None
+        raise BadLine(f"line {lineno}: invalid JSON: {e}") from None
     if not isinstance(row, dict):
-        raise _BadLine(f"line {lineno}: expected a JSON object")
+        raise BadLine(f"line {lineno}: expected a JSON object")
     custom_id = row.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        raise _BadLine(f"line {lineno}: missing custom_id (a non-empty string)")
+        raise BadLine(f"line {lineno}: missing custom_id (a non-empty string)")
     if row.get("method", "POST") != "POST":
-        raise _BadLine(f"line {lineno}: method must be POST", custom_id)
+        raise BadLine(f"line {lineno}: method must be POST", custom_id)
     url = row.get("url")
     if url not in URLS:
-        raise _BadLine(f"line {lineno}: url must be one of {', '.join(URLS)}, got {url!r}", custom_id)
+        raise BadLine(f"line {lineno}: url must be one of {', '.join(URLS)}, got {url!r}", custom_id)
     body = row.get("body")
     if not isinstance(body, dict):
-        raise _BadLine(f"line {lineno}: body must be a JSON object", custom_id)
+        raise BadLine(f"line {lineno}: body must be a JSON object", custom_id)
     return custom_id, url, body
 
 
@@ -116,13 +116,13 @@ def _first_error(e: ValidationError) -> str:
 def _parse_body(
     engine: LLMEngine, url: str, body: dict
 ) -> tuple[str | None, list[list[int]], Callable[[list[int]], SamplingParams]]:
-    """(model, prompt token ids, sampling params of a prompt) of a request body, or _BadBody."""
+    """(model, prompt token ids, sampling params of a prompt) of a request body, or BadBody."""
     tok = engine.tokenizer
     if url == "/v1/chat/completions":
         chat = ChatCompletionRequest.model_validate(body)
         bad = chat.unsupported_field() or ("logprobs" if chat.logprobs else None)
         if bad:
-            raise _BadBody(f"{bad} is not supported")
+            raise BadBody(f"{bad} is not supported")
         limit = engine.max_model_len
         chat.to_sampling_params(limit)  # validates before rendering
         text = tok.apply_chat_template(
@@ -137,33 +137,31 @@ def _parse_body(
     bad = cmpl.unsupported_field() or ("logprobs" if cmpl.logprobs is not None else None)
     bad = bad or ("echo" if cmpl.echo else None)
     if bad:
-        raise _BadBody(f"{bad} is not supported")
+        raise BadBody(f"{bad} is not supported")
     cmpl.to_sampling_params()
     prompts = [tok.encode(p) if isinstance(p, str) else engine.to_token_ids(p)[1] for p in cmpl.prompts()]
     return cmpl.model, prompts, lambda ids: cmpl.to_sampling_params()
 
 
-def _build(
+def build_request(
     engine: LLMEngine, url: str, body: dict
 ) -> tuple[str | None, list[list[int]], list[SamplingParams]]:
-    """(model, prompt token ids, sampling params) of a request body, or _BadBody."""
+    """(model, prompt token ids, sampling params) of a request body, or BadBody."""
     try:
         model, prompts, make = _parse_body(engine, url, body)
     except ValidationError as e:
-        raise _BadBody(_first_error(e)) from None
-    except _BadBody:
+        raise BadBody(_first_error(e)) from None
+    except BadBody:
         raise
     except Exception as e:  # bad token ids, a template error: the line's fault, not the engine's
-        raise _BadBody(str(e)) from None
+        raise BadBody(str(e)) from None
     limit = engine.max_model_len
     params = []
     for ids in prompts:
         if not ids:
-            raise _BadBody("prompt must contain at least one token")
+            raise BadBody("prompt must contain at least one token")
         if len(ids) >= limit:
-            raise _BadBody(
-                f"the prompt has {len(ids)} tokens; this model's maximum context length is {limit}"
-            )
+            raise BadBody(f"the prompt has {len(ids)} tokens; this model's maximum context length is {limit}")
         p = make(ids)
         if p.max_tokens is None or len(ids) + p.max_tokens > limit:
             p.max_tokens = limit - len(ids)  # trimmed to the context, as the server does
@@ -172,7 +170,7 @@ def _build(
     return model, prompts, params
 
 
-def _response_body(item: _Item, default_model: str) -> dict:
+def response_body(item: BatchItem, default_model: str) -> dict:
     outs = [item.outputs[k] for k in range(len(item.prompts))]
     completion = sum(len(o.token_ids) for out in outs for o in out.outputs)
     prompt = sum(len(p) for p in item.prompts)
@@ -213,7 +211,9 @@ def _response_body(item: _Item, default_model: str) -> dict:
     }
 
 
-def _line(custom_id: str | None, status: int | None, body: dict | None, error: dict | None = None) -> str:
+def output_line(
+    custom_id: str | None, status: int | None, body: dict | None, error: dict | None = None
+) -> str:
     response = (
         None if status is None else {"status_code": status, "request_id": uuid.uuid4().hex, "body": body}
     )
@@ -226,7 +226,7 @@ def _line(custom_id: str | None, status: int | None, body: dict | None, error: d
     return json.dumps(row) + "\n"
 
 
-def _error_body(message: str, type_: str = "invalid_request_error") -> dict:
+def error_body(message: str, type_: str = "invalid_request_error") -> dict:
     return {"error": {"message": message, "type": type_, "param": None, "code": None}}
 
 
@@ -244,59 +244,71 @@ def run_batch(
     input_path, output_path = Path(input_path), Path(output_path)
     if not input_path.is_file():
         raise ValueError(f"input file {str(input_path)!r} does not exist")
-    done_ids, done_lines = _done_so_far(output_path)
+    done_ids, done_lines = answered(output_path)
     summary = BatchSummary()
     with output_path.open("a") as out:
-        items = _read_input(engine, input_path, out, done_ids, done_lines, summary)
+        items = read_input(engine, input_path, out, done_ids, done_lines, summary)
         out.flush()
         _run(engine, items, out, model_name, summary, progress)
     return summary
 
 
-def _read_input(
+def read_input(
     engine: LLMEngine,
     path: Path,
     out: TextIO,
     done_ids: set[str],
     done_lines: set[int],
     summary: BatchSummary,
-) -> list[_Item]:
-    """The requests of the input file still to run; bad ones are answered in `out` at once."""
-    items: list[_Item] = []
+    endpoint: str | None = None,
+) -> list[BatchItem]:
+    """The requests of the input file still to run; bad ones are answered in `out` at once. `endpoint`:
+    the one url every line must name (a server batch is for one endpoint)."""
+    items: list[BatchItem] = []
     seen: set[str] = set()
     with path.open() as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                custom_id, url, body = _envelope(line, lineno)
-            except _BadLine as e:
+                custom_id, url, body = parse_envelope(line, lineno)
+            except BadLine as e:
                 if lineno in done_lines or e.custom_id in done_ids:
                     summary.skipped += 1
                 else:
                     error = {"code": "invalid_line", "message": str(e), "line": lineno}
-                    out.write(_line(e.custom_id, None, None, error))
+                    out.write(output_line(e.custom_id, None, None, error))
                     summary.failed += 1
                 continue
             if custom_id in done_ids:
                 summary.skipped += 1
                 continue
             try:
+                if endpoint is not None and url != endpoint:
+                    raise BadBody(f"line {lineno}: url {url!r} is not this batch's endpoint {endpoint!r}")
                 if custom_id in seen:
-                    raise _BadBody(f"line {lineno}: duplicate custom_id {custom_id!r}")
+                    raise BadBody(f"line {lineno}: duplicate custom_id {custom_id!r}")
                 seen.add(custom_id)
-                model, prompts, params = _build(engine, url, body)
-            except _BadBody as e:
-                out.write(_line(custom_id, 400, _error_body(str(e))))
+                model, prompts, params = build_request(engine, url, body)
+            except BadBody as e:
+                out.write(output_line(custom_id, 400, error_body(str(e))))
                 summary.failed += 1
                 continue
-            items.append(_Item(lineno, custom_id, url, model or "", prompts, params))
+            items.append(BatchItem(lineno, custom_id, url, model or "", prompts, params))
     return items
+
+
+def plan_order(items: list[BatchItem], block_size: int) -> list[tuple[BatchItem, int]]:
+    """(item, prompt index) pairs in the global plan's order: prompts sharing a prefix back to back."""
+    flat = [(item, k) for item in items for k in range(len(item.prompts))]
+    expected = [item.params[k].max_tokens or 0 for item, k in flat]
+    plan = plan_prompts([item.prompts[k] for item, k in flat], block_size, expected)
+    return [flat[i] for i in plan.order]
 
 
 def _run(
     engine: LLMEngine,
-    items: list[_Item],
+    items: list[BatchItem],
     out: TextIO,
     model_name: str,
     summary: BatchSummary,
@@ -304,12 +316,8 @@ def _run(
 ) -> None:
     from tqdm.auto import tqdm
 
-    owner: dict[str, tuple[_Item, int]] = {}
-    flat = [(item, k) for item in items for k in range(len(item.prompts))]
-    expected = [item.params[k].max_tokens or 0 for item, k in flat]
-    plan = plan_prompts([item.prompts[k] for item, k in flat], engine.args.block_size, expected)
-    for i in plan.order:
-        item, k = flat[i]
+    owner: dict[str, tuple[BatchItem, int]] = {}
+    for item, k in plan_order(items, engine.args.block_size):
         request_id = f"{item.line}.{k}"
         engine.add_request(request_id, {"prompt_token_ids": item.prompts[k]}, item.params[k])
         owner[request_id] = (item, k)
@@ -331,7 +339,7 @@ def _run(
                     if id(item) in open_items:
                         del open_items[id(item)]
                         engine.abort_request([f"{item.line}.{k}" for k in range(len(item.prompts))])
-                        out.write(_line(item.custom_id, 500, _error_body(str(e), "internal_error")))
+                        out.write(output_line(item.custom_id, 500, error_body(str(e), "internal_error")))
                         summary.failed += 1
                         bar.update(1)
                 out.flush()
@@ -343,7 +351,7 @@ def _run(
                 item.outputs[k] = o
                 if len(item.outputs) == len(item.prompts):
                     del open_items[id(item)]
-                    out.write(_line(item.custom_id, 200, _response_body(item, model_name)))
+                    out.write(output_line(item.custom_id, 200, response_body(item, model_name)))
                     out.flush()  # each answer is on disk as soon as it is known: a rerun resumes after it
                     summary.completed += 1
                     bar.update(1)
