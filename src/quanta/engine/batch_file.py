@@ -317,9 +317,19 @@ def _run(
     from tqdm.auto import tqdm
 
     owner: dict[str, tuple[BatchItem, int]] = {}
+    open_items = {id(item): item for item in items}
     for item, k in plan_order(items, engine.args.block_size):
+        if id(item) not in open_items:
+            continue
         request_id = f"{item.line}.{k}"
-        engine.add_request(request_id, {"prompt_token_ids": item.prompts[k]}, item.params[k])
+        try:
+            engine.add_request(request_id, {"prompt_token_ids": item.prompts[k]}, item.params[k])
+        except ValueError as e:  # the engine refuses it (checked here only): this line fails, not the run
+            del open_items[id(item)]
+            engine.abort_request([f"{item.line}.{j}" for j in range(len(item.prompts))])
+            out.write(output_line(item.custom_id, 400, error_body(str(e))))
+            summary.failed += 1
+            continue
         owner[request_id] = (item, k)
     # disable=None: tqdm shows the bar only on a terminal.
     bar = tqdm(
@@ -328,7 +338,6 @@ def _run(
         unit="req",
         disable=None if progress is None else not progress,
     )
-    open_items = {id(item): item for item in items}
     try:
         while engine.has_unfinished_requests():
             try:

@@ -94,7 +94,8 @@ class BatchPolicy(Policy):
         bs = kv.block_size
         # The KV manager's own chains (salt, tenant included): the plan's groups are the cache's hits.
         hashes = [kv.block_hashes(r)[: reusable_blocks(r.num_prompt_tokens, bs)] for r in reqs]
-        held = frozenset(k for k in (*self._held, *self._running) if isinstance(k, bytes))
+        running = (k for k, n in self._running.items() if n > 0)
+        held = frozenset(k for k in (*self._held, *running) if isinstance(k, bytes))
         plan = plan_batch(
             hashes,
             [r.num_prompt_tokens for r in reqs],
