@@ -207,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine, name, host=args.host, port=args.port, log_level=args.log_level, api_key=args.api_key,
         limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
         max_request_bytes=args.max_request_bytes, max_tenant_labels=args.max_tenant_labels,
-        priority_range=priority_range, cors_origins=args.cors_origins,
+        priority_range=priority_range, cors_origins=args.cors_origins, batch_dir=args.batch_dir,
     )  # fmt: skip
     return 0
 
@@ -242,6 +242,8 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
     """The workload of --trace: a preset drawn at `qps`, or a trace file (its arrivals, or drawn at `qps`)."""
     from quanta.sim.workload import PRESETS, preset, read_trace
 
+    if args.trace == "shared-prefix":
+        return _shared_prefix_workload(args)
     if args.trace in PRESETS:
         if qps is None:
             raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
@@ -269,6 +271,7 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             swap_space_gb=args.swap_space_gb if args.preemption_mode == "swap" else 0.0,
             policy_args=json.loads(args.policy_args) if args.policy_args else {},
             default_max_tokens=args.default_max_tokens,
+            num_kv_blocks=getattr(args, "num_kv_blocks", None),
             **({"efficiency": efficiency} if efficiency else {}),
         )
         for policy in args.policy.split(",")
@@ -306,6 +309,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         rows.append(
             result_row(cfg.policy, results[cfg.policy], ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo)
         )
+    _report_prefill_saved(workload, configs[0].block_size, rows)
     gpu = configs[0].gpu
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     print_comparison(
@@ -325,6 +329,62 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         ):
             print(f"wrote {path}")
     return 0
+
+
+def _shared_prefix_workload(args: argparse.Namespace) -> list:
+    """--trace shared-prefix: an offline batch of --groups x --group-size prompts, shuffled; prefix,
+    suffix and output lengths uniform within half their given means either way."""
+    from quanta.sim.workload import LengthDist, shared_prefix_batch
+
+    def around(mean: int) -> LengthDist:
+        return LengthDist("uniform", max(mean // 2, 1), mean + mean // 2)
+
+    if min(args.prefix_len, args.suffix_len, args.output_len) < 1:
+        raise ValueError("--prefix-len, --suffix-len and --output-len must be at least 1")
+    prefix = LengthDist("uniform", args.prefix_len, args.prefix_len)
+    return shared_prefix_batch(
+        args.groups, args.group_size, prefix, around(args.suffix_len), around(args.output_len), seed=args.seed
+    )
+
+
+def _report_prefill_saved(workload: list, block_size: int, rows: list[dict]) -> None:
+    """Prefill tokens each policy saved, beside the exact optimum (when the workload shares prefixes)."""
+    if not any(w.prefix_group is not None or w.session_id is not None for w in workload):
+        return
+    from quanta.sched.batch_plan import plan_prompts
+    from quanta.sim.workload import prompt_token_ids
+
+    optimum = plan_prompts(prompt_token_ids(workload), block_size).optimal_saved_fraction
+    for r in rows:
+        r["prefill_saved_optimum"] = optimum
+    saved = ", ".join(f"{r['policy']} {r['prefill_saved']:.1%}" for r in rows)
+    print(f"prefill tokens saved by the prefix cache: {saved} (optimum {optimum:.1%})")
+
+
+def cmd_run_batch(args: argparse.Namespace) -> int:
+    from quanta.engine.batch_file import run_batch
+    from quanta.engine.llm_engine import EngineArgs, LLMEngine
+
+    if not Path(args.input).is_file():  # before loading the model
+        raise ValueError(f"input file {args.input!r} does not exist")
+    model = args.model or str(ensure_default_model())
+    engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
+    s = run_batch(engine, args.input, args.output, Path(model).name, progress=None)
+    print(f"{s.completed} completed, {s.failed} failed, {s.skipped} already in {args.output}", file=sys.stderr)
+    return 0
+
+
+def _add_run_batch_parser(sub: argparse._SubParsersAction) -> None:
+    rb = sub.add_parser(
+        "run-batch",
+        help="run an OpenAI batch file (JSONL) offline, in a global prefix-sharing plan; resumable",
+    )
+    _add_engine_args(rb)
+    rb.set_defaults(policy="batch", func=cmd_run_batch)
+    rb.add_argument("-i", "--input", required=True, help="batch input JSONL: {custom_id, method, url, body}")
+    rb.add_argument(
+        "-o", "--output", required=True, help="results JSONL (appended; custom_ids already there are skipped)"
+    )
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
@@ -444,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--ignore-eos", action="store_true")
     gen.add_argument("--json", action="store_true", help="print outputs as JSON")
     gen.set_defaults(func=cmd_generate)
+    _add_run_batch_parser(sub)
 
     sim = sub.add_parser("simulate", help="run policies on a workload in simulated time (no GPU needed)")
     _add_sim_args(sim, default_policy="sarathi")
@@ -453,6 +514,15 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target, seconds")
     sim.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target, seconds")
     sim.add_argument("--plots", default=None, help="folder for PNG plots (latency CDFs, KV usage)")
+    # --trace shared-prefix: an offline batch of groups of prompts sharing a prefix (try --policy batch).
+    sim.add_argument("--groups", type=int, default=64, help="shared-prefix: number of prefix groups")
+    sim.add_argument("--group-size", type=int, default=32, help="shared-prefix: prompts per group")
+    sim.add_argument("--prefix-len", type=int, default=2048, help="shared-prefix: tokens of each prefix")
+    sim.add_argument("--suffix-len", type=int, default=64, help="shared-prefix: mean tokens after it")
+    sim.add_argument("--output-len", type=int, default=128, help="shared-prefix: mean output tokens")
+    sim.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="KV pool per replica (default: what the GPU holds)"
+    )
     sim.set_defaults(func=cmd_simulate)
 
     cap = sub.add_parser(
@@ -506,6 +576,11 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
     srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
     srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")
+    srv.add_argument(
+        "--batch-dir",
+        default=None,
+        help="serve /v1/files and /v1/batches, kept in this folder (a restart finishes accepted batches)",
+    )
     srv.add_argument(
         "--cors-origins",
         nargs="+",

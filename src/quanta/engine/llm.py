@@ -40,9 +40,17 @@ class LLM:
         priorities: Sequence[int] | None = None,
         deadlines: Sequence[float | None] | None = None,
         slo_classes: Sequence[str | None] | None = None,
+        plan: str | None = None,
     ) -> list[RequestOutput]:
         """Per-prompt scheduling fields (for the multi-tenant policies): tenant, priority (lower is more
-        important), deadline in seconds from now, SLO class name."""
+        important), deadline in seconds from now, SLO class name.
+
+        plan="global": the prompts enter the engine in the order of a global prefix plan (`batch_plan`:
+        prompts sharing a prefix back to back), so the prefix cache serves what they share whatever the
+        policy; with policy="batch" the engine also holds each group's prefix and meters KV. Outputs
+        come back in the prompts' order either way."""
+        if plan not in (None, "global"):
+            raise ValueError(f"plan must be None or 'global', got {plan!r}")
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
         prompts = list(prompts)  # type: ignore[arg-type]
@@ -65,8 +73,10 @@ class LLM:
                 raise ValueError(f"got {len(values)} {name} for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
         now = self.engine.core.clock.now()
+        order = range(len(prompts)) if plan is None else self._global_order(prompts, params)
         try:
-            for i, (request_id, prompt, p) in enumerate(zip(ids, prompts, params)):
+            for i in order:
+                request_id, prompt, p = ids[i], prompts[i], params[i]
                 self.engine.add_request(
                     request_id,
                     prompt,
@@ -80,6 +90,14 @@ class LLM:
             self.engine.abort_request(ids)
             raise
         return self._run(ids, use_tqdm)
+
+    def _global_order(self, prompts: list, params: list[SamplingParams]) -> list[int]:
+        from quanta.sched.batch_plan import plan_prompts
+
+        token_ids = [self.engine.to_token_ids(p)[1] for p in prompts]
+        room = self.engine.max_model_len
+        expected = [min(p.max_tokens or room, room) for p in params]
+        return plan_prompts(token_ids, self.engine.args.block_size, expected).order
 
     def chat(
         self,

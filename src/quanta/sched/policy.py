@@ -10,6 +10,7 @@ from quanta.request import Request
 from quanta.sched.queue import FCFSQueue, WaitingQueue
 
 if TYPE_CHECKING:
+    from quanta.kv.manager import KVCacheManager
     from quanta.sched.plan import StepPlan
 
 
@@ -27,6 +28,10 @@ class Policy:
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
+
+    def attach(self, kv: KVCacheManager) -> None:
+        """The KV cache the scheduler allocates from, given once at start. Policies may read it (pool
+        size, block hashes, which prefixes are cached) to decide; they never allocate or free."""
 
     def new_queue(self) -> WaitingQueue:
         """The waiting queue, built to give `waiting_order` cheaply. Default: FCFS."""

@@ -28,6 +28,7 @@ class Scheduler:
         self.config = config
         self.kv = kv
         self.policy = policy
+        policy.attach(kv)
         self.waiting = policy.new_queue()
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}

@@ -24,6 +24,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -47,6 +48,7 @@ from quanta.server.async_engine import (
     RequestStream,
 )
 from quanta.server.auth import KeyPolicy, KeyTable
+from quanta.server.batches import BatchManager, BatchStore, parse_upload
 from quanta.server.metrics import ServerMetrics
 from quanta.server.protocol import (
     ChatCompletionRequest,
@@ -184,6 +186,8 @@ class OpenAIServer:
         max_tenant_labels: int = DEFAULT_MAX_TENANT_LABELS,
         priority_range: tuple[int, int] = DEFAULT_PRIORITY_RANGE,
         cors_origins: list[str] | None = None,
+        batch_dir: str | Path | None = None,
+        batch_max_in_flight: int = 64,
     ) -> None:
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
@@ -202,13 +206,26 @@ class OpenAIServer:
         )
         self.created = int(time.time())
         self.cors_origins = list(cors_origins or [])
+        # Files and Batches APIs (on disk under batch_dir); batch requests get the least important priority.
+        self.batches: BatchManager | None = None
+        if batch_dir is not None:
+            if batch_max_in_flight < 1:
+                raise ValueError(f"batch_max_in_flight must be positive, got {batch_max_in_flight}")
+            store = BatchStore(batch_dir)
+            self.batches = BatchManager(
+                store, self.engine, engine, served_model_name, priority_range[1], batch_max_in_flight
+            )
         self.app = self._build(enable_internal)
 
     # ---- app --------------------------------------------------------------------------------------
     def _build(self, enable_internal: bool) -> FastAPI:
         @contextlib.asynccontextmanager
         async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+            if self.batches is not None:
+                self.batches.resume()  # batches accepted before a restart go on
             yield
+            if self.batches is not None:
+                await self.batches.shutdown()
             self.engine.shutdown()
 
         # /openapi.json is FastAPI's own schema (as vLLM serves it); the docs pages load scripts from a
@@ -287,7 +304,84 @@ class OpenAIServer:
             body = await self._parse(request, ChatCompletionRequest)
             return await self._chat(request, body)
 
+        if self.batches is not None:
+            self._add_batch_routes(app, self.batches)
         return app
+
+    def _add_batch_routes(self, app: FastAPI, batches: BatchManager) -> None:
+        store = batches.store
+
+        def missing(kind: str, id_: str) -> APIError:
+            return APIError(404, f"no {kind} {id_!r}", "NotFoundError")
+
+        @app.post("/v1/files")
+        async def upload(request: Request) -> dict:
+            # A browser can post a form cross-origin without a preflight, but not with this header.
+            if "authorization" not in request.headers:
+                raise APIError(401, "uploads need an Authorization header", "authentication_error")
+            raw = await self._read_body(request)
+            try:
+                filename, content, purpose = parse_upload(request.headers.get("content-type"), raw)
+            except ValueError as e:
+                raise _bad(str(e), "file") from None
+            return store.add_file(content, filename, purpose)
+
+        @app.get("/v1/files")
+        async def files() -> dict:
+            return {"object": "list", "data": store.list_files(), "has_more": False}
+
+        @app.get("/v1/files/{file_id}")
+        async def file(file_id: str) -> dict:
+            obj = store.get_file(file_id)
+            if obj is None:
+                raise missing("file", file_id)
+            return obj
+
+        @app.get("/v1/files/{file_id}/content")
+        async def file_content(file_id: str) -> Response:
+            if store.get_file(file_id) is None:
+                raise missing("file", file_id)
+            data = await asyncio.to_thread(store.content_path(file_id).read_bytes)
+            return Response(data, media_type="application/jsonl")
+
+        @app.delete("/v1/files/{file_id}")
+        async def delete_file(file_id: str) -> dict:
+            if not store.delete_file(file_id):
+                raise missing("file", file_id)
+            return {"id": file_id, "object": "file", "deleted": True}
+
+        @app.post("/v1/batches")
+        async def create_batch(request: Request) -> dict:
+            data = await self._read_json(request)
+            try:
+                return batches.create(
+                    str(data.get("input_file_id")),
+                    str(data.get("endpoint")),
+                    str(data.get("completion_window", "24h")),
+                    data.get("metadata"),
+                )
+            except ValueError as e:
+                raise _bad(str(e)) from None
+
+        @app.get("/v1/batches")
+        async def list_batches(limit: int = 20, after: str | None = None) -> dict:
+            if not 1 <= limit <= 100:
+                raise _bad("limit must be between 1 and 100", "limit")
+            return batches.page(limit, after)
+
+        @app.get("/v1/batches/{batch_id}")
+        async def get_batch(batch_id: str) -> dict:
+            obj = batches.get(batch_id)
+            if obj is None:
+                raise missing("batch", batch_id)
+            return obj
+
+        @app.post("/v1/batches/{batch_id}/cancel")
+        async def cancel_batch(batch_id: str) -> dict:
+            obj = batches.cancel(batch_id)
+            if obj is None:
+                raise missing("batch", batch_id)
+            return obj
 
     def _add_auth(self, app: FastAPI) -> None:
         @app.middleware("http")

@@ -19,6 +19,7 @@ def result_row(name: str, result: SimResult, **slos: float | None) -> dict:
         "per_tenant": {t: v.as_dict() for t, v in tenants.items()} if len(tenants) > 1 else {},
         "peak_kv_usage": peak_kv,
         "num_steps": result.num_steps,
+        "prefill_saved": result.prefill_saved_fraction,
         "simulated_requests_per_wall_second": len(result.requests) / max(result.wall_seconds, 1e-9),
     }
 

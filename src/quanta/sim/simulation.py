@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
-from quanta.engine.core import EngineCore
+from quanta.engine.core import EngineCore, StepOutput
 from quanta.executor.sim_executor import SimExecutor
 from quanta.metrics import RequestMetrics
 from quanta.model.config import ModelConfig
@@ -72,6 +72,21 @@ class SimResult:
     wall_seconds: float
     # Over all replicas: swap_outs, swap_ins, swapped_blocks, copy_runs, copy_calls, copy_seconds.
     swap_stats: dict[str, float] = field(default_factory=dict)
+    num_computed_tokens: int = 0  # tokens the executors computed, prompt and decode, recomputation included
+
+    @property
+    def prefill_tokens_saved(self) -> int:
+        """Prompt tokens never computed (served from the prefix cache). A finished request computed its
+        uncached prompt and all outputs but the last; whatever else was computed is recomputation, which
+        counts against the saving."""
+        prompt = sum(r.num_prompt_tokens for r in self.requests)
+        decode = sum(max(r.num_output_tokens - 1, 0) for r in self.requests)
+        return prompt - (self.num_computed_tokens - decode)
+
+    @property
+    def prefill_saved_fraction(self) -> float:
+        prompt = sum(r.num_prompt_tokens for r in self.requests)
+        return self.prefill_tokens_saved / prompt if prompt else 0.0
 
     def metrics(self) -> list[RequestMetrics]:
         return [RequestMetrics.of(r) for r in self.requests]
@@ -130,8 +145,14 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     lengths = output_lengths(workload)
     replicas = [build_replica(cfg, lengths) for _ in range(cfg.replicas)]
     usage: list[list[tuple[float, float]]] = [[] for _ in replicas]
+    computed = [0] * len(replicas)
+
+    def observe(out: StepOutput, i: int, core: EngineCore) -> None:
+        usage[i].append((out.end, core.kv.usage()))
+        computed[i] += out.plan.num_batched_tokens
+
     for i, core in enumerate(replicas):
-        core.step_observers.append(lambda out, i=i, core=core: usage[i].append((out.end, core.kv.usage())))
+        core.step_observers.append(lambda out, i=i, core=core: observe(out, i, core))
     requests = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
     pending = sorted(requests, key=lambda r: r.arrival_time)
     rr = itertools.cycle(range(len(replicas)))
@@ -163,7 +184,7 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         "copy_calls": sum(c.executor.num_copy_calls for c in replicas),  # type: ignore[attr-defined]
         "copy_seconds": sum(c.executor.swap_seconds for c in replicas),  # type: ignore[attr-defined]
     }
-    return SimResult(cfg, requests, usage, steps, time.perf_counter() - started, swap_stats)
+    return SimResult(cfg, requests, usage, steps, time.perf_counter() - started, swap_stats, sum(computed))
 
 
 def _load(core: EngineCore) -> int:

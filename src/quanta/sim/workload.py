@@ -121,6 +121,44 @@ def synthetic(
     return [WorkloadRequest(float(a), int(x), int(y)) for a, x, y in zip(arrivals, p, o)]
 
 
+def shared_prefix_batch(
+    num_groups: int,
+    group_size: int,
+    prefix: LengthDist,
+    suffix: LengthDist,
+    output: LengthDist,
+    seed: int = 0,
+    shuffle: bool = True,
+) -> list[WorkloadRequest]:
+    """An offline batch (all arrive at t=0): `num_groups` groups of `group_size` prompts, each group's
+    prompts starting with the group's prefix (one prefix length drawn per group) and going on with a
+    suffix of their own; shuffled, as a user's file rarely comes sorted. max_tokens is the output length
+    (batch jobs set it; a policy may project KV growth from it)."""
+    if num_groups < 1 or group_size < 1:
+        raise ValueError("num_groups and group_size must be at least 1")
+    rng = np.random.default_rng(seed)
+    prefixes = prefix.sample(rng, num_groups)
+    n = num_groups * group_size
+    suffixes, outputs = suffix.sample(rng, n), output.sample(rng, n)
+    reqs = []
+    for i in range(n):
+        g = i // group_size
+        p = int(prefixes[g])
+        reqs.append(
+            WorkloadRequest(
+                0.0,
+                p + int(suffixes[i]),
+                int(outputs[i]),
+                max_tokens=int(outputs[i]),
+                prefix_group=f"g{g}",
+                prefix_len=p,
+            )
+        )
+    if shuffle:
+        reqs = [reqs[i] for i in rng.permutation(n)]
+    return reqs
+
+
 def preset(
     name: str, n: int, rate: float | None, cv: float = 1.0, seed: int = 0, max_total: int | None = None
 ) -> list[WorkloadRequest]:

@@ -1,5 +1,6 @@
 """Built-in policies, one short file each; importing registers them."""
 
+from quanta.sched.policies.batch import BatchPolicy
 from quanta.sched.policies.deadline import DeadlinePolicy
 from quanta.sched.policies.prefill_first import PrefillFirstPolicy
 from quanta.sched.policies.priority import PriorityPolicy
@@ -8,6 +9,7 @@ from quanta.sched.policies.vtc import VTCPolicy
 from quanta.sched.policies.wfq import WFQPolicy
 
 __all__ = [
+    "BatchPolicy",
     "DeadlinePolicy",
     "PrefillFirstPolicy",
     "PriorityPolicy",
