@@ -362,14 +362,17 @@ def _report_prefill_saved(workload: list, block_size: int, rows: list[dict]) -> 
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from quanta.engine.batch_file import run_batch
     from quanta.engine.llm_engine import EngineArgs, LLMEngine
 
     if not Path(args.input).is_file():  # before loading the model
         raise ValueError(f"input file {args.input!r} does not exist")
-    model = args.model or str(ensure_default_model())
+    model = args.model or default_model()
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
-    s = run_batch(engine, args.input, args.output, Path(model).name, progress=None)
+    name = DEFAULT_MODEL_NAME if args.model is None and smollm2_gguf() else Path(model).name
+    s = run_batch(engine, args.input, args.output, name, progress=None)
     print(f"{s.completed} completed, {s.failed} failed, {s.skipped} already in {args.output}", file=sys.stderr)
     return 0
 

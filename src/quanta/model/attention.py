@@ -71,8 +71,9 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    slot_blocks: torch.Tensor  # [num_tokens] long: cache block of each new token
-    slot_offsets: torch.Tensor  # [num_tokens] long: its offset inside the block
+    # [num_tokens * num_kv_heads] long: row of each new (token, kv head) in the cache viewed as
+    # [num_blocks * num_kv_heads * block_size, head_dim]; one index_copy_ per layer writes the step's KV.
+    slot_rows: torch.Tensor
     prefills: list[PrefillChunk]
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # portable path
     decode_tables: torch.Tensor | None = None  # C++ kernel path: [num_decodes, max_blocks] long, 0-padded
@@ -109,13 +110,16 @@ class TorchPagedAttention:
         self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
     ) -> AttentionMetadata:
         """Decodes come first, sorted by context length (ascending) so that grouping pads little."""
-        slot_tensor = torch.from_numpy(slots.astype(np.int64)).to(device)
+        slots = slots.astype(np.int64)
+        blocks, offsets = slots // self.block_size, slots % self.block_size
+        heads = np.arange(self.num_kv_heads, dtype=np.int64)
+        rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
         chunks: list[PrefillChunk] = []
         row = num_decodes
         for s in seqs[num_decodes:]:
             chunks.append(PrefillChunk(row, s.num_tokens, s.context_len, torch.tensor(s.block_ids, device=device)))
             row += s.num_tokens
-        meta = AttentionMetadata(slot_tensor // self.block_size, slot_tensor % self.block_size, chunks)
+        meta = AttentionMetadata(torch.from_numpy(rows).to(device), chunks)
         if num_decodes:
             decodes = seqs[:num_decodes]
             self._plan_decodes([s.block_ids for s in decodes], [s.context_len for s in decodes], device, meta)
@@ -178,8 +182,9 @@ class TorchPagedAttention:
         v_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        k_cache[meta.slot_blocks, :, meta.slot_offsets] = k
-        v_cache[meta.slot_blocks, :, meta.slot_offsets] = v
+        d = self.head_dim
+        k_cache.view(-1, d).index_copy_(0, meta.slot_rows, k.reshape(-1, d))
+        v_cache.view(-1, d).index_copy_(0, meta.slot_rows, v.reshape(-1, d))
         out = torch.empty_like(q)
         if meta.decode_tables is not None:
             assert self.kernels is not None and meta.decode_lens is not None
