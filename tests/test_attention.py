@@ -162,3 +162,17 @@ def _check_fused_ops(module: object, dtype: torch.dtype, dev: str, interpreted: 
     gate_up = (torch.randn(37, 2 * 48, generator=g) * 4).to(dtype).to(dev)
     gate, up = gate_up.split(48, dim=-1)
     torch.testing.assert_close(module.silu_and_mul(gate_up), torch.nn.functional.silu(gate) * up, **tol)
+
+
+def test_cpu_argmax_rows_is_torch_argmax() -> None:
+    """The greedy pick of the CPU kernels: torch.argmax's first-maximum rule, ties and tails included."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("C++ CPU kernels unavailable here")
+    g = torch.Generator().manual_seed(0)
+    for v in (1, 15, 16, 17, 49152, 151936 + 7):
+        x = torch.randn(9, v, generator=g)
+        x[1, v // 2] = x[1, -1] = 50.0  # a tie: the first one wins
+        x[2, -1] = 60.0  # the maximum in the non-vector tail
+        x[3] = 1.0  # all equal
+        assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v

@@ -68,9 +68,12 @@ class ModelExecutor:
             self.model.use_kernels(triton_kernels)
         elif attention_backend != "torch":
             raise ValueError(f"unknown attention backend {attention_backend!r}; choose auto, torch or triton")
-        elif cpu_kernels and self.device.type == "cpu":
-            self.model.use_kernels(load_cpu_kernels())
         self.sampler = Sampler(self.device, seed)
+        if attention_backend == "torch" and cpu_kernels and self.device.type == "cpu":
+            kernels = load_cpu_kernels()
+            self.model.use_kernels(kernels)
+            if kernels is not None and hasattr(kernels, "argmax_rows"):
+                self.sampler.argmax = kernels.argmax_rows
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         elif self.device.type == "cuda":

@@ -7,6 +7,8 @@ else is in the batch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from quanta.executor.base import TokenLogprobs
@@ -41,6 +43,8 @@ class Sampler:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
+        # Greedy picks; the CPU kernels' vectorized version replaces it (same first-maximum rule).
+        self.argmax: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.argmax(dim=-1)
 
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
@@ -72,7 +76,7 @@ class Sampler:
                 self._block_early_stop(logits, reqs)
         greedy = [p.greedy for p in params]
         if all(greedy):
-            tokens = logits.argmax(dim=-1)
+            tokens = self.argmax(logits)
         else:
             tokens = self._random_sample(logits, reqs, greedy)
         entries: list[TokenLogprobs | None] = [None] * len(reqs)
@@ -107,7 +111,7 @@ class Sampler:
         sampled = (probs / noise).argmax(dim=-1)
         if any(greedy):
             mask = torch.tensor(greedy, device=dev)
-            sampled = torch.where(mask, logits.argmax(dim=-1), sampled)
+            sampled = torch.where(mask, self.argmax(logits), sampled)
         return sampled
 
     @staticmethod

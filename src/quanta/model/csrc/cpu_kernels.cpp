@@ -17,6 +17,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 // Row of D values to float32. The bfloat16 case is a 16-bit shift, written so the compiler vectorizes it.
 template <typename scalar_t>
 static inline void to_float(const scalar_t* src, float* dst, int64_t D) {
@@ -216,7 +220,43 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
   return out;
 }
 
+// Index of the first maximum of each row of a float32 [R, V] tensor (greedy sampling): a max pass and a
+// find pass, both vectorized, instead of ATen's scalar index-tracking reduction (10x slower here).
+// NaN-free input assumed (logits); torch.argmax would rank a NaN highest.
+torch::Tensor argmax_rows(torch::Tensor x) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == torch::kFloat, "argmax_rows: contiguous float32 [R, V]");
+  const int64_t rows = x.size(0), v = x.size(1);
+  auto out = torch::empty({rows}, x.options().dtype(torch::kLong));
+  const float* xp = x.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = xp + r * v;
+      float m = row[0];
+      int64_t i = 0;
+#if defined(__AVX512F__)
+      __m512 mv = _mm512_set1_ps(row[0]);
+      for (; i + 16 <= v; i += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(row + i));
+      m = _mm512_reduce_max_ps(mv);
+#endif
+      for (; i < v; ++i) m = row[i] > m ? row[i] : m;
+      int64_t at = 0;
+#if defined(__AVX512F__)
+      const __m512 target = _mm512_set1_ps(m);
+      for (; at + 16 <= v; at += 16) {
+        const __mmask16 hit = _mm512_cmpeq_ps_mask(_mm512_loadu_ps(row + at), target);
+        if (hit) break;
+      }
+#endif
+      while (at < v - 1 && row[at] != m) ++at;
+      op[r] = at;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32)");
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
   m.def("rms_norm", &rms_norm, "RMSNorm, float32 inside");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding, in place");
