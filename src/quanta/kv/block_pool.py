@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import struct
+import sys
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,6 +34,32 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: t
     if extra_keys:
         data += repr(extra_keys).encode()
     return hashlib.sha256(data).digest()
+
+
+def hash_chain(
+    parent: BlockHash | None, token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+) -> list[BlockHash]:
+    """`hash_block` over the consecutive full blocks of token_ids, each chained to the one before, the
+    first to `parent` and alone carrying `extra_keys`: the same digests, with the ids packed once."""
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return []
+    ids = array("q", token_ids[: num_blocks * block_size])
+    if sys.byteorder != "little":
+        ids.byteswap()
+    raw = ids.tobytes()
+    head = struct.pack("<I", block_size)
+    width = 8 * block_size
+    out: list[BlockHash] = []
+    sha256 = hashlib.sha256
+    prev = parent or _ROOT
+    for i in range(num_blocks):
+        data = prev + head + raw[i * width : (i + 1) * width]
+        if i == 0 and extra_keys:
+            data += repr(extra_keys).encode()
+        prev = sha256(data).digest()
+        out.append(prev)
+    return out
 
 
 @dataclass(slots=True, eq=False)

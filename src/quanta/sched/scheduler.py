@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from quanta.config import SchedulerConfig
@@ -375,6 +375,59 @@ class Scheduler:
             self._add(plan, budget, req, n)
         for req in admitted:
             self.waiting.remove(req)
+
+    # ---- runs of identical decode steps ---------------------------------------------------------------
+    def decode_run(self, token_id: int, limit: int) -> int:
+        """How many of the next steps, up to `limit`, provably have the same plan: every running request
+        decodes one token, nothing is admitted or preempted, and no request stops while the sampled
+        tokens are `token_id` (what a SimExecutor samples). 0 when the next step may differ.
+
+        A simulator advances that many steps at once (`apply_decode_run`), and the schedule stays this
+        scheduler's: it only skips re-deriving a plan that cannot change. The caller bounds `limit` by
+        the next arrival. Conditions: the policy allows it; no swap-in in flight; every running request
+        decodes and the budget holds them all; nothing waits, or (for a policy that never preempts) what
+        waits cannot be admitted until a slot frees; no request reaches max_tokens or the context; the
+        KV pool holds every block the run can take."""
+        running = self.running
+        if limit < 1 or not running or self.swapping_in or not self.policy.allows_decode_runs():
+            return 0
+        cfg = self.config
+        if len(running) > cfg.max_num_batched_tokens:
+            return 0
+        if self.waiting and (
+            type(self.policy).may_preempt is not Policy.may_preempt
+            or (len(running) < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
+        ):
+            return 0
+        for req in running:
+            if req.num_tokens - req.num_computed_tokens != 1:
+                return 0
+            limit = min(limit, req.tokens_before_stop(token_id))
+            if limit == 0:
+                return 0
+        return self.kv.max_decode_run(running, limit)
+
+    def apply_decode_run(self, token_id: int, starts: Sequence[float], ends: Sequence[float]) -> None:
+        """Carry out `len(ends)` steps that `decode_run` allowed, with the given start and end clock times:
+        what as many schedule/update rounds would do, token for token (timestamps, KV blocks, prefix
+        index, step ids)."""
+        m = len(ends)
+        assert 0 < m == len(starts)
+        tokens = [token_id] * m
+        running = self.running
+        for req in running:
+            req.output_token_ids.extend(tokens)
+            req.all_token_ids.extend(tokens)
+            times = req.times
+            if times.first_token is None:  # a prompt whose last token was left for this step
+                times.first_token = ends[0]
+            times.tokens.extend(ends)
+        self.kv.decode_run(running, m)
+        for req in running:
+            req.num_computed_tokens += m
+        self._step_id += m
+        self._step_start = starts[-1]
+        self.policy.on_schedule(starts[-1])
 
     def fail_step(self, plan: StepPlan, now: float) -> list[Request]:
         """The executor could not run `plan`: abort its requests and keep their unwritten KV out of the

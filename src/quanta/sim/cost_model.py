@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from quanta.model.config import ModelConfig
 from quanta.sched.plan import StepPlan
 from quanta.sim.hardware import GPUSpec
@@ -95,17 +97,19 @@ class CostModel:
 
     # ---- time ----------------------------------------------------------------------------------
     def _roofline(self, flops: float, nbytes: float, compute_eff: float) -> float:
-        return max(
-            flops / (self.gpu.bf16_flops * compute_eff), nbytes / (self.gpu.mem_bandwidth * self.eff.memory)
-        )
+        compute = flops / (self.gpu.bf16_flops * compute_eff)
+        memory = nbytes / (self.gpu.mem_bandwidth * self.eff.memory)
+        if isinstance(compute, np.ndarray):  # many steps at once (decode_times): the same operations
+            return np.maximum(compute, memory)
+        return max(compute, memory)
 
     def step_work(self, batch: list[tuple[int, int]], num_sampled: int) -> dict[str, tuple[float, float]]:
         """(FLOPs, bytes) of each part of a step, all layers together: linear, attention, lm_head."""
+        return self._work(*_totals(batch), num_sampled)
+
+    def _work(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> dict[str, tuple[float, float]]:
         layers, db = self.model.num_layers, self.dtype_bytes
-        tokens = sum(n for _, n in batch)
-        # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
-        pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
-        kv_read = sum(c + n for c, n in batch) * self.kv_bytes_per_token_layer
+        kv_read = kv_tokens * self.kv_bytes_per_token_layer
         return {
             "linear": (
                 layers * 2 * tokens * self.layer_weight_elems,
@@ -122,9 +126,12 @@ class CostModel:
         """batch: (tokens already in the KV cache, new tokens) per scheduled request."""
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        return self._cost(*_totals(batch), num_sampled)
+
+    def _cost(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> StepCost:
+        """A step's cost from the batch's totals: everything the roofline depends on."""
         layers, db = self.model.num_layers, self.dtype_bytes
-        tokens = sum(n for _, n in batch)
-        work = self.step_work(batch, num_sampled)
+        work = self._work(tokens, pairs, kv_tokens, num_sampled)
         # Every layer runs the same shapes: the roofline of the sum over layers is the sum of theirs.
         linear = self._roofline(*work["linear"], self.eff.matmul)
         attention = self._roofline(*work["attention"], self.eff.attention)
@@ -136,6 +143,16 @@ class CostModel:
             per = self.eff.allreduce_latency + nbytes / (self.gpu.link_bandwidth * self.eff.link)
             communication = 2 * layers * per
         return StepCost(linear, attention, lm_head, communication, self.eff.step_overhead)
+
+    def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
+        """Steps in which `num_seqs` requests decode one token each after `context_tokens[j]` cached
+        tokens in all: for each, to the last bit, what plan_time gives for that plan (the same
+        operations in the same order, elementwise), so that the simulator prices runs of such steps
+        without building them."""
+        # A decode after c cached tokens: 1 new token, c + 1 (query, key) pairs, c + 1 KV tokens read.
+        total = np.asarray(context_tokens, dtype=np.int64) + num_seqs
+        # Only attention depends on the context; the sum keeps StepCost.total's order.
+        return self._cost(num_seqs, total, total, num_seqs).total  # type: ignore[arg-type,return-value]
 
     def copy_time(self, num_runs: int, num_tokens: int) -> float:
         """Host<->device KV copies: one call per run of contiguous blocks per layer per K/V tensor, each
@@ -149,3 +166,12 @@ class CostModel:
     def plan_time(self, plan: StepPlan) -> float:
         batch = [(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled]
         return self.step_cost(batch, sum(1 for s in plan.scheduled if s.sample)).total
+
+
+def _totals(batch: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """New tokens, (query, key) pairs and KV tokens read of a batch of (cached, new) token counts."""
+    tokens = sum(n for _, n in batch)
+    # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
+    pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
+    kv_tokens = sum(c + n for c, n in batch)
+    return tokens, pairs, kv_tokens
