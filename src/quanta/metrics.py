@@ -252,6 +252,21 @@ class MetricsStream:
     def by_tenant(self, **slos: float | None) -> dict[str, Summary]:
         return {t: self.summary(**slos, tenant=t) for t in self.tenants}
 
+    def column(self, name: str) -> np.ndarray:
+        """One per-request value (a name in _COLUMNS) of every finished request, NaN where absent."""
+        return np.frombuffer(self._cols[name], dtype=float)
+
+    def itl_cdf(self) -> tuple[np.ndarray, np.ndarray]:
+        """Time between tokens as a CDF: (values, fraction of values at or below each); from the
+        histogram's bins (upper edges) once the values are no longer exact."""
+        hist = self._itl.histogram
+        if hist is None:
+            xs = np.sort(self._itl.exact())
+            return xs, np.arange(1, xs.size + 1) / max(xs.size, 1)
+        used = np.nonzero(hist.counts)[0]
+        edges = hist.low * hist.ratio ** (used + 1.0)
+        return edges, np.cumsum(hist.counts[used]) / hist.count
+
 
 def _present(values: np.ndarray) -> np.ndarray:
     return values[~np.isnan(values)]

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import sys
-from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -44,10 +42,8 @@ def hash_chain(
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
         return []
-    ids = array("q", token_ids[: num_blocks * block_size])
-    if sys.byteorder != "little":
-        ids.byteswap()
-    raw = ids.tobytes()
+    n = num_blocks * block_size
+    raw = struct.pack(f"<{n}q", *token_ids[:n])
     head = struct.pack("<I", block_size)
     width = 8 * block_size
     out: list[BlockHash] = []
@@ -102,18 +98,18 @@ class BlockPool:
         if n > len(self._free):
             raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
         out = []
-        free = self._free
+        free, cached, contiguous = self._free, self._cached, self.contiguous
         for i in range(n):
             block = None
-            if self.contiguous and after is not None:
-                nxt = free.get(after + 1)
-                # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
-                if nxt is not None and (
-                    nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
-                ):
-                    block = free.pop(after + 1)
-            if block is None:
-                if self.contiguous:
+            if contiguous:
+                if after is not None:
+                    nxt = free.get(after + 1)
+                    # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
+                    if nxt is not None and (
+                        nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
+                    ):
+                        block = free.pop(after + 1)
+                if block is None:
                     # Requests free their blocks tail first, so the LRU block tops a range freed with
                     # it: start from the low end of that range (same age, so LRU order holds).
                     head = start = next(iter(free))
@@ -124,11 +120,11 @@ class BlockPool:
                             break
                         start -= 1
                     block = free.pop(start)
-                else:
-                    _, block = free.popitem(last=False)
+            else:
+                block = free.popitem(last=False)[1]
             after = block.block_id
             if block.block_hash is not None:  # lazy eviction
-                del self._cached[block.block_hash]
+                del cached[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)

@@ -53,6 +53,7 @@ class SimConfig:
     # Keep every Request and its per-token timestamps (None: when the workload has at most
     # KEEP_REQUESTS_UP_TO requests). Summaries stream either way.
     keep_requests: bool | None = None
+    check_integrity: bool = False  # KV and scheduler invariants after every step (and run): for tests
 
     def __post_init__(self) -> None:
         if self.router not in ROUTERS:
@@ -166,6 +167,7 @@ def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = Non
             enable_prefix_caching=cfg.enable_prefix_caching,
             block_groups=cfg.block_groups,
         ),
+        check_integrity=cfg.check_integrity,
     )
 
 
@@ -243,7 +245,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             break
         if nxt is not None and nxt.arrival_time <= next_step:
             req, nxt = nxt, next(pending, None)
-            i = next(rr) if cfg.router == "round-robin" else min(range(len(reps)), key=lambda k: _load(reps[k].core))
+            if cfg.router == "round-robin":
+                i = next(rr)
+            else:  # least load, the first of equals
+                loads = [_load(rep.core) for rep in reps]
+                i = loads.index(min(loads))
             rep = reps[i]
             core = rep.core
             if rep.run is not None:

@@ -208,6 +208,24 @@ def read_trace(
     return sorted(reqs, key=lambda r: r.arrival)
 
 
+def head(
+    reqs: Sequence[WorkloadRequest], num_requests: int | None = None, duration: float | None = None
+) -> list[WorkloadRequest]:
+    """The start of a trace (in arrival order): requests arriving within `duration` seconds of the first
+    arrival, and at most `num_requests` of them; None: no limit (the whole trace)."""
+    out = sorted(reqs, key=lambda r: r.arrival)
+    if duration is not None:
+        if duration <= 0:
+            raise ValueError("duration must be positive")
+        end = out[0].arrival + duration if out else 0.0
+        out = [r for r in out if r.arrival < end]
+    if num_requests is not None:
+        if num_requests < 1:
+            raise ValueError("num_requests must be at least 1")
+        out = out[:num_requests]
+    return out
+
+
 def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
     path = Path(path)
     rows = [asdict(r) for r in reqs]
