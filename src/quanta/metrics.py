@@ -120,25 +120,33 @@ class Values:
     """A stream of values summarised as mean and percentiles: exact while there are at most `max_exact`
     (None: no limit), then in a LogHistogram (percentiles within 1%, mean exact)."""
 
+    FLUSH = 1 << 16  # values gathered before a histogram takes them in one pass (numpy calls are dear)
+
     def __init__(self, max_exact: int | None = None) -> None:
         self.max_exact = max_exact
-        self._exact: list[np.ndarray] = []
-        self._num_exact = 0
+        self._pending: list[np.ndarray] = []  # exact values, or values not yet in the histogram
+        self._num_pending = 0
         self.histogram: LogHistogram | None = None
 
     def add(self, values: np.ndarray) -> None:
-        if self.histogram is not None:
-            self.histogram.add(values)
-            return
-        self._exact.append(values)
-        self._num_exact += values.size
-        if self.max_exact is not None and self._num_exact > self.max_exact:
+        self._pending.append(values)
+        self._num_pending += values.size
+        limit = self.FLUSH if self.histogram is not None else self.max_exact
+        if limit is not None and self._num_pending > limit:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.histogram is None:
             self.histogram = LogHistogram()
-            self.histogram.add(self.exact())
-            self._exact, self._num_exact = [], 0
+        self.histogram.add(self._joined())
+        self._pending, self._num_pending = [], 0
+
+    def _joined(self) -> np.ndarray:
+        return np.concatenate(self._pending) if self._pending else np.empty(0)
 
     def exact(self) -> np.ndarray:
-        return np.concatenate(self._exact) if self._exact else np.empty(0)
+        assert self.histogram is None, "the values are in a histogram"
+        return self._joined()
 
     @property
     def is_exact(self) -> bool:
@@ -146,16 +154,23 @@ class Values:
 
     def merge(self, other: Values) -> None:
         if other.histogram is None:
-            self.add(other.exact())
+            self.add(other._joined())
             return
-        if self.histogram is None:
-            self.histogram = LogHistogram()
-            self.histogram.add(self.exact())
-            self._exact, self._num_exact = [], 0
-        self.histogram.merge(other.histogram)
+        self._flush()
+        assert self.histogram is not None
+        self.histogram.merge(other.finished_histogram())
+
+    def finished_histogram(self) -> LogHistogram:
+        """The histogram with every value added so far (after the exact phase)."""
+        assert self.histogram is not None
+        if self._pending:
+            self._flush()
+        return self.histogram
 
     def distribution(self) -> dict[str, float]:
-        return _distribution(self.exact()) if self.histogram is None else self.histogram.distribution()
+        if self.histogram is None:
+            return _distribution(self._joined())
+        return self.finished_histogram().distribution()
 
 
 # Per-request scalars kept exactly by MetricsStream (NaN: not reached), in the order requests finish.
@@ -259,10 +274,10 @@ class MetricsStream:
     def itl_cdf(self) -> tuple[np.ndarray, np.ndarray]:
         """Time between tokens as a CDF: (values, fraction of values at or below each); from the
         histogram's bins (upper edges) once the values are no longer exact."""
-        hist = self._itl.histogram
-        if hist is None:
+        if self._itl.is_exact:
             xs = np.sort(self._itl.exact())
             return xs, np.arange(1, xs.size + 1) / max(xs.size, 1)
+        hist = self._itl.finished_histogram()
         used = np.nonzero(hist.counts)[0]
         edges = hist.low * hist.ratio ** (used + 1.0)
         return edges, np.cumsum(hist.counts[used]) / hist.count

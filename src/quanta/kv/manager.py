@@ -200,27 +200,31 @@ class KVCacheManager:
         something (takes a block, or offers a filled block to the prefix index). The run's tokens must be
         appended to the requests already; their num_computed_tokens is left as at the start.
         `max_decode_run` must have allowed the run."""
-        bs, caching = self.block_size, self.enable_caching
+        bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
         start = [r.num_computed_tokens for r in reqs]
+        tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
 
         def next_event(i: int, after: int) -> int:
             # First step > after at which step j's call (computing token start + j) is not a no-op.
-            r, c = reqs[i], start[i]
-            j = len(self.req_blocks[r.request_id]) * bs - c  # needs a block
+            c = start[i]
+            j = len(tables[i]) * bs - c  # needs a block
             if caching:
-                j = min(j, (self._num_indexed.get(r.request_id, 0) + 1) * bs - c - 1)  # fills one
+                j = min(j, (indexed.get(reqs[i].request_id, 0) + 1) * bs - c - 1)  # fills one
             return max(j, after + 1)
 
         events = [(next_event(i, -1), i) for i in range(len(reqs))]
         heapq.heapify(events)
         while events and events[0][0] < num_steps:
-            j, i = heapq.heappop(events)
-            req = reqs[i]
-            req.num_computed_tokens = start[i] + j
-            ok = self.allocate_slots(req, 1)
-            assert ok, "a decode run was planned without room for its blocks"
-            req.num_computed_tokens = start[i]
-            heapq.heappush(events, (next_event(i, j), i))
+            j, i = events[0]
+            req, num_tokens = reqs[i], start[i] + j + 1
+            if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
+                self._index_full_blocks(req, tables[i], num_tokens)
+            else:
+                req.num_computed_tokens = num_tokens - 1
+                ok = self.allocate_slots(req, 1)
+                assert ok, "a decode run was planned without room for its blocks"
+                req.num_computed_tokens = start[i]
+            heapq.heapreplace(events, (next_event(i, j), i))
 
     def _index_full_blocks(self, req: Request, blocks: list[int], num_tokens: int) -> None:
         """Offer full blocks to the prefix index as soon as they are scheduled.

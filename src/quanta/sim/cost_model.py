@@ -105,22 +105,20 @@ class CostModel:
 
     def step_work(self, batch: list[tuple[int, int]], num_sampled: int) -> dict[str, tuple[float, float]]:
         """(FLOPs, bytes) of each part of a step, all layers together: linear, attention, lm_head."""
-        return self._work(*_totals(batch), num_sampled)
+        return dict(zip(("linear", "attention", "lm_head"), self._work(*_totals(batch), num_sampled)))
 
-    def _work(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> dict[str, tuple[float, float]]:
+    def _work(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> tuple[tuple[float, float], ...]:
+        """(FLOPs, bytes) of linear, attention and lm_head, from the batch's totals."""
         layers, db = self.model.num_layers, self.dtype_bytes
         kv_read = kv_tokens * self.kv_bytes_per_token_layer
-        return {
-            "linear": (
+        return (
+            (
                 layers * 2 * tokens * self.layer_weight_elems,
                 layers * (self.layer_weight_elems * db + 2 * tokens * self.model.hidden_size * db),
             ),
-            "attention": (layers * self.attn_flops_per_pair * pairs, layers * kv_read),
-            "lm_head": (
-                2 * num_sampled * self.lm_head_elems,
-                self.lm_head_elems * db if num_sampled else 0.0,
-            ),
-        }
+            (layers * self.attn_flops_per_pair * pairs, layers * kv_read),
+            (2 * num_sampled * self.lm_head_elems, self.lm_head_elems * db if num_sampled else 0.0),
+        )
 
     def step_cost(self, batch: list[tuple[int, int]], num_sampled: int) -> StepCost:
         """batch: (tokens already in the KV cache, new tokens) per scheduled request."""
@@ -131,11 +129,11 @@ class CostModel:
     def _cost(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> StepCost:
         """A step's cost from the batch's totals: everything the roofline depends on."""
         layers, db = self.model.num_layers, self.dtype_bytes
-        work = self._work(tokens, pairs, kv_tokens, num_sampled)
+        linear_work, attention_work, lm_head_work = self._work(tokens, pairs, kv_tokens, num_sampled)
         # Every layer runs the same shapes: the roofline of the sum over layers is the sum of theirs.
-        linear = self._roofline(*work["linear"], self.eff.matmul)
-        attention = self._roofline(*work["attention"], self.eff.attention)
-        lm_head = self._roofline(*work["lm_head"], self.eff.matmul)
+        linear = self._roofline(*linear_work, self.eff.matmul)
+        attention = self._roofline(*attention_work, self.eff.attention)
+        lm_head = self._roofline(*lm_head_work, self.eff.matmul)
         communication = 0.0
         if self.tp > 1:
             # Two all-reduces of the hidden states per layer; a ring moves 2(tp-1)/tp of the data.
