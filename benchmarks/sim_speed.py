@@ -9,16 +9,19 @@ Each run is a fresh process (its own peak RSS). The baseline is measured in the 
 simulator stepping one schedule() call per step (SimConfig.decode_runs=False), interleaved with the
 default (runs of provably identical decode steps planned at once); --rounds rounds of each, best and
 median reported (the machine is shared, wall-clock figures are noisy). CPU seconds are reported too.
+With --before-src, an older checkout's simulator (e.g. main before this work) is a third row, interleaved.
 Optionally Vidur on its own workload (`--vidur-python`, see benchmarks/vidur_runner.py).
 Prints a table and writes JSON.
 
-    python benchmarks/sim_speed.py [--rounds 2] [--large 1000000] [--large-baseline] [--vidur-python PY]
+    python benchmarks/sim_speed.py [--rounds 2] [--large 1000000] [--large-baseline] [--before-src DIR]
+                                   [--vidur-python PY]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -53,18 +56,20 @@ def worker(spec: dict) -> dict:
 
     w = workload(spec["trace"], spec["num_requests"], spec["speedup"])
     # A context long enough for every prompt of the trace (the longest is 8.2k tokens).
+    # decode_runs None: a checkout from before SimConfig had it (--before-src).
+    extra = {} if spec["decode_runs"] is None else {"decode_runs": spec["decode_runs"]}
     cfg = SimConfig(
-        get_model("llama-2-70b"),
-        get_gpu("a100-80gb"),
-        tp=2,
-        replicas=spec["replicas"],
-        max_model_len=16384,
-        decode_runs=spec["decode_runs"],
+        get_model("llama-2-70b"), get_gpu("a100-80gb"), tp=2, replicas=spec["replicas"], max_model_len=16384, **extra
     )
     wall, cpu = time.perf_counter(), time.process_time()
     res = simulate(w, cfg)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-    s = res.summary()
+    if hasattr(res, "summary"):
+        s = res.summary()
+    else:
+        from quanta.metrics import summarize
+
+        s = summarize(res.metrics())
     assert s.num_requests == len(w), "every request finishes"
     return {
         "num_requests": len(w),
@@ -74,10 +79,8 @@ def worker(spec: dict) -> dict:
         "requests_per_cpu_second": len(w) / cpu,
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "num_steps": res.num_steps,
-        "num_decode_runs": res.num_decode_runs,
-        "simulated_seconds": res.simulated_seconds,
+        "num_decode_runs": getattr(res, "num_decode_runs", 0),
         "kept_requests": bool(res.requests),
-        "itl_exact": res.stream.itl_exact,
         "ttft_p50": s.ttft["p50"],
         "itl_p99": s.itl["p99"],
         "e2e_p50": s.e2e["p50"],
@@ -85,11 +88,15 @@ def worker(spec: dict) -> dict:
 
 
 def run(spec: dict, timeout: float) -> dict:
+    env = None
+    if spec.get("src"):  # another checkout's simulator (the worker reads only the trace helpers here)
+        env = {**os.environ, "PYTHONPATH": spec["src"]}
     proc = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
         timeout=timeout,
+        env=env,
     )
     if proc.returncode != 0:
         return {**spec, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -120,6 +127,9 @@ def main() -> None:
     ap.add_argument("--large", type=int, default=1_000_000, help="requests of the large run (0: skip)")
     ap.add_argument("--large-replicas", type=int, default=64)
     ap.add_argument("--large-baseline", action="store_true", help="also the large run without decode runs")
+    ap.add_argument(
+        "--before-src", default=None, help="src/ of an older checkout: its simulator as a third row, interleaved"
+    )
     ap.add_argument("--vidur-python", default=None)
     ap.add_argument("--out", default="results/sim_speed.json")
     args = ap.parse_args()
@@ -130,9 +140,16 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[dict]] = {}
     small = {"trace": args.trace, "num_requests": None, "speedup": 1.0, "replicas": 16}
-    for _ in range(args.rounds):  # interleaved: both see the same machine load, round by round
-        for name, runs in (("azure16 per-step", False), ("azure16 runs", True)):
-            groups.setdefault(name, []).append(run({**small, "name": name, "decode_runs": runs}, 3600))
+    variants: list[tuple[str, bool | None, str | None]] = [
+        ("azure16 per-step", False, None),
+        ("azure16 runs", True, None),
+    ]
+    if args.before_src:
+        variants.insert(0, ("azure16 before", None, args.before_src))
+    for _ in range(args.rounds):  # interleaved: all see the same machine load, round by round
+        for name, runs, src in variants:
+            spec = {**small, "name": name, "decode_runs": runs, "src": src}
+            groups.setdefault(name, []).append(run(spec, 3600))
     if args.large:
         scale = args.large_replicas / 16
         large = {"trace": args.trace, "num_requests": args.large, "speedup": scale}

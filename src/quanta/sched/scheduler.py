@@ -399,9 +399,9 @@ class Scheduler:
             or (len(running) < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
         ):
             return 0
+        if any(len(r.all_token_ids) - r.num_computed_tokens != 1 for r in running):
+            return 0  # a prompt is still being computed
         for req in running:
-            if req.num_tokens - req.num_computed_tokens != 1:
-                return 0
             limit = min(limit, req.tokens_before_stop(token_id))
             if limit == 0:
                 return 0
