@@ -383,8 +383,8 @@ class Scheduler:
         tokens are `token_id` (what a SimExecutor samples). 0 when the next step may differ.
 
         A simulator advances that many steps at once (`apply_decode_run`), and the schedule stays this
-        scheduler's: it only skips re-deriving a plan that cannot change. The caller bounds `limit` by
-        the next arrival. Conditions: the policy allows it; no swap-in in flight; every running request
+        scheduler's: it only skips re-deriving a plan that cannot change. Arrivals are the caller's to
+        respect: it applies only the steps that begin before the next one. Conditions: the policy allows it; no swap-in in flight; every running request
         decodes and the budget holds them all; nothing waits, or (for a policy that never preempts) what
         waits cannot be admitted until a slot frees; no request reaches max_tokens or the context; the
         KV pool holds every block the run can take."""
@@ -410,7 +410,7 @@ class Scheduler:
     def apply_decode_run(self, token_id: int, starts: Sequence[float], ends: Sequence[float]) -> None:
         """Carry out `len(ends)` steps that `decode_run` allowed, with the given start and end clock times:
         what as many schedule/update rounds would do, token for token (timestamps, KV blocks, prefix
-        index, step ids)."""
+        index, step ids). Requests that finished before the run reach the executor with the next plan."""
         m = len(ends)
         assert 0 < m == len(starts)
         tokens = [token_id] * m

@@ -188,7 +188,7 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     plan (Scheduler.decode_run) plans them at once; a router only reads a replica's load, which such a
     run leaves unchanged, so the run waits in the heap until its end, and an arrival routed to the
     replica first applies only the run's steps that begin before it. The schedule is exactly the
-    step-by-step one (tests/test_simulation.py checks it)."""
+    step-by-step one (tests/test_sim_fast_forward.py checks it)."""
     from tqdm.auto import tqdm
 
     too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
@@ -245,6 +245,8 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             break
         if nxt is not None and nxt.arrival_time <= next_step:
             req, nxt = nxt, next(pending, None)
+            # Routers read at most a replica's load, which a pending run leaves as it is; one that reads
+            # more (KV usage, the prefix cache) would first have to apply runs up to the arrival.
             if cfg.router == "round-robin":
                 i = next(rr)
             else:  # least load, the first of equals
