@@ -99,17 +99,21 @@ class BlockPool:
             raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
         out = []
         free, cached, contiguous = self._free, self._cached, self.contiguous
+        head_batch = -1  # free batch of the LRU head, looked up when needed (-1: not yet)
         for i in range(n):
             block = None
             if contiguous:
                 if after is not None:
                     nxt = free.get(after + 1)
                     # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
-                    if nxt is not None and (
-                        nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
-                    ):
+                    if nxt is not None and nxt.block_hash is not None and head_batch < 0:
+                        head_batch = free[next(iter(free))].free_batch
+                    if nxt is not None and (nxt.block_hash is None or nxt.free_batch <= head_batch):
                         block = free.pop(after + 1)
+                        if block.free_batch == head_batch:
+                            head_batch = -1  # it may have been the head
                 if block is None:
+                    head_batch = -1
                     # Requests free their blocks tail first, so the LRU block tops a range freed with
                     # it: start from the low end of that range (same age, so LRU order holds).
                     head = start = next(iter(free))
