@@ -84,8 +84,12 @@ class SimExecutor:
         return self._num_blocks
 
     def _next_token(self, req: Request) -> int:
+        return self._next_token_at(req, 0)
+
+    def _next_token_at(self, req: Request, ahead: int) -> int:
+        """The token `req` samples `ahead` tokens from now (0: the next one)."""
         n = self.output_lengths.get(req.request_id)
-        if n is None or req.num_output_tokens + 1 < n:
+        if n is None or req.num_output_tokens + ahead + 1 < n:
             return self.token_id
         if not req.eos_token_ids:
             raise ValueError(f"request {req.request_id!r} has a true output length but no EOS token id")
@@ -102,23 +106,29 @@ class SimExecutor:
         self.swap_seconds += seconds
         return seconds
 
-    def decode_run(self, requests: Sequence[Request], limit: int) -> np.ndarray:
+    def decode_run(self, requests: Sequence[Request], limit: int) -> tuple[np.ndarray, dict[str, int]]:
         """Durations of up to `limit` pure-decode steps of `requests` that execute() would run the same
-        way (no swap-in pending, each sampling `token_id`, nobody its EOS), priced as execute() prices
-        them. Empty when the cost model cannot price them without plans, or plans are recorded."""
+        way (no swap-in pending; each request samples `token_id`, except that the last step may be the
+        one where some sample their EOS), priced as execute() prices them; and those EOS tokens of the
+        last step (request id -> token). Empty when the cost model cannot price steps without plans,
+        or plans are recorded."""
         decode_times = getattr(self.cost_model, "decode_times", None)
         if decode_times is None or self._swap_ins or self.plans is not None:
-            return np.empty(0)
+            return np.empty(0), {}
         lengths = self.output_lengths
         for req in requests:
             n = lengths.get(req.request_id)
-            if n is not None:  # the step that samples its EOS is not part of the run
-                limit = min(limit, n - req.num_output_tokens - 1)
+            if n is not None:  # up to the step that samples its EOS (its n-th token)
+                limit = min(limit, n - req.num_output_tokens)
         if limit < 1:
-            return np.empty(0)
+            return np.empty(0), {}
+        last = {}
+        for req in requests:
+            if lengths.get(req.request_id) == req.num_output_tokens + limit:
+                last[req.request_id] = self._next_token_at(req, limit - 1)
         num_seqs = len(requests)
         context = sum(r.num_computed_tokens for r in requests)
-        return decode_times(num_seqs, context + num_seqs * np.arange(limit, dtype=np.int64))
+        return decode_times(num_seqs, context + num_seqs * np.arange(limit, dtype=np.int64)), last
 
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:

@@ -223,7 +223,9 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     def wake(i: int) -> None:
         rep = reps[i]
         rep.version += 1
-        t = rep.run.ends[-1] if rep.run is not None else rep.core.clock.now()
+        # A run is applied when its last step begins: that step may finish requests, and an arrival
+        # after its start must see the replica's load without them, as step by step.
+        t = rep.run.starts[-1] if rep.run is not None else rep.core.clock.now()
         heapq.heappush(heap, (t, i, rep.version))
 
     def finish_run(rep: _Replica, num_steps: int | None = None) -> None:
@@ -232,10 +234,16 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         assert run is not None
         rep.run = None
         m = len(run) if num_steps is None else num_steps
+        steps += m
+        if m == len(run) and m > 1:
+            # The last step may free blocks: record the usage before it too (the run's peak).
+            rep.core.apply_decode_run(run, m - 1)
+            rep.usage.record(run.ends[m - 2], rep.core.kv.usage())
+            run, m = run.tail(m - 1), 1
         if m:
-            rep.core.apply_decode_run(run, m)
+            for r in rep.core.apply_decode_run(run, m):
+                stream.add(RequestMetrics.of(r))
             rep.usage.record(run.ends[m - 1], rep.core.kv.usage())
-            steps += m
 
     while True:
         while heap and heap[0][2] != reps[heap[0][1]].version:
@@ -264,11 +272,16 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             wake(i)
             bar.update(1)
             continue
-        _, i, _ = heapq.heappop(heap)
+        heap_time, i, _ = heapq.heappop(heap)
         rep = reps[i]
         core = rep.core
         if rep.run is not None:
             finish_run(rep)
+            if not core.has_unfinished():
+                continue
+            if core.clock.now() > heap_time:  # the run ended later than its last step began
+                wake(i)
+                continue
         if cfg.decode_runs:
             run = core.decode_run(RUN_STEPS)
             if run is not None:
