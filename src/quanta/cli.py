@@ -384,7 +384,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
+def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests: int | None = None) -> None:
     p.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
     p.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
     p.add_argument("--gpu", default="h100")
@@ -408,9 +408,9 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument(
         "--num-requests",
         type=int,
-        default=None,
-        help=f"simulate the first N requests (default: a trace file's every request; "
-        f"{PRESET_NUM_REQUESTS} drawn from a preset)",
+        default=num_requests,
+        help=f"simulate the first N requests (default: {num_requests or 'every request'} of a trace file; "
+        f"{num_requests or PRESET_NUM_REQUESTS} drawn from a preset)",
     )
     p.add_argument(
         "--duration",
@@ -473,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser(
         "capacity", help="find each policy's highest request rate within the latency targets"
     )
-    _add_sim_args(cap, default_policy="sarathi,prefill-first")
+    _add_sim_args(cap, default_policy="sarathi,prefill-first", num_requests=PRESET_NUM_REQUESTS)
     cap.add_argument("--tbt-slo", type=float, default=0.1, help="P99 time-between-tokens target, seconds")
     cap.add_argument("--max-scheduling-delay", type=float, default=2.0, help="median, seconds")
     cap.add_argument("--plots", default=None, help="folder for PNGs of rate vs P99 TBT and median TTFT")
