@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import run_cli
@@ -172,3 +173,80 @@ def test_plots_are_written(tmp_path: Path) -> None:
         plot_capacity_sweep([cap], 0.1, tmp_path / "cap.png"),
     ):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_simulate_replays_a_whole_trace_by_default(tmp_path: Path) -> None:
+    # More requests than the old default of 1000, which used to cut traces silently.
+    trace = tmp_path / "t.csv"
+    write_trace(trace, [WorkloadRequest(0.01 * i, 20 + i % 50, 2 + i % 5) for i in range(1200)])
+    args = ("simulate", "--model", "llama-3.1-8b", "--gpu", "h100", "--trace", str(trace))
+    out = tmp_path / "r.json"
+    proc = run_cli(*args, "--json", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text())[0]
+    assert row["num_requests"] == 1200
+    assert "1200 requests, arrivals over 12.0 s" in proc.stdout and "s of simulated time" in proc.stdout
+    assert row["simulated_seconds"] >= 11.99
+    # A time window: the requests arriving in the first 3 s (300 of them).
+    proc = run_cli(*args, "--duration", "3", "--json", str(out), timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())[0]["num_requests"] == 300
+
+
+def test_head_cuts_by_count_and_time_window() -> None:
+    from quanta.sim.workload import head
+
+    w = [WorkloadRequest(float(t), 10, 2) for t in (5, 1, 3, 2, 4)]
+    assert [r.arrival for r in head(w)] == [1, 2, 3, 4, 5]
+    assert [r.arrival for r in head(w, duration=2.5)] == [1, 2, 3]
+    assert [r.arrival for r in head(w, num_requests=2, duration=2.5)] == [1, 2]
+    with pytest.raises(ValueError, match="duration"):
+        head(w, duration=0)
+
+
+def test_large_runs_stream_metrics_instead_of_keeping_requests() -> None:
+    w = preset("sharegpt", 120, rate=3.0, seed=6, max_total=8192)
+    kept = simulate(w, config(replicas=2))
+    streamed = simulate(w, config(replicas=2, keep_requests=False))
+    assert len(kept.requests) == 120 and streamed.requests == []
+    with pytest.raises(ValueError, match="keep_requests"):
+        streamed.metrics()
+    # Below MAX_EXACT_ITL values everything is exact: the same summary as from the kept requests (means
+    # to rounding: the stream adds requests as they finish, not in workload order).
+    a, b = streamed.summary(ttft_slo=1.0).as_dict(), summarize(kept.metrics(), ttft_slo=1.0).as_dict()
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert value == (pytest.approx(b[key], rel=1e-12) if isinstance(value, dict | float) else b[key])
+    assert streamed.stream.itl_exact and streamed.num_requests == 120
+    assert streamed.peak_kv_usage == kept.peak_kv_usage > 0
+
+
+def test_time_between_tokens_in_a_histogram_stays_within_one_percent() -> None:
+    from quanta.metrics import MetricsStream, RequestMetrics
+
+    rng = np.random.default_rng(0)
+    exact, sketched = MetricsStream(), MetricsStream(max_exact_itl=1000)
+    for i in range(400):
+        itl = list(rng.lognormal(np.log(0.03), 0.6, size=int(rng.integers(2, 60))))
+        m = RequestMetrics(f"r{i}", "t", float(i), 10, len(itl) + 1, 0.1, 1.0, 0.03, 0.0, itl)
+        exact.add(m)
+        sketched.add(m)
+    a, b = exact.summary().itl, sketched.summary().itl
+    assert exact.itl_exact and not sketched.itl_exact
+    assert b["mean"] == pytest.approx(a["mean"], rel=1e-12)
+    for p in ("p50", "p90", "p99"):
+        assert b[p] == pytest.approx(a[p], rel=0.011)
+    xs, cdf = sketched.itl_cdf()
+    assert cdf[-1] == pytest.approx(1.0) and np.all(np.diff(xs) > 0)
+
+
+def test_kv_usage_trace_is_bounded_and_keeps_the_exact_peak() -> None:
+    from quanta.sim.simulation import UsageTrace
+
+    trace = UsageTrace(cap=100)
+    for i in range(10_000):
+        trace.record(float(i), 1.0 if i == 7777 else 0.5 + 0.4 * np.sin(i / 50))  # a one-step spike
+    assert len(trace.points) <= 100 and trace.peak == 1.0
+    assert 1.0 not in [u for _, u in trace.points]  # thinned out of the outline, not out of the peak
+    ts = [t for t, _ in trace.points]
+    assert ts == sorted(ts) and ts[0] == 0.0 and ts[-1] > 9000

@@ -238,17 +238,23 @@ def _sim_target(args: argparse.Namespace) -> tuple:
     return get_model(args.model or "llama-3.1-8b"), get_gpu(args.gpu), None
 
 
+PRESET_NUM_REQUESTS = 1000  # requests drawn from a preset when --num-requests is not given
+
+
 def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
     """The workload of --trace: a preset drawn at `qps`, or a trace file (its arrivals, or drawn at `qps`)."""
-    from quanta.sim.workload import PRESETS, preset, read_trace
+    from quanta.sim.workload import PRESETS, head, preset, read_trace
 
     if args.trace == "shared-prefix":
         return _shared_prefix_workload(args)
     if args.trace in PRESETS:
         if qps is None:
             raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
-        return preset(args.trace, args.num_requests, qps, args.cv, args.seed, max_total=args.max_model_len)
-    return read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed)[: args.num_requests]
+        n = args.num_requests or PRESET_NUM_REQUESTS
+        w = preset(args.trace, n, qps, args.cv, args.seed, max_total=args.max_model_len)
+    else:
+        w = read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed)
+    return head(w, args.num_requests, args.duration)
 
 
 def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
@@ -312,11 +318,19 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     _report_prefill_saved(workload, configs[0].block_size, rows)
     gpu = configs[0].gpu
     qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
+    span = workload[-1].arrival - workload[0].arrival
     print_comparison(
         rows,
         f"{label} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
-        f"{len(workload)} requests (simulated)",
+        f"{len(workload)} requests arriving over {span:.0f} s (simulated)",
     )
+    for cfg in configs:
+        res = results[cfg.policy]
+        print(
+            f"{cfg.policy}: {res.num_requests} requests, arrivals over {span:.1f} s, "
+            f"{res.simulated_seconds:.1f} s of simulated time, {res.num_steps} steps; "
+            f"{res.wall_seconds:.1f} s wall ({res.num_requests / max(res.wall_seconds, 1e-9):.0f} simulated req/s)"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -438,7 +452,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
+def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests: int | None = None) -> None:
     p.add_argument("--model", default=None, help="preset or Hugging Face folder (default llama-3.1-8b)")
     p.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
     p.add_argument("--gpu", default="h100")
@@ -459,7 +473,19 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str) -> None:
     p.add_argument("--replicas", type=int, default=1)
     p.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
     p.add_argument("--tp", type=int, default=1)
-    p.add_argument("--num-requests", type=int, default=1000)
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=num_requests,
+        help=f"simulate the first N requests (default: {num_requests or 'every request'} of a trace file; "
+        f"{num_requests or PRESET_NUM_REQUESTS} drawn from a preset)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        help="simulate only the requests arriving in the first this many seconds",
+    )
     p.add_argument(
         "--max-num-batched-tokens",
         type=int,
@@ -531,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     cap = sub.add_parser(
         "capacity", help="find each policy's highest request rate within the latency targets"
     )
-    _add_sim_args(cap, default_policy="sarathi,prefill-first")
+    _add_sim_args(cap, default_policy="sarathi,prefill-first", num_requests=PRESET_NUM_REQUESTS)
     cap.add_argument("--tbt-slo", type=float, default=0.1, help="P99 time-between-tokens target, seconds")
     cap.add_argument("--max-scheduling-delay", type=float, default=2.0, help="median, seconds")
     cap.add_argument("--plots", default=None, help="folder for PNGs of rate vs P99 TBT and median TTFT")

@@ -102,6 +102,19 @@ class Request:
             self.times.first_token = now
         self.times.tokens.append(now)
 
+    def tokens_before_stop(self, token_id: int) -> int:
+        """How many more copies of `token_id` can be appended before check_stop would stop the request
+        (0 when the token itself stops it): the length of a run of steps the scheduler may plan at once."""
+        params = self.sampling_params
+        if token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids):
+            return 0
+        n = 1 << 62
+        if params.max_tokens is not None:
+            n = params.max_tokens - len(self.output_token_ids) - 1
+        if self.max_model_len is not None:
+            n = min(n, self.max_model_len - len(self.all_token_ids) - 1)
+        return max(n, 0)
+
     def check_stop(self) -> RequestStatus | None:
         """Stop conditions that need no tokenizer: eos, stop token ids, max_tokens, context length."""
         params = self.sampling_params

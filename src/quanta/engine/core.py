@@ -6,12 +6,16 @@ both this class; nothing here knows which one it is.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
+
+import numpy as np
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import Clock
-from quanta.executor.base import Executor, StepResult
+from quanta.executor.base import DecodeRunExecutor, Executor, StepResult
 from quanta.kv.manager import KVCacheManager, cdiv
 from quanta.request import Request, RequestStatus
 from quanta.sched.plan import StepPlan
@@ -38,6 +42,29 @@ class StepOutput:
     updated: list[Request]  # requests that received a token this step (possibly now finished)
     start: float  # clock time the step began
     end: float
+
+
+@dataclass(slots=True)
+class DecodeRun:
+    """Steps that provably repeat one plan (every running request decodes a token), priced but not yet
+    applied: `apply_decode_run` carries out any prefix of them. Requests may stop in the last step only."""
+
+    token_id: int  # what every request samples, but in the last step
+    last_tokens: dict[str, int]  # request id -> token sampled in the last step, where not token_id
+    durations: list[float]
+    starts: list[float]  # clock time each step begins
+    ends: list[float]
+
+    def __len__(self) -> int:
+        return len(self.durations)
+
+    def tail(self, k: int) -> DecodeRun:
+        """The run from its step k on (once the first k are applied)."""
+        return DecodeRun(self.token_id, self.last_tokens, self.durations[k:], self.starts[k:], self.ends[k:])
+
+    def steps_before(self, t: float) -> int:
+        """Steps that begin before time t (an arrival at t is admitted before a step that begins at t)."""
+        return bisect.bisect_left(self.starts, t)
 
 
 class EngineCore:
@@ -88,6 +115,44 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def decode_run(self, limit: int) -> DecodeRun | None:
+        """The next steps, up to `limit`, if they provably repeat one pure-decode plan and the executor
+        can price them without plans (a simulator's); None otherwise (then `step` as usual). Assumes no
+        request arrives before the run ends: the caller applies only the steps that begin before the
+        next arrival."""
+        if not hasattr(self.executor, "decode_run"):
+            return None
+        executor = cast(DecodeRunExecutor, self.executor)
+        token_id = executor.token_id
+        n = self.scheduler.decode_run(token_id, limit)
+        if n < 2:
+            return None
+        durations, last_tokens = executor.decode_run(self.scheduler.running, n)
+        if len(durations) < 2:
+            return None
+        # The clock's own arithmetic, so that times match step() to the last bit: accumulate adds in
+        # sequence (t0 + d0) + d1 ..., as VirtualClock.advance would.
+        times = np.add.accumulate(np.concatenate(([self.clock.now()], durations))).tolist()
+        return DecodeRun(token_id, last_tokens, durations.tolist(), times[:-1], times[1:])
+
+    def apply_decode_run(self, run: DecodeRun, num_steps: int | None = None) -> list[Request]:
+        """Carry out the first `num_steps` (default: all) steps of `run`, as `step` would have, but
+        without building plans (step observers do not see them). Returns the requests that finished
+        (only in the run's last step)."""
+        m = len(run) if num_steps is None else num_steps
+        if m == 0:
+            return []
+        assert self.clock.now() == run.starts[0], "the engine moved since the run was planned"
+        for d in run.durations[:m]:
+            self.clock.advance(d)
+        assert self.clock.now() == run.ends[m - 1]
+        last = run.last_tokens if m == len(run) else None
+        finished = self.scheduler.apply_decode_run(run.token_id, run.starts[:m], run.ends[:m], last)
+        self.num_steps += m
+        if self.check_integrity:
+            self.scheduler.check_integrity()
+        return finished
 
     def step(self) -> StepOutput:
         start = self.clock.now()

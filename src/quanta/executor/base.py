@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
+
+from quanta.request import Request
 from quanta.sched.plan import StepPlan
 
 
@@ -36,3 +40,15 @@ class Executor(Protocol):
         ...
 
     def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+class DecodeRunExecutor(Executor, Protocol):
+    """An executor that can also price a run of pure-decode steps without plans (the simulator's), so
+    that EngineCore.decode_run can skip re-planning steps that cannot change."""
+
+    token_id: int  # what every decode samples, short of a request's EOS
+
+    def decode_run(self, requests: Sequence[Request], limit: int) -> tuple[np.ndarray, dict[str, int]]:
+        """Durations of up to `limit` such steps (fewer where one would differ), and the tokens sampled
+        in the last one where they are not token_id (request id -> token: an EOS)."""
+        ...

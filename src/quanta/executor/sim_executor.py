@@ -10,8 +10,10 @@ length to the policies. Requests not listed run to their max_tokens or the conte
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
+
+import numpy as np
 
 from quanta.executor.base import StepResult
 from quanta.request import Request
@@ -19,6 +21,11 @@ from quanta.sched.plan import StepPlan
 
 
 class StepTimeModel(Protocol):
+    """How long a plan takes. A model may also define `decode_times(num_seqs, context_tokens)`: for each
+    entry of the array context_tokens, the time of a step in which num_seqs requests decode one token
+    each after that many cached tokens in all, equal to plan_time of that plan to the last bit; then
+    runs of decode steps are priced without plans."""
+
     def plan_time(self, plan: StepPlan) -> float: ...
 
 
@@ -30,6 +37,9 @@ class ConstantStepTime:
 
     def plan_time(self, plan: StepPlan) -> float:
         return self.seconds
+
+    def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
+        return np.full(len(context_tokens), self.seconds)
 
 
 class ReplayStepTime:
@@ -74,8 +84,12 @@ class SimExecutor:
         return self._num_blocks
 
     def _next_token(self, req: Request) -> int:
+        return self._next_token_at(req, 0)
+
+    def _next_token_at(self, req: Request, ahead: int) -> int:
+        """The token `req` samples `ahead` tokens from now (0: the next one)."""
         n = self.output_lengths.get(req.request_id)
-        if n is None or req.num_output_tokens + 1 < n:
+        if n is None or req.num_output_tokens + ahead + 1 < n:
             return self.token_id
         if not req.eos_token_ids:
             raise ValueError(f"request {req.request_id!r} has a true output length but no EOS token id")
@@ -91,6 +105,30 @@ class SimExecutor:
         seconds = copy_time(len(runs), tokens)
         self.swap_seconds += seconds
         return seconds
+
+    def decode_run(self, requests: Sequence[Request], limit: int) -> tuple[np.ndarray, dict[str, int]]:
+        """Durations of up to `limit` pure-decode steps of `requests` that execute() would run the same
+        way (no swap-in pending; each request samples `token_id`, except that the last step may be the
+        one where some sample their EOS), priced as execute() prices them; and those EOS tokens of the
+        last step (request id -> token). Empty when the cost model cannot price steps without plans,
+        or plans are recorded."""
+        decode_times = getattr(self.cost_model, "decode_times", None)
+        if decode_times is None or self._swap_ins or self.plans is not None:
+            return np.empty(0), {}
+        lengths = self.output_lengths
+        for req in requests:
+            n = lengths.get(req.request_id)
+            if n is not None:  # up to the step that samples its EOS (its n-th token)
+                limit = min(limit, n - req.num_output_tokens)
+        if limit < 1:
+            return np.empty(0), {}
+        last = {}
+        for req in requests:
+            if lengths.get(req.request_id) == req.num_output_tokens + limit:
+                last[req.request_id] = self._next_token_at(req, limit - 1)
+        num_seqs = len(requests)
+        context = sum(r.num_computed_tokens for r in requests)
+        return decode_times(num_seqs, context + num_seqs * np.arange(limit, dtype=np.int64)), last
 
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:

@@ -34,6 +34,30 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: t
     return hashlib.sha256(data).digest()
 
 
+def hash_chain(
+    parent: BlockHash | None, token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+) -> list[BlockHash]:
+    """`hash_block` over the consecutive full blocks of token_ids, each chained to the one before, the
+    first to `parent` and alone carrying `extra_keys`: the same digests, with the ids packed once."""
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return []
+    n = num_blocks * block_size
+    raw = struct.pack(f"<{n}q", *token_ids[:n])
+    head = struct.pack("<I", block_size)
+    width = 8 * block_size
+    out: list[BlockHash] = []
+    sha256 = hashlib.sha256
+    prev = parent or _ROOT
+    for i in range(num_blocks):
+        data = prev + head + raw[i * width : (i + 1) * width]
+        if i == 0 and extra_keys:
+            data += repr(extra_keys).encode()
+        prev = sha256(data).digest()
+        out.append(prev)
+    return out
+
+
 @dataclass(slots=True, eq=False)
 class KVBlock:
     block_id: int
@@ -74,18 +98,22 @@ class BlockPool:
         if n > len(self._free):
             raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
         out = []
-        free = self._free
+        free, cached, contiguous = self._free, self._cached, self.contiguous
+        head_batch = -1  # free batch of the LRU head, looked up when needed (-1: not yet)
         for i in range(n):
             block = None
-            if self.contiguous and after is not None:
-                nxt = free.get(after + 1)
-                # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
-                if nxt is not None and (
-                    nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
-                ):
-                    block = free.pop(after + 1)
-            if block is None:
-                if self.contiguous:
+            if contiguous:
+                if after is not None:
+                    nxt = free.get(after + 1)
+                    # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
+                    if nxt is not None and nxt.block_hash is not None and head_batch < 0:
+                        head_batch = free[next(iter(free))].free_batch
+                    if nxt is not None and (nxt.block_hash is None or nxt.free_batch <= head_batch):
+                        block = free.pop(after + 1)
+                        if block.free_batch == head_batch:
+                            head_batch = -1  # it may have been the head
+                if block is None:
+                    head_batch = -1
                     # Requests free their blocks tail first, so the LRU block tops a range freed with
                     # it: start from the low end of that range (same age, so LRU order holds).
                     head = start = next(iter(free))
@@ -96,11 +124,11 @@ class BlockPool:
                             break
                         start -= 1
                     block = free.pop(start)
-                else:
-                    _, block = free.popitem(last=False)
+            else:
+                block = free.popitem(last=False)[1]
             after = block.block_id
             if block.block_hash is not None:  # lazy eviction
-                del self._cached[block.block_hash]
+                del cached[block.block_hash]
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import Counter
+from collections.abc import Sequence
 
-from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_block
+from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_chain
 from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
 from quanta.request import Request
 
@@ -61,10 +63,10 @@ class KVCacheManager:
         hashes = self._req_hashes.setdefault(req.request_id, [])
         bs = self.block_size
         tokens = req.all_token_ids
-        for i in range(len(hashes), len(tokens) // bs):
-            parent = hashes[-1] if hashes else None
-            extra = self._first_block_keys(req) if i == 0 else ()
-            hashes.append(hash_block(parent, tokens[i * bs : (i + 1) * bs], extra))
+        start = len(hashes)
+        if start < len(tokens) // bs:
+            extra = self._first_block_keys(req) if start == 0 else ()
+            hashes.extend(hash_chain(hashes[-1] if hashes else None, tokens[start * bs :], bs, extra))
         return hashes
 
     def _first_block_keys(self, req: Request) -> tuple:
@@ -166,6 +168,63 @@ class KVCacheManager:
             blocks.extend(b.block_id for b in self.pool.allocate(num_needed, after))
         self._index_full_blocks(req, blocks, num_tokens)
         return True
+
+    # ---- runs of decode steps --------------------------------------------------------------------
+    def max_decode_run(self, reqs: Sequence[Request], limit: int) -> int:
+        """The most steps, up to `limit`, in which every one of `reqs` (decodes: one token to compute
+        each) surely gets its slot: their blocks at the end of that many steps, with block-group rounding
+        at its largest, fit in the free blocks. Nothing is freed during such a run."""
+        bs, free = self.block_size, self.pool.num_free_blocks
+        group = self.GROUP if self.block_groups else 1
+        state = [(r.num_computed_tokens, len(self.req_blocks[r.request_id])) for r in reqs]
+
+        def fits(k: int) -> bool:
+            need = 0
+            for computed, held in state:
+                blocks = -(-cdiv(computed + k, bs) // group) * group
+                if blocks > held:
+                    need += blocks - held
+            return need <= free
+
+        if fits(limit):
+            return limit
+        lo, hi = 0, limit  # fits(lo), not fits(hi)
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        return lo
+
+    def decode_run(self, reqs: Sequence[Request], num_steps: int) -> None:
+        """The KV bookkeeping of `num_steps` decode steps of `reqs`, as if each step called
+        `allocate_slots(req, 1)` for them in order, but visiting only the steps where that call does
+        something (takes a block, or offers a filled block to the prefix index). The run's tokens must be
+        appended to the requests already; their num_computed_tokens is left as at the start.
+        `max_decode_run` must have allowed the run."""
+        bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
+        start = [r.num_computed_tokens for r in reqs]
+        tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
+
+        def next_event(i: int, after: int) -> int:
+            # First step > after at which step j's call (computing token start + j) is not a no-op.
+            c = start[i]
+            j = len(tables[i]) * bs - c  # needs a block
+            if caching:
+                j = min(j, (indexed.get(reqs[i].request_id, 0) + 1) * bs - c - 1)  # fills one
+            return max(j, after + 1)
+
+        events = [(next_event(i, -1), i) for i in range(len(reqs))]
+        heapq.heapify(events)
+        while events and events[0][0] < num_steps:
+            j, i = events[0]
+            req, num_tokens = reqs[i], start[i] + j + 1
+            if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
+                self._index_full_blocks(req, tables[i], num_tokens)
+            else:
+                req.num_computed_tokens = num_tokens - 1
+                ok = self.allocate_slots(req, 1)
+                assert ok, "a decode run was planned without room for its blocks"
+                req.num_computed_tokens = start[i]
+            heapq.heapreplace(events, (next_event(i, j), i))
 
     def _index_full_blocks(self, req: Request, blocks: list[int], num_tokens: int) -> None:
         """Offer full blocks to the prefix index as soon as they are scheduled.

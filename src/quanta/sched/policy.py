@@ -25,6 +25,12 @@ class Policy:
     name: ClassVar[str] = "fcfs"
     # Orca/vLLM-2023 behaviour: a step that carries prefill runs no decodes.
     decodes_wait_for_prefill: ClassVar[bool] = False
+    # Whether the scheduler may plan a run of identical pure-decode steps at once (Scheduler.decode_run):
+    # true when, while every running request decodes and none arrives or finishes, the policy's decisions
+    # and state stay the same from step to step; `on_schedule` is then called for the run's last step
+    # only, `on_step` not at all. None: true unless the policy keeps per-step accounting (overrides
+    # on_step or on_schedule), so a new policy is exact by default.
+    steady_decode: ClassVar[bool | None] = None
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -32,6 +38,12 @@ class Policy:
     def attach(self, kv: KVCacheManager) -> None:
         """The KV cache the scheduler allocates from, given once at start. Policies may read it (pool
         size, block hashes, which prefixes are cached) to decide; they never allocate or free."""
+
+    @classmethod
+    def allows_decode_runs(cls) -> bool:
+        if cls.steady_decode is not None:
+            return cls.steady_decode
+        return cls.on_step is Policy.on_step and cls.on_schedule is Policy.on_schedule
 
     def new_queue(self) -> WaitingQueue:
         """The waiting queue, built to give `waiting_order` cheaply. Default: FCFS."""

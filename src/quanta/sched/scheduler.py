@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from quanta.config import SchedulerConfig
@@ -376,6 +376,75 @@ class Scheduler:
             self._add(plan, budget, req, n)
         for req in admitted:
             self.waiting.remove(req)
+
+    # ---- runs of identical decode steps ---------------------------------------------------------------
+    def decode_run(self, token_id: int, limit: int) -> int:
+        """How many of the next steps, up to `limit`, provably have the same plan: every running request
+        decodes one token and nothing is admitted or preempted, while the tokens sampled are `token_id`
+        (what a SimExecutor samples) except maybe in the last step, the only one in which a request may
+        stop (by its length, or by the token sampled there). 0 when the next step may differ.
+
+        A simulator advances that many steps at once (`apply_decode_run`), and the schedule stays this
+        scheduler's: it only skips re-deriving a plan that cannot change. Arrivals are the caller's to
+        respect: it applies only the steps that begin before the next one. Conditions: the policy allows
+        it; no swap-in in flight; every running request decodes and the budget holds them all; nothing
+        waits, or (for a policy that never preempts) what waits cannot be admitted until a slot frees;
+        the KV pool holds every block the run can take."""
+        running = self.running
+        if limit < 1 or not running or self.swapping_in or not self.policy.allows_decode_runs():
+            return 0
+        cfg = self.config
+        if len(running) > cfg.max_num_batched_tokens:
+            return 0
+        if self.waiting and (
+            type(self.policy).may_preempt is not Policy.may_preempt
+            or (len(running) < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
+        ):
+            return 0
+        if any(len(r.all_token_ids) - r.num_computed_tokens != 1 for r in running):
+            return 0  # a prompt is still being computed
+        for req in running:  # a stop by length may come in the last step only
+            limit = min(limit, req.tokens_before_stop(token_id) + 1)
+        return self.kv.max_decode_run(running, limit)
+
+    def apply_decode_run(
+        self,
+        token_id: int,
+        starts: Sequence[float],
+        ends: Sequence[float],
+        last_tokens: Mapping[str, int] | None = None,
+    ) -> list[Request]:
+        """Carry out `len(ends)` steps that `decode_run` allowed, with the given start and end clock times,
+        every request sampling `token_id` but in the last step `last_tokens` (request id -> token, where
+        it differs): what as many schedule/update rounds would do, token for token (timestamps, KV
+        blocks, prefix index, step ids, stops). Returns the requests that stopped in the last step.
+        Requests that finished reach the executor with the next plan."""
+        m = len(ends)
+        assert 0 < m == len(starts)
+        tokens = [token_id] * m
+        running = list(self.running)
+        for req in running:
+            last = token_id if last_tokens is None else last_tokens.get(req.request_id, token_id)
+            if last != token_id:
+                tokens[-1] = last
+            req.output_token_ids.extend(tokens)
+            req.all_token_ids.extend(tokens)
+            tokens[-1] = token_id
+            times = req.times
+            if times.first_token is None:  # a prompt whose last token was left for this step
+                times.first_token = ends[0]
+            times.tokens.extend(ends)
+        self.kv.decode_run(running, m)
+        for req in running:
+            req.num_computed_tokens += m
+        self._step_id += m
+        self._step_start = starts[-1]
+        self.policy.on_schedule(starts[-1])
+        # As update() after the last step: no earlier step could stop anyone (decode_run's bound).
+        stopped = [(req, status) for req in running if (status := req.check_stop()) is not None]
+        for req, status in stopped:
+            self.finish_request(req, status, ends[-1])
+        return [req for req, _ in stopped]
 
     def fail_step(self, plan: StepPlan, now: float) -> list[Request]:
         """The executor could not run `plan`: abort its requests and keep their unwritten KV out of the

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from quanta.metrics import summarize
 from quanta.sim.simulation import SimConfig, simulate
 from quanta.sim.workload import WorkloadRequest, scale_rate
 
@@ -35,7 +34,7 @@ class CapacityResult:
 def evaluate(
     base: Sequence[WorkloadRequest], qps: float, cfg: SimConfig, tbt_slo: float, max_delay: float
 ) -> Evaluation:
-    s = summarize(simulate(scale_rate(base, qps), cfg).metrics())
+    s = simulate(scale_rate(base, qps), cfg).summary()
     p99, delay = s.itl["p99"], s.scheduling_delay["p50"]
     return Evaluation(qps, p99, delay, s.ttft["p50"], bool(p99 <= tbt_slo and delay <= max_delay))
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from quanta.model.config import ModelConfig
 from quanta.sched.plan import StepPlan
 from quanta.sim.hardware import GPUSpec
@@ -95,40 +97,43 @@ class CostModel:
 
     # ---- time ----------------------------------------------------------------------------------
     def _roofline(self, flops: float, nbytes: float, compute_eff: float) -> float:
-        return max(
-            flops / (self.gpu.bf16_flops * compute_eff), nbytes / (self.gpu.mem_bandwidth * self.eff.memory)
-        )
+        compute = flops / (self.gpu.bf16_flops * compute_eff)
+        memory = nbytes / (self.gpu.mem_bandwidth * self.eff.memory)
+        if isinstance(compute, np.ndarray):  # many steps at once (decode_times): the same operations
+            return np.maximum(compute, memory)
+        return max(compute, memory)
 
     def step_work(self, batch: list[tuple[int, int]], num_sampled: int) -> dict[str, tuple[float, float]]:
         """(FLOPs, bytes) of each part of a step, all layers together: linear, attention, lm_head."""
+        return dict(zip(("linear", "attention", "lm_head"), self._work(*_totals(batch), num_sampled)))
+
+    def _work(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> tuple[tuple[float, float], ...]:
+        """(FLOPs, bytes) of linear, attention and lm_head, from the batch's totals."""
         layers, db = self.model.num_layers, self.dtype_bytes
-        tokens = sum(n for _, n in batch)
-        # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
-        pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
-        kv_read = sum(c + n for c, n in batch) * self.kv_bytes_per_token_layer
-        return {
-            "linear": (
+        kv_read = kv_tokens * self.kv_bytes_per_token_layer
+        return (
+            (
                 layers * 2 * tokens * self.layer_weight_elems,
                 layers * (self.layer_weight_elems * db + 2 * tokens * self.model.hidden_size * db),
             ),
-            "attention": (layers * self.attn_flops_per_pair * pairs, layers * kv_read),
-            "lm_head": (
-                2 * num_sampled * self.lm_head_elems,
-                self.lm_head_elems * db if num_sampled else 0.0,
-            ),
-        }
+            (layers * self.attn_flops_per_pair * pairs, layers * kv_read),
+            (2 * num_sampled * self.lm_head_elems, self.lm_head_elems * db if num_sampled else 0.0),
+        )
 
     def step_cost(self, batch: list[tuple[int, int]], num_sampled: int) -> StepCost:
         """batch: (tokens already in the KV cache, new tokens) per scheduled request."""
         if not batch:
             return StepCost(0.0, 0.0, 0.0, 0.0, 0.0)
+        return self._cost(*_totals(batch), num_sampled)
+
+    def _cost(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> StepCost:
+        """A step's cost from the batch's totals: everything the roofline depends on."""
         layers, db = self.model.num_layers, self.dtype_bytes
-        tokens = sum(n for _, n in batch)
-        work = self.step_work(batch, num_sampled)
+        linear_work, attention_work, lm_head_work = self._work(tokens, pairs, kv_tokens, num_sampled)
         # Every layer runs the same shapes: the roofline of the sum over layers is the sum of theirs.
-        linear = self._roofline(*work["linear"], self.eff.matmul)
-        attention = self._roofline(*work["attention"], self.eff.attention)
-        lm_head = self._roofline(*work["lm_head"], self.eff.matmul)
+        linear = self._roofline(*linear_work, self.eff.matmul)
+        attention = self._roofline(*attention_work, self.eff.attention)
+        lm_head = self._roofline(*lm_head_work, self.eff.matmul)
         communication = 0.0
         if self.tp > 1:
             # Two all-reduces of the hidden states per layer; a ring moves 2(tp-1)/tp of the data.
@@ -136,6 +141,16 @@ class CostModel:
             per = self.eff.allreduce_latency + nbytes / (self.gpu.link_bandwidth * self.eff.link)
             communication = 2 * layers * per
         return StepCost(linear, attention, lm_head, communication, self.eff.step_overhead)
+
+    def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
+        """Steps in which `num_seqs` requests decode one token each after `context_tokens[j]` cached
+        tokens in all: for each, to the last bit, what plan_time gives for that plan (the same
+        operations in the same order, elementwise), so that the simulator prices runs of such steps
+        without building them."""
+        # A decode after c cached tokens: 1 new token, c + 1 (query, key) pairs, c + 1 KV tokens read.
+        total = np.asarray(context_tokens, dtype=np.int64) + num_seqs
+        # Only attention depends on the context; the sum keeps StepCost.total's order.
+        return self._cost(num_seqs, total, total, num_seqs).total  # type: ignore[arg-type,return-value]
 
     def copy_time(self, num_runs: int, num_tokens: int) -> float:
         """Host<->device KV copies: one call per run of contiguous blocks per layer per K/V tensor, each
@@ -149,3 +164,12 @@ class CostModel:
     def plan_time(self, plan: StepPlan) -> float:
         batch = [(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled]
         return self.step_cost(batch, sum(1 for s in plan.scheduled if s.sample)).total
+
+
+def _totals(batch: list[tuple[int, int]]) -> tuple[int, int, int]:
+    """New tokens, (query, key) pairs and KV tokens read of a batch of (cached, new) token counts."""
+    tokens = sum(n for _, n in batch)
+    # New token i of a chunk starting after c cached tokens attends to c + i + 1 keys.
+    pairs = sum(n * c + n * (n + 1) // 2 for c, n in batch)
+    kv_tokens = sum(c + n for c, n in batch)
+    return tokens, pairs, kv_tokens

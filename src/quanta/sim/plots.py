@@ -26,13 +26,10 @@ def plot_latency_cdfs(results: Mapping[str, SimResult], path: str | Path) -> Pat
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, res in results.items():
-        metrics = res.metrics()
-        for ax, values in (
-            (axes[0], [m.ttft for m in metrics if m.ttft is not None]),
-            (axes[1], [x for m in metrics for x in m.itl]),
-        ):
-            xs = np.sort(np.asarray(values))
-            ax.plot(xs, np.arange(1, len(xs) + 1) / max(len(xs), 1), label=name)
+        ttft = np.sort(res.stream.column("ttft"))
+        ttft = ttft[~np.isnan(ttft)]
+        axes[0].plot(ttft, np.arange(1, len(ttft) + 1) / max(len(ttft), 1), label=name)
+        axes[1].plot(*res.stream.itl_cdf(), label=name)
     for ax, title in zip(axes, ("time to first token (s)", "time between tokens (s)")):
         ax.set_xlabel(title)
         ax.set_ylabel("fraction of requests" if ax is axes[0] else "fraction of tokens")

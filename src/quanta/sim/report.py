@@ -4,23 +4,25 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from quanta.metrics import summarize, summarize_by_tenant
 from quanta.sim.simulation import SimResult
 
 
 def result_row(name: str, result: SimResult, **slos: float | None) -> dict:
-    metrics = result.metrics()
-    s = summarize(metrics, **slos)
-    peak_kv = max((u for replica in result.kv_usage for _, u in replica), default=0.0)
-    tenants = summarize_by_tenant(metrics, **slos)
+    s = result.summary(**slos)
+    tenants = result.summary_by_tenant(**slos)
     return {
         "policy": name,
         **s.as_dict(),
         "per_tenant": {t: v.as_dict() for t, v in tenants.items()} if len(tenants) > 1 else {},
-        "peak_kv_usage": peak_kv,
+        "peak_kv_usage": result.peak_kv_usage,
         "num_steps": result.num_steps,
-        "prefill_saved": result.prefill_saved_fraction,
-        "simulated_requests_per_wall_second": len(result.requests) / max(result.wall_seconds, 1e-9),
+        "prefill_saved": result.prefill_saved_fraction if result.requests else None,
+        "num_decode_runs": result.num_decode_runs,
+        "simulated_seconds": result.simulated_seconds,
+        "wall_seconds": result.wall_seconds,
+        # Time-between-tokens percentiles: exact, or from histograms within 1% (large runs).
+        "itl_exact": result.stream.itl_exact,
+        "simulated_requests_per_wall_second": result.num_requests / max(result.wall_seconds, 1e-9),
     }
 
 

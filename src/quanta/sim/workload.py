@@ -22,7 +22,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -246,6 +246,24 @@ def read_trace(
     return sorted(reqs, key=lambda r: r.arrival)
 
 
+def head(
+    reqs: Sequence[WorkloadRequest], num_requests: int | None = None, duration: float | None = None
+) -> list[WorkloadRequest]:
+    """The start of a trace (in arrival order): requests arriving within `duration` seconds of the first
+    arrival, and at most `num_requests` of them; None: no limit (the whole trace)."""
+    out = sorted(reqs, key=lambda r: r.arrival)
+    if duration is not None:
+        if duration <= 0:
+            raise ValueError("duration must be positive")
+        end = out[0].arrival + duration if out else 0.0
+        out = [r for r in out if r.arrival < end]
+    if num_requests is not None:
+        if num_requests < 1:
+            raise ValueError("num_requests must be at least 1")
+        out = out[:num_requests]
+    return out
+
+
 def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
     path = Path(path)
     rows = [asdict(r) for r in reqs]
@@ -289,20 +307,22 @@ def prompt_token_ids(reqs: Sequence[WorkloadRequest]) -> list[list[int]]:
     """Synthetic prompts whose sharing is what the trace says: the first prefix_len tokens of a
     prefix_group's requests are the group's; the rest comes from the request's session stream (a
     session's prompts are prefixes of one stream), or from a stream of its own (no accidental sharing)."""
+    return list(_prompts(reqs))
+
+
+def _prompts(reqs: Sequence[WorkloadRequest]) -> Iterator[list[int]]:
     keys: dict[tuple[str, str], int] = {}
 
     def key(kind: str, name: str) -> int:  # streams len(reqs), len(reqs) + 1, ... in order of appearance
         return keys.setdefault((kind, name), len(reqs) + len(keys))
 
-    out = []
     for i, w in enumerate(reqs):
         head: list[int] = []
         if w.prefix_group is not None:
             head = _stream(key("group", w.prefix_group), 0, min(w.prefix_len, w.prompt_len))
         shared = len(head)
         own = i if w.session_id is None else key("session", w.session_id)
-        out.append(head + _stream(own, shared, w.prompt_len))
-    return out
+        yield head + _stream(own, shared, w.prompt_len)
 
 
 def to_requests(
@@ -312,8 +332,15 @@ def to_requests(
     trace's max_tokens or else `default_max_tokens` (None: up to the remaining context), and EOS_TOKEN_ID
     as their EOS. The true output lengths stay in the workload: a SimExecutor given them
     (`output_lengths`) emits EOS there, so policies see no more than on the server."""
-    return [
-        Request(
+    return list(iter_requests(reqs, prefix, default_max_tokens))
+
+
+def iter_requests(
+    reqs: Sequence[WorkloadRequest], prefix: str = "w", default_max_tokens: int | None = None
+) -> Iterator[Request]:
+    """`to_requests`, one at a time: a long trace's prompts need not all be in memory at once."""
+    for i, (w, ids) in enumerate(zip(reqs, _prompts(reqs))):
+        yield Request(
             f"{prefix}{i}",
             ids,
             SamplingParams(max_tokens=w.max_tokens if w.max_tokens is not None else default_max_tokens),
@@ -325,8 +352,6 @@ def to_requests(
             slo_class=w.slo_class,
             eos_token_ids=(EOS_TOKEN_ID,),
         )
-        for i, (w, ids) in enumerate(zip(reqs, prompt_token_ids(reqs)))
-    ]
 
 
 def output_lengths(reqs: Sequence[WorkloadRequest], prefix: str = "w") -> dict[str, int]:

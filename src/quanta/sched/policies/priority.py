@@ -20,6 +20,7 @@ from quanta.sched.queue import ClassQueue, WaitingQueue
 @register
 class PriorityPolicy(Policy):
     name = "priority"
+    steady_decode = True  # on_schedule only records the time; aging matters to waiting requests only
 
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)

@@ -1,0 +1,167 @@
+"""Runs of pure-decode steps planned at once (Scheduler.decode_run) change nothing: the same workloads
+with and without them give every request the same timestamps, to the last bit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from quanta.config import CacheConfig, SchedulerConfig
+from quanta.engine.clock import VirtualClock
+from quanta.engine.core import EngineCore
+from quanta.executor.sim_executor import ConstantStepTime, SimExecutor
+from quanta.request import Request
+from quanta.sampling_params import SamplingParams
+from quanta.sim.hardware import get_gpu
+from quanta.sim.model_presets import get_model
+from quanta.sim.simulation import SimConfig, SimResult, simulate
+from quanta.sim.workload import WorkloadRequest
+
+
+def mixed_workload(n: int, seed: int) -> list[WorkloadRequest]:
+    """Bursts and lulls, shared system prompts, multi-turn sessions, priorities, tenants, SLO classes."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.choice([0.0, 0.02, 0.5, 3.0], size=n, p=[0.3, 0.4, 0.2, 0.1])
+    out = []
+    for i, t in enumerate(np.cumsum(gaps)):
+        prompt = int(rng.integers(20, 1500))
+        kind = i % 4
+        out.append(
+            WorkloadRequest(
+                float(t),
+                prompt,
+                int(rng.integers(1, 300)),
+                tenant=("a", "b", "c")[i % 3],
+                priority=int(rng.integers(0, 3)),
+                session_id=f"s{i % 7}" if kind == 1 else None,
+                slo_class=("interactive", "batch")[i % 2],
+                max_tokens=int(rng.integers(5, 120)) if kind == 2 else None,
+                prefix_group=f"g{i % 2}" if kind == 3 else None,
+                prefix_len=min(prompt, 256) if kind == 3 else 0,
+            )
+        )
+    return out
+
+
+def timeline(res: SimResult) -> list[tuple]:
+    return [
+        (
+            r.request_id,
+            r.status,
+            r.num_output_tokens,
+            r.num_cached_tokens,
+            r.num_preemptions,
+            r.times.first_scheduled,
+            r.times.first_token,
+            r.times.finished,
+            tuple(r.times.tokens),
+        )
+        for r in res.requests
+    ]
+
+
+CASES = [
+    # policy, replicas, KV blocks per replica (small: preemptions), preemption mode, block groups
+    ("sarathi", 1, 400, "recompute", True),
+    ("sarathi", 3, 600, "swap", False),
+    ("wfq", 2, 400, "recompute", False),
+    ("prefill-first", 1, 700, "recompute", True),
+    ("priority", 2, 400, "recompute", True),
+    ("vtc", 2, 500, "recompute", True),  # per-step counters: runs are blocked, still identical
+    ("deadline", 2, 500, "recompute", True),
+]
+
+
+@pytest.mark.parametrize(("policy", "replicas", "blocks", "mode", "groups"), CASES)
+def test_decode_runs_give_identical_timestamps(
+    policy: str, replicas: int, blocks: int, mode: str, groups: bool
+) -> None:
+    w = mixed_workload(160, seed=replicas + blocks)
+
+    def run(decode_runs: bool) -> SimResult:
+        cfg = SimConfig(
+            get_model("mistral-7b"),
+            get_gpu("a100-80gb"),
+            policy=policy,
+            replicas=replicas,
+            num_kv_blocks=blocks,
+            max_model_len=4096,
+            preemption_mode=mode,
+            swap_space_gb=1.0 if mode == "swap" else 0.0,
+            block_groups=groups,
+            decode_runs=decode_runs,
+            check_integrity=True,
+        )
+        return simulate(w, cfg)
+
+    steps, runs = run(False), run(True)
+    assert timeline(runs) == timeline(steps)
+    assert all(r.finished for r in runs.requests)
+    assert runs.num_steps == steps.num_steps
+    assert runs.peak_kv_usage == steps.peak_kv_usage
+    assert runs.swap_stats == steps.swap_stats
+    assert runs.summary() == steps.summary()
+    assert steps.num_decode_runs == 0
+    if policy in ("vtc", "deadline", "wfq"):
+        assert runs.num_decode_runs == 0  # they keep per-step accounting and do not opt in
+    else:
+        assert runs.num_decode_runs > 0
+        assert runs.num_steps > 3 * runs.num_decode_runs  # most steps came in runs
+    if blocks <= 400:
+        assert steps.num_preemptions > 0
+    assert sum(r.num_cached_tokens for r in steps.requests) > 0  # prefix caching in play
+
+
+def test_a_run_is_cut_by_an_arrival_routed_to_its_replica() -> None:
+    # One long request decodes alone; others arrive while it does, at times inside its runs.
+    w = [WorkloadRequest(0.0, 100, 2000)] + [WorkloadRequest(0.3 + 0.37 * i, 50 + i, 40) for i in range(12)]
+    cfg = dict(policy="sarathi", replicas=2, router="round-robin", max_model_len=4096, check_integrity=True)
+    model, gpu = get_model("mistral-7b"), get_gpu("a100-80gb")
+    a = simulate(w, SimConfig(model, gpu, decode_runs=False, **cfg))
+    b = simulate(w, SimConfig(model, gpu, decode_runs=True, **cfg))
+    assert timeline(a) == timeline(b) and b.num_decode_runs > 0
+
+
+def test_a_run_applies_what_step_by_step_would() -> None:
+    """At the engine level: a run of n steps leaves the engine as n step() calls do, KV blocks, prefix
+    index and free list included (4-token blocks: a block boundary every few steps)."""
+
+    def engine() -> EngineCore:
+        return EngineCore(
+            SimExecutor(ConstantStepTime(0.01), num_blocks=30, output_lengths={"r0": 50, "r1": 90}),
+            VirtualClock(),
+            SchedulerConfig("sarathi", 64, 8, 120),
+            CacheConfig(block_size=4, num_blocks=30),
+            check_integrity=True,
+        )
+
+    cores = [engine(), engine()]
+    for core in cores:
+        for i, n in enumerate((9, 30)):
+            core.add_request(
+                Request(f"r{i}", list(range(3, 3 + n)), SamplingParams(max_tokens=None), 0.0, eos_token_ids=(2,))
+            )
+    stepped, jumped = cores
+    num_runs = 0
+    while jumped.has_unfinished():
+        run = jumped.decode_run(limit=1000)
+        if run is None:  # a step that differs (r0's EOS, a block the pool may not have): both step
+            stepped.step()
+            jumped.step()
+        else:
+            num_runs += 1
+            for _ in range(len(run)):
+                stepped.step()
+            jumped.apply_decode_run(run)
+        for a, b in zip(stepped.scheduler.running, jumped.scheduler.running, strict=True):
+            assert (a.all_token_ids, a.num_computed_tokens, a.times.tokens) == (
+                b.all_token_ids,
+                b.num_computed_tokens,
+                b.times.tokens,
+            )
+            assert stepped.kv.req_blocks[a.request_id] == jumped.kv.req_blocks[b.request_id]
+        assert stepped.kv.pool._cached.keys() == jumped.kv.pool._cached.keys()
+        assert list(stepped.kv.pool._free) == list(jumped.kv.pool._free)  # the LRU order too
+        assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
+        assert stepped.scheduler._step_id == jumped.scheduler._step_id
+    assert not stepped.has_unfinished() and num_runs >= 2
