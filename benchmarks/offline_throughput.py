@@ -50,7 +50,7 @@ def run_quanta(model: str, reqs: list[dict], t0: float, repeats: int) -> dict:
     from quanta import LLM, SamplingParams
 
     t_load = time.time()
-    llm = LLM(model, dtype="bfloat16", max_model_len=2048, max_num_batched_tokens=512)
+    llm = LLM(model, dtype="bfloat16", max_model_len=2048)  # quanta's offline defaults otherwise
     load_s = time.time() - t_load
     llm.generate([reqs[0]["prompt_token_ids"]], SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False)
     first_token_s = time.time() - t0

@@ -10,6 +10,8 @@ from quanta.engine.llm_engine import EngineArgs, LLMEngine, PromptType
 from quanta.engine.output import RequestOutput
 from quanta.sampling_params import SamplingParams
 
+OFFLINE_MAX_NUM_BATCHED_TOKENS = 2048
+
 
 class LLM:
     """Generate for a batch of prompts with continuous batching.
@@ -20,6 +22,10 @@ class LLM:
     """
 
     def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+        if kwargs.get("policy", "sarathi") != "prefill-first":
+            # Offline work wants throughput more than short steps: a larger token budget than the
+            # server's 512 (vLLM's LLM class also defaults to a larger one than its server).
+            kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
         self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
         self._ids = itertools.count()
 
