@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from policy_eval import table  # the same plain-text table (benchmarks/ is on the path when run)
 from quanta.sched.batch_plan import plan_prompts
 from quanta.sim.hardware import get_gpu
 from quanta.sim.model_presets import get_model
@@ -28,19 +29,6 @@ from quanta.sim.simulation import SimConfig, simulate
 from quanta.sim.workload import LengthDist, WorkloadRequest, prompt_token_ids, shared_prefix_batch
 
 POLICIES = ("batch", "sarathi")
-
-
-def table(title: str, rows: list[dict]) -> None:
-    print(f"\n== {title}")
-    cols = list(rows[0])
-    fmt = [max(len(c), *(len(_f(r[c])) for r in rows)) for c in cols]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, fmt)))
-    for r in rows:
-        print("  ".join(_f(r[c]).rjust(w) for c, w in zip(cols, fmt)))
-
-
-def _f(v: object) -> str:
-    return f"{v:.3g}" if isinstance(v, float) else str(v)
 
 
 def sim_run(w: list[WorkloadRequest], policy: str, num_blocks: int) -> dict:

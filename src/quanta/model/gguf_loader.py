@@ -239,7 +239,8 @@ def convert(path: Path, dtype: str, folder: Path) -> None:
     from safetensors.torch import save_file
 
     reader = _reader(path)
-    cfg = hf_config(reader, str(path))
+    cfg = hf_config(reader, str(path))  # an unsupported file fails here, before any announcement
+    print(f"quanta: dequantizing {path.name} to {dtype} (cached in {folder})", file=sys.stderr)
     cfg["torch_dtype"] = dtype
     permuted = ARCHITECTURES[_field(reader, "general.architecture")][2]
     tensors = _tensors(reader, cfg, permuted, dtype, str(path))
@@ -269,6 +270,5 @@ def model_folder(path: str | Path, dtype: str) -> Path:
         raise ModelLoadError(f"unsupported dtype {dtype!r}; choose from {', '.join(STORAGE_DTYPES)}")
     folder = _cache_dir(path, dtype)
     if not (folder / "config.json").is_file():
-        print(f"quanta: dequantizing {path.name} to {dtype} (cached in {folder})", file=sys.stderr)
         convert(path, dtype, folder)
     return folder

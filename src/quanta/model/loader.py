@@ -18,6 +18,10 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
     if name == "auto":
         name = cfg.dtype if cfg.dtype in DTYPES else "float32"
+    return dtype_named(name)
+
+
+def dtype_named(name: str) -> torch.dtype:
     try:
         return DTYPES[name]
     except KeyError:
@@ -26,12 +30,14 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
 
 def model_path(model: str | Path, dtype: str) -> Path:
     """The Hugging Face folder to load: the model itself, or a GGUF file's converted folder."""
-    from quanta.model.gguf_loader import config_from_gguf, is_gguf, model_folder
+    from quanta.model.gguf_loader import GGUF_DTYPE, is_gguf, model_folder
 
     if not is_gguf(model):
         return Path(model)
-    cfg = config_from_gguf(model)
-    return model_folder(model, str(resolve_dtype(dtype, cfg)).removeprefix("torch."))
+    # `auto` means the same for every GGUF file: no need to parse this one before converting it.
+    name = GGUF_DTYPE if dtype == "auto" else dtype
+    dtype_named(name)  # a one-line error for an unknown name
+    return model_folder(model, name)
 
 
 def weight_files(path: Path) -> list[Path]:
