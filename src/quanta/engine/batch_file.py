@@ -21,7 +21,7 @@ from typing import TextIO
 from pydantic import ValidationError
 
 from quanta.engine.core import StepFailedError
-from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.llm_engine import EngineFrontend
 from quanta.engine.output import RequestOutput
 from quanta.sampling_params import SamplingParams
 from quanta.sched.batch_plan import plan_prompts
@@ -114,7 +114,7 @@ def _first_error(e: ValidationError) -> str:
 
 
 def _parse_body(
-    engine: LLMEngine, url: str, body: dict
+    engine: EngineFrontend, url: str, body: dict
 ) -> tuple[str | None, list[list[int]], Callable[[list[int]], SamplingParams]]:
     """(model, prompt token ids, sampling params of a prompt) of a request body, or BadBody."""
     tok = engine.tokenizer
@@ -144,7 +144,7 @@ def _parse_body(
 
 
 def build_request(
-    engine: LLMEngine, url: str, body: dict
+    engine: EngineFrontend, url: str, body: dict
 ) -> tuple[str | None, list[list[int]], list[SamplingParams]]:
     """(model, prompt token ids, sampling params) of a request body, or BadBody."""
     try:
@@ -231,7 +231,7 @@ def error_body(message: str, type_: str = "invalid_request_error") -> dict:
 
 
 def run_batch(
-    engine: LLMEngine,
+    engine: EngineFrontend,
     input_path: str | Path,
     output_path: str | Path,
     model_name: str,
@@ -254,7 +254,7 @@ def run_batch(
 
 
 def read_input(
-    engine: LLMEngine,
+    engine: EngineFrontend,
     path: Path,
     out: TextIO,
     done_ids: set[str],
@@ -307,7 +307,7 @@ def plan_order(items: list[BatchItem], block_size: int) -> list[tuple[BatchItem,
 
 
 def _run(
-    engine: LLMEngine,
+    engine: EngineFrontend,
     items: list[BatchItem],
     out: TextIO,
     model_name: str,

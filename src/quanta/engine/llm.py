@@ -31,7 +31,7 @@ class LLM:
 
     def reset_prefix_cache(self) -> bool:
         """Forget cached prefixes (only while nothing runs), e.g. between benchmark rounds."""
-        return self.engine.core.kv.reset_prefix_cache()
+        return self.engine.reset_prefix_cache()
 
     def get_tokenizer(self) -> Any:
         return self.engine.tokenizer.hf
@@ -78,7 +78,7 @@ class LLM:
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"got {len(values)} {name} for {len(prompts)} prompts")
         ids = [str(next(self._ids)) for _ in prompts]
-        now = self.engine.core.clock.now()
+        now = self.engine.now()
         order = range(len(prompts)) if plan is None else self._global_order(prompts, params)
         try:
             for i in order:

@@ -1,12 +1,15 @@
 """LLMEngine: tokenizer + EngineCore (ModelExecutor, wall clock) + output processing.
 
-The offline `LLM` and the server's async front end are thin layers over this.
+The offline `LLM` and the server's async front end are thin layers over this. `EngineFrontend` is the part
+that needs no engine (prompts to requests, outputs to text); `quanta.cluster.ClusterEngine` is the other
+engine behind it, with its instances elsewhere.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +19,7 @@ from quanta.engine.core import EngineCore, StepFailedError, StepOutput
 from quanta.engine.output import OutputProcessor, RequestOutput
 from quanta.engine.tokenizer import Tokenizer
 from quanta.model.config import ModelConfig
-from quanta.request import Request
+from quanta.request import Request, RequestStatus
 from quanta.sampling_params import SamplingParams
 
 logger = logging.getLogger("quanta")
@@ -51,9 +54,40 @@ class EngineArgs:
     policy_args: dict | None = None  # policy settings, e.g. {"tenant_weights": {"a": 2.0}}
 
 
-class LLMEngine:
+@dataclass(slots=True)
+class EngineState:
+    """Counts and KV occupancy, for /metrics, /internal/state and the waiting-queue limits."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_blocks: int
+    kv_usage: float
+    integrity_ok: bool
+    integrity_error: str | None = None
+    waiting_prompt_tokens: int = 0
+    instances: list[dict[str, Any]] | None = None  # per instance, for a cluster
+
+
+@dataclass(slots=True)
+class CacheCounters:
+    """Cumulative counters the server turns into Prometheus increments."""
+
+    prefix_queries: int  # blocks looked up in the prefix cache
+    prefix_hits: int
+    preemptions: int
+
+
+def default_budget(args: EngineArgs, max_model_len: int) -> int:
+    if args.max_num_batched_tokens is not None:
+        return args.max_num_batched_tokens
+    return max_model_len if args.policy == "prefill-first" else 512
+
+
+class EngineFrontend:
+    """Prompts to requests and engine steps to outputs; the engine behind it is the subclass's."""
+
     def __init__(self, args: EngineArgs) -> None:
-        from quanta.executor.model_executor import ModelExecutor
         from quanta.model.default_model import default_model
         from quanta.model.loader import model_path
 
@@ -63,67 +97,20 @@ class LLMEngine:
         self.model_dir = model_path(args.model, args.dtype)
         self.model_config = ModelConfig.from_folder(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
-        max_model_len = args.max_model_len or self.model_config.max_position_embeddings
+        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
+            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
+        )
+        self.output_processor = OutputProcessor(self.tokenizer.backend, self.finish_request)
+
+    def model_max_len(self) -> int:
+        """max_model_len as asked for (checked against the model), before the KV pool may lower it."""
+        max_model_len = self.args.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the model's context "
                 f"({self.model_config.max_position_embeddings})"
             )
-        budget = args.max_num_batched_tokens
-        if budget is None:
-            budget = max_model_len if args.policy == "prefill-first" else 512
-        cache_config = CacheConfig(
-            block_size=args.block_size,
-            num_blocks=args.num_kv_blocks,
-            kv_cache_memory_gb=args.kv_cache_memory_gb,
-            enable_prefix_caching=args.enable_prefix_caching,
-            prefix_cache_per_tenant=args.prefix_cache_per_tenant,
-            swap_space_gb=args.swap_space_gb,
-            num_cpu_blocks=args.num_cpu_blocks,
-        )
-        executor = ModelExecutor(
-            self.model_dir,
-            cache_config,
-            max_model_len,
-            args.max_num_seqs or min(128, budget),
-            dtype=args.dtype,
-            device=args.device,
-            seed=args.seed,
-            model_config=self.model_config,
-            cpu_kernels=args.cpu_kernels,
-            attention_backend=args.attention_backend,
-            gpu_memory_utilization=args.gpu_memory_utilization,
-            max_num_batched_tokens=budget,
-            cuda_graphs=args.cuda_graphs,
-            load_format=args.load_format,
-        )
-        pool_tokens = executor.num_kv_blocks * args.block_size
-        if pool_tokens < max_model_len and args.max_model_len is None:
-            logger.warning(
-                "KV pool holds %d tokens: lowering max_model_len from %d", pool_tokens, max_model_len
-            )
-            max_model_len = pool_tokens
-            budget = min(budget, max_model_len) if args.policy != "prefill-first" else max_model_len
-        self.scheduler_config = SchedulerConfig(
-            policy=args.policy,
-            max_num_batched_tokens=budget,
-            max_num_seqs=args.max_num_seqs or min(128, budget),
-            max_model_len=max_model_len,
-            preemption_mode=args.preemption_mode,
-            policy_args=dict(args.policy_args or {}),
-        )
-        self.core = EngineCore(
-            executor, WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
-        )
-        self.executor = executor
-        self.output_processor = OutputProcessor(self.tokenizer.backend, self.core.finish_request)
-        self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (
-            (self.tokenizer.eos_token_id,) if self.tokenizer.eos_token_id is not None else ()
-        )
-
-    @property
-    def max_model_len(self) -> int:
-        return self.scheduler_config.max_model_len
+        return max_model_len
 
     def to_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Text or token ids (or vLLM-style {"prompt": ...} / {"prompt_token_ids": ...}) to token ids."""
@@ -169,7 +156,7 @@ class LLMEngine:
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
         self.check_logit_bias(params)
-        now = self.core.clock.now() if arrival_time is None else arrival_time
+        now = self.now() if arrival_time is None else arrival_time
         children = []
         for i in range(params.n):
             child_params = params
@@ -192,6 +179,133 @@ class LLMEngine:
                     eos_token_ids=self.eos_token_ids,
                 )
             )
+        self._submit(children)
+        self.output_processor.add(request_id, text, children)
+
+    def abort_request(self, request_ids: list[str] | str) -> None:
+        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self._abort(self.output_processor.remove(request_id))
+
+    def _drop_failed(self, child_ids: list[str]) -> list[str]:
+        """Forget the parents of failed samples; a parent's other samples cannot complete it, so abort them."""
+        parents = dict.fromkeys(p for c in child_ids if (p := self.output_processor.parent_id(c)) is not None)
+        self.abort_request(list(parents))
+        return list(parents)
+
+    # ---- what the engine behind provides -----------------------------------------------------------
+    @property
+    def max_model_len(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def block_size(self) -> int:
+        return self.args.block_size
+
+    def now(self) -> float:
+        raise NotImplementedError
+
+    def _submit(self, children: list[Request]) -> None:
+        """Hand new requests to the engine (all or none: ValueError leaves none behind)."""
+        raise NotImplementedError
+
+    def _abort(self, child_ids: list[str]) -> None:
+        raise NotImplementedError
+
+    def finish_request(self, child_id: str, status: RequestStatus) -> None:
+        """Stop a request for a reason found here (a stop string)."""
+        raise NotImplementedError
+
+    def has_unfinished_requests(self) -> bool:
+        raise NotImplementedError
+
+    def step(self, only_finished: bool = False) -> list[RequestOutput]:
+        raise NotImplementedError
+
+    def requests_of(self, request_id: str) -> list[Request]:
+        """The requests (one per sample) behind a request id."""
+        return self.output_processor.children(request_id)
+
+    def state(self, check: bool = True) -> EngineState:
+        raise NotImplementedError
+
+    def waiting_load(self) -> tuple[int, int]:
+        """Requests waiting to be admitted and their prompt tokens (the server's queue limits)."""
+        raise NotImplementedError
+
+    def counters(self) -> CacheCounters:
+        raise NotImplementedError
+
+    def add_step_observer(self, observe: Callable[[StepOutput], None]) -> None:
+        raise NotImplementedError
+
+    def reset_prefix_cache(self) -> bool:
+        raise NotImplementedError
+
+    def shutdown(self) -> None:
+        """Release what the engine holds beyond this process (a cluster's instances)."""
+
+
+class LLMEngine(EngineFrontend):
+    def __init__(self, args: EngineArgs) -> None:
+        from quanta.executor.model_executor import ModelExecutor
+
+        super().__init__(args)
+        args = self.args
+        max_model_len = self.model_max_len()
+        budget = default_budget(args, max_model_len)
+        cache_config = CacheConfig(
+            block_size=args.block_size,
+            num_blocks=args.num_kv_blocks,
+            kv_cache_memory_gb=args.kv_cache_memory_gb,
+            enable_prefix_caching=args.enable_prefix_caching,
+            prefix_cache_per_tenant=args.prefix_cache_per_tenant,
+            swap_space_gb=args.swap_space_gb,
+            num_cpu_blocks=args.num_cpu_blocks,
+        )
+        executor = ModelExecutor(
+            self.model_dir,
+            cache_config,
+            max_model_len,
+            args.max_num_seqs or min(128, budget),
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            model_config=self.model_config,
+            cpu_kernels=args.cpu_kernels,
+            attention_backend=args.attention_backend,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+            max_num_batched_tokens=budget,
+            cuda_graphs=args.cuda_graphs,
+            load_format=args.load_format,
+        )
+        pool_tokens = executor.num_kv_blocks * args.block_size
+        if pool_tokens < max_model_len and args.max_model_len is None:
+            logger.warning(
+                "KV pool holds %d tokens: lowering max_model_len from %d", pool_tokens, max_model_len
+            )
+            max_model_len = pool_tokens
+            budget = min(budget, max_model_len) if args.policy != "prefill-first" else max_model_len
+        self.scheduler_config = SchedulerConfig(
+            policy=args.policy,
+            max_num_batched_tokens=budget,
+            max_num_seqs=args.max_num_seqs or min(128, budget),
+            max_model_len=max_model_len,
+            preemption_mode=args.preemption_mode,
+            policy_args=dict(args.policy_args or {}),
+        )
+        self.core = EngineCore(
+            executor, WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
+        )
+        self.executor = executor
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler_config.max_model_len
+
+    def now(self) -> float:
+        return self.core.clock.now()
+
+    def _submit(self, children: list[Request]) -> None:
         added: list[Request] = []
         try:
             for child in children:
@@ -200,11 +314,12 @@ class LLMEngine:
         except ValueError:
             self.core.abort_requests(c.request_id for c in added)
             raise
-        self.output_processor.add(request_id, text, children)
 
-    def abort_request(self, request_ids: list[str] | str) -> None:
-        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
-            self.core.abort_requests(self.output_processor.remove(request_id))
+    def _abort(self, child_ids: list[str]) -> None:
+        self.core.abort_requests(child_ids)
+
+    def finish_request(self, child_id: str, status: RequestStatus) -> None:
+        self.core.finish_request(child_id, status)
 
     def has_unfinished_requests(self) -> bool:
         return self.core.has_unfinished()
@@ -223,8 +338,36 @@ class LLMEngine:
             raise StepFailedError(self._drop_failed(e.request_ids), e.__cause__ or e) from e.__cause__
         return self.output_processor.process(out, only_finished=only_finished)
 
-    def _drop_failed(self, child_ids: list[str]) -> list[str]:
-        """Forget the parents of failed samples; a parent's other samples cannot complete it, so abort them."""
-        parents = dict.fromkeys(p for c in child_ids if (p := self.output_processor.parent_id(c)) is not None)
-        self.abort_request(list(parents))
-        return list(parents)
+    def state(self, check: bool = True) -> EngineState:
+        core = self.core
+        error = None
+        try:
+            if check:
+                core.scheduler.check_integrity()
+        except AssertionError as e:
+            error = str(e) or "integrity check failed"
+        waiting = core.scheduler.waiting
+        return EngineState(
+            num_running=len(core.scheduler.running),
+            num_waiting=len(waiting),
+            num_free_blocks=core.kv.num_free_blocks,
+            num_blocks=core.kv.num_blocks,
+            kv_usage=core.kv.usage(),
+            integrity_ok=error is None,
+            integrity_error=error,
+            waiting_prompt_tokens=sum(r.num_prompt_tokens for r in waiting),
+        )
+
+    def waiting_load(self) -> tuple[int, int]:
+        waiting = self.core.scheduler.waiting
+        return len(waiting), sum(r.num_prompt_tokens for r in waiting)
+
+    def counters(self) -> CacheCounters:
+        pool = self.core.kv.pool
+        return CacheCounters(pool.num_cache_queries, pool.num_cache_hits, self.core.scheduler.num_preemptions)
+
+    def add_step_observer(self, observe: Callable[[StepOutput], None]) -> None:
+        self.core.step_observers.append(observe)
+
+    def reset_prefix_cache(self) -> bool:
+        return self.core.kv.reset_prefix_cache()

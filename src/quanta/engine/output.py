@@ -149,6 +149,11 @@ class OutputProcessor:
     def has(self, request_id: str) -> bool:
         return request_id in self._parents
 
+    def children(self, request_id: str) -> list[Request]:
+        """The requests (one per sample) of a tracked parent; empty if it is not tracked."""
+        parent = self._parents.get(request_id)
+        return [s.request for s in parent.samples] if parent is not None else []
+
     def parent_id(self, child_id: str) -> str | None:
         """The request id a sample belongs to (itself when n == 1), or None if it is not tracked."""
         found = self._parent_of.get(child_id)

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 import quanta
-from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.llm_engine import EngineFrontend
 from quanta.engine.output import CompletionOutput, Logprob, RequestOutput
 from quanta.sampling_params import SamplingParams
 from quanta.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TENANT_LABELS, DEFAULT_PRIORITY_RANGE
@@ -174,7 +174,7 @@ class OpenAIServer:
 
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: EngineFrontend,
         served_model_name: str,
         api_key: str | None = None,
         limits: QueueLimits | None = None,
@@ -199,7 +199,7 @@ class OpenAIServer:
         self.retry_after_s = retry_after_s
         self.max_request_bytes = max_request_bytes
         self.priority_range = priority_range
-        self.metrics = ServerMetrics(served_model_name, engine.core.kv.block_size, max_tenant_labels)
+        self.metrics = ServerMetrics(served_model_name, engine.block_size, max_tenant_labels)
         self.metrics.attach(engine)
         self.engine = AsyncEngine(
             engine, limits, on_step=self.metrics.observe_outputs, on_abort=self.metrics.observe_aborted
@@ -1005,12 +1005,12 @@ class OpenAIServer:
         yield "data: [DONE]\n\n"
 
 
-def build_app(engine: LLMEngine, served_model_name: str, **kwargs: Any) -> FastAPI:
+def build_app(engine: EngineFrontend, served_model_name: str, **kwargs: Any) -> FastAPI:
     return OpenAIServer(engine, served_model_name, **kwargs).app
 
 
 def run_server(
-    engine: LLMEngine,
+    engine: EngineFrontend,
     served_model_name: str,
     host: str = "127.0.0.1",
     port: int = 8000,

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quanta.engine.core import StepFailedError
-from quanta.engine.llm_engine import LLMEngine, PromptType
+from quanta.engine.llm_engine import EngineFrontend, EngineState, PromptType
 from quanta.engine.output import RequestOutput
 from quanta.request import Request, RequestStatus
 from quanta.sampling_params import SamplingParams
@@ -48,17 +48,6 @@ class RequestFailedError(RuntimeError):
 class QueueLimits:
     max_waiting_requests: int | None = None  # waiting (not yet running) requests, n>1 samples counted each
     max_waiting_tokens: int | None = None  # prompt tokens of those requests
-
-
-@dataclass(slots=True)
-class EngineState:
-    num_running: int
-    num_waiting: int
-    num_free_blocks: int
-    num_blocks: int
-    kv_usage: float
-    integrity_ok: bool
-    integrity_error: str | None = None
 
 
 @dataclass(slots=True)
@@ -110,9 +99,9 @@ class RequestStream:
 class AsyncEngine:
     def __init__(
         self,
-        engine: LLMEngine,
+        engine: EngineFrontend,
         limits: QueueLimits | None = None,
-        on_step: Callable[[LLMEngine, list[RequestOutput]], None] | None = None,
+        on_step: Callable[[EngineFrontend, list[RequestOutput]], None] | None = None,
         on_abort: Callable[[list[Request], str], None] | None = None,
     ) -> None:
         self.engine = engine
@@ -143,7 +132,7 @@ class AsyncEngine:
 
     def now(self) -> float:
         """The engine's clock (thread-safe: a monotonic wall clock)."""
-        return self.engine.core.clock.now()
+        return self.engine.now()
 
     async def add(
         self,
@@ -208,6 +197,7 @@ class AsyncEngine:
             self._stopping = True
             self._cond.notify()
         self._thread.join(timeout=30)
+        self.engine.shutdown()
 
     # ---- engine thread --------------------------------------------------------------------------
     def _run(self) -> None:
@@ -297,7 +287,7 @@ class AsyncEngine:
                         logger.exception("abort observer failed")
                 result = None
             elif kind == "state":
-                result = self._state(payload)
+                result = self.engine.state(payload)
             else:
                 raise AssertionError(kind)
         except Exception as e:
@@ -314,46 +304,25 @@ class AsyncEngine:
     ) -> None:
         self._check_queue(prompt, params)
         self.engine.add_request(request_id, prompt, params, **kwargs)
-        reqs = self.engine.core.scheduler.requests
-        ids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
-        stream.requests = [reqs[i] for i in ids]  # LLMEngine's naming of n>1 samples
+        stream.requests = self.engine.requests_of(request_id)
         self._streams[request_id] = stream
 
     def _check_queue(self, prompt: PromptType, params: SamplingParams) -> None:
         lim = self.limits
         if lim.max_waiting_requests is None and lim.max_waiting_tokens is None:
             return
-        waiting = self.engine.core.scheduler.waiting
-        if lim.max_waiting_requests is not None and len(waiting) + params.n > lim.max_waiting_requests:
+        num_waiting, tokens = self.engine.waiting_load()
+        if lim.max_waiting_requests is not None and num_waiting + params.n > lim.max_waiting_requests:
             raise QueueFullError(
-                f"the waiting queue holds {len(waiting)} requests (limit {lim.max_waiting_requests})"
+                f"the waiting queue holds {num_waiting} requests (limit {lim.max_waiting_requests})"
             )
         if lim.max_waiting_tokens is not None:
-            tokens = sum(r.num_prompt_tokens for r in waiting)
             ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
             new = len(ids) if isinstance(ids, list) else 0
             if tokens + new * params.n > lim.max_waiting_tokens:
                 raise QueueFullError(
                     f"the waiting queue holds {tokens} prompt tokens (limit {lim.max_waiting_tokens})"
                 )
-
-    def _state(self, check: bool) -> EngineState:
-        core = self.engine.core
-        error = None
-        try:
-            if check:
-                core.scheduler.check_integrity()
-        except AssertionError as e:
-            error = str(e) or "integrity check failed"
-        return EngineState(
-            num_running=len(core.scheduler.running),
-            num_waiting=len(core.scheduler.waiting),
-            num_free_blocks=core.kv.num_free_blocks,
-            num_blocks=core.kv.num_blocks,
-            kv_usage=core.kv.usage(),
-            integrity_ok=error is None,
-            integrity_error=error,
-        )
 
     def _die(self, error: EngineDeadError) -> None:
         """The thread is ending: refuse new commands, and fail every open stream and waiting command."""

@@ -33,7 +33,7 @@ from quanta.engine.batch_file import (
     read_input,
     response_body,
 )
-from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.llm_engine import EngineFrontend
 from quanta.engine.output import RequestOutput
 from quanta.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
 
@@ -141,7 +141,7 @@ class BatchManager:
         self,
         store: BatchStore,
         engine: AsyncEngine,
-        llm_engine: LLMEngine,
+        llm_engine: EngineFrontend,
         model_name: str,
         priority: int,
         max_in_flight: int = 64,

@@ -14,7 +14,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from quanta.engine.core import StepOutput
-from quanta.engine.llm_engine import LLMEngine
+from quanta.engine.llm_engine import EngineFrontend
 from quanta.engine.output import RequestOutput
 from quanta.metrics import RequestMetrics
 from quanta.request import Request
@@ -166,8 +166,8 @@ class ServerMetrics:
         )
         self._seen_queries = self._seen_hits = self._seen_preemptions = 0
 
-    def attach(self, engine: LLMEngine) -> None:
-        engine.core.step_observers.append(self._on_core_step)
+    def attach(self, engine: EngineFrontend) -> None:
+        engine.add_step_observer(self._on_core_step)
 
     def tenant_label(self, tenant: str) -> str:
         if tenant in self._tenants:
@@ -195,18 +195,20 @@ class ServerMetrics:
             elif len(t.tokens) > 1:
                 self.itl.labels(name, tenant).observe(t.tokens[-1] - t.tokens[-2])
 
-    def observe_outputs(self, engine: LLMEngine, outputs: list[RequestOutput]) -> None:
+    def observe_outputs(self, engine: EngineFrontend, outputs: list[RequestOutput]) -> None:
         """Engine thread, after each step's outputs are processed (stop strings included)."""
         name = self.model_name
-        core = engine.core
-        pool = core.kv.pool
+        c = engine.counters()
         bs = self.block_size
         # Cumulative engine counters become Prometheus increments (blocks -> tokens, as vLLM counts tokens).
-        self.prefix_queries.labels(name).inc((pool.num_cache_queries - self._seen_queries) * bs)
-        self.prefix_hits.labels(name).inc((pool.num_cache_hits - self._seen_hits) * bs)
-        self.preemptions.labels(name).inc(core.scheduler.num_preemptions - self._seen_preemptions)
-        self._seen_queries, self._seen_hits = pool.num_cache_queries, pool.num_cache_hits
-        self._seen_preemptions = core.scheduler.num_preemptions
+        self.prefix_queries.labels(name).inc((c.prefix_queries - self._seen_queries) * bs)
+        self.prefix_hits.labels(name).inc((c.prefix_hits - self._seen_hits) * bs)
+        self.preemptions.labels(name).inc(c.preemptions - self._seen_preemptions)
+        self._seen_queries, self._seen_hits, self._seen_preemptions = (
+            c.prefix_queries,
+            c.prefix_hits,
+            c.preemptions,
+        )
         for out in outputs:
             if out.finished:
                 tenant = self.tenant_label(out.requests[0].tenant)
