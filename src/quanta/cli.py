@@ -193,9 +193,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
     _check_port_free(args.host, args.port)
+    if args.instances < 1:
+        raise ValueError(f"--instances must be at least 1, got {args.instances}")
     model = args.model or default_model()
-    print(f"quanta serve: loading {model}", file=sys.stderr, flush=True)
-    engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
+    engine_args = EngineArgs(model=model, **_engine_kwargs(args))
+    if args.instances > 1 or args.ray_address:
+        from quanta.cluster.engine import ClusterEngine
+
+        print(f"quanta serve: starting {args.instances} instances of {model} on Ray", file=sys.stderr, flush=True)
+        engine = ClusterEngine(engine_args, num_instances=args.instances, ray_address=args.ray_address)
+    else:
+        print(f"quanta serve: loading {model}", file=sys.stderr, flush=True)
+        engine = LLMEngine(engine_args)
     # Load the chat-template tokenizer now, not inside the first chat request.
     if getattr(engine.tokenizer.hf, "chat_template", None) is None:
         print("quanta serve: the model has no chat template; /v1/chat/completions will return 400", file=sys.stderr)
@@ -605,6 +614,17 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-waiting-requests", type=int, default=None, help="429 beyond this queue length")
     srv.add_argument("--max-waiting-tokens", type=int, default=None, help="429 beyond these queued tokens")
     srv.add_argument("--no-internal", action="store_true", help="hide GET /internal/state")
+    srv.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        help="engine instances, each a Ray actor with its own KV pool and step loop (default %(default)s)",
+    )
+    srv.add_argument(
+        "--ray-address",
+        default=None,
+        help="join this Ray cluster (host:port or 'auto') instead of starting a local one",
+    )
     srv.add_argument(
         "--batch-dir",
         default=None,

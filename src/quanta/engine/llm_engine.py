@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quanta.config import CacheConfig, SchedulerConfig
-from quanta.engine.clock import WallClock
+from quanta.engine.clock import Clock, WallClock
 from quanta.engine.core import EngineCore, StepFailedError, StepOutput
 from quanta.engine.output import OutputProcessor, RequestOutput
 from quanta.engine.tokenizer import Tokenizer
@@ -246,7 +246,7 @@ class EngineFrontend:
 
 
 class LLMEngine(EngineFrontend):
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, clock: Clock | None = None) -> None:
         from quanta.executor.model_executor import ModelExecutor
 
         super().__init__(args)
@@ -294,7 +294,7 @@ class LLMEngine(EngineFrontend):
             policy_args=dict(args.policy_args or {}),
         )
         self.core = EngineCore(
-            executor, WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
+            executor, clock or WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
         )
         self.executor = executor
 

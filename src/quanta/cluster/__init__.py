@@ -1,0 +1,1 @@
+"""Serving across engine instances: dispatch, rescheduling and live migration (Llumnix)."""

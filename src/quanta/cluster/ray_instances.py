@@ -1,0 +1,104 @@
+"""Engine instances as Ray actors: one InstanceWorker per actor, placed by Ray on the cluster's nodes.
+
+Only the cluster path imports Ray. Each actor runs its own step loop on a thread (the worker's); its
+methods run on Ray's threads (`max_concurrency`), so a long poll does not hold up an `add`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+from quanta.cluster.instances import InstanceDiedError
+
+NAMESPACE = "quanta"
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the Ray cluster at `address` (e.g. "127.0.0.1:6379" or "auto"), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    ray.init(
+        address=address,
+        namespace=NAMESPACE,
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=False,
+    )
+
+
+class RayInstances:
+    def __init__(
+        self,
+        engine_args: Any,
+        num_instances: int,
+        epoch: float,
+        address: str | None = None,
+        name_prefix: str | None = None,
+    ) -> None:
+        import ray
+
+        from quanta.cluster.worker import InstanceWorker
+
+        if num_instances < 1:
+            raise ValueError(f"instances must be at least 1, got {num_instances}")
+        init_ray(address)
+        self._ray = ray
+        self.prefix = name_prefix or f"quanta-{uuid.uuid4().hex[:8]}"
+        gpu = engine_args.device.startswith("cuda")
+        # On CPUs the instances share the node's cores: each gets its share of torch threads and asks
+        # Ray for none (a CPU instance must not wait for a free Ray CPU slot).
+        threads = None if gpu else max(1, (os.cpu_count() or 1) // num_instances)
+        actor = ray.remote(InstanceWorker)
+        self._names = [f"{self.prefix}-{i}" for i in range(num_instances)]
+        self.actors = [
+            actor.options(
+                name=name,
+                namespace=NAMESPACE,
+                num_cpus=0,
+                num_gpus=1 if gpu else 0,
+                max_concurrency=16,
+                max_restarts=0,
+            ).remote(engine_args, i, epoch, threads)
+            for i, name in enumerate(self._names)
+        ]
+        ray.get([a.info.remote() for a in self.actors])  # every instance has loaded its model
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.actors)
+
+    def submit(self, index: int, method: str, *args: Any) -> Any:
+        return getattr(self.actors[index], method).remote(*args)
+
+    def wait(self, futures: Sequence[Any], timeout: float) -> list[Any]:
+        ready, _ = self._ray.wait(list(futures), num_returns=1, timeout=timeout)
+        return ready
+
+    def result(self, index: int, future: Any) -> Any:
+        from ray.exceptions import RayActorError, RayTaskError
+
+        try:
+            return self._ray.get(future)
+        except RayActorError as e:
+            raise InstanceDiedError(index, e) from e
+        except RayTaskError as e:  # the method raised: raise what it raised
+            cause = e.cause if isinstance(e.cause, BaseException) else e
+            raise cause from None
+
+    def kill(self, index: int) -> None:
+        self._ray.kill(self.actors[index], no_restart=True)
+
+    def names(self) -> list[str]:
+        return list(self._names)
+
+    def shutdown(self) -> None:
+        for a in self.actors:
+            with contextlib.suppress(Exception):  # already gone
+                self._ray.get(a.shutdown.remote(), timeout=30)
+            self._ray.kill(a, no_restart=True)
