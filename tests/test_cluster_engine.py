@@ -104,7 +104,9 @@ def test_stop_string_found_by_the_front_end_ends_the_request_on_its_instance(
     assert stop, "the tiny model's text must be long enough to cut"
     params = SamplingParams(temperature=0, max_tokens=16, stop=[stop])
     expected, got = run(single, params), run(ce, params)
-    assert {k: v.outputs[0].text for k, v in got.items()} == {k: v.outputs[0].text for k, v in expected.items()}
+    assert {k: v.outputs[0].text for k, v in got.items()} == {
+        k: v.outputs[0].text for k, v in expected.items()
+    }
     assert got["0"].outputs[0].finish_reason == "stop"
     assert_clean(ce)
 

@@ -171,6 +171,7 @@ class ClusterEngine(EngineFrontend):
             integrity_error="; ".join(errors) or None,
             waiting_prompt_tokens=sum(s["waiting_prompt_tokens"] for s in live),
             instances=states,
+            cluster={"ray_address": self.instances.address, "redispatched": self.num_redispatched},
         )
 
     def waiting_load(self) -> tuple[int, int]:

@@ -38,6 +38,11 @@ class Instances(Protocol):
 
     def names(self) -> list[str]: ...
 
+    @property
+    def address(self) -> str | None:
+        """Where other processes can join the instances' cluster (Ray's GCS address)."""
+        ...
+
     def shutdown(self) -> None: ...
 
 
@@ -48,6 +53,7 @@ class LocalInstances:
         self.workers = workers
         self.dead = [False] * len(workers)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4 * len(workers) + 2)
+        self.address: str | None = None  # no cluster to join
 
     @property
     def num_instances(self) -> int:

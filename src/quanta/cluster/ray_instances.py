@@ -68,6 +68,7 @@ class RayInstances:
             for i, name in enumerate(self._names)
         ]
         ray.get([a.info.remote() for a in self.actors])  # every instance has loaded its model
+        self.address = ray.get_runtime_context().gcs_address
 
     @property
     def num_instances(self) -> int:

@@ -67,6 +67,7 @@ class EngineState:
     integrity_error: str | None = None
     waiting_prompt_tokens: int = 0
     instances: list[dict[str, Any]] | None = None  # per instance, for a cluster
+    cluster: dict[str, Any] | None = None  # a cluster's own counters (migrations, re-dispatches, Ray address)
 
 
 @dataclass(slots=True)

@@ -267,7 +267,7 @@ class OpenAIServer:
         @app.get("/metrics")
         async def metrics() -> Response:
             state = await self.engine.state(check=False)
-            self.metrics.set_gauges(state.num_running, state.num_waiting, state.kv_usage)
+            self.metrics.set_gauges(state)
             return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
         if enable_internal:

@@ -14,7 +14,7 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from quanta.engine.core import StepOutput
-from quanta.engine.llm_engine import EngineFrontend
+from quanta.engine.llm_engine import EngineFrontend, EngineState
 from quanta.engine.output import RequestOutput
 from quanta.metrics import RequestMetrics
 from quanta.request import Request
@@ -119,6 +119,18 @@ class ServerMetrics:
             "quanta:prefix_cache_hits", "Prompt tokens found in the prefix cache.", m, registry=r
         )
         self.preemptions = Counter("quanta:num_preemptions", "Preemptions.", m, registry=r)
+        # A cluster's instances (quanta serve --instances N), labelled by index.
+        mi = ["model_name", "instance"]
+        self.instance_up = Gauge("quanta:instance_up", "1 while the instance is alive.", mi, registry=r)
+        self.instance_running = Gauge(
+            "quanta:instance_num_requests_running", "Requests running on the instance.", mi, registry=r
+        )
+        self.instance_waiting = Gauge(
+            "quanta:instance_num_requests_waiting", "Requests waiting on the instance.", mi, registry=r
+        )
+        self.instance_kv_usage = Gauge(
+            "quanta:instance_kv_cache_usage_perc", "Fraction of the instance's KV blocks in use.", mi, registry=r
+        )
         self.prompt_tokens = Counter(
             "quanta:prompt_tokens", "Prompt tokens of finished requests.", mt, registry=r
         )
@@ -232,7 +244,14 @@ class ServerMetrics:
         if m.scheduling_delay is not None:
             self.queue_time.labels(*labels).observe(m.scheduling_delay)
 
-    def set_gauges(self, num_running: int, num_waiting: int, kv_usage: float) -> None:
-        self.running.labels(self.model_name).set(num_running)
-        self.waiting.labels(self.model_name).set(num_waiting)
-        self.kv_usage.labels(self.model_name).set(kv_usage)
+    def set_gauges(self, state: EngineState) -> None:
+        name = self.model_name
+        self.running.labels(name).set(state.num_running)
+        self.waiting.labels(name).set(state.num_waiting)
+        self.kv_usage.labels(name).set(state.kv_usage)
+        for inst in state.instances or []:
+            labels = (name, str(inst["index"]))
+            self.instance_up.labels(*labels).set(1 if inst["alive"] else 0)
+            self.instance_running.labels(*labels).set(inst.get("num_running", 0))
+            self.instance_waiting.labels(*labels).set(inst.get("num_waiting", 0))
+            self.instance_kv_usage.labels(*labels).set(inst.get("kv_usage", 0.0))
