@@ -105,17 +105,21 @@ class ClusterView:
         return len(self._pending[instance_id])
 
     def dispatched(self, instance_id: int, req: Request, hashes: list[bytes] | None = None) -> None:
-        """Count a request sent to an instance at once (call before or right after add_request)."""
+        """Count a request sent to an instance at once (call before or right after add_request). With
+        its prompt's block hashes (prefix-aware routers), it counts the prefill the instance's cache will
+        not serve, and the hashes join the instance's mirrored index."""
         self._sent[instance_id] += 1
+        tokens = req.num_tokens
+        if hashes:
+            tokens -= self.prefix.matched_blocks(instance_id, hashes) * self.block_size
+            self.prefix.dispatched(instance_id, hashes)
         self._pending[instance_id].append(
             _Dispatch(
                 self._sent[instance_id],
                 cdiv(req.num_tokens, self.block_size),
-                req.num_tokens,
+                tokens,
                 req.priority < 0,
             )
         )
-        if hashes:
-            self.prefix.dispatched(instance_id, hashes)
         self._effective.pop(instance_id, None)
         self.num_dispatched += 1
