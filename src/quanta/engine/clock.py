@@ -25,6 +25,11 @@ class WallClock:
     def now(self) -> float:
         return time.monotonic() - self._origin
 
+    def unix_offset(self) -> float:
+        """What to add to a reading to get Unix time: a request's timestamps move between engines (live
+        migration) through that common frame."""
+        return time.time() - self.now()
+
     def advance(self, seconds: float) -> None:
         pass
 
@@ -47,3 +52,6 @@ class VirtualClock:
 
     def wait_until(self, t: float) -> None:
         self._t = max(self._t, t)
+
+    def unix_offset(self) -> float:
+        return 0.0  # the virtual clocks of one simulation share one frame

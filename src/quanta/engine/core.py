@@ -7,12 +7,14 @@ both this class; nothing here knows which one it is.
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
 
+from quanta.cluster.state import InstanceState, RunningInfo
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import Clock
 from quanta.executor.base import DecodeRunExecutor, Executor, StepResult
@@ -99,10 +101,67 @@ class EngineCore:
         self.check_integrity = check_integrity
         self.step_observers: list[Callable[[StepOutput], None]] = []
         self.num_steps = 0
+        self.num_added = 0  # add_request calls (InstanceState.num_added)
         assert cdiv(scheduler_config.max_model_len, bs) <= num_blocks
 
     def add_request(self, req: Request) -> None:
+        self.num_added += 1  # counted even when refused: the cluster counted the dispatch
         self.scheduler.add_request(req)
+
+    def instance_state(self, instance_id: int = 0, draining: bool = False) -> InstanceState:
+        """A snapshot for the cluster's global scheduler (between steps). The prefix hashes it carries are
+        those indexed and evicted since the previous call (the first call: the whole index)."""
+        sched, kv = self.scheduler, self.kv
+        bs = kv.block_size
+        now = self.clock.now()
+        running: list[RunningInfo] = []
+        decodes = context = uncomputed = high = 0
+        for r in sched.running:
+            n = r.num_tokens
+            decoding = n - r.num_computed_tokens == 1
+            decodes += decoding
+            context += r.num_computed_tokens
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                uncomputed += r.num_prompt_tokens - r.num_computed_tokens
+            high += r.priority < 0
+            blocks = kv.req_blocks.get(r.request_id, ())
+            running.append(RunningInfo(r.request_id, n, len(blocks), decoding, r.priority, r.arrival_time))
+        hol = demand = preempted = 0
+        if sched.waiting:
+            head = next(itertools.islice(self.policy.waiting_order(sched.waiting, now), 1), None)
+            if head is not None:
+                hits = kv.get_computed_blocks(head, count=False)
+                hol = max(cdiv(head.num_tokens, bs) - len(hits), 0)
+            for w in sched.waiting:
+                demand += cdiv(w.num_tokens, bs)
+                uncomputed += w.num_tokens - w.num_computed_tokens
+                high += w.priority < 0
+                preempted += w.status == RequestStatus.PREEMPTED
+        stored, evicted = kv.pool.drain_hash_log() if kv.enable_caching else ([], [])
+        return InstanceState(
+            instance_id=instance_id,
+            time=now,
+            block_size=bs,
+            num_blocks=kv.num_blocks,
+            num_free_blocks=kv.num_free_blocks,
+            watermark_blocks=kv.num_blocks // 100,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            hol_demand_blocks=hol,
+            waiting_demand_blocks=demand,
+            uncomputed_prefill_tokens=uncomputed,
+            decode_batch_size=decodes,
+            sum_context_tokens=context,
+            num_high_priority=high,
+            num_preempted_waiting=preempted,
+            num_preemptions=sched.num_preemptions,
+            num_added=self.num_added,
+            draining=draining,
+            running=running,
+            stored_hashes=stored,
+            evicted_hashes=evicted,
+            migrating=[*sched.migrating_out, *kv.reserved],
+        )
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         self.scheduler.abort_requests(request_ids)

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from quanta.cluster.transport import KVPayload
 from quanta.config import CacheConfig
 from quanta.executor.base import StepResult, TokenLogprobs
 from quanta.executor.gpu_memory import plan_gpu_kv_blocks
@@ -119,6 +120,36 @@ class ModelExecutor:
     @property
     def num_host_kv_blocks(self) -> int:
         return self.swapper.num_host_blocks
+
+    # ---- live migration (between steps) -------------------------------------------------------------
+    @torch.inference_mode()
+    def read_kv_blocks(self, block_ids: list[int]) -> KVPayload:
+        """Every layer's K and V of these blocks, as one CPU tensor [layers, 2, blocks, ...] (it pickles)."""
+        if not block_ids:
+            return KVPayload(0, 0, None)
+        idx = torch.tensor(block_ids, device=self.device)
+        data = torch.stack([torch.stack((k[idx], v[idx])) for k, v in self.kv_caches]).cpu()
+        return KVPayload(len(block_ids), data.numel() * data.element_size(), data)
+
+    @torch.inference_mode()
+    def write_kv_blocks(self, block_ids: list[int], payload: KVPayload) -> None:
+        assert payload.num_blocks == len(block_ids), "payload and block table differ in length"
+        if not block_ids:
+            return
+        data = payload.data.to(self.device, self.dtype)
+        layers, block_shape = len(self.kv_caches), tuple(self.kv_caches[0][0].shape[1:])
+        if data.shape[0] != layers or tuple(data.shape[3:]) != block_shape:
+            raise ValueError(f"KV payload of shape {tuple(data.shape)} does not fit this model's cache")
+        idx = torch.tensor(block_ids, device=self.device)
+        for layer, (k, v) in enumerate(self.kv_caches):
+            k[idx] = data[layer, 0]
+            v[idx] = data[layer, 1]
+
+    def get_generator_state(self, request_id: str) -> bytes | None:
+        return self.sampler.get_state(request_id)
+
+    def set_generator_state(self, request_id: str, state: bytes | None) -> None:
+        self.sampler.set_state(request_id, state)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import numpy as np
 
+from quanta.cluster.transport import KVPayload
 from quanta.executor.base import StepResult
 from quanta.request import Request
 from quanta.sched.plan import StepPlan
@@ -94,6 +95,21 @@ class SimExecutor:
         if not req.eos_token_ids:
             raise ValueError(f"request {req.request_id!r} has a true output length but no EOS token id")
         return req.eos_token_ids[0]
+
+    # ---- live migration: payloads have a size only (a simulated transport prices them) ----------------
+    def read_kv_blocks(self, block_ids: list[int]) -> KVPayload:
+        per_token = getattr(self.cost_model, "kv_bytes_per_token", None)
+        per_block = int(per_token() * self.block_size) if per_token is not None else 0
+        return KVPayload(len(block_ids), per_block * len(block_ids), None)
+
+    def write_kv_blocks(self, block_ids: list[int], payload: KVPayload) -> None:
+        assert payload.num_blocks == len(block_ids), "payload and block table differ in length"
+
+    def get_generator_state(self, request_id: str) -> bytes | None:
+        return None
+
+    def set_generator_state(self, request_id: str, state: bytes | None) -> None:
+        pass
 
     def _copy_time(self, runs: list[tuple[int, int, int]]) -> float:
         copy_time = getattr(self.cost_model, "copy_time", None)

@@ -81,6 +81,20 @@ class BlockPool:
         self._cached: dict[BlockHash, KVBlock] = {}
         self.num_cache_queries = 0  # blocks looked up
         self.num_cache_hits = 0
+        # Hashes indexed and evicted since the last `drain_hash_log` (None: not logged). A cluster's
+        # prefix-aware router mirrors each instance's index from these deltas.
+        self._stored: list[BlockHash] | None = None
+        self._evicted: list[BlockHash] | None = None
+
+    def drain_hash_log(self) -> tuple[list[BlockHash], list[BlockHash]]:
+        """(hashes indexed, hashes evicted) since the last call; the first call returns the whole index
+        as indexed and starts the log."""
+        if self._stored is None or self._evicted is None:
+            self._stored, self._evicted = [], []
+            return list(self._cached), []
+        out = (self._stored, self._evicted)
+        self._stored, self._evicted = [], []
+        return out
 
     @property
     def num_free_blocks(self) -> int:
@@ -129,6 +143,8 @@ class BlockPool:
             after = block.block_id
             if block.block_hash is not None:  # lazy eviction
                 del cached[block.block_hash]
+                if self._evicted is not None:
+                    self._evicted.append(block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
             out.append(block)
@@ -159,17 +175,23 @@ class BlockPool:
             return
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        if self._stored is not None:
+            self._stored.append(block_hash)
 
     def uncache(self, block: KVBlock) -> None:
         """Make a block unfindable (its contents can no longer be trusted)."""
         if block.block_hash is not None:
             del self._cached[block.block_hash]
+            if self._evicted is not None:
+                self._evicted.append(block.block_hash)
             block.block_hash = None
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached hash; only possible when no block is in use."""
         if len(self._free) != self.num_blocks:
             return False
+        if self._evicted is not None:
+            self._evicted.extend(self._cached)
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()

@@ -42,6 +42,9 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[int]] = {}  # request id -> block ids, in token order
         self._req_hashes: dict[str, list[BlockHash]] = {}
         self._num_indexed: dict[str, int] = {}  # leading blocks of a request already offered to the index
+        # Blocks pre-allocated for a request migrating in (request id -> block ids, in token order): owned,
+        # but by no request of this engine until the migration commits.
+        self.reserved: dict[str, list[int]] = {}
 
     @property
     def num_blocks(self) -> int:
@@ -265,6 +268,40 @@ class KVCacheManager:
             self.pool.uncache(pool_blocks[block_id])
         self.free(req)
 
+    # ---- live migration ------------------------------------------------------------------------
+    def reserve(self, request_id: str, num_blocks: int) -> bool:
+        """Grow the pre-allocation for an incoming request to `num_blocks` blocks; False (nothing changes)
+        when the pool is short. A smaller number than held keeps what is held."""
+        held = self.reserved.setdefault(request_id, [])
+        need = num_blocks - len(held)
+        if need <= 0:
+            return True
+        if need > self.pool.num_free_blocks:
+            if not held:
+                del self.reserved[request_id]
+            return False
+        held.extend(b.block_id for b in self.pool.allocate(need, held[-1] if held else None))
+        return True
+
+    def unreserve(self, request_id: str) -> None:
+        """Free a pre-allocation (the migration was aborted); its blocks were never indexed."""
+        blocks = self.reserved.pop(request_id, None)
+        if blocks:
+            pool_blocks = self.pool.blocks
+            self.pool.free(pool_blocks[i] for i in reversed(blocks))
+
+    def adopt_reserved(self, req: Request, num_blocks: int) -> None:
+        """The migration commits: the request owns the first `num_blocks` reserved blocks (their KV now
+        written up to its computed tokens; extra ones go back) and its full blocks join the prefix index."""
+        blocks = self.reserved.pop(req.request_id)
+        assert len(blocks) >= num_blocks, f"{req.request_id}: {len(blocks)} reserved, {num_blocks} needed"
+        assert req.request_id not in self.req_blocks
+        extra = blocks[num_blocks:]
+        if extra:
+            self.pool.free(self.pool.blocks[i] for i in reversed(extra))
+        self.req_blocks[req.request_id] = blocks[:num_blocks]
+        self._index_full_blocks(req, self.req_blocks[req.request_id], req.num_computed_tokens)
+
     # ---- swapping -------------------------------------------------------------------------------
     def is_swapped(self, request_id: str) -> bool:
         return request_id in self.host_blocks
@@ -334,6 +371,10 @@ class KVCacheManager:
         if req.finished:
             self._req_hashes.pop(req.request_id, None)
 
+    def forget(self, request_id: str) -> None:
+        """Drop the hashes kept for a request that left this engine without finishing here (migrated)."""
+        self._req_hashes.pop(request_id, None)
+
     def _free_device(self, req: Request) -> None:
         """Release the device blocks (tail first to the LRU list, so shared prefixes live longest)."""
         blocks = self.req_blocks.pop(req.request_id, None)
@@ -349,7 +390,7 @@ class KVCacheManager:
         """Every block is free, cached-and-free, or owned; ref counts equal the number of owners."""
         self.pool.check_integrity()
         owners: Counter[int] = Counter()
-        for request_id, blocks in self.req_blocks.items():
+        for request_id, blocks in (*self.req_blocks.items(), *self.reserved.items()):
             assert len(set(blocks)) == len(blocks), f"{request_id} holds a block twice"
             owners.update(blocks)
         for block in self.pool.blocks:

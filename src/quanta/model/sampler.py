@@ -49,6 +49,20 @@ class Sampler:
     def forget(self, request_id: str) -> None:
         self._request_generators.pop(request_id, None)
 
+    def get_state(self, request_id: str) -> bytes | None:
+        """A seeded request's generator state (None: it has drawn nothing yet, its seed restarts it)."""
+        gen = self._request_generators.get(request_id)
+        return None if gen is None else bytes(gen.get_state().numpy().tobytes())
+
+    def set_state(self, request_id: str, state: bytes | None) -> None:
+        """Continue a request's draws where another sampler left them (a migrated request)."""
+        if state is None:
+            self._request_generators.pop(request_id, None)
+            return
+        gen = torch.Generator(device=self.device)
+        gen.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+        self._request_generators[request_id] = gen
+
     def _generator(self, req: Request) -> torch.Generator:
         gen = self._request_generators.get(req.request_id)
         if gen is None:

@@ -38,6 +38,10 @@ class Scheduler:
         self._ran_short = False  # a running request could not get KV this step
         self._in_plan: dict[str, ScheduledRequest] = {}  # this step's scheduled requests, by id
         self.swapping_in: set[str] = set()  # admitted, but their KV has not landed on the device yet
+        # Requests stopped for the last stage of a live migration: they keep their KV here, are not
+        # scheduled, and are no longer in `requests` until taken back (or released once committed
+        # elsewhere). An entry whose request is finished was aborted meanwhile.
+        self.migrating_out: dict[str, Request] = {}
         self.num_preemptions = 0
         self.num_swap_outs = 0
         self.num_swap_ins = 0
@@ -63,6 +67,67 @@ class Scheduler:
             req = self.requests.get(request_id)
             if req is not None and not req.finished:
                 self.finish_request(req, RequestStatus.FINISHED_ABORTED, now=None)
+            elif (req := self.migrating_out.get(request_id)) is not None and not req.finished:
+                self._end_migrated(req, RequestStatus.FINISHED_ABORTED)
+
+    # ---- live migration (the cluster's migration state machine drives these, between steps) ------
+    def stop_for_migration(self, request_id: str) -> Request | None:
+        """Take a running request out of the schedule, keeping its KV, for the last stage of its
+        migration. None when it is not running (finished, aborted, preempted) or its swap-in is in flight."""
+        req = self.requests.get(request_id)
+        if req is None or req.status != RequestStatus.RUNNING or request_id in self.swapping_in:
+            return None
+        self.running.remove(req)
+        del self.requests[request_id]
+        self.migrating_out[request_id] = req
+        return req
+
+    def resume_migrated(self, request_id: str) -> bool:
+        """The migration failed after the request stopped: it runs here again, where it left off.
+        False when it was aborted meanwhile."""
+        req = self.migrating_out.pop(request_id)
+        if req.finished:
+            return False
+        self.requests[request_id] = req
+        self.running.append(req)
+        return True
+
+    def release_migrated(self, request_id: str) -> bool:
+        """The request committed on another instance: free its KV here. False when it was aborted
+        meanwhile (the destination's copy must then be aborted too)."""
+        req = self.migrating_out[request_id]
+        if req.finished:
+            del self.migrating_out[request_id]
+            return False
+        self._end_migrated(req, None)
+        del self.migrating_out[request_id]
+        return True
+
+    def _end_migrated(self, req: Request, status: RequestStatus | None) -> None:
+        """A stopped request leaves this engine: aborted (status), or migrated (None: its status stays
+        the destination's business)."""
+        if status is not None:
+            req.status = status
+        self.kv.free(req)
+        self.kv.forget(req.request_id)
+        self.policy.on_finish(req)
+        self._finished_ids.append(req.request_id)  # the executor drops its per-request state
+
+    def commit_migrated(self, req: Request, now: float) -> None:
+        """A request migrated in: it owns the KV reserved for it and continues running here."""
+        if req.request_id in self.requests:
+            raise ValueError(f"request id {req.request_id!r} is already in use")
+        self.policy.on_arrival(req)  # first: it may reject the request, and nothing has changed yet
+        if req.request_id in self._finished_ids:
+            # It left this engine since the last plan (it migrated away and back): the executor must not
+            # drop the per-request state just set up for it.
+            self._finished_ids.remove(req.request_id)
+        self.kv.adopt_reserved(req, -(-req.num_computed_tokens // self.kv.block_size))
+        req.max_model_len = self.config.max_model_len
+        req.status = RequestStatus.RUNNING
+        self.requests[req.request_id] = req
+        self.running.append(req)
+        self.policy.on_admit(req, now)
 
     def finish_request(
         self, req: Request, status: RequestStatus, now: float | None, kv_valid: bool = True
@@ -507,4 +572,8 @@ class Scheduler:
         assert self.swapping_in <= {r.request_id for r in self.running}
         assert all(r in self.requests for r in self.kv.host_blocks), "host KV of a departed request"
         assert len(self.running) + len(self.waiting) == len(self.requests)
+        for request_id, req in self.migrating_out.items():
+            assert request_id not in self.requests
+            assert req.finished == (request_id not in self.kv.req_blocks), f"stopped {request_id}: KV"
+        assert not self.kv.reserved.keys() & self.requests.keys(), "a request holds a migration reservation"
         assert len(self.running) <= self.config.max_num_seqs

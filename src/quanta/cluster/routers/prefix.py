@@ -1,0 +1,41 @@
+"""prefix: cost = the request's prefill tokens the instance would not serve from its prefix cache (an
+exact per-instance hash index, ClusterView.prefix) + lam * the prefill tokens already queued there.
+Imbalance guard: only instances whose outstanding requests are within `guard` of the least loaded one
+compete, so a popular prefix cannot pile every request onto one instance."""
+
+from __future__ import annotations
+
+from quanta.cluster.load import request_load
+from quanta.cluster.router import Router, register
+from quanta.cluster.view import ClusterView
+from quanta.request import Request
+
+
+@register
+class PrefixRouter(Router):
+    name = "prefix"
+    reads_kv = True
+
+    def __init__(self, lam: float = 1.0, guard: float = 8.0, seed: int = 0) -> None:
+        super().__init__(seed)
+        self.lam = lam
+        self.guard = guard
+        self._hashes: tuple[str, list[bytes]] | None = None  # the last request's, computed once
+
+    def hashes(self, req: Request, view: ClusterView) -> list[bytes]:
+        if self._hashes is None or self._hashes[0] != req.request_id:
+            self._hashes = (req.request_id, view.prefix.request_hashes(req))
+        return self._hashes[1]
+
+    def choose(self, req: Request, view: ClusterView) -> int:
+        ids = view.dispatchable()
+        loads = {i: request_load(view.state(i)) for i in ids}
+        least = min(loads.values())
+        hashes = self.hashes(req, view)
+        bs = view.block_size
+
+        def cost(i: int) -> float:
+            uncached = req.num_tokens - view.prefix.matched_blocks(i, hashes) * bs
+            return uncached + self.lam * view.state(i).uncomputed_prefill_tokens
+
+        return min((i for i in ids if loads[i] <= least + self.guard), key=cost)

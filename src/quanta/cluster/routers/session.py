@@ -1,0 +1,29 @@
+"""session: requests with the same session_id go to the same instance (its prefix cache holds the
+conversation), as long as it takes requests; new sessions and requests without one go where the
+`fallback` router (default least-load) sends them."""
+
+from __future__ import annotations
+
+from quanta.cluster.router import Router, make_router, register
+from quanta.cluster.view import ClusterView
+from quanta.request import Request
+
+
+@register
+class SessionRouter(Router):
+    name = "session"
+
+    def __init__(self, fallback: str = "least-load", seed: int = 0) -> None:
+        super().__init__(seed)
+        self.fallback = make_router(fallback, seed=seed)
+        self.reads_kv = self.fallback.reads_kv  # type: ignore[misc]
+        self._owner: dict[str, int] = {}  # session id -> instance
+
+    def choose(self, req: Request, view: ClusterView) -> int:
+        sid = req.session_id
+        i = self._owner.get(sid) if sid is not None else None
+        if i is None or i not in view.dispatchable():
+            i = self.fallback.choose(req, view)
+            if sid is not None:
+                self._owner[sid] = i
+        return i
