@@ -23,11 +23,13 @@ def engine_args(model_dir: Path, **kw: object) -> EngineArgs:
     return EngineArgs(model=str(model_dir), **{**args, **kw})  # type: ignore[arg-type]
 
 
-def cluster(model_dir: Path, n: int = 2, **kw: object) -> ClusterEngine:
+def cluster(
+    model_dir: Path, n: int = 2, router: str = "least-load", migration: bool = False, **kw: object
+) -> ClusterEngine:
     args = engine_args(model_dir, **kw)
     epoch = time.time()
     workers = [InstanceWorker(args, i, epoch) for i in range(n)]
-    return ClusterEngine(args, LocalInstances(workers), epoch=epoch)
+    return ClusterEngine(args, LocalInstances(workers), epoch=epoch, router=router, migration=migration)
 
 
 def run(
@@ -152,3 +154,115 @@ def test_a_request_an_instance_refuses_leaves_nothing_behind(ce: ClusterEngine) 
         ce.add_request("long", list(range(1, 300)), SamplingParams(max_tokens=2))
     assert not ce.has_unfinished_requests()
     assert_clean(ce)
+
+
+def step_until(ce: ClusterEngine, cond, done: dict, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        for out in ce.step():
+            if out.finished:
+                done[out.request_id] = out
+        assert time.monotonic() < deadline, "timed out"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1),
+        SamplingParams(temperature=1.0, seed=11, max_tokens=40, ignore_eos=True),
+    ],
+    ids=["greedy-logprobs", "seeded"],
+)
+def test_a_live_migration_mid_decode_changes_nothing_the_client_sees(
+    single: LLMEngine, ce: ClusterEngine, params: SamplingParams
+) -> None:
+    expected = run(single, params)
+    for i, p in enumerate(PROMPTS):
+        ce.add_request(str(i), p, params)
+    done: dict[str, RequestOutput] = {}
+    step_until(ce, lambda: all(r.num_output_tokens >= 5 for r in ce.live.values()), done)
+    moving = [rid for rid, owner in ce.owner.items() if owner == 0][:2]
+    for rid in moving:
+        ce.migrate(rid, 1)
+    step_until(ce, lambda: not ce.has_unfinished_requests(), done)
+    assert tokens(done) == tokens(expected)
+    for k in expected:  # the logprobs of every token, those around the migration included
+        assert [c.logprobs is None or len(c.logprobs) for c in done[k].outputs] == [
+            c.logprobs is None or len(c.logprobs) for c in expected[k].outputs
+        ]
+    committed = [m for m in ce.done_migrations if m.committed]
+    assert sorted(m.request_id for m in committed) == sorted(moving)
+    assert all(m.downtime is not None and m.num_stages >= 2 for m in committed)
+    assert_clean(ce)
+
+
+def test_aborting_a_request_mid_migration_frees_both_sides(ce: ClusterEngine) -> None:
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    for i, p in enumerate(PROMPTS):
+        ce.add_request(str(i), p, params)
+    done: dict[str, RequestOutput] = {}
+    step_until(ce, lambda: all(r.num_output_tokens >= 3 for r in ce.live.values()), done)
+    rid = next(rid for rid, owner in ce.owner.items() if owner == 0)
+    m = ce.migrate(rid, 1)
+    ce.step()  # the reservation is made on the destination
+    ce.abort_request(rid)
+    step_until(ce, lambda: m.finished or rid not in ce.migrations, done)
+    ce.abort_request([r for r in list(ce.live)])
+    deadline = time.monotonic() + 30
+    while ce.state().num_free_blocks != ce.state().num_blocks:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert_clean(ce)
+
+
+def test_migration_to_a_full_destination_leaves_the_request_running(
+    llama_dir: Path, single: LLMEngine
+) -> None:
+    params = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    expected = run(single, params, prompts=PROMPTS[:1])
+    ce = cluster(llama_dir)
+    try:
+        # Fill instance 1's pool with a long prompt, then try to move instance 0's request there.
+        ce.add_request("0", PROMPTS[0], params)
+        ce.add_request(
+            "filler", list(range(1, 250)), SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
+        )
+        done: dict[str, RequestOutput] = {}
+        step_until(ce, lambda: ce.live["0"].num_output_tokens >= 3, done)
+        assert ce.owner["0"] != ce.owner["filler"]
+        src, dst = ce.owner["0"], ce.owner["filler"]
+        m = ce.migrate("0", dst)
+        m.num_blocks = 10_000  # more than the destination holds
+        step_until(ce, lambda: "0" in done, done)
+        assert m.finished and not m.committed and m.reason == "destination full"
+        assert (
+            ce.owner.get("0") is None and done["0"].outputs[0].token_ids == expected["0"].outputs[0].token_ids
+        )
+        assert src != dst
+        ce.abort_request("filler")
+        deadline = time.monotonic() + 30
+        while ce.state().num_free_blocks != ce.state().num_blocks:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert_clean(ce)
+    finally:
+        ce.shutdown()
+
+
+def test_the_rescheduler_migrates_under_memory_pressure_without_changing_outputs(
+    llama_dir: Path,
+) -> None:
+    params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+    # Round-robin sends the long prompts to instance 0 and the short ones to instance 1: instance 0 runs
+    # out of blocks while instance 1 has plenty, so the balanced rescheduler moves requests across.
+    prompts = [[1, 5, 9, 3 + i, 7] * (36 if i % 2 == 0 else 2) for i in range(8)]
+    one = LLMEngine(engine_args(llama_dir, num_kv_blocks=128))
+    expected = run(one, params, prompts=prompts)
+    ce = cluster(llama_dir, num_kv_blocks=64, router="round-robin", migration=True)
+    try:
+        got = run(ce, params, prompts=prompts)
+        assert tokens(got) == tokens(expected)
+        assert ce.done_migrations, "a small pool under long outputs must trigger the rescheduler"
+        assert_clean(ce)
+    finally:
+        ce.shutdown()

@@ -20,6 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 from quanta.cluster.instances import InstanceDiedError, Instances
+from quanta.cluster.migration import Migration
+from quanta.cluster.rescheduler import Rescheduler
+from quanta.cluster.router import dispatch, make_router
+from quanta.cluster.view import ClusterView
 from quanta.cluster.worker import TokenRecord, cluster_clock
 from quanta.engine.core import StepFailedError, StepOutput
 from quanta.engine.llm_engine import CacheCounters, EngineArgs, EngineFrontend, EngineState
@@ -35,6 +39,13 @@ logger = logging.getLogger("quanta.cluster")
 POLL_WAIT_S = 0.005
 # How long an instance's poll waits on its side for something to report.
 POLL_HOLD_S = 0.05
+# How often the controller refreshes its view of the instances (Llumnix polls every 50 ms).
+STATE_PERIOD_S = 0.05
+# A destination frees a reservation no migration call has touched for this long (its source died).
+WATCHDOG_S = 10.0
+# Tokens that reach the front end ahead of earlier ones (a migration's destination reporting before its
+# source's last poll) wait this long for the gap to fill before the stop snapshot fills it.
+GAP_WAIT_S = 1.0
 
 
 class ClusterEngine(EngineFrontend):
@@ -46,7 +57,13 @@ class ClusterEngine(EngineFrontend):
         num_instances: int = 2,
         ray_address: str | None = None,
         epoch: float | None = None,
+        router: str = "least-load",
+        migration: bool = False,
+        rescheduler: Rescheduler | None = None,
     ) -> None:
+        """`router`: a name from `quanta.cluster.router.router_names()`. `migration`: let the Llumnix
+        rescheduler (default: balanced pairing on freeness) move running requests between instances;
+        `migrate()` moves one on demand either way."""
         super().__init__(args)
         args = self.args
         self.epoch = time.time() if epoch is None else epoch
@@ -69,6 +86,18 @@ class ClusterEngine(EngineFrontend):
         self._counters: list[CacheCounters] = [CacheCounters(0, 0, 0) for _ in range(n)]
         self._lost: list[str] = []  # requests no instance could take (all dead): failed at the next step
         self.num_redispatched = 0  # requests recomputed elsewhere after their instance died
+        self.router = make_router(router)
+        self.rescheduler = rescheduler or (Rescheduler() if migration else None)
+        self.view = ClusterView(args.block_size, args.prefix_cache_per_tenant)
+        for i in range(n):
+            self.view.update(instances.result(i, instances.submit(i, "instance_state")))
+        self._state_polls: dict[int, Any] = {}
+        self._last_poll = self.now()
+        self.migrations: dict[str, Migration] = {}  # in flight, by request id
+        self.done_migrations: list[Migration] = []  # finished (committed or aborted), for reports
+        self._held: list[tuple[int, TokenRecord]] = []  # (instance, tokens after a gap in the outputs)
+        self._gap_since: dict[str, float] = {}  # request id -> when its gap was first seen
+        self._fill: dict[str, TokenRecord] = {}  # request id -> its outputs at its migration's stop
 
     # ---- EngineFrontend ---------------------------------------------------------------------------------
     @property
@@ -112,6 +141,10 @@ class ClusterEngine(EngineFrontend):
                 req.times.finished = self.now()
             if owner is not None:
                 by_owner[owner].append(cid)
+            m = self.migrations.get(cid)
+            if m is not None:  # its reservation, or its committed copy, on the destination
+                by_owner[m.dst].append(cid)
+            self.router.forget(cid)
         for index, ids in by_owner.items():
             self._tell(index, "abort", ids)
 
@@ -124,6 +157,10 @@ class ClusterEngine(EngineFrontend):
         owner = self.owner.pop(child_id, None)
         if owner is not None:
             self._tell(owner, "finish", [child_id], int(status))
+        m = self.migrations.get(child_id)
+        if m is not None:
+            self._tell(m.dst, "abort", [child_id])
+        self.router.forget(child_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.live) or bool(self._carry)
@@ -149,6 +186,7 @@ class ClusterEngine(EngineFrontend):
                     logger.error("instance %d failed: %s", index, e)
                     self._instance_died(index)
         failed = self._apply(records, only_finished, outputs)
+        self._control()
         if failed:
             self._carry = outputs
             parents = self._drop_failed(failed)
@@ -171,7 +209,13 @@ class ClusterEngine(EngineFrontend):
             integrity_error="; ".join(errors) or None,
             waiting_prompt_tokens=sum(s["waiting_prompt_tokens"] for s in live),
             instances=states,
-            cluster={"ray_address": self.instances.address, "redispatched": self.num_redispatched},
+            cluster={
+                "ray_address": self.instances.address,
+                "router": self.router.name,
+                "migration": self.rescheduler is not None,
+                "redispatched": self.num_redispatched,
+                **self.migration_stats(),
+            },
         )
 
     def waiting_load(self) -> tuple[int, int]:
@@ -199,18 +243,10 @@ class ClusterEngine(EngineFrontend):
         return [i for i, ok in enumerate(self.alive) if ok]
 
     def _dispatch(self, requests: list[Request]) -> dict[int, list[Request]]:
-        """Choose each request's instance: the live one running the fewest requests."""
-        alive = self._alive_indices()
-        if not alive:
-            raise RuntimeError("no engine instance is alive")
-        load = dict.fromkeys(alive, 0)
-        for owner in self.owner.values():
-            if owner in load:
-                load[owner] += 1
+        """Choose each request's instance with the router, counting each dispatch in the view at once."""
         placed: dict[int, list[Request]] = defaultdict(list)
         for req in requests:
-            index = min(alive, key=lambda i: load[i])
-            load[index] += 1
+            index = dispatch(self.router, self.view, req)
             self.owner[req.request_id] = index
             placed[index].append(req)
         return placed
@@ -244,6 +280,11 @@ class ClusterEngine(EngineFrontend):
             return
         self.alive[index] = False
         self._polls.pop(index, None)
+        self._state_polls.pop(index, None)
+        self.view.remove(index)
+        for m in list(self.migrations.values()):
+            if index in (m.src, m.dst):
+                self._end_migration(m, f"instance {index} died")
         orphans = [self.live[cid] for cid, o in self.owner.items() if o == index and cid in self.live]
         logger.warning("instance %d is gone: re-dispatching its %d requests", index, len(orphans))
         if not self._alive_indices():
@@ -261,6 +302,99 @@ class ClusterEngine(EngineFrontend):
         self._lost.extend(child_ids)
         logger.error("%s: %d requests lost", message, len(child_ids))
 
+    # ---- controller: view, rescheduling, migrations --------------------------------------------------
+    def _control(self) -> None:
+        """Between two gatherings of tokens: refresh the view on its period (without waiting for slow
+        instances), start the migrations the rescheduler asks for, and advance each one by a phase."""
+        for index, fut in list(self._state_polls.items()):
+            if not self.instances.wait([fut], 0):
+                continue
+            del self._state_polls[index]
+            try:
+                self.view.update(self.instances.result(index, fut))
+            except Exception as e:
+                logger.error("instance %d failed: %s", index, e)
+                self._instance_died(index)
+        now = self.now()
+        if now - self._last_poll >= STATE_PERIOD_S and not self._state_polls:
+            self._last_poll = now
+            for index in self._alive_indices():
+                self._state_polls[index] = self.instances.submit(index, "instance_state")
+                self._tell(index, "migration", "watchdog", WATCHDOG_S)
+            if self.rescheduler is not None:
+                for order in self.rescheduler.plan(self.view):
+                    if order.request_id in self.live and self.owner.get(order.request_id) == order.src:
+                        self._start_migration(order.request_id, order.src, order.dst, order.num_blocks)
+        for m in list(self.migrations.values()):
+            self._advance(m)
+
+    def migrate(self, request_id: str, dst: int) -> Migration:
+        """Start moving a running request to instance `dst` now (it advances with `step`)."""
+        req = self.live.get(request_id)
+        src = self.owner.get(request_id)
+        if req is None or src is None:
+            raise ValueError(f"no running request {request_id!r}")
+        if not 0 <= dst < len(self.alive) or not self.alive[dst]:
+            raise ValueError(f"instance {dst} is not alive")
+        if dst == src:
+            raise ValueError(f"request {request_id!r} already runs on instance {dst}")
+        if request_id in self.migrations:
+            raise ValueError(f"request {request_id!r} is already migrating")
+        blocks = -(-req.num_tokens // self.block_size)
+        return self._start_migration(request_id, src, dst, blocks)
+
+    def _start_migration(self, request_id: str, src: int, dst: int, num_blocks: int) -> Migration:
+        m = Migration(request_id, src, dst, num_blocks)
+        self.migrations[request_id] = m
+        self.view.migrations[request_id] = (src, dst)
+        return m
+
+    def _advance(self, m: Migration) -> None:
+        src, dst = _Remote(self, m.src), _Remote(self, m.dst)
+        try:
+            m.advance(src, dst, self.now())
+        except InstanceDiedError as e:
+            self._instance_died(e.index)  # ends the migration (and re-dispatches the dead one's requests)
+            return
+        except Exception as e:  # a call the state machine does not guard failed: give up this one
+            logger.exception("migration of %s failed", m.request_id)
+            self._end_migration(m, f"failed: {e}")
+            return
+        if src.stopped is not None:  # the last stage: the request's outputs as the source stopped it
+            snap = src.stopped
+            times = [t - self.clock.unix_offset() for t in snap.times.tokens]
+            self._fill[m.request_id] = TokenRecord(m.request_id, 0, list(snap.output_token_ids), times)
+        if m.finished:
+            self._end_migration(m, m.reason)
+
+    def _end_migration(self, m: Migration, reason: str) -> None:
+        """A migration is over: committed (the destination owns the request now) or not (the source
+        keeps it; if the source is dead, the request is re-dispatched as any of its requests)."""
+        self.migrations.pop(m.request_id, None)
+        self.view.migrations.pop(m.request_id, None)
+        if not m.finished:  # cut short by a dead instance: free what the living side holds
+            m.reason = reason
+            if self.alive[m.dst]:
+                self._tell(m.dst, "abort", [m.request_id])
+            if self.alive[m.src] and m.stopped_at is not None:
+                self._tell(m.src, "migration", "finish_out", m.request_id, False)
+        if m.committed and m.request_id in self.live:
+            self.owner[m.request_id] = m.dst
+        else:
+            self._fill.pop(m.request_id, None)
+        self.done_migrations.append(m)
+
+    def migration_stats(self) -> dict[str, Any]:
+        done = self.done_migrations
+        downtimes = sorted(m.downtime for m in done if m.committed and m.downtime is not None)
+        return {
+            "migrations": sum(m.committed for m in done),
+            "migrations_aborted": sum(not m.committed for m in done),
+            "migrations_in_flight": len(self.migrations),
+            "migration_downtime_ms_mean": 1e3 * sum(downtimes) / len(downtimes) if downtimes else None,
+            "migration_downtime_ms_max": 1e3 * downtimes[-1] if downtimes else None,
+        }
+
     # ---- outputs ------------------------------------------------------------------------------------------
     def _apply(
         self, records: list[tuple[int, TokenRecord]], only_finished: bool, outputs: list[RequestOutput]
@@ -269,6 +403,7 @@ class ClusterEngine(EngineFrontend):
         processor's unit), and collect the outputs. Returns the requests an instance lost."""
         failed, self._lost = self._lost, []
         now = self.now()
+        records = self._with_held(records, now)
         depth = max((max(len(r.token_ids), len(r.prompt_logprobs), 1) for _, r in records), default=0)
         for j in range(depth):
             updated: list[Request] = []
@@ -280,6 +415,13 @@ class ClusterEngine(EngineFrontend):
                 owns = self.owner.get(rec.request_id) == index
                 if j < len(rec.prompt_logprobs) and owns:
                     result.prompt_logprobs[rec.request_id] = rec.prompt_logprobs[j]
+                if j < len(rec.token_ids) and rec.start + j > req.num_output_tokens:
+                    # Ahead of tokens not yet here (a migration's source has still to report them):
+                    # the rest of this record, and the state after it, waits for them.
+                    self._held.append((index, _tail(rec, j)))
+                    self._gap_since.setdefault(rec.request_id, now)
+                    rec.token_ids, rec.status, rec.error = rec.token_ids[:j], RequestStatus.RUNNING, None
+                    continue
                 if j < len(rec.token_ids) and rec.start + j == req.num_output_tokens:
                     req.append_output_token(rec.token_ids[j], rec.times[j])
                     if rec.logprobs is not None:
@@ -298,10 +440,85 @@ class ClusterEngine(EngineFrontend):
                 if req.finished:
                     self.live.pop(req.request_id, None)
                     self.owner.pop(req.request_id, None)
+                    self._fill.pop(req.request_id, None)
+                    self.router.forget(req.request_id)
         return failed
 
+    def _with_held(self, records: list[tuple[int, TokenRecord]], now: float) -> list[tuple[int, TokenRecord]]:
+        """Records held back for a gap go first. A gap open too long is filled from the outputs the
+        migration's source had when it stopped (without logprobs: only the source had those)."""
+        if not self._held:
+            self._gap_since.clear()
+            return records
+        held, self._held = self._held, []
+        out: list[tuple[int, TokenRecord]] = []
+        for index, rec in held:
+            since = self._gap_since.get(rec.request_id, now)
+            fill = self._fill.get(rec.request_id)
+            if fill is not None and now - since > GAP_WAIT_S:
+                out.append((index, fill))
+            out.append((index, rec))
+        self._gap_since = {
+            r.request_id: self._gap_since[r.request_id] for _, r in held if r.request_id in self._gap_since
+        }
+        return out + records
 
-_EMPTY_PLAN = StepPlan(step_id=-1)  # the observers read only the updated requests
+
+_EMPTY_PLAN = StepPlan(step_id=-1)
+
+
+class _Remote:
+    """One instance's MigrationEndpoint as the state machine calls it: each method a blocking remote
+    call (~1 ms on Ray; the instances keep stepping meanwhile)."""
+
+    def __init__(self, engine: ClusterEngine, index: int) -> None:
+        self._engine = engine
+        self.index = index
+        self.stopped: Any = None  # the RequestSnapshot of a last stage, once seen
+
+    def _call(self, method: str, *args: Any) -> Any:
+        inst = self._engine.instances
+        return inst.result(self.index, inst.submit(self.index, "migration", method, *args))
+
+    def reserve(self, request_id: str, num_blocks: int) -> bool:
+        return self._call("reserve", request_id, num_blocks)
+
+    def stage_out(self, request_id: str, start_block: int, last: bool) -> Any:
+        out = self._call("stage_out", request_id, start_block, last)
+        if out.snapshot is not None:
+            self.stopped = out.snapshot
+        return out
+
+    def stage_in(self, request_id: str, out: Any) -> bool:
+        return self._call("stage_in", request_id, out)
+
+    def abort_in(self, request_id: str) -> None:
+        self._call("abort_in", request_id)
+
+    def finish_out(self, request_id: str, committed: bool) -> bool:
+        return self._call("finish_out", request_id, committed)
+
+    def abort(self, request_ids: list[str]) -> None:
+        self._call("abort", request_ids)
+
+
+def _tail(rec: TokenRecord, j: int) -> TokenRecord:
+    """The record from its j-th token on."""
+    return TokenRecord(
+        rec.request_id,
+        rec.start + j,
+        rec.token_ids[j:],
+        rec.times[j:],
+        None if rec.logprobs is None else rec.logprobs[j:],
+        [],
+        rec.status,
+        rec.stop_reason,
+        rec.finished_time,
+        rec.first_scheduled,
+        rec.num_cached_tokens,
+        rec.num_preemptions,
+        rec.error,
+    )  # the observers read only the updated requests
 
 
 def _copy_state(rec: TokenRecord, req: Request) -> None:

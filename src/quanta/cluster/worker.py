@@ -18,6 +18,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from quanta.cluster.endpoint import MigrationEndpoint
+from quanta.cluster.state import InstanceState
+from quanta.cluster.transport import InProcessTransport, KVTransport
 from quanta.engine.clock import WallClock
 from quanta.engine.core import StepFailedError, StepOutput
 from quanta.executor.base import TokenLogprobs
@@ -26,6 +29,10 @@ from quanta.request import Request, RequestStatus
 logger = logging.getLogger("quanta.cluster")
 
 T = TypeVar("T")
+
+MIGRATION_CALLS = frozenset(
+    {"reserve", "stage_out", "stage_in", "abort_in", "finish_out", "watchdog", "abort"}
+)
 
 
 @dataclass(slots=True)
@@ -55,7 +62,14 @@ def cluster_clock(epoch: float) -> WallClock:
 
 
 class InstanceWorker:
-    def __init__(self, engine_args: Any, index: int, epoch: float, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        engine_args: Any,
+        index: int,
+        epoch: float,
+        num_threads: int | None = None,
+        transport: KVTransport | None = None,
+    ) -> None:
         from quanta.engine.llm_engine import LLMEngine
 
         if num_threads is not None and engine_args.device == "cpu":
@@ -65,6 +79,8 @@ class InstanceWorker:
         self.index = index
         self.engine = LLMEngine(engine_args, clock=cluster_clock(epoch))
         self.core = self.engine.core
+        # The instance's side of live migrations; its calls run on the step thread like every other.
+        self.endpoint = MigrationEndpoint(self.core, transport or InProcessTransport(), index)
         self._cond = threading.Condition()
         self._inbox: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self._records: dict[str, TokenRecord] = {}  # since the last poll, in order of first token
@@ -112,7 +128,8 @@ class InstanceWorker:
         self.call(add)
 
     def abort(self, request_ids: list[str]) -> None:
-        self.call(lambda: self.core.abort_requests(request_ids))
+        """Client aborts: the requests here, or their reservations if they are migrating in."""
+        self.call(lambda: self.endpoint.abort(request_ids))
 
     def finish(self, request_ids: list[str], status: int) -> None:
         """End requests for a reason the front end found (a stop string)."""
@@ -166,6 +183,16 @@ class InstanceWorker:
             }
 
         return self.call(state)
+
+    def instance_state(self) -> InstanceState:
+        """The snapshot the cluster's router and rescheduler read (prefix hashes: since the last call)."""
+        return self.call(self.endpoint.state)
+
+    def migration(self, method: str, *args: Any) -> Any:
+        """One MigrationEndpoint call (reserve, stage_out, stage_in, abort_in, finish_out, watchdog)."""
+        if method not in MIGRATION_CALLS:
+            raise ValueError(f"unknown migration call {method!r}")
+        return self.call(lambda: getattr(self.endpoint, method)(*args))
 
     def reset_prefix_cache(self) -> bool:
         return self.call(self.core.kv.reset_prefix_cache)
