@@ -89,6 +89,36 @@ def test_answers_equal_one_engine_and_both_instances_serve(
     assert m[("quanta:instance_up", (("instance", "0"), ("model_name", MODEL)))] == 1
 
 
+def test_a_forced_live_migration_mid_stream_is_invisible_to_the_client(
+    cluster_server: Server, expected: dict[int, str]
+) -> None:
+    client = cluster_server.client(timeout=120)
+    stream = client.completions.create(
+        model=MODEL,
+        prompt=PROMPTS[3],
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    text, migrated = "", None
+    for chunk in stream:
+        text += "".join(c.text for c in chunk.choices)
+        if migrated is None and len(text) > 5:
+            owner = next(s["index"] for s in cluster_server.state()["instances"] if s.get("num_running"))
+            status, migrated, _ = cluster_server.http(
+                "POST", "/internal/migrate", {"request_id": chunk.id, "dst": 1 - owner}
+            )
+            assert status == 200, migrated
+    assert migrated is not None and migrated["committed"], migrated
+    assert migrated["downtime_ms"] is not None and migrated["stages"] >= 2
+    assert text == expected[3]
+    st = wait_clean(cluster_server)
+    assert st["cluster"]["migrations"] >= 1
+    status, body, _ = cluster_server.http("POST", "/internal/migrate", {"request_id": "nope", "dst": 0})
+    assert status == 404 and "no running request" in body["error"]["message"]
+
+
 def test_killing_an_instance_mid_load_loses_no_request(
     cluster_server: Server, expected: dict[int, str]
 ) -> None:

@@ -276,6 +276,10 @@ class OpenAIServer:
             async def internal_state() -> dict:
                 return asdict(await self.engine.state(check=True))
 
+            @app.post("/internal/migrate")
+            async def internal_migrate(request: Request) -> dict:
+                return await self._migrate(request)
+
         @app.get("/v1/models")
         async def models() -> dict:
             return {"object": "list", "data": [self._model_card()]}
@@ -416,6 +420,47 @@ class OpenAIServer:
         async def on_unexpected(_: Request, e: Exception) -> JSONResponse:
             logger.error("request failed", exc_info=e)
             return _error_response(_api_error_of(e))
+
+    async def _migrate(self, request: Request) -> dict:
+        """Move a running request to another instance now (a cluster's live migration), and answer once
+        the migration is over: {"request_id", "src", "dst", "committed", "reason", "downtime_ms"}."""
+        migrate = getattr(self.llm_engine, "migrate", None)
+        if migrate is None:
+            raise APIError(
+                400, "live migration needs a cluster (quanta serve --instances N)", "invalid_request_error"
+            )
+        try:
+            body = json.loads(await self._read_body(request))
+            request_id, dst = body["request_id"], body["dst"]
+            if not isinstance(request_id, str) or not isinstance(dst, int) or isinstance(dst, bool):
+                raise TypeError
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise _bad(
+                'the body must be {"request_id": "<id>", "dst": <instance index>}', "request_id"
+            ) from None
+        # The engine's id of a response's first prompt (and first sample, n > 1), or an engine id as is.
+        live = getattr(self.llm_engine, "live", {})
+        forms = (request_id, f"{request_id}-0", f"{request_id}-0#0", f"{request_id}#0")
+        ids = [rid for rid in forms if rid in live]
+        try:
+            m = await self.engine.call(lambda e: migrate(ids[0] if ids else request_id, dst))
+        except ValueError as e:
+            raise APIError(
+                404 if "no running request" in str(e) else 400, str(e), "invalid_request_error"
+            ) from None
+        deadline = time.monotonic() + 60
+        # Read on the engine thread, which advances the migration: over once it has left the table.
+        while await self.engine.call(lambda e: m in e.migrations.values()) and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return {
+            "request_id": request_id,
+            "src": m.src,
+            "dst": m.dst,
+            "committed": m.committed,
+            "reason": m.reason or ("in flight" if not m.finished else ""),
+            "stages": m.num_stages,
+            "downtime_ms": None if m.downtime is None else 1e3 * m.downtime,
+        }
 
     def _model_card(self) -> dict:
         return {

@@ -183,6 +183,12 @@ class AsyncEngine:
         assert fut is not None
         return await asyncio.wrap_future(fut)
 
+    async def call(self, fn: Callable[[EngineFrontend], Any]) -> Any:
+        """Run fn(engine) on the engine thread between two steps (e.g. start a migration)."""
+        fut = self._send("call", fn)
+        assert fut is not None
+        return await asyncio.wrap_future(fut)
+
     @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._stopping and self._death is None
@@ -288,6 +294,8 @@ class AsyncEngine:
                 result = None
             elif kind == "state":
                 result = self.engine.state(payload)
+            elif kind == "call":
+                result = payload(self.engine)
             else:
                 raise AssertionError(kind)
         except Exception as e:
