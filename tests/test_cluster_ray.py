@@ -115,8 +115,39 @@ def test_a_forced_live_migration_mid_stream_is_invisible_to_the_client(
     assert text == expected[3]
     st = wait_clean(cluster_server)
     assert st["cluster"]["migrations"] >= 1
+    m = cluster_server.metrics()
+    assert m[("quanta:migrations_total", (("model_name", MODEL), ("outcome", "committed")))] >= 1
     status, body, _ = cluster_server.http("POST", "/internal/migrate", {"request_id": "nope", "dst": 0})
     assert status == 404 and "no running request" in body["error"]["message"]
+
+
+def test_offline_llm_spreads_a_batch_over_instances_of_a_running_cluster(
+    cluster_server: Server, llama_dir: Path, expected: dict[int, str]
+) -> None:
+    from quanta.engine.llm import LLM
+    from quanta.sampling_params import SamplingParams
+
+    address = cluster_server.state()["cluster"]["ray_address"]
+    llm = LLM(
+        str(llama_dir),
+        instances=2,
+        ray_address=address,  # joins the server's cluster: two more actors of its own
+        cpu_kernels=False,
+        num_kv_blocks=512,
+        max_model_len=256,
+        max_num_batched_tokens=512,
+    )
+    try:
+        outs = llm.generate(
+            [{"prompt_token_ids": p} for p in PROMPTS],
+            SamplingParams(temperature=0, max_tokens=40, ignore_eos=True),
+            use_tqdm=False,
+        )
+        assert [o.outputs[0].text for o in outs] == [expected[i] for i in range(len(PROMPTS))]
+        st = llm.engine.state()
+        assert all(s["prefix_queries"] > 0 for s in st.instances) and st.num_free_blocks == st.num_blocks
+    finally:
+        llm.shutdown()
 
 
 def test_killing_an_instance_mid_load_loses_no_request(
@@ -125,7 +156,8 @@ def test_killing_an_instance_mid_load_loses_no_request(
     import ray
 
     st = cluster_server.state()
-    ray.init(address=st["cluster"]["ray_address"], namespace="quanta", log_to_driver=False)
+    if not ray.is_initialized():  # (the offline test joined it already)
+        ray.init(address=st["cluster"]["ray_address"], namespace="quanta", log_to_driver=False)
     victim = ray.get_actor(st["instances"][0]["name"])
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         futs = [pool.submit(complete, cluster_server, i, True) for i in range(len(PROMPTS))]
@@ -141,3 +173,4 @@ def test_killing_an_instance_mid_load_loses_no_request(
     assert st["cluster"]["redispatched"] > 0
     m = cluster_server.metrics()
     assert m[("quanta:instance_up", (("instance", "0"), ("model_name", MODEL)))] == 0
+    assert m[("quanta:redispatched_requests_total", (("model_name", MODEL),))] > 0

@@ -195,13 +195,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _check_port_free(args.host, args.port)
     if args.instances < 1:
         raise ValueError(f"--instances must be at least 1, got {args.instances}")
+    from quanta.cluster.router import router_names
+
+    if args.router not in router_names():
+        raise ValueError(f"unknown --router {args.router!r}; choose from {', '.join(router_names())}")
     model = args.model or default_model()
     engine_args = EngineArgs(model=model, **_engine_kwargs(args))
     if args.instances > 1 or args.ray_address:
         from quanta.cluster.engine import ClusterEngine
 
         print(f"quanta serve: starting {args.instances} instances of {model} on Ray", file=sys.stderr, flush=True)
-        engine = ClusterEngine(engine_args, num_instances=args.instances, ray_address=args.ray_address)
+        engine = ClusterEngine(
+            engine_args,
+            num_instances=args.instances,
+            ray_address=args.ray_address,
+            router=args.router,
+            migration=args.migration,
+        )
     else:
         print(f"quanta serve: loading {model}", file=sys.stderr, flush=True)
         engine = LLMEngine(engine_args)
@@ -624,6 +634,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--ray-address",
         default=None,
         help="join this Ray cluster (host:port or 'auto') instead of starting a local one",
+    )
+    srv.add_argument(
+        "--router",
+        default="least-load",
+        help="how a cluster dispatches requests: round-robin, least-load, power-of-two, freeness, session, "
+        "prefix (default %(default)s)",
+    )
+    srv.add_argument(
+        "--migration",
+        action="store_true",
+        help="let the Llumnix rescheduler live-migrate running requests between instances",
     )
     srv.add_argument(
         "--batch-dir",

@@ -19,7 +19,12 @@ NAMESPACE = "quanta"
 
 def init_ray(address: str | None = None) -> None:
     """Join the Ray cluster at `address` (e.g. "127.0.0.1:6379" or "auto"), or start a local one."""
-    import ray
+    try:
+        import ray
+    except ImportError:
+        raise ValueError(
+            "several instances run on Ray, which is not installed: pip install 'quanta[cluster]'"
+        ) from None
 
     if ray.is_initialized():
         return
@@ -59,13 +64,13 @@ class RayInstances:
         address: str | None = None,
         name_prefix: str | None = None,
     ) -> None:
-        import ray
-
         from quanta.cluster.worker import InstanceWorker
 
         if num_instances < 1:
             raise ValueError(f"instances must be at least 1, got {num_instances}")
         init_ray(address)
+        import ray
+
         self._ray = ray
         self.prefix = name_prefix or f"quanta-{uuid.uuid4().hex[:8]}"
         gpu = engine_args.device.startswith("cuda")

@@ -22,10 +22,18 @@ class LLM:
     """
 
     def __init__(
-        self, model: str | None = None, *, instances: int = 1, ray_address: str | None = None, **kwargs: Any
+        self,
+        model: str | None = None,
+        *,
+        instances: int = 1,
+        ray_address: str | None = None,
+        router: str = "least-load",
+        migration: bool = False,
+        **kwargs: Any,
     ) -> None:
         """`instances` > 1 (or a `ray_address`) spreads the prompts over that many engine instances, each
-        a Ray actor with its own model copy and KV pool (`quanta.cluster`)."""
+        a Ray actor with its own model copy and KV pool (`quanta.cluster`), dispatched by `router`, with
+        live migration between them if `migration`."""
         if kwargs.get("policy", "sarathi") != "prefill-first":
             # Offline work wants throughput more than short steps: a larger token budget than the
             # server's 512 (vLLM's LLM class also defaults to a larger one than its server).
@@ -37,7 +45,9 @@ class LLM:
         if instances > 1 or ray_address:
             from quanta.cluster.engine import ClusterEngine
 
-            self.engine = ClusterEngine(args, num_instances=instances, ray_address=ray_address)
+            self.engine = ClusterEngine(
+                args, num_instances=instances, ray_address=ray_address, router=router, migration=migration
+            )
         else:
             self.engine = LLMEngine(args)
         self._ids = itertools.count()

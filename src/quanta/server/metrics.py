@@ -129,8 +129,30 @@ class ServerMetrics:
             "quanta:instance_num_requests_waiting", "Requests waiting on the instance.", mi, registry=r
         )
         self.instance_kv_usage = Gauge(
-            "quanta:instance_kv_cache_usage_perc", "Fraction of the instance's KV blocks in use.", mi, registry=r
+            "quanta:instance_kv_cache_usage_perc",
+            "Fraction of the instance's KV blocks in use.",
+            mi,
+            registry=r,
         )
+        self.migrations = Counter(
+            "quanta:migrations",
+            "Live migrations between instances, by outcome.",
+            ["model_name", "outcome"],
+            registry=r,
+        )
+        self.migration_downtime = Gauge(
+            "quanta:migration_downtime_seconds",
+            "Time a migrated request stood still (last stage to commit): mean and max so far.",
+            ["model_name", "stat"],
+            registry=r,
+        )
+        self.redispatched = Counter(
+            "quanta:redispatched_requests",
+            "Requests recomputed elsewhere after their instance died.",
+            m,
+            registry=r,
+        )
+        self._seen_cluster = {"migrations": 0, "migrations_aborted": 0, "redispatched": 0}
         self.prompt_tokens = Counter(
             "quanta:prompt_tokens", "Prompt tokens of finished requests.", mt, registry=r
         )
@@ -255,3 +277,14 @@ class ServerMetrics:
             self.instance_running.labels(*labels).set(inst.get("num_running", 0))
             self.instance_waiting.labels(*labels).set(inst.get("num_waiting", 0))
             self.instance_kv_usage.labels(*labels).set(inst.get("kv_usage", 0.0))
+        c = state.cluster
+        if c is not None:
+            seen = self._seen_cluster
+            self.migrations.labels(name, "committed").inc(c["migrations"] - seen["migrations"])
+            self.migrations.labels(name, "aborted").inc(c["migrations_aborted"] - seen["migrations_aborted"])
+            self.redispatched.labels(name).inc(c["redispatched"] - seen["redispatched"])
+            seen.update((k, c[k]) for k in seen)
+            for stat in ("mean", "max"):
+                ms = c[f"migration_downtime_ms_{stat}"]
+                if ms is not None:
+                    self.migration_downtime.labels(name, stat).set(ms / 1e3)
