@@ -231,8 +231,7 @@ def test_migration_to_a_full_destination_leaves_the_request_running(
         step_until(ce, lambda: ce.live["0"].num_output_tokens >= 3, done)
         assert ce.owner["0"] != ce.owner["filler"]
         src, dst = ce.owner["0"], ce.owner["filler"]
-        m = ce.migrate("0", dst)
-        m.num_blocks = 10_000  # more than the destination holds
+        m = ce.migrate("0", dst, num_blocks=10_000)  # more than the destination holds
         step_until(ce, lambda: "0" in done, done)
         assert m.finished and not m.committed and m.reason == "destination full"
         assert (

@@ -12,6 +12,7 @@ It is an `EngineFrontend`, like LLMEngine, so the OpenAI server and the offline 
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import logging
 import time
@@ -94,6 +95,8 @@ class ClusterEngine(EngineFrontend):
         self._state_polls: dict[int, Any] = {}
         self._last_poll = self.now()
         self.migrations: dict[str, Migration] = {}  # in flight, by request id
+        self._migration_runs: dict[str, concurrent.futures.Future] = {}
+        self._migration_pool = concurrent.futures.ThreadPoolExecutor(max(1, n // 2), "quanta-migration")
         self.done_migrations: list[Migration] = []  # finished (committed or aborted), for reports
         self._held: list[tuple[int, TokenRecord]] = []  # (instance, tokens after a gap in the outputs)
         self._gap_since: dict[str, float] = {}  # request id -> when its gap was first seen
@@ -236,7 +239,11 @@ class ClusterEngine(EngineFrontend):
         return all([self.instances.result(i, f) for i, f in futs])
 
     def shutdown(self) -> None:
+        self._migration_pool.shutdown(wait=False, cancel_futures=True)
         self.instances.shutdown()
+
+    def healthy(self) -> bool:
+        return any(self.alive)
 
     # ---- instances ------------------------------------------------------------------------------------
     def _alive_indices(self) -> list[int]:
@@ -325,11 +332,11 @@ class ClusterEngine(EngineFrontend):
                 for order in self.rescheduler.plan(self.view):
                     if order.request_id in self.live and self.owner.get(order.request_id) == order.src:
                         self._start_migration(order.request_id, order.src, order.dst, order.num_blocks)
-        for m in list(self.migrations.values()):
-            self._advance(m)
+        self._collect_migrations()
 
-    def migrate(self, request_id: str, dst: int) -> Migration:
-        """Start moving a running request to instance `dst` now (it advances with `step`)."""
+    def migrate(self, request_id: str, dst: int, num_blocks: int | None = None) -> Migration:
+        """Start moving a running request to instance `dst` now (on a migration thread; `step` settles
+        it). `num_blocks`: what the destination pre-allocates (default: the request's blocks now)."""
         req = self.live.get(request_id)
         src = self.owner.get(request_id)
         if req is None or src is None:
@@ -340,31 +347,45 @@ class ClusterEngine(EngineFrontend):
             raise ValueError(f"request {request_id!r} already runs on instance {dst}")
         if request_id in self.migrations:
             raise ValueError(f"request {request_id!r} is already migrating")
-        blocks = -(-req.num_tokens // self.block_size)
+        blocks = -(-req.num_tokens // self.block_size) if num_blocks is None else num_blocks
         return self._start_migration(request_id, src, dst, blocks)
 
     def _start_migration(self, request_id: str, src: int, dst: int, num_blocks: int) -> Migration:
         m = Migration(request_id, src, dst, num_blocks)
         self.migrations[request_id] = m
         self.view.migrations[request_id] = (src, dst)
+        self._migration_runs[request_id] = self._migration_pool.submit(self._run_migration, m)
         return m
 
-    def _advance(self, m: Migration) -> None:
+    def _run_migration(self, m: Migration) -> Any:
+        """On a migration thread: drive the state machine to its end (each phase waits for the instances'
+        step boundaries, so the front end's thread must not). Returns the source's stop snapshot."""
         src, dst = _Remote(self, m.src), _Remote(self, m.dst)
-        try:
+        while not m.finished:
             m.advance(src, dst, self.now())
-        except InstanceDiedError as e:
-            self._instance_died(e.index)  # ends the migration (and re-dispatches the dead one's requests)
-            return
-        except Exception as e:  # a call the state machine does not guard failed: give up this one
-            logger.exception("migration of %s failed", m.request_id)
-            self._end_migration(m, f"failed: {e}")
-            return
-        if src.stopped is not None:  # the last stage: the request's outputs as the source stopped it
-            snap = src.stopped
-            times = [t - self.clock.unix_offset() for t in snap.times.tokens]
-            self._fill[m.request_id] = TokenRecord(m.request_id, 0, list(snap.output_token_ids), times)
-        if m.finished:
+        return src.stopped
+
+    def _collect_migrations(self) -> None:
+        """On the engine thread: settle the migrations whose thread has finished."""
+        for rid, fut in list(self._migration_runs.items()):
+            if not fut.done():
+                continue
+            del self._migration_runs[rid]
+            m = self.migrations.get(rid)
+            if m is None:  # already ended (an instance died)
+                continue
+            try:
+                snap = fut.result()
+            except InstanceDiedError as e:
+                self._instance_died(e.index)  # ends the migration, re-dispatches the dead one's requests
+                continue
+            except Exception as e:  # a call the state machine does not guard failed: give this one up
+                logger.error("migration of %s failed: %s", rid, e)
+                self._end_migration(m, f"failed: {e}")
+                continue
+            if snap is not None:  # the request's outputs as the source stopped it (fills a gap)
+                times = [t - self.clock.unix_offset() for t in snap.times.tokens]
+                self._fill[rid] = TokenRecord(rid, 0, list(snap.output_token_ids), times)
             self._end_migration(m, m.reason)
 
     def _end_migration(self, m: Migration, reason: str) -> None:
@@ -412,7 +433,10 @@ class ClusterEngine(EngineFrontend):
                 req = self.live.get(rec.request_id)
                 if req is None:
                     continue
-                owns = self.owner.get(rec.request_id) == index
+                # The destination of a migration reports a request only once it has committed it (its
+                # thread may not have told this one yet).
+                m = self.migrations.get(rec.request_id)
+                owns = self.owner.get(rec.request_id) == index or (m is not None and m.dst == index)
                 if j < len(rec.prompt_logprobs) and owns:
                     result.prompt_logprobs[rec.request_id] = rec.prompt_logprobs[j]
                 if j < len(rec.token_ids) and rec.start + j > req.num_output_tokens:

@@ -245,6 +245,10 @@ class EngineFrontend:
     def shutdown(self) -> None:
         """Release what the engine holds beyond this process (a cluster's instances)."""
 
+    def healthy(self) -> bool:
+        """Whether the engine can serve (a cluster: some instance is alive)."""
+        return True
+
 
 class LLMEngine(EngineFrontend):
     def __init__(self, args: EngineArgs, clock: Clock | None = None) -> None:

@@ -191,7 +191,8 @@ class AsyncEngine:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping and self._death is None
+        alive = self._thread.is_alive() and not self._stopping and self._death is None
+        return alive and self.engine.healthy()
 
     @property
     def death(self) -> EngineDeadError | None:
