@@ -459,6 +459,10 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         for r in out.updated:
             if r.finished:
                 done(r)
+        if out.plan.is_empty and out.end == out.start:
+            # Nothing could run and no time passed: what waits needs KV that a request stopped for its
+            # migration still holds. The replica sleeps until the controller or an arrival wakes it.
+            continue
         if core.has_unfinished():
             wake(i)
     bar.close()
