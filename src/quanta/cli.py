@@ -289,6 +289,8 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             tp=args.tp,
             replicas=args.replicas,
             router=args.router,
+            migration=args.migration,
+            poll_interval=args.poll_interval,
             max_num_batched_tokens=args.max_num_batched_tokens,
             max_num_seqs=args.max_num_seqs,
             max_model_len=args.max_model_len,
@@ -350,6 +352,15 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             f"{res.simulated_seconds:.1f} s of simulated time, {res.num_steps} steps; "
             f"{res.wall_seconds:.1f} s wall ({res.num_requests / max(res.wall_seconds, 1e-9):.0f} simulated req/s)"
         )
+        if cfg.replicas > 1:
+            down = sorted(res.downtimes)
+            worst = f", downtime max {down[-1] * 1e3:.1f} ms" if down else ""
+            print(
+                f"{cfg.policy}: router {cfg.router}; {res.num_migrations} migrations "
+                f"({len(res.migrations) - res.num_migrations} aborted){worst}; "
+                f"{res.num_preemptions} preemptions, {res.recomputed_tokens} tokens recomputed; "
+                f"prefix hit rate {res.prefix_hit_rate:.1%}"
+            )
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -490,7 +501,22 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
     )
     p.add_argument("--policy-args", default=None, help="policy settings as JSON, e.g. '{\"aging_s\": 30}'")
     p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--router", default="least-load", choices=["least-load", "round-robin"])
+    p.add_argument(
+        "--router",
+        default="least-load",
+        choices=["round-robin", "least-load", "power-of-two", "freeness", "session", "prefix"],
+        help="how requests are dispatched to replicas (quanta.cluster routers)",
+    )
+    p.add_argument(
+        "--migration", action="store_true", help="live migration between replicas (Llumnix rescheduling)"
+    )
+    p.add_argument(
+        "--poll-interval",
+        type=float,
+        default=None,
+        help="seconds between the controller's snapshots of the replicas (default: fresh at each arrival; "
+        "0.05 with --migration)",
+    )
     p.add_argument("--tp", type=int, default=1)
     p.add_argument(
         "--num-requests",

@@ -90,7 +90,7 @@ class LocalCluster:
 
     def advance_migrations(self) -> None:
         for rid, m in list(self.migrations.items()):
-            m.advance(self.endpoints[m.src], self.endpoints[m.dst], self.clock())
+            m.advance(self.endpoints[m.src], self.endpoints[m.dst], self.clock)
             if m.finished:
                 del self.migrations[rid]
                 del self.view.migrations[rid]

@@ -20,12 +20,14 @@ watchdog (MigrationEndpoint.watchdog).
 `advance(src, dst, now)` performs one phase through the two endpoints (MigrationEndpoint, or a proxy
 whose methods make the same calls remotely) and returns the transfer time of the copy it started, as the
 endpoints' transport prices it: a simulator schedules the next phase that much later, while the source
-keeps stepping. Real drivers call it between engine steps and pass wall-clock time.
+keeps stepping, and passes its virtual time. Real drivers call it between engine steps and pass a clock
+function (e.g. time.perf_counter): then the downtime also covers the commit call itself.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,8 +92,11 @@ class Migration:
         self.bytes_moved += out.nbytes
         return self.seconds(out.nbytes) if self.seconds is not None else 0.0
 
-    def advance(self, src: Endpoint, dst: Endpoint, now: float) -> float:
-        """Carry out the current phase; returns the seconds its copy takes (0: none started)."""
+    def advance(self, src: Endpoint, dst: Endpoint, now: float | Callable[[], float]) -> float:
+        """Carry out the current phase at time `now` (a reading, or a clock to read); returns the seconds
+        its copy takes (0: none started)."""
+        clock = now if callable(now) else None
+        now = now() if callable(now) else now
         rid, phase = self.request_id, self.phase
         assert not self.finished, f"migration of {rid} is over ({self.reason})"
         if self.started is None:
@@ -139,7 +144,7 @@ class Migration:
             src.finish_out(rid, committed=False)  # the source takes the request back
             return self._abort(dst, why)
         assert self.stopped_at is not None
-        self.downtime = now - self.stopped_at
+        self.downtime = (clock() if clock is not None else now) - self.stopped_at
         self.phase = Phase.DONE
         if src.finish_out(rid, committed=True):
             self.reason = "committed"

@@ -17,6 +17,7 @@ for the request's blocks above its watermark.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from quanta.cluster.load import freeness
@@ -94,6 +95,22 @@ class Rescheduler:
             d = states[dst]
             if req.num_blocks > d.num_free_blocks - d.watermark_blocks:
                 continue
+            # The move must leave the destination freer than the source (no ping-pong), unless draining.
+            if not states[src].draining and _after(d, req.num_blocks) <= _after(states[src], -req.num_blocks):
+                continue
             orders.append(MigrationOrder(req.request_id, src, dst, req.num_blocks))
             used.update((src, dst))
         return orders
+
+
+def _after(s: InstanceState, blocks: int) -> float:
+    """Freeness once a request of `blocks` blocks arrives (negative: leaves)."""
+    moved = dataclasses.replace(
+        s,
+        num_free_blocks=max(s.num_free_blocks - blocks, 0),
+        num_running=s.num_running + (1 if blocks > 0 else -1),
+        running=[],
+        stored_hashes=[],
+        evicted_hashes=[],
+    )
+    return freeness(moved)

@@ -3,9 +3,10 @@ by name like the scheduling policies (`make_router(name, **args)`).
 
 A router reads only the `ClusterView` (snapshots plus the dispatches counted since), so the same router
 runs in the simulator and behind the Ray cluster. `dispatch` asks it for an instance and counts the
-dispatch at once. Class flags tell a simulator what the router reads: `reads_kv` (block counts, prefix
-hashes: replicas must be brought up to the arrival's time first) — round-robin and the request-count
-least-load read neither, so runs of decode steps need not be cut for them.
+dispatch at once. Class flags tell a simulator what the router reads: `reads_state` (any snapshot) and
+`reads_kv` (block counts, prefix hashes: replicas must be brought up to the arrival's time first);
+round-robin reads nothing and the request-count least-load no KV state, so runs of decode steps need
+not be cut for them.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from quanta.request import Request
 
 class Router:
     name: ClassVar[str]
+    reads_state: ClassVar[bool] = True  # False: it reads no snapshot at all (round-robin)
     reads_kv: ClassVar[bool] = False
 
     def __init__(self, seed: int = 0) -> None:

@@ -108,15 +108,16 @@ class EngineCore:
         self.num_added += 1  # counted even when refused: the cluster counted the dispatch
         self.scheduler.add_request(req)
 
-    def instance_state(self, instance_id: int = 0, draining: bool = False) -> InstanceState:
+    def instance_state(self, instance_id: int = 0, draining: bool = False, detail: bool = True) -> InstanceState:
         """A snapshot for the cluster's global scheduler (between steps). The prefix hashes it carries are
-        those indexed and evicted since the previous call (the first call: the whole index)."""
+        those indexed and evicted since the previous call (the first call: the whole index). Without
+        `detail`, only the counts (requests, blocks): no per-request data, queue demand or hashes."""
         sched, kv = self.scheduler, self.kv
         bs = kv.block_size
         now = self.clock.now()
         running: list[RunningInfo] = []
         decodes = context = uncomputed = high = 0
-        for r in sched.running:
+        for r in sched.running if detail else ():
             n = r.num_tokens
             decoding = n - r.num_computed_tokens == 1
             decodes += decoding
@@ -127,7 +128,7 @@ class EngineCore:
             blocks = kv.req_blocks.get(r.request_id, ())
             running.append(RunningInfo(r.request_id, n, len(blocks), decoding, r.priority, r.arrival_time))
         hol = demand = preempted = 0
-        if sched.waiting:
+        if sched.waiting and detail:
             head = next(itertools.islice(self.policy.waiting_order(sched.waiting, now), 1), None)
             if head is not None:
                 hits = kv.get_computed_blocks(head, count=False)
@@ -137,7 +138,7 @@ class EngineCore:
                 uncomputed += w.num_tokens - w.num_computed_tokens
                 high += w.priority < 0
                 preempted += w.status == RequestStatus.PREEMPTED
-        stored, evicted = kv.pool.drain_hash_log() if kv.enable_caching else ([], [])
+        stored, evicted = kv.pool.drain_hash_log() if kv.enable_caching and detail else ([], [])
         return InstanceState(
             instance_id=instance_id,
             time=now,

@@ -1,5 +1,6 @@
 """Discrete-event simulation: N replicas, each quanta's own EngineCore with a SimExecutor and its own
-virtual clock, behind a router. Torch-free: it runs the production scheduler on a laptop.
+virtual clock, behind the cluster's global scheduler (quanta.cluster: the same routers, rescheduler and
+migration state machine as a real cluster). Torch-free: it runs the production scheduler on a laptop.
 """
 
 from __future__ import annotations
@@ -11,6 +12,12 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from quanta.cluster.endpoint import MigrationEndpoint
+from quanta.cluster.migration import Migration, Phase
+from quanta.cluster.rescheduler import Rescheduler
+from quanta.cluster.router import dispatch, make_router, router_names
+from quanta.cluster.transport import SimulatedTransport
+from quanta.cluster.view import ClusterView
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
 from quanta.engine.core import DecodeRun, EngineCore
@@ -22,7 +29,7 @@ from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
 from quanta.sim.workload import WorkloadRequest, iter_requests, output_lengths, to_requests
 
-ROUTERS = ("round-robin", "least-load")
+ROUTERS = tuple(router_names())
 
 
 @dataclass(slots=True)
@@ -33,6 +40,19 @@ class SimConfig:
     tp: int = 1
     replicas: int = 1
     router: str = "least-load"
+    router_args: dict = field(default_factory=dict)
+    # Seconds between the controller's polls of every replica's snapshot (None: a fresh snapshot at each
+    # arrival, no staleness). Routers read the last poll plus the dispatches counted since.
+    poll_interval: float | None = None
+    # Live migration (Llumnix): at each poll the rescheduler pairs replicas by freeness and migrates.
+    migration: bool = False
+    migration_pairing: str = "balanced"
+    migration_threshold: float = 3.0  # freeness below: a source; above: a destination
+    migration_choice: str = "shortest"
+    migration_max_stages: int = 3
+    migration_last_stage_blocks: int = 4
+    link_bandwidth: float = 25e9  # bytes/s between replicas (KV copies of a migration)
+    link_latency: float = 1e-3  # seconds per controller call / transfer
     max_num_batched_tokens: int | None = None  # default: 512 for chunked policies, max_model_len otherwise
     max_num_seqs: int | None = None  # default: 128, or the token budget when that is smaller
     max_model_len: int = 8192
@@ -56,8 +76,13 @@ class SimConfig:
     check_integrity: bool = False  # KV and scheduler invariants after every step (and run): for tests
 
     def __post_init__(self) -> None:
-        if self.router not in ROUTERS:
-            raise ValueError(f"unknown router {self.router!r}; choose from {', '.join(ROUTERS)}")
+        make_router(self.router, **self.router_args)  # a clear error for an unknown router or argument
+        if self.migration:
+            Rescheduler(self.migration_pairing, self.migration_threshold, self.migration_choice)
+            if self.poll_interval is None:
+                self.poll_interval = 0.05  # Llumnix's instances report every 50 ms
+        if self.poll_interval is not None and self.poll_interval <= 0:
+            raise ValueError("poll_interval must be positive")
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
@@ -122,6 +147,30 @@ class SimResult:
     num_requests: int = 0
     num_decode_runs: int = 0  # runs of steps advanced at once (SimConfig.decode_runs)
     num_computed_tokens: int = 0  # tokens the executors computed, prompt and decode, recomputation included
+    # Tokens finished requests had to compute (uncached prompt, outputs but the last): what the executors
+    # computed beyond this, for finished requests, was recomputation after preemption.
+    num_needed_tokens: int = 0
+    migrations: list[Migration] = field(default_factory=list)  # every migration started, as it ended
+    prefix_cache_queries: int = 0  # prompt blocks looked up in the replicas' prefix caches
+    prefix_cache_hits: int = 0
+    num_polls: int = 0
+
+    @property
+    def recomputed_tokens(self) -> int:
+        """Preemption loss: tokens computed again because a preempted request lost its KV."""
+        return self.num_computed_tokens - self.num_needed_tokens
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+    @property
+    def num_migrations(self) -> int:
+        return sum(m.committed for m in self.migrations)
+
+    @property
+    def downtimes(self) -> list[float]:
+        return [m.downtime for m in self.migrations if m.committed and m.downtime is not None]
 
     @property
     def prefill_tokens_saved(self) -> int:
@@ -201,11 +250,18 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
 
     A discrete-event loop over a heap of replica clocks: the replica that is furthest behind steps next,
     and an arrival is routed once every replica has run all steps that begin before it (ties: the
-    arrival first). With `cfg.decode_runs`, a replica whose next steps provably repeat one pure-decode
-    plan (Scheduler.decode_run) plans them at once; a router only reads a replica's load, which such a
-    run leaves unchanged, so the run waits in the heap until its end, and an arrival routed to the
-    replica first applies only the run's steps that begin before it. The schedule is exactly the
-    step-by-step one (tests/test_sim_fast_forward.py checks it)."""
+    arrival first). Controller events (polls, migration phases) are ordered the same way, after
+    arrivals. With `cfg.decode_runs`, a replica whose next steps provably repeat one pure-decode plan
+    (Scheduler.decode_run) plans them at once; the run waits in the heap until its end, and anything
+    that reads or changes the replica earlier (an arrival routed there, a router reading KV state, a
+    poll, a migration phase) first applies only the run's steps that begin before it. The schedule is
+    exactly the step-by-step one (tests/test_sim_fast_forward.py checks it).
+
+    Dispatch goes through the cluster's router over a ClusterView: with `cfg.poll_interval` None the view
+    is refreshed at each arrival, otherwise at each poll (the dispatches counted in between). With
+    `cfg.migration`, each poll asks the rescheduler for migrations; their phases are timed events (the
+    copies priced by a SimulatedTransport) while the source keeps stepping, and the last stage's
+    downtime shows in the request's time between tokens."""
     from tqdm.auto import tqdm
 
     too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
@@ -221,8 +277,20 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
     lengths = output_lengths(workload)
     reps = [_Replica(build_replica(cfg, lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    transport = SimulatedTransport(cfg.link_bandwidth, cfg.link_latency)
+    endpoints = [MigrationEndpoint(rep.core, transport, i) for i, rep in enumerate(reps)]
+    router = make_router(cfg.router, **cfg.router_args)
+    rescheduler = (
+        Rescheduler(cfg.migration_pairing, cfg.migration_threshold, cfg.migration_choice)
+        if cfg.migration
+        else None
+    )
+    view = ClusterView(cfg.block_size)
+    for ep in endpoints:
+        view.update(ep.state())
     stream = MetricsStream(None if keep else MAX_EXACT_ITL)
     kept: list[Request] = []
+    kept_at: dict[str, int] = {}  # request id -> index in kept (a migrated request's copy replaces it)
     arrivals = [w.arrival for w in workload]
     in_order = all(a <= b for a, b in itertools.pairwise(arrivals))
     if in_order:  # requests made as they arrive: a long trace's prompts are never all in memory
@@ -232,10 +300,18 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         pending = iter(sorted(kept, key=lambda r: r.arrival_time))
         if not keep:
             kept = []
+    if keep:
+        kept_at = {r.request_id: k for k, r in enumerate(kept)}
     nxt = next(pending, None)
-    rr = itertools.cycle(range(len(reps)))
     heap: list[tuple[float, int, int]] = []  # (clock time the replica next acts, replica index, version)
-    steps = runs = computed = 0
+    # Controller events: (time, sequence, migration or None for a poll).
+    ctl: list[tuple[float, int, Migration | None]] = []
+    ctl_seq = itertools.count()
+    if cfg.poll_interval is not None and nxt is not None:
+        heapq.heappush(ctl, (nxt.arrival_time, next(ctl_seq), None))
+    migrations: list[Migration] = []
+    active: dict[str, Migration] = {}
+    steps = runs = computed = needed = polls = 0
 
     def wake(i: int) -> None:
         rep = reps[i]
@@ -244,6 +320,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         # after its start must see the replica's load without them, as step by step.
         t = rep.run.starts[-1] if rep.run is not None else rep.core.clock.now()
         heapq.heappush(heap, (t, i, rep.version))
+
+    def done(r: Request) -> None:
+        nonlocal needed
+        stream.add(RequestMetrics.of(r))
+        needed += r.num_prompt_tokens - r.num_cached_tokens + max(r.num_output_tokens - 1, 0)
 
     def finish_run(rep: _Replica, num_steps: int | None = None) -> None:
         nonlocal steps, computed
@@ -260,35 +341,97 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             run, m = run.tail(m - 1), 1
         if m:
             for r in rep.core.apply_decode_run(run, m):
-                stream.add(RequestMetrics.of(r))
+                done(r)
             rep.usage.record(run.ends[m - 1], rep.core.kv.usage())
+
+    def catch_up(i: int, t: float) -> None:
+        """Apply the replica's planned steps that begin before t: it reads as step by step would at t."""
+        rep = reps[i]
+        if rep.run is not None:
+            finish_run(rep, rep.run.steps_before(t))
+            wake(i)
+
+    def refresh(t: float, full: bool) -> None:
+        """Fresh snapshots of every replica at t (`full`: KV and prefix state too, so runs are cut)."""
+        for i, ep in enumerate(endpoints):
+            if full:
+                catch_up(i, t)
+            view.update(ep.core.instance_state(i, detail=full))
+
+    def controller(t: float, m: Migration | None) -> None:
+        nonlocal polls
+        if m is None:  # a poll
+            polls += 1
+            refresh(t, full=True)
+            if rescheduler is not None:
+                for order in rescheduler.plan(view):
+                    mig = Migration(
+                        order.request_id,
+                        order.src,
+                        order.dst,
+                        order.num_blocks,
+                        cfg.migration_max_stages,
+                        cfg.migration_last_stage_blocks,
+                        seconds=transport.seconds,
+                    )
+                    active[mig.request_id] = mig
+                    view.migrations[mig.request_id] = (mig.src, mig.dst)
+                    heapq.heappush(ctl, (t, next(ctl_seq), mig))
+            if nxt is not None or heap or active:
+                heapq.heappush(ctl, (t + cfg.poll_interval, next(ctl_seq), None))  # type: ignore[operator]
+            return
+        src, dst = reps[m.src].core, reps[m.dst].core
+        catch_up(m.src, t)
+        catch_up(m.dst, t)
+        if m.phase in (Phase.STAGE_OUT, Phase.LAST_OUT):
+            t = max(t, src.clock.now())  # the source acts between its steps
+        elif not dst.has_unfinished():
+            dst.clock.wait_until(t)
+        delay = m.advance(endpoints[m.src], endpoints[m.dst], t)
+        for i in (m.src, m.dst):
+            if reps[i].core.has_unfinished():
+                wake(i)
+        if not m.finished:
+            heapq.heappush(ctl, (t + max(delay, cfg.link_latency), next(ctl_seq), m))
+            return
+        del active[m.request_id]
+        del view.migrations[m.request_id]
+        migrations.append(m)
+        if m.committed and keep and m.request_id in kept_at:
+            kept[kept_at[m.request_id]] = dst.scheduler.requests[m.request_id]
 
     while True:
         while heap and heap[0][2] != reps[heap[0][1]].version:
             heapq.heappop(heap)  # stale
         next_step = heap[0][0] if heap else math.inf
-        if nxt is None and not heap:
+        next_ctl = ctl[0][0] if ctl else math.inf
+        if nxt is None and not heap and not ctl:
             break
-        if nxt is not None and nxt.arrival_time <= next_step:
+        if nxt is not None and nxt.arrival_time <= min(next_step, next_ctl):
             req, nxt = nxt, next(pending, None)
-            # Routers read at most a replica's load, which a pending run leaves as it is; one that reads
-            # more (KV usage, the prefix cache) would first have to apply runs up to the arrival.
-            if cfg.router == "round-robin":
-                i = next(rr)
-            else:  # least load, the first of equals
-                loads = [_load(rep.core) for rep in reps]
-                i = loads.index(min(loads))
+            t = req.arrival_time
+            if cfg.poll_interval is None and router.reads_state:
+                # A fresh view at each arrival. Load counts are exact while a run is pending (a run
+                # only finishes requests in its last step, which is applied when it begins); a router
+                # that reads KV state makes every replica apply its runs up to the arrival first.
+                refresh(t, full=router.reads_kv)
+            i = dispatch(router, view, req)
             rep = reps[i]
             core = rep.core
             if rep.run is not None:
-                finish_run(rep, rep.run.steps_before(req.arrival_time))
+                finish_run(rep, rep.run.steps_before(t))
             elif not core.has_unfinished():
-                core.clock.wait_until(req.arrival_time)
+                core.clock.wait_until(t)
             core.add_request(req)
             if keep and in_order:
+                kept_at[req.request_id] = len(kept)
                 kept.append(req)
             wake(i)
             bar.update(1)
+            continue
+        if next_ctl <= next_step:
+            t, _, m = heapq.heappop(ctl)
+            controller(t, m)
             continue
         heap_time, i, _ = heapq.heappop(heap)
         rep = reps[i]
@@ -300,6 +443,8 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             if core.clock.now() > heap_time:  # the run ended later than its last step began
                 wake(i)
                 continue
+        if not core.has_unfinished():
+            continue  # woken by a migration that left it nothing to do
         if cfg.decode_runs:
             run = core.decode_run(RUN_STEPS)
             if run is not None:
@@ -313,7 +458,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         rep.usage.record(out.end, core.kv.usage())
         for r in out.updated:
             if r.finished:
-                stream.add(RequestMetrics.of(r))
+                done(r)
+        if out.plan.is_empty and out.end == out.start:
+            # Nothing could run and no time passed: what waits needs KV that a request stopped for its
+            # migration still holds. The replica sleeps until the controller or an arrival wakes it.
+            continue
         if core.has_unfinished():
             wake(i)
     bar.close()
@@ -340,9 +489,9 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         num_requests=len(workload),
         num_decode_runs=runs,
         num_computed_tokens=computed,
+        num_needed_tokens=needed,
+        migrations=migrations,
+        prefix_cache_queries=sum(c.kv.pool.num_cache_queries for c in cores),
+        prefix_cache_hits=sum(c.kv.pool.num_cache_hits for c in cores),
+        num_polls=polls,
     )
-
-
-def _load(core: EngineCore) -> int:
-    """Least-load routing: fewest outstanding requests (running and waiting)."""
-    return len(core.scheduler.requests)

@@ -10,6 +10,7 @@ from quanta.request import Request
 @register
 class RoundRobinRouter(Router):
     name = "round-robin"
+    reads_state = False
 
     def __init__(self, seed: int = 0) -> None:
         super().__init__(seed)
