@@ -362,7 +362,7 @@ class ClusterEngine(EngineFrontend):
         step boundaries, so the front end's thread must not). Returns the source's stop snapshot."""
         src, dst = _Remote(self, m.src), _Remote(self, m.dst)
         while not m.finished:
-            m.advance(src, dst, self.now())
+            m.advance(src, dst, self.now)  # a clock: the downtime is read after the commit call
         return src.stopped
 
     def _collect_migrations(self) -> None:
