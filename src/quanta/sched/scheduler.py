@@ -76,6 +76,7 @@ class Scheduler:
         if now is not None:
             req.times.finished = now
         if kv_valid:
+            self._pin_or_release(req, status, now)
             self.kv.free(req)
         else:
             self.kv.discard(req)
@@ -84,6 +85,21 @@ class Scheduler:
         self.policy.on_finish(req)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
+
+    def _pin_or_release(self, req: Request, status: RequestStatus, now: float | None) -> None:
+        """A program's call ends: a final turn releases the program's pin; another turn that stopped
+        normally may keep its KV pinned for the policy's time-to-live (while the program runs its tool)."""
+        program = req.program
+        if program is None:
+            return
+        if req.final_turn or status == RequestStatus.FINISHED_ABORTED:
+            self.kv.unpin(program)
+            return
+        if now is None:
+            return
+        ttl = self.policy.pin_ttl(req, now)
+        if ttl is not None and ttl > 0:
+            self.kv.pin(req, now + ttl, self.policy.program_rank(req))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -96,6 +112,8 @@ class Scheduler:
         self._step_start = now
         self._ran_short = False
         self._in_plan = {}
+        if self.kv.pins:
+            self.kv.expire_pins(now)
         self.policy.on_schedule(now)
         budget = TokenBudget(self.config.max_num_batched_tokens)
         if self.policy.decodes_wait_for_prefill:
@@ -171,6 +189,8 @@ class Scheduler:
         below all others gives itself up rather than evict a better one, even one scheduled earlier in
         this step (it is taken back out of the plan)."""
         while not self.kv.allocate_slots(req, n):
+            if self.kv.drop_pin():  # pins give way before any running request does
+                continue
             self._ran_short = True
             victim = self.policy.preemption_victim(self._preemptible())
             if victim.request_id in self._in_plan:
@@ -199,7 +219,11 @@ class Scheduler:
         order = itertools.islice(self.policy.waiting_order(self.waiting, now), 64)
         admissible = [w for w in order if self.policy.admit(w, now)]
         preemptible = self._preemptible()
-        if not admissible or not preemptible or self.policy.victim_for(admissible[0], preemptible, now) is None:
+        if (
+            not admissible
+            or not preemptible
+            or self.policy.victim_for(admissible[0], preemptible, now) is None
+        ):
             # The head outranks no running request: it is admitted if it fits, or waits, and nothing
             # behind it jumps ahead. Most steps of a busy engine end here, without the look-ahead.
             return frozenset(), None
@@ -288,7 +312,9 @@ class Scheduler:
         skip their chunk when tokens are short, among all of them otherwise."""
         candidates = self._preemptible()
         if shortage == "tokens":  # only a prompt chunk gives tokens back
-            candidates = [r for r in candidates if r.num_tokens_to_compute > 1 and r.request_id not in deferred]
+            candidates = [
+                r for r in candidates if r.num_tokens_to_compute > 1 and r.request_id not in deferred
+            ]
         return self.policy.victim_for(w, candidates, now) if candidates else None
 
     def _preemptible(self) -> list[Request]:
@@ -362,8 +388,19 @@ class Scheduler:
                 continue
             hits = self.kv.get_computed_blocks(req)
             n = self._chunk(req, budget.left, hits)
-            if n <= 0 or not self.kv.allocate_slots(req, n, hits):
-                break  # keep the policy's order: nothing jumps the head of the queue
+            if n <= 0:
+                break
+            if not self.kv.allocate_slots(req, n, hits):
+                # Other programs' pins give way when the policy allows it (a tail guard), and always
+                # when nothing runs: then no finishing request would ever make room.
+                if not self.kv.pins or not (not self.running or self.policy.may_drop_pins(req, now)):
+                    break  # keep the policy's order: nothing jumps the head of the queue
+                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(keep=req.program):
+                    pass
+                if not ok:
+                    break
+            if self.kv.pins:
+                self.kv.unpin(req.program)  # the program's next call holds its blocks now
             num_cached = len(hits) * self.kv.block_size
             req.num_computed_tokens = num_cached
             if req.times.first_scheduled is None:

@@ -20,6 +20,8 @@ from quanta.model.config import ModelConfig
 from quanta.request import Request
 from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
+from quanta.sim.programs import ProgramSource
+from quanta.sim.sources import ArrivalSource, TraceSource
 from quanta.sim.workload import WorkloadRequest, iter_requests, output_lengths, to_requests
 
 ROUTERS = ("round-robin", "least-load")
@@ -122,6 +124,8 @@ class SimResult:
     num_requests: int = 0
     num_decode_runs: int = 0  # runs of steps advanced at once (SimConfig.decode_runs)
     num_computed_tokens: int = 0  # tokens the executors computed, prompt and decode, recomputation included
+    pinned_kv: list[list[tuple[float, float]]] = field(default_factory=list)  # per replica (programs only)
+    cores: list[EngineCore] = field(default_factory=list)  # the replicas, as the run left them
 
     @property
     def prefill_tokens_saved(self) -> int:
@@ -196,7 +200,9 @@ class _Replica:
     version: int = 0  # bumped whenever the replica is rescheduled: older heap entries are stale
 
 
-def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool = False) -> SimResult:
+def simulate(
+    workload: Sequence[WorkloadRequest] | ProgramSource, cfg: SimConfig, progress: bool = False
+) -> SimResult:
     """Run the workload to completion; `progress` shows a bar over arrived requests.
 
     A discrete-event loop over a heap of replica clocks: the replica that is furthest behind steps next,
@@ -205,34 +211,57 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     plan (Scheduler.decode_run) plans them at once; a router only reads a replica's load, which such a
     run leaves unchanged, so the run waits in the heap until its end, and an arrival routed to the
     replica first applies only the run's steps that begin before it. The schedule is exactly the
-    step-by-step one (tests/test_sim_fast_forward.py checks it)."""
+    step-by-step one (tests/test_sim_fast_forward.py checks it).
+
+    `workload` may be a closed-loop source of agent programs' calls (ProgramSource): a call that
+    finishes tells the source, which schedules the program's next call."""
     from tqdm.auto import tqdm
 
-    too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
-    if too_long:
-        raise ValueError(
-            f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
-        )
+    closed = isinstance(workload, ProgramSource)
+    if closed:
+        num_requests, first = workload.num_calls, workload.first_arrival
+        if workload.max_context >= cfg.max_model_len:
+            raise ValueError(
+                f"a program's context reaches max_model_len ({cfg.max_model_len}) tokens or more"
+            )
+    else:
+        num_requests, first = len(workload), min((w.arrival for w in workload), default=0.0)
+        too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
+        if too_long:
+            raise ValueError(
+                f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+            )
     started = time.perf_counter()
     bar = tqdm(
-        total=len(workload), desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
+        total=num_requests, desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
     )
-    keep = cfg.keep_requests if cfg.keep_requests is not None else len(workload) <= KEEP_REQUESTS_UP_TO
-    # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
-    lengths = output_lengths(workload)
-    reps = [_Replica(build_replica(cfg, lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    keep = cfg.keep_requests if cfg.keep_requests is not None else num_requests <= KEEP_REQUESTS_UP_TO
     stream = MetricsStream(None if keep else MAX_EXACT_ITL)
     kept: list[Request] = []
-    arrivals = [w.arrival for w in workload]
-    in_order = all(a <= b for a, b in itertools.pairwise(arrivals))
-    if in_order:  # requests made as they arrive: a long trace's prompts are never all in memory
-        pending: Iterator[Request] = iter_requests(workload, default_max_tokens=cfg.default_max_tokens)
+    in_order = True
+    source: ArrivalSource
+    if closed:
+        source = workload
     else:
-        kept = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
-        pending = iter(sorted(kept, key=lambda r: r.arrival_time))
-        if not keep:
-            kept = []
-    nxt = next(pending, None)
+        arrivals = [w.arrival for w in workload]
+        in_order = all(a <= b for a, b in itertools.pairwise(arrivals))
+        # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
+        lengths = output_lengths(workload)
+        if in_order:  # requests made as they arrive: a long trace's prompts are never all in memory
+            pending: Iterator[Request] = iter_requests(workload, default_max_tokens=cfg.default_max_tokens)
+        else:
+            kept = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
+            pending = iter(sorted(kept, key=lambda r: r.arrival_time))
+            if not keep:
+                kept = []
+        source = TraceSource(pending, lengths)
+    reps = [_Replica(build_replica(cfg, source.output_lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    pins = [[] for _ in reps] if closed else None  # per replica: (time, pinned fraction of the KV pool)
+
+    def finished(r: Request, t: float) -> None:
+        stream.add(RequestMetrics.of(r))
+        source.on_finished(r, t)
+
     rr = itertools.cycle(range(len(reps)))
     heap: list[tuple[float, int, int]] = []  # (clock time the replica next acts, replica index, version)
     steps = runs = computed = 0
@@ -260,17 +289,18 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             run, m = run.tail(m - 1), 1
         if m:
             for r in rep.core.apply_decode_run(run, m):
-                stream.add(RequestMetrics.of(r))
+                finished(r, run.ends[m - 1])
             rep.usage.record(run.ends[m - 1], rep.core.kv.usage())
 
     while True:
         while heap and heap[0][2] != reps[heap[0][1]].version:
             heapq.heappop(heap)  # stale
         next_step = heap[0][0] if heap else math.inf
-        if nxt is None and not heap:
+        next_arrival = source.next_arrival_time()
+        if next_arrival == math.inf and not heap:
             break
-        if nxt is not None and nxt.arrival_time <= next_step:
-            req, nxt = nxt, next(pending, None)
+        if next_arrival <= next_step:
+            req = source.pop()
             # Routers read at most a replica's load, which a pending run leaves as it is; one that reads
             # more (KV usage, the prefix cache) would first have to apply runs up to the arrival.
             if cfg.router == "round-robin":
@@ -287,6 +317,8 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             core.add_request(req)
             if keep and in_order:
                 kept.append(req)
+            if pins is not None:
+                pins[i].append((req.arrival_time, core.kv.num_pinned_blocks / core.kv.num_blocks))
             wake(i)
             bar.update(1)
             continue
@@ -313,7 +345,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         rep.usage.record(out.end, core.kv.usage())
         for r in out.updated:
             if r.finished:
-                stream.add(RequestMetrics.of(r))
+                finished(r, out.end)
+        if pins is not None and (
+            not pins[i] or pins[i][-1][1] != core.kv.num_pinned_blocks / core.kv.num_blocks
+        ):
+            pins[i].append((out.end, core.kv.num_pinned_blocks / core.kv.num_blocks))
         if core.has_unfinished():
             wake(i)
     bar.close()
@@ -326,7 +362,6 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         "copy_calls": sum(c.executor.num_copy_calls for c in cores),  # type: ignore[attr-defined]
         "copy_seconds": sum(c.executor.swap_seconds for c in cores),  # type: ignore[attr-defined]
     }
-    first = min(arrivals, default=0.0)
     return SimResult(
         cfg,
         kept,
@@ -337,9 +372,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         stream,
         peak_kv_usage=max(rep.usage.peak for rep in reps),
         simulated_seconds=max((c.clock.now() for c in cores), default=first) - first,
-        num_requests=len(workload),
+        num_requests=num_requests,
         num_decode_runs=runs,
         num_computed_tokens=computed,
+        pinned_kv=pins or [],
+        cores=cores,
     )
 
 
