@@ -19,15 +19,19 @@ from __future__ import annotations
 import heapq
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from quanta.request import Request
 from quanta.sampling_params import SamplingParams
 from quanta.sim.workload import EOS_TOKEN_ID, _stream
+
+if TYPE_CHECKING:
+    from quanta.engine.core import EngineCore, StepOutput
 
 
 @dataclass(slots=True)
@@ -222,9 +226,9 @@ class ProgramRecord:
 
     @property
     def jct(self) -> float | None:
-        """Job completion time: from the program's arrival to its last call's end."""
+        """Job completion time: from the program's arrival (its first call's) to its last call's end."""
         end = self.finished
-        return None if end is None else end - self.program.arrival
+        return None if end is None else end - self.turns[0].arrival
 
 
 class ProgramSource:
@@ -242,6 +246,7 @@ class ProgramSource:
         default_max_tokens: int | None = None,
         eos_token_ids: tuple[int, ...] = (EOS_TOKEN_ID,),
         vocab: tuple[int, int] | None = None,
+        start: float = 0.0,
     ) -> None:
         ids = [p.program_id for p in programs]
         if len(set(ids)) != len(ids):
@@ -256,14 +261,16 @@ class ProgramSource:
         self._by_request: dict[str, tuple[int, int]] = {}  # request id -> (program index, turn index)
         self._context: dict[int, list[int]] = {}  # program index -> its last call's tokens (prompt + output)
         self._stream_pos = [0] * len(self.programs)
-        self._heap: list[tuple[float, int, int]] = [(p.arrival, i, 0) for i, p in enumerate(self.programs)]
+        # Clock times: trace times shifted by `start` (a wall clock's reading when the replay begins).
+        self.start = start
+        self._heap: list[tuple[float, int, int]] = [(start + p.arrival, i, 0) for i, p in enumerate(self.programs)]
         heapq.heapify(self._heap)
         self.num_calls = sum(len(p.turns) for p in self.programs)
         self.num_popped = 0
 
     @property
     def first_arrival(self) -> float:
-        return min((p.arrival for p in self.programs), default=0.0)
+        return self.start + min((p.arrival for p in self.programs), default=0.0)
 
     @property
     def max_context(self) -> int:
@@ -328,3 +335,26 @@ class ProgramSource:
         if k + 1 < len(program.turns):
             self._context[i] = list(req.all_token_ids)
             heapq.heappush(self._heap, (t + program.turns[k].tool_s, i, k + 1))
+
+
+def drive(core: EngineCore, source: ProgramSource, on_step: Callable[[StepOutput], None] | None = None) -> int:
+    """Run programs' calls on one engine (the real one with its wall clock, or any EngineCore) in closed
+    loop until all are done: calls enter when their time comes, and each finished call tells the source.
+    `on_step` sees every step (e.g. to check integrity). Returns the number of steps."""
+    clock = core.clock
+    steps = 0
+    while source.has_pending() or core.has_unfinished():
+        now = clock.now()
+        while source.next_arrival_time() <= now:
+            core.add_request(source.pop())
+        if not core.has_unfinished():
+            clock.wait_until(source.next_arrival_time())  # a tool is running: nothing to compute
+            continue
+        out = core.step()
+        steps += 1
+        for r in out.updated:
+            if r.finished:
+                source.on_finished(r, out.end)
+        if on_step is not None:
+            on_step(out)
+    return steps

@@ -5,15 +5,16 @@ to finished) of the program's earlier calls, so a long agent program does not ho
 nothing needs to know a program's length in advance. Calls sit in multi-level queues: level 0 below
 `quantum_s` of attained service, and each level up holds `base` times more; FCFS inside a level. A call
 whose wait exceeds `starvation_ratio` times its program's service (at least one quantum) is promoted to
-the front, so long programs are delayed, never starved.
+the front, so long programs are delayed, never starved. Preemptive (the default): a waiting call short
+of room evicts running calls of more-served levels (the most-served first).
 
-Options (policy_args): quantum_s (1.0), base (4), levels (6), starvation_ratio (8).
+Options (policy_args): quantum_s (1.0), base (4), levels (6), starvation_ratio (8), preemptive (true).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from quanta.config import SchedulerConfig
 from quanta.request import Request, RequestStatus
@@ -32,6 +33,7 @@ class PLASPolicy(Policy):
         self.base = float(args.get("base", 4.0))
         self.levels = int(args.get("levels", 6))
         self.starvation_ratio = float(args.get("starvation_ratio", 8.0))
+        self.preemptive = bool(args.get("preemptive", True))
         if self.quantum <= 0 or self.base <= 1 or self.levels < 1 or self.starvation_ratio <= 0:
             raise ValueError("plas needs quantum_s > 0, base > 1, levels >= 1, starvation_ratio > 0")
         self.service: dict[str, float] = {}  # program -> attained service (seconds)
@@ -63,6 +65,13 @@ class PLASPolicy(Policy):
         t = req.times
         if t.first_scheduled is not None and t.finished is not None:
             self.service[program] = self.service.get(program, 0.0) + t.finished - t.first_scheduled
+
+    def preemption_victim(self, candidates: Sequence[Request]) -> Request:
+        # The most-served level, latest admitted within it.
+        return max(reversed(candidates), key=lambda r: self._level.get(r.request_id, 0))
+
+    def may_preempt(self, waiting: Request, running: Request, now: float) -> bool:
+        return self.preemptive and self._level[waiting.request_id] < self._level[running.request_id]
 
     def waiting_order(self, waiting: WaitingQueue, now: float) -> Iterator[Request]:
         assert isinstance(waiting, ClassQueue)
