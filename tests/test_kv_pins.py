@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
+from tests.helpers import run_to_end
 
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
@@ -13,10 +14,11 @@ from quanta.executor.sim_executor import ConstantStepTime, SimExecutor
 from quanta.kv import KVCacheManager
 from quanta.request import Request, RequestStatus
 from quanta.sampling_params import SamplingParams
-from tests.helpers import run_to_end
 
 
-def call(rid: str, tokens: list[int], program: str | None = "p", final: bool = False, arrival: float = 0.0) -> Request:
+def call(
+    rid: str, tokens: list[int], program: str | None = "p", final: bool = False, arrival: float = 0.0
+) -> Request:
     return Request(
         rid,
         tokens,
@@ -146,7 +148,12 @@ def test_running_request_short_of_kv_drops_pins_before_any_preemption() -> None:
     core.add_request(call("t0", list(range(24))))  # 24 + 1 computed tokens: 6 full blocks pinned
     run_to_end(core)
     assert core.kv.num_pinned_blocks == 6
-    big = Request("big", list(range(300, 340)), SamplingParams(max_tokens=20, ignore_eos=True), arrival_time=core.clock.now())
+    big = Request(
+        "big",
+        list(range(300, 340)),
+        SamplingParams(max_tokens=20, ignore_eos=True),
+        arrival_time=core.clock.now(),
+    )
     core.add_request(big)  # 40 + 20 tokens need 15 blocks: only 10 are free
     run_to_end(core)
     assert big.num_preemptions == 0 and core.scheduler.num_preemptions == 0

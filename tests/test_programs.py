@@ -66,7 +66,9 @@ def test_closed_loop_turns_extend_the_previous_context_after_the_tool_time() -> 
     source = ProgramSource(two_programs(), exact_lengths=True)
     core = null_core("continuum", ttl_s=5.0)
     seen: dict[str, object] = {}
-    core.step_observers.append(lambda out: seen.update({s.request.request_id: s.request for s in out.plan.scheduled}))
+    core.step_observers.append(
+        lambda out: seen.update({s.request.request_id: s.request for s in out.plan.scheduled})
+    )
     drive(core, source)
     assert source.done()
     for rec in source.records:
@@ -137,7 +139,10 @@ def test_plas_serves_short_programs_before_long_ones() -> None:
             check_integrity=True,
         )
         drive(core, source)
-        jct[policy] = {g: statistics.mean(r.jct for r in source.records if r.program.group == g) for g in ("short", "long")}
+        jct[policy] = {
+            g: statistics.mean(r.jct for r in source.records if r.program.group == g)
+            for g in ("short", "long")
+        }
     assert jct["plas"]["short"] < 0.5 * jct["sarathi"]["short"]
     assert jct["plas"]["long"] < 1.5 * jct["sarathi"]["long"]  # delayed, not starved
 
@@ -146,3 +151,58 @@ def test_policy_options_are_validated() -> None:
     for policy, args in (("continuum", {"pin_cap": 2}), ("continuum", {"ttl_s": -1}), ("plas", {"base": 1})):
         with pytest.raises(ValueError):
             null_core(policy, **args)
+
+
+def test_real_engine_replay_hits_the_cache_with_pins_and_matches_outputs_without(llama_dir: Path) -> None:
+    from quanta.engine.llm_engine import EngineArgs, LLMEngine
+
+    programs = [
+        Program(
+            f"r{i}",
+            0.01 * i,
+            [Turn(400, 4, "t", 0.0), Turn(6, 4, "t", 0.0), Turn(5, 4, "t", 0.3), Turn(4, 3)],
+        )
+        for i in range(3)
+    ]
+    outputs: dict[str, dict[str, list[int]]] = {}
+    for policy, args in (("sarathi", {}), ("continuum", {"ttl_s": 0.15})):
+        engine = LLMEngine(
+            EngineArgs(
+                model=str(llama_dir),
+                policy=policy,
+                policy_args=args,
+                num_kv_blocks=200,
+                block_size=8,
+                max_model_len=512,
+                cpu_kernels=False,
+                check_integrity=True,  # check_integrity() after every step
+            )
+        )
+        core = engine.core
+        source = ProgramSource(programs, exact_lengths=True, vocab=(3, 500), start=core.clock.now())
+        done: dict[str, list[int]] = {}
+        pinned_after: list[int] = []
+        for _ in range(10_000):  # the driver's loop, step by step, to watch each step
+            if not (source.has_pending() or core.has_unfinished()):
+                break
+            while source.next_arrival_time() <= core.clock.now():
+                core.add_request(source.pop())
+            if not core.has_unfinished():
+                core.clock.wait_until(source.next_arrival_time())
+                continue
+            out = core.step()
+            for r in out.updated:
+                if r.finished:
+                    done[r.request_id] = list(r.output_token_ids)
+                    source.on_finished(r, out.end)
+            pinned_after.append(core.kv.num_pinned_blocks)
+        assert source.done()
+        outputs[policy] = done
+        later = [t for rec in source.records for t in rec.turns[1:]]
+        if policy == "continuum":
+            assert all(t.cached_tokens >= 0.95 * t.prompt_len for t in later)
+            assert max(pinned_after) > 0
+            # The third turn's tool runs 0.3 s, past the 0.15 s TTL: those pins expired (blocks back).
+            assert core.kv.num_pins_expired >= 1
+        assert not core.kv.pins and core.kv.num_free_blocks == core.kv.num_blocks
+    assert outputs["continuum"] == outputs["sarathi"]

@@ -235,8 +235,8 @@ class ProgramSource:
     """Arrivals of programs' calls, in closed loop. `pop` hands out the next call (by arrival time);
     `on_finished(request, t)` schedules the program's next call at t + the tool's time.
 
-    exact_lengths: calls carry max_tokens = their output length and ignore EOS (a real engine, whose
-    model stops where it likes); otherwise (simulation) the true lengths are in `output_lengths` for a
+    exact_lengths: calls carry max_tokens = their output length, ignore EOS and sample greedily (a real
+    engine, whose model would stop where it likes); otherwise (simulation) the true lengths are in `output_lengths` for a
     SimExecutor, and requests carry `default_max_tokens`."""
 
     def __init__(
@@ -263,7 +263,9 @@ class ProgramSource:
         self._stream_pos = [0] * len(self.programs)
         # Clock times: trace times shifted by `start` (a wall clock's reading when the replay begins).
         self.start = start
-        self._heap: list[tuple[float, int, int]] = [(start + p.arrival, i, 0) for i, p in enumerate(self.programs)]
+        self._heap: list[tuple[float, int, int]] = [
+            (start + p.arrival, i, 0) for i, p in enumerate(self.programs)
+        ]
         heapq.heapify(self._heap)
         self.num_calls = sum(len(p.turns) for p in self.programs)
         self.num_popped = 0
@@ -301,7 +303,7 @@ class ProgramSource:
         prompt = self._context.pop(i, []) + self._tokens(i, turn.new_tokens)
         rid = f"{program.program_id}/t{k}"
         if self.exact_lengths:
-            params = SamplingParams(max_tokens=turn.output_tokens, ignore_eos=True)
+            params = SamplingParams(max_tokens=turn.output_tokens, ignore_eos=True, temperature=0.0)
         else:
             params = SamplingParams(max_tokens=self.default_max_tokens)
             self.output_lengths[rid] = turn.output_tokens
@@ -337,7 +339,9 @@ class ProgramSource:
             heapq.heappush(self._heap, (t + program.turns[k].tool_s, i, k + 1))
 
 
-def drive(core: EngineCore, source: ProgramSource, on_step: Callable[[StepOutput], None] | None = None) -> int:
+def drive(
+    core: EngineCore, source: ProgramSource, on_step: Callable[[StepOutput], None] | None = None
+) -> int:
     """Run programs' calls on one engine (the real one with its wall clock, or any EngineCore) in closed
     loop until all are done: calls enter when their time comes, and each finished call tells the source.
     `on_step` sees every step (e.g. to check integrity). Returns the number of steps."""
