@@ -206,3 +206,39 @@ def test_real_engine_replay_hits_the_cache_with_pins_and_matches_outputs_without
             assert core.kv.num_pins_expired >= 1
         assert not core.kv.pins and core.kv.num_free_blocks == core.kv.num_blocks
     assert outputs["continuum"] == outputs["sarathi"]
+
+
+def test_agent_trajectory_converter(tmp_path: Path) -> None:
+    from quanta.sim.agent_traces import convert, main
+
+    def call(name: str, secs: float) -> dict:
+        return {"function": {"name": name, "arguments": '{"command": "ls"}'}, "execution_time_seconds": secs}
+
+    messages = [
+        {"role": "system", "content": "s" * 400},
+        {"role": "user", "content": [{"type": "text", "text": "u" * 800}]},
+        {"role": "assistant", "content": "a" * 40, "tool_calls": [call("bash", 0.5)]},
+        {"role": "tool", "content": [{"type": "text", "text": "o" * 120}]},
+        {"role": "assistant", "content": "b" * 80, "tool_calls": [call("edit", 0.25), call("bash", 0.25)]},
+        {"role": "tool", "content": "p" * 40},
+        {"role": "assistant", "content": "done"},
+    ]
+    path = tmp_path / "traj.json"
+    path.write_text(json.dumps([{"traj_id": "t1", "messages": json.dumps(messages)}, {"messages": messages}]))
+    programs = convert(path)
+    assert [p.program_id for p in programs] == ["t1", "traj1"]
+    turns = programs[0].turns
+    assert [t.new_tokens for t in turns] == [300, 30, 10]  # 4 characters a token
+    assert [t.tool for t in turns] == ["bash", "edit", None]
+    assert [t.tool_s for t in turns] == [0.5, 0.5, 0.0]
+    assert turns[0].output_tokens == (40 + len('bash{"command": "ls"}') + 3) // 4
+    out = tmp_path / "programs.jsonl"
+    assert main([str(path), str(out)]) == 0
+    source = ProgramSource(read_programs(out))
+    core = null_core("continuum")
+    core.executor.output_lengths = source.output_lengths  # type: ignore[attr-defined]
+    drive(core, source)
+    assert source.done()
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"nothing": 1}]))
+    assert main([str(bad), str(out)]) == 2
