@@ -242,3 +242,20 @@ def test_agent_trajectory_converter(tmp_path: Path) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"nothing": 1}]))
     assert main([str(bad), str(out)]) == 2
+
+
+def test_cli_simulate_programs(tmp_path: Path) -> None:
+    from tests.helpers import run_cli
+
+    out = tmp_path / "r.json"
+    res = run_cli(
+        "simulate", "--programs", "bfcl", "--num-requests", "12", "--qps", "4", "--policy", "sarathi,continuum",
+        "--max-model-len", "16384", "--json", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(out.read_text())
+    assert [r["policy"] for r in rows] == ["sarathi", "continuum"]
+    assert all(r["programs"] == 12 and r["jct_mean"] > 0 for r in rows)
+    assert "jct_mean" in res.stdout and "prefix hit rate" in res.stdout
+    bad = run_cli("simulate", "--programs", str(tmp_path / "missing.jsonl"))
+    assert bad.returncode != 0 and "does not exist" in bad.stderr

@@ -37,3 +37,27 @@ def program_hits(model_dir: Path, policy: str) -> float:
 def test_session_keeps_its_kv_across_turns_with_continuum(llama_dir: Path) -> None:
     assert program_hits(llama_dir, "continuum") >= 160
     assert program_hits(llama_dir, "sarathi") == 0  # LRU: the other traffic evicted it
+
+
+def test_bench_serve_drives_programs_in_closed_loop(llama_dir: Path) -> None:
+    import asyncio
+
+    from quanta.bench.programs import program_report, run_programs
+    from quanta.sim.programs import Program, Turn
+
+    programs = [
+        Program(f"p{i}", 0.02 * i, [Turn(64, 4, "bash", 0.05), Turn(10, 4, "bash", 0.05), Turn(8, 3)])
+        for i in range(3)
+    ]
+    with InProcessServer(llama_dir, {"policy": "continuum"}) as srv:
+        source, results, wall = asyncio.run(run_programs(srv.url, MODEL, programs, vocab=500))
+        hits = srv.metrics()[HITS]
+        state = srv.wait_idle()
+    rep = program_report(source, results, wall)
+    assert rep["completed_programs"] == 3 and rep["failed_calls"] == 0 and rep["calls"] == 9
+    for rec in source.records:
+        for a, b in zip(rec.turns, rec.turns[1:]):
+            assert b.arrival >= a.finished + 0.05 - 1e-6  # the next call waited for the tool
+            assert b.prompt_len > a.prompt_len
+    assert hits >= 3 * 2 * 64 // 16 * 16  # later calls reuse (at least) the first prompt's full blocks
+    assert state["num_free_blocks"] == state["num_blocks"]  # final turns released the pins
