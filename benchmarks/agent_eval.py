@@ -38,27 +38,36 @@ from quanta.sim.simulation import SimConfig, SimResult, simulate
 
 BASE = "sarathi"
 POLICIES = ("sarathi", "continuum", "plas")
+# Simulation rows: name -> (policy, policy_args). continuum-ttl2: the released code's fixed 2 s TTL.
+SIM_POLICIES = {
+    "sarathi": ("sarathi", {}),
+    "continuum": ("continuum", {}),
+    "continuum-ttl2": ("continuum", {"ttl_s": 2.0}),
+    "plas": ("plas", {}),
+}
 
 
 def with_ratios(rows: list[dict]) -> list[dict]:
     return _with_ratios(rows, BASE)
 
 
-def sim_cfg(policy: str) -> SimConfig:
+def sim_cfg(policy: str, policy_args: dict | None = None) -> SimConfig:
     return SimConfig(
         get_model("llama-3.1-8b"),
         get_gpu("h100"),
         policy=policy,
         max_model_len=32768,
         max_num_batched_tokens=2048,
+        policy_args=policy_args or {},
     )
 
 
-def sim_run(programs: list[Program], policy: str) -> tuple[dict, SimResult, ProgramSource]:
+def sim_run(programs: list[Program], name: str) -> tuple[dict, SimResult, ProgramSource]:
+    policy, policy_args = SIM_POLICIES[name]
     source = ProgramSource(programs)
-    res = simulate(source, sim_cfg(policy))
+    res = simulate(source, sim_cfg(policy, policy_args))
     assert source.done()
-    row = {"policy": policy, **program_metrics(source, res.simulated_seconds)}
+    row = {"policy": name, **program_metrics(source, res.simulated_seconds)}
     kv = res.cores[0].kv
     pinned = [f for _, f in res.pinned_kv[0]] if res.pinned_kv else [0.0]
     row.update(
@@ -186,7 +195,7 @@ def main() -> None:
     for shape, rate in (("swe", args.rate), ("bfcl", args.bfcl_rate)):
         programs = synthetic_programs(shape, args.programs, rate, seed=args.seed)
         rows = []
-        for policy in POLICIES:
+        for policy in SIM_POLICIES:
             row, res, source = sim_run(programs, policy)
             rows.append(row)
             if shape == "swe":

@@ -476,6 +476,8 @@ class Scheduler:
             req.num_computed_tokens += m
         self._step_id += m
         self._step_start = starts[-1]
+        if self.kv.pins:
+            self.kv.expire_pins(starts[-1])  # pins that ran out during the run (no step allocated from them)
         self.policy.on_schedule(starts[-1])
         # As update() after the last step: no earlier step could stop anyone (decode_run's bound).
         stopped = [(req, status) for req in running if (status := req.check_stop()) is not None]
