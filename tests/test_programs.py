@@ -259,3 +259,20 @@ def test_cli_simulate_programs(tmp_path: Path) -> None:
     assert "jct_mean" in res.stdout and "prefix hit rate" in res.stdout
     bad = run_cli("simulate", "--programs", str(tmp_path / "missing.jsonl"))
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+
+
+@pytest.mark.parametrize("policy", ["continuum", "plas"])
+def test_decode_runs_keep_program_schedules_exact(policy: str) -> None:
+    """Runs of decode steps planned at once give the step-by-step schedule, pins and closed loop included."""
+    progs = synthetic_programs("swe", 10, rate=2.0, seed=4)
+    outs = []
+    for runs in (True, False):
+        source = ProgramSource(progs)
+        cfg = sim_cfg(policy, blocks=3000)
+        cfg.decode_runs, cfg.check_integrity = runs, False
+        res = simulate(source, cfg)
+        assert (res.num_decode_runs > 0) == runs
+        outs.append(
+            [(t.arrival, t.first_token, t.finished, t.cached_tokens) for r in source.records for t in r.turns]
+        )
+    assert outs[0] == outs[1]
