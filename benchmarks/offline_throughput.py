@@ -289,15 +289,7 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"offline throughput, {model.name}, bfloat16, CPU ({os.cpu_count()} cores)")
-    cols = (
-        "workload",
-        "engine",
-        "output tok/s",
-        "quanta ×",
-        "generate s",
-        "load s",
-        "first token since start s",
-    )
+    cols = ("workload", "engine", "output tok/s", "quanta ×", "generate s", "load s", "first token since start s")
     for col in cols:
         table.add_column(col, justify="right")
     for r in rows:

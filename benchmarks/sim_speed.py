@@ -59,12 +59,7 @@ def worker(spec: dict) -> dict:
     # decode_runs None: a checkout from before SimConfig had it (--before-src).
     extra = {} if spec["decode_runs"] is None else {"decode_runs": spec["decode_runs"]}
     cfg = SimConfig(
-        get_model("llama-2-70b"),
-        get_gpu("a100-80gb"),
-        tp=2,
-        replicas=spec["replicas"],
-        max_model_len=16384,
-        **extra,
+        get_model("llama-2-70b"), get_gpu("a100-80gb"), tp=2, replicas=spec["replicas"], max_model_len=16384, **extra
     )
     wall, cpu = time.perf_counter(), time.process_time()
     res = simulate(w, cfg)
@@ -133,9 +128,7 @@ def main() -> None:
     ap.add_argument("--large-replicas", type=int, default=64)
     ap.add_argument("--large-baseline", action="store_true", help="also the large run without decode runs")
     ap.add_argument(
-        "--before-src",
-        default=None,
-        help="src/ of an older checkout: its simulator as a third row, interleaved",
+        "--before-src", default=None, help="src/ of an older checkout: its simulator as a third row, interleaved"
     )
     ap.add_argument("--vidur-python", default=None)
     ap.add_argument("--out", default="results/sim_speed.json")
