@@ -52,9 +52,7 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", arch: str | None = N
     writer.add_token_types([TokenType.CONTROL if t in special else TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)
     writer.add_bos_token_id(cfg["bos_token_id"])
-    writer.add_eos_token_id(
-        cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], int) else cfg["eos_token_id"][0]
-    )
+    writer.add_eos_token_id(cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], int) else cfg["eos_token_id"][0])
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     template = tok_cfg.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():

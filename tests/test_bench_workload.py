@@ -106,9 +106,7 @@ _SPLIT = [
 
 def _split_results() -> list[BenchResult]:
     out = [
-        BenchResult(
-            i, tenant, True, None, sent, 10, n, ttft=ttft, e2e=e2e, itl=[(e2e - ttft) / (n - 1)] * (n - 1)
-        )
+        BenchResult(i, tenant, True, None, sent, 10, n, ttft=ttft, e2e=e2e, itl=[(e2e - ttft) / (n - 1)] * (n - 1))
         for i, (tenant, sent, n, ttft, e2e) in enumerate(_SPLIT)
     ]
     # A failed request counts for no SLO, not even one it would meet.

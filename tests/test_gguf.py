@@ -41,11 +41,7 @@ def _greedy_hf(model, prompts: list[list[int]], max_new_tokens: int, eos: int | 
     """Greedy continuations; `eos` None: exactly max_new_tokens each (quanta's ignore_eos)."""
     outs = []
     for p in prompts:
-        stop = (
-            {"eos_token_id": eos, "pad_token_id": eos}
-            if eos is not None
-            else {"min_new_tokens": max_new_tokens}
-        )
+        stop = {"eos_token_id": eos, "pad_token_id": eos} if eos is not None else {"min_new_tokens": max_new_tokens}
         with torch.no_grad():
             ref = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, **stop)
         outs.append(ref[0, len(p) :].tolist())
@@ -98,9 +94,7 @@ def test_quantized_gguf_matches_transformers(llama_dir: Path, tmp_path: Path, qt
             assert torch.equal(ours[name], tensor), name
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (3, 20, 61)]
-    outs = llm.generate(
-        prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False
-    )
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True), use_tqdm=False)
     for p, o, ref in zip(prompts, outs, _greedy_hf(hf, prompts, 10, eos=None), strict=True):
         assert o.outputs[0].token_ids == ref, (len(p), qtype)
 
@@ -111,12 +105,9 @@ def test_gguf_cache_is_reused_and_follows_the_file(llama_f32_gguf: Path, tmp_pat
     assert model_folder(llama_f32_gguf, "float32") == first
     assert (first / "model.safetensors").stat().st_mtime_ns == stamp  # not converted again
     assert model_folder(llama_f32_gguf, "bfloat16") != first  # one folder per storage dtype
-    assert (
-        load_file(str(model_folder(llama_f32_gguf, "bfloat16") / "model.safetensors"))[
-            "model.norm.weight"
-        ].dtype
-        == torch.bfloat16
-    )
+    assert load_file(str(model_folder(llama_f32_gguf, "bfloat16") / "model.safetensors"))[
+        "model.norm.weight"
+    ].dtype == torch.bfloat16
     # A changed file (copied elsewhere, then rewritten in place) gets a folder of its own.
     copy = tmp_path / "copy.gguf"
     copy.write_bytes(llama_f32_gguf.read_bytes())
@@ -157,9 +148,7 @@ def test_unsupported_gguf_files_are_one_line_errors(llama_dir: Path, tmp_path: P
     w.add_feed_forward_length(128)
     w.add_head_count(4)
     w.add_layer_norm_rms_eps(1e-6)
-    w.add_tensor(
-        "token_embd.weight", np.zeros((512, 36), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL
-    )
+    w.add_tensor("token_embd.weight", np.zeros((512, 36), dtype=np.uint8), raw_dtype=gguf.GGMLQuantizationType.IQ4_NL)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

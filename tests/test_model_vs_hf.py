@@ -152,11 +152,7 @@ def test_bfloat16_matches_transformers_in_bfloat16(sharp_llama_dir: Path) -> Non
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 7, 30, 77, 150, 290)]
     llm = LLM(
-        str(sharp_llama_dir),
-        dtype="bfloat16",
-        num_kv_blocks=200,
-        max_model_len=512,
-        max_num_batched_tokens=128,
+        str(sharp_llama_dir), dtype="bfloat16", num_kv_blocks=200, max_model_len=512, max_num_batched_tokens=128
     )
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=5, prompt_logprobs=0)
     outs = llm.generate(prompts, params, use_tqdm=False)
@@ -174,9 +170,7 @@ def test_bfloat16_matches_transformers_in_bfloat16(sharp_llama_dir: Path) -> Non
             argmax_hits += int(row.argmax().item() == tok)
             steps += 1
             errors += [abs(lp.logprob - row[t].item()) for t, lp in entry.items()]
-        errors += [
-            abs(out.prompt_logprobs[p][prompt[p]].logprob - ref[p - 1, prompt[p]].item()) for p in range(1, n)
-        ]
+        errors += [abs(out.prompt_logprobs[p][prompt[p]].logprob - ref[p - 1, prompt[p]].item()) for p in range(1, n)]
     assert argmax_hits >= 0.9 * steps, (argmax_hits, steps)
     assert max(errors) < 0.1, max(errors)
     assert sum(errors) / len(errors) < 0.02, sum(errors) / len(errors)

@@ -129,9 +129,7 @@ def eos_prompts() -> list[list[int]]:
     return [torch.randint(3, 512, (n,), generator=g).tolist() for n in (1, 5, 17, 40, 90, 3, 8, 12, 25, 60)]
 
 
-def hf_greedy_min(
-    path: Path, prompt: list[int], max_tokens: int, min_tokens: int, eos: list[int]
-) -> list[int]:
+def hf_greedy_min(path: Path, prompt: list[int], max_tokens: int, min_tokens: int, eos: list[int]) -> list[int]:
     """transformers' greedy output; `min_new_tokens` masks every id of `eos` for the first steps."""
     with torch.no_grad():
         ids = hf_model(path).generate(

@@ -104,9 +104,7 @@ def test_vtc_victim_is_the_most_served_tenant() -> None:
     for seed in range(100):
         core = engine("vtc")
         reqs = random_requests(random.Random(seed), 12, tenants=("a", "b", "c"))
-        before_each_step(
-            core, lambda now, p=core.scheduler.policy: counters.clear() or counters.update(p.counters)
-        )
+        before_each_step(core, lambda now, p=core.scheduler.policy: counters.clear() or counters.update(p.counters))
         by_id = {r.request_id: r for r in reqs}
 
         def check(out, by_id=by_id) -> None:
@@ -166,10 +164,7 @@ def test_every_policy_finishes_everything_under_pressure(policy: str, mode: str)
                 r.slo_class = rng.choice(["i", "b"])
         run_arrivals(core, reqs)
         assert all(r.status == RequestStatus.FINISHED_LENGTH for r in reqs)
-        assert (
-            core.kv.num_free_blocks == core.kv.num_blocks
-            and core.kv.host.num_free_blocks == core.kv.host.num_blocks
-        )
+        assert core.kv.num_free_blocks == core.kv.num_blocks and core.kv.host.num_free_blocks == core.kv.host.num_blocks
 
 
 # ---- 2. the admission check and the allocation count blocks alike ------------------------------
@@ -275,13 +270,8 @@ def test_vtc_weights_share_service() -> None:
 
 # ---- WFQ with staggered arrivals ----------------------------------------------------------------
 def test_wfq_late_tenant_gets_its_share_at_once_and_banks_no_credit() -> None:
-    core = engine(
-        "wfq",
-        {"output_predictor": "fixed", "expected_output_tokens": 16},
-        num_blocks=400,
-        budget=64,
-        max_num_seqs=2,
-    )
+    core = engine("wfq", {"output_predictor": "fixed", "expected_output_tokens": 16}, num_blocks=400,
+                  budget=64, max_num_seqs=2)
     heavy = [make_request(f"h{i}", 16, 16, first_token=100 * i) for i in range(60)]
     for r in heavy:
         r.tenant = "heavy"
@@ -304,13 +294,8 @@ def test_wfq_late_tenant_gets_its_share_at_once_and_banks_no_credit() -> None:
 
 # ---- 4. deadlines -------------------------------------------------------------------------------
 def deadline_engine(**args) -> EngineCore:
-    return engine(
-        "deadline",
-        {"output_predictor": "fixed", "expected_output_tokens": 10, **args},
-        num_blocks=400,
-        budget=64,
-        max_num_seqs=1,
-    )
+    return engine("deadline", {"output_predictor": "fixed", "expected_output_tokens": 10, **args},
+                  num_blocks=400, budget=64, max_num_seqs=1)
 
 
 def test_deadline_remaining_steps_count_decode_and_recompute() -> None:

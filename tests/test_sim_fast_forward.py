@@ -139,9 +139,7 @@ def test_a_run_applies_what_step_by_step_would() -> None:
     for core in cores:
         for i, n in enumerate((9, 30)):
             core.add_request(
-                Request(
-                    f"r{i}", list(range(3, 3 + n)), SamplingParams(max_tokens=None), 0.0, eos_token_ids=(2,)
-                )
+                Request(f"r{i}", list(range(3, 3 + n)), SamplingParams(max_tokens=None), 0.0, eos_token_ids=(2,))
             )
     stepped, jumped = cores
     num_runs = 0

@@ -50,19 +50,11 @@ class ModelExecutor:
         self.model_config = cfg = model_config or ModelConfig.from_folder(model_path)
         self.device = check_device(device)
         if attention_backend == "triton" and self.device.type != "cuda" and not triton_interpreted():
-            raise ValueError(
-                "the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)"
-            )
+            raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
         self.dtype = resolve_dtype(dtype, cfg)
         self.block_size = bs = cache_config.block_size
         self.model = load_model(
-            model_path,
-            cfg,
-            self.dtype,
-            self.device,
-            bs,
-            max_positions=max_model_len,
-            dummy=load_format == "dummy",
+            model_path, cfg, self.dtype, self.device, bs, max_positions=max_model_len, dummy=load_format == "dummy"
         )
         if attention_backend == "auto":
             attention_backend = "triton" if self.device.type == "cuda" and triton_installed() else "torch"
@@ -85,9 +77,7 @@ class ModelExecutor:
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         elif self.device.type == "cuda":
-            num_blocks = plan_gpu_kv_blocks(
-                self, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs
-            )
+            num_blocks = plan_gpu_kv_blocks(self, gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
         else:
             per_block = bs * cfg.kv_bytes_per_token(self.dtype.itemsize)
             by_memory = int(cache_config.kv_cache_memory_gb * 1e9 // per_block)

@@ -34,12 +34,7 @@ class AttentionBackend(Protocol):
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]: ...
 
     def build_metadata(
-        self,
-        seqs: list[SeqSlice],
-        num_decodes: int,
-        slots: np.ndarray,
-        device: torch.device,
-        dtype: torch.dtype,
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
     ) -> Any:
         """Metadata for a step whose first `num_decodes` sequences are decodes; slots: [T] cache slot of
         each new token (block * block_size + offset), in batch order."""
@@ -112,26 +107,17 @@ class TorchPagedAttention:
         return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
     def build_metadata(
-        self,
-        seqs: list[SeqSlice],
-        num_decodes: int,
-        slots: np.ndarray,
-        device: torch.device,
-        dtype: torch.dtype,
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
     ) -> AttentionMetadata:
         """Decodes come first, sorted by context length (ascending) so that grouping pads little."""
         slots = slots.astype(np.int64)
         blocks, offsets = slots // self.block_size, slots % self.block_size
         heads = np.arange(self.num_kv_heads, dtype=np.int64)
-        rows = (
-            (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]
-        ).ravel()
+        rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
         chunks: list[PrefillChunk] = []
         row = num_decodes
         for s in seqs[num_decodes:]:
-            chunks.append(
-                PrefillChunk(row, s.num_tokens, s.context_len, torch.tensor(s.block_ids, device=device))
-            )
+            chunks.append(PrefillChunk(row, s.num_tokens, s.context_len, torch.tensor(s.block_ids, device=device)))
             row += s.num_tokens
         meta = AttentionMetadata(torch.from_numpy(rows).to(device), chunks)
         if num_decodes:

@@ -107,9 +107,7 @@ class CostModel:
         """(FLOPs, bytes) of each part of a step, all layers together: linear, attention, lm_head."""
         return dict(zip(("linear", "attention", "lm_head"), self._work(*_totals(batch), num_sampled)))
 
-    def _work(
-        self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int
-    ) -> tuple[tuple[float, float], ...]:
+    def _work(self, tokens: int, pairs: int, kv_tokens: int, num_sampled: int) -> tuple[tuple[float, float], ...]:
         """(FLOPs, bytes) of linear, attention and lm_head, from the batch's totals."""
         layers, db = self.model.num_layers, self.dtype_bytes
         kv_read = kv_tokens * self.kv_bytes_per_token_layer

@@ -176,12 +176,8 @@ class DeadlinePolicy(Policy):
         # step that a request with a deadline waits behind a full batch.
         n = len(candidates)
         targets, expected = self.targets, self.expected
-        first = np.fromiter(
-            (math.inf if (t := targets[r.request_id]) is None else t[0] for r in candidates), float, n
-        )
-        tpot = np.fromiter(
-            (0.0 if (t := targets[r.request_id]) is None else t[1] for r in candidates), float, n
-        )
+        first = np.fromiter((math.inf if (t := targets[r.request_id]) is None else t[0] for r in candidates), float, n)
+        tpot = np.fromiter((0.0 if (t := targets[r.request_id]) is None else t[1] for r in candidates), float, n)
         outputs = np.fromiter((len(r.output_token_ids) for r in candidates), float, n)
         uncomputed = np.fromiter((len(r.all_token_ids) - r.num_computed_tokens for r in candidates), float, n)
         exp = np.fromiter((expected[r.request_id] for r in candidates), float, n)
