@@ -47,7 +47,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-num-seqs", type=int, default=None, help="most running requests (default 128, or the budget)"
     )
-    p.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument(
+        "--max-model-len", type=int, default=None, help="context length (default: the model's)"
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
     p.add_argument(
         "--num-kv-blocks", type=int, default=None, help="KV-cache blocks (default: sized from memory)"
@@ -70,9 +72,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="prefix-cache hits only between requests of the same tenant (no cross-tenant timing signal)",
     )
-    p.add_argument(
-        "--seed", type=int, default=0, help="seed of the engine's sampler (for requests without a seed)"
-    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (for requests without a seed)")
 
 
 def _engine_kwargs(args: argparse.Namespace) -> dict:
@@ -120,9 +120,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--chat: the model has no chat template")
     prompts = args.prompt or (DEFAULT_QUESTIONS if chat else DEFAULT_PROMPTS)
     if chat:
-        outputs = llm.chat(
-            [[{"role": "user", "content": q}] for q in prompts], params, use_tqdm=not args.json
-        )
+        outputs = llm.chat([[{"role": "user", "content": q}] for q in prompts], params, use_tqdm=not args.json)
     else:
         outputs = llm.generate(prompts, params, use_tqdm=not args.json)
     if args.json:
@@ -200,10 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     # Load the chat-template tokenizer now, not inside the first chat request.
     if getattr(engine.tokenizer.hf, "chat_template", None) is None:
-        print(
-            "quanta serve: the model has no chat template; /v1/chat/completions will return 400",
-            file=sys.stderr,
-        )
+        print("quanta serve: the model has no chat template; /v1/chat/completions will return 400", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not (args.api_key or api_keys):
         print(f"quanta serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     limits = QueueLimits(args.max_waiting_requests, args.max_waiting_tokens)
@@ -456,9 +451,7 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     name = DEFAULT_MODEL_NAME if args.model is None and smollm2_gguf() else Path(model).name
     s = run_batch(engine, args.input, args.output, name, progress=None)
-    print(
-        f"{s.completed} completed, {s.failed} failed, {s.skipped} already in {args.output}", file=sys.stderr
-    )
+    print(f"{s.completed} completed, {s.failed} failed, {s.skipped} already in {args.output}", file=sys.stderr)
     return 0
 
 

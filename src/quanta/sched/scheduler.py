@@ -219,11 +219,7 @@ class Scheduler:
         order = itertools.islice(self.policy.waiting_order(self.waiting, now), 64)
         admissible = [w for w in order if self.policy.admit(w, now)]
         preemptible = self._preemptible()
-        if (
-            not admissible
-            or not preemptible
-            or self.policy.victim_for(admissible[0], preemptible, now) is None
-        ):
+        if not admissible or not preemptible or self.policy.victim_for(admissible[0], preemptible, now) is None:
             # The head outranks no running request: it is admitted if it fits, or waits, and nothing
             # behind it jumps ahead. Most steps of a busy engine end here, without the look-ahead.
             return frozenset(), None
@@ -312,9 +308,7 @@ class Scheduler:
         skip their chunk when tokens are short, among all of them otherwise."""
         candidates = self._preemptible()
         if shortage == "tokens":  # only a prompt chunk gives tokens back
-            candidates = [
-                r for r in candidates if r.num_tokens_to_compute > 1 and r.request_id not in deferred
-            ]
+            candidates = [r for r in candidates if r.num_tokens_to_compute > 1 and r.request_id not in deferred]
         return self.policy.victim_for(w, candidates, now) if candidates else None
 
     def _preemptible(self) -> list[Request]:
