@@ -186,3 +186,23 @@ def test_aborted_call_releases_its_program_pin() -> None:
     core.add_request(nxt)
     core.abort_requests(["t1"])
     assert not core.kv.pins and core.kv.num_free_blocks == 64
+
+
+def test_pin_of_a_program_whose_next_call_waits_does_not_expire() -> None:
+    core = engine("continuum", 64, ttl_s=0.05, pin_cap=1.0, pin_cap_per_program=1.0)
+    core.add_request(call("t0", list(range(20))))
+    run_to_end(core)
+    blocker = Request(
+        "big", list(range(300, 340)), SamplingParams(max_tokens=30, ignore_eos=True), core.clock.now()
+    )
+    core.add_request(blocker)
+    core.step()
+    # The next call arrives within the TTL but cannot run yet (one sequence slot left, taken below).
+    core.scheduler.config.max_num_seqs = 1
+    nxt = call("t1", list(range(20)) + [1, 2, 3, 4, 5], arrival=core.clock.now())
+    core.add_request(nxt)
+    for _ in range(10):  # 0.1 s: twice the TTL
+        core.step()
+    assert nxt.status == RequestStatus.WAITING and core.kv.has_pin("p")
+    run_to_end(core)
+    assert nxt.num_cached_tokens == 20

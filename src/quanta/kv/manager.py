@@ -395,6 +395,13 @@ class KVCacheManager:
     def has_pin(self, program: str | None) -> bool:
         return program is not None and program in self.pins
 
+    def claim_pin(self, program: str | None) -> None:
+        """The program's next call has arrived in time: its pin no longer expires, and lasts until that
+        call is admitted (or memory pressure drops it)."""
+        pin = self.pins.get(program) if program is not None else None
+        if pin is not None:
+            pin.expires_at = math.inf
+
     def unpin(self, program: str | None) -> int:
         """Release the program's pin (its next call has its blocks now, or it ended): the blocks go back to
         the LRU list with their hashes, prefix hits until reused. Returns the blocks released."""

@@ -57,6 +57,8 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.add(req)
+        if self.kv.pins:
+            self.kv.claim_pin(req.program)  # it queues now: the pin waits for it rather than expire
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
