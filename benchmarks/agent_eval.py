@@ -11,7 +11,7 @@ plas: a mix of long (20-turn) and short (2-turn) programs; short and long progra
 Real engine (tiny random-weight Llama, CPU, wall clock): the same closed-loop driver on the real engine.
 Overhead: wall time per scheduler step with 256 live programs (constant-time executor), vs sarathi.
 
-    python benchmarks/agent_eval.py [--programs 200] [--rate 1.5] [--out results/agent_eval.json] [--plots DIR]
+    python benchmarks/agent_eval.py [--programs 200] [--rates 1.3 1.5] [--out results/agent_eval.json] [--plots DIR]
 """
 
 from __future__ import annotations
@@ -192,7 +192,13 @@ def overhead(num_programs: int, seed: int, max_num_seqs: int = 256, rounds: int 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--programs", type=int, default=200)
-    ap.add_argument("--rate", type=float, default=1.5, help="SWE-like programs per second")
+    ap.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[1.3, 1.5],
+        help="SWE-like programs per second (one table each)",
+    )
     ap.add_argument("--bfcl-rate", type=float, default=25.0, help="BFCL-like programs per second")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--skip-real", action="store_true")
@@ -202,7 +208,7 @@ def main() -> None:
     out: dict = {"config": vars(args) | {"out": str(args.out), "plots": str(args.plots)}}
 
     runs: dict[str, tuple[SimResult, list[float]]] = {}
-    for shape, rate in (("swe", args.rate), ("bfcl", args.bfcl_rate)):
+    for shape, rate in [*(("swe", r) for r in args.rates), ("bfcl", args.bfcl_rate)]:
         programs = synthetic_programs(shape, args.programs, rate, seed=args.seed)
         rows = []
         for policy in SIM_POLICIES:
@@ -211,7 +217,7 @@ def main() -> None:
             if shape == "swe":
                 runs[policy] = (res, [r.jct for r in source.records if r.jct is not None])
         with_ratios(rows)
-        out[f"sim_{shape}"] = rows
+        out[f"sim_{shape}_{rate:g}"] = rows
         mean_prompt = statistics.mean(p.prompt_tokens for p in programs)
         mean_turns = statistics.mean(len(p.turns) for p in programs)
         print_table(

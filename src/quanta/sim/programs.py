@@ -175,9 +175,12 @@ def synthetic_programs(
             raise ValueError(f"unknown program shape {name!r}; choose from {', '.join(SHAPES)}") from None
     if n < 1:
         raise ValueError("n must be at least 1")
+    if rate is not None and not rate > 0:
+        raise ValueError(f"rate must be positive (programs per second), got {rate}")
     rng = np.random.default_rng(seed)
-    arrivals = np.cumsum(rng.exponential(1 / rate, n)) - 0 if rate else np.zeros(n)
-    if rate:
+    arrivals = np.zeros(n)
+    if rate:  # a Poisson process; the first program arrives at t=0
+        arrivals = np.cumsum(rng.exponential(1 / rate, n))
         arrivals -= arrivals[0]
     programs = []
     for i in range(n):
