@@ -24,13 +24,15 @@ import bisect
 from collections import deque
 from collections.abc import Iterator
 
+import numpy as np
+
 from quanta.config import SchedulerConfig
 from quanta.kv.manager import KVCacheManager
 from quanta.request import Request, RequestStatus
 from quanta.sched.policy import Policy, register
 from quanta.sched.queue import SortedQueue, WaitingQueue
 
-_HISTORY = 2000  # durations kept per tool (the latest)
+_HISTORY = 512  # durations kept per tool (the latest)
 _ALL = object()  # the key of every tool's durations together
 
 
@@ -64,9 +66,13 @@ class ContinuumPolicy(Policy):
         self._last_end: dict[str, tuple[float, str | None]] = {}  # program -> (last call's end, its tool)
         self.durations: dict[object, list[float]] = {}  # tool (or _ALL) -> observed tool times, sorted
         self._order: dict[object, deque[float]] = {}  # the same, oldest first
+        self._arrays: dict[object, tuple[np.ndarray, np.ndarray]] = {}  # as arrays, while unchanged
         self._mean_wait = 0.0
         self._num_waits = 0
         self._kv: KVCacheManager | None = None
+        self._preempted: dict[str, Request] = {}  # preempted calls, waiting again
+        self._arrivals: deque[Request] = deque()  # new calls in arrival order (the head: still waiting)
+        self._waiting_calls: dict[str, list[Request]] = {}  # program -> its calls not yet admitted
 
     def attach(self, kv: KVCacheManager) -> None:
         self._kv = kv
@@ -82,9 +88,11 @@ class ContinuumPolicy(Policy):
 
     # ---- accounting -------------------------------------------------------------------------------
     def on_arrival(self, req: Request) -> None:
+        self._arrivals.append(req)
         program = req.program
         if program is None:
             return
+        self._waiting_calls.setdefault(program, []).append(req)
         self.first_arrival.setdefault(program, req.arrival_time)
         last = self._last_end.pop(program, None)
         if last is not None:  # the tool ran from the last call's end to this arrival
@@ -98,13 +106,27 @@ class ContinuumPolicy(Policy):
             order.append(d)
             if len(order) > _HISTORY:  # forget the oldest
                 del hist[bisect.bisect_left(hist, order.popleft())]
+            self._arrays.pop(key, None)
+
+    def on_preempt(self, req: Request) -> None:
+        self._preempted[req.request_id] = req
+
+    def _left_queue(self, req: Request) -> None:
+        self._preempted.pop(req.request_id, None)
+        calls = self._waiting_calls.get(req.program) if req.program is not None else None
+        if calls is not None and req in calls:
+            calls.remove(req)
+            if not calls:
+                del self._waiting_calls[req.program]  # type: ignore[arg-type]
 
     def on_admit(self, req: Request, now: float) -> None:
+        self._left_queue(req)
         if req.num_preemptions == 0:
             self._num_waits += 1
             self._mean_wait += (now - req.arrival_time - self._mean_wait) / self._num_waits
 
     def on_finish(self, req: Request) -> None:
+        self._left_queue(req)
         program = req.program
         if program is None:
             return
@@ -126,35 +148,50 @@ class ContinuumPolicy(Policy):
         assert self._kv is not None
         benefit = req.num_tokens * self.prefill_s_per_token + self._mean_wait
         cost = self.mem_price * req.num_tokens / (self._kv.block_size * self._kv.num_blocks)
-        best, best_score, n = 0.0, 0.0, len(hist)
-        for i, d in enumerate(hist):
-            score = (i + 1) / n * benefit - d * cost
-            if score > best_score:
-                best, best_score = d, score
-        return best
+        durations, cdf = self._array(req.tool_name if hist is self.durations.get(req.tool_name) else _ALL)
+        # tau = the i-th shortest duration: P(duration <= tau) = (i + 1) / n; tau = 0 scores 0.
+        scores = cdf * benefit - durations * cost
+        i = int(np.argmax(scores))
+        return float(durations[i]) if scores[i] > 0 else 0.0
+
+    def _array(self, key: object) -> tuple[np.ndarray, np.ndarray]:
+        """The sorted durations of `key` and their empirical CDF, as arrays (rebuilt after a change)."""
+        arrays = self._arrays.get(key)
+        if arrays is None:
+            durations = np.asarray(self.durations[key])
+            n = len(durations)
+            arrays = self._arrays[key] = (durations, np.arange(1, n + 1) / n)
+        return arrays
 
     def may_drop_pins(self, req: Request, now: float) -> bool:
         return req.status == RequestStatus.PREEMPTED or now - req.arrival_time >= self.tail_guard
 
     # ---- order --------------------------------------------------------------------------------------
     def waiting_order(self, waiting: WaitingQueue, now: float) -> Iterator[Request]:
-        kv = self._kv
-        preempted: list[Request] = []
-        pinned: list[Request] = []
-        rest: list[Request] = []
-        overdue: list[Request] = []
+        """Lazily: the scheduler stops at the first call that does not fit, so a busy step pays for the
+        few small groups (preempted, overdue, pinned) and the head of the program-FCFS queue only."""
+        assert isinstance(waiting, SortedQueue)
+        seen: set[str] = set()
+        preempted = [r for r in self._preempted.values() if r.status == RequestStatus.PREEMPTED]
         late = now - self.max_wait
-        for req in waiting:  # in program-FCFS order already (the queue's rank)
-            if req.status == RequestStatus.PREEMPTED:
-                preempted.append(req)
-            elif req.arrival_time <= late:
-                overdue.append(req)
-            elif kv is not None and kv.pins and req.program in kv.pins:
-                pinned.append(req)
-            else:
-                rest.append(req)
-        yield from preempted
-        if overdue:
-            yield from sorted(overdue, key=lambda r: r.arrival_time)  # plain FCFS: the wait is bounded
-        yield from pinned
-        yield from rest
+        overdue = []
+        arrivals = self._arrivals
+        while arrivals and arrivals[0].status != RequestStatus.WAITING:
+            arrivals.popleft()  # admitted or gone
+        for r in arrivals:  # in arrival order
+            if r.arrival_time > late:
+                break
+            if r.status == RequestStatus.WAITING:
+                overdue.append(r)  # plain FCFS: no call waits much past max_wait_s
+        pinned = []
+        if self._kv is not None and self._kv.pins:
+            for program in self._kv.pins:
+                pinned.extend(
+                    r for r in self._waiting_calls.get(program, ()) if r.status == RequestStatus.WAITING
+                )
+            pinned.sort(key=waiting.key)
+        for group in (sorted(preempted, key=waiting.key), overdue, pinned, waiting):
+            for r in group:
+                if r.request_id not in seen:
+                    seen.add(r.request_id)
+                    yield r

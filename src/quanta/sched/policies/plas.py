@@ -75,13 +75,19 @@ class PLASPolicy(Policy):
 
     def waiting_order(self, waiting: WaitingQueue, now: float) -> Iterator[Request]:
         assert isinstance(waiting, ClassQueue)
-        starved = [
-            r
-            for level, q in waiting.classes().items()
-            if level
-            for r in q
-            if now - r.arrival_time > self.starvation_ratio * max(self.attained(r), self.quantum)
-        ]
+        starved = []
+        for level, q in waiting.classes().items():
+            if level == 0:
+                continue
+            # A level holds programs with at least this much service: a call that has not waited
+            # starvation_ratio times it cannot be starved, nor can any call behind it (FCFS).
+            floor = self.starvation_ratio * self.quantum * self.base ** (level - 1)
+            for r in q:
+                wait = now - r.arrival_time
+                if wait <= floor:
+                    break
+                if wait > self.starvation_ratio * max(self.attained(r), self.quantum):
+                    starved.append(r)
         yield from starved
         skip = {r.request_id for r in starved}
         merged = waiting.merged(key=lambda r: (self._level[r.request_id], waiting.key(r)))
