@@ -206,3 +206,14 @@ def test_pin_of_a_program_whose_next_call_waits_does_not_expire() -> None:
     assert nxt.status == RequestStatus.WAITING and core.kv.has_pin("p")
     run_to_end(core)
     assert nxt.num_cached_tokens == 20
+
+
+def test_a_call_arriving_after_the_ttl_on_an_idle_engine_finds_the_pin_expired() -> None:
+    core = engine("continuum", 64, ttl_s=0.05)
+    first = call("t0", list(range(20)))
+    core.add_request(first)
+    run_to_end(core)  # nothing runs from here: no step would expire the pin
+    core.clock.wait_until(core.clock.now() + 0.2)
+    core.add_request(call("t1", first.all_token_ids + [7], arrival=core.clock.now()))
+    assert not core.kv.pins and core.kv.num_pins_expired == 1
+    run_to_end(core)

@@ -58,6 +58,7 @@ class Scheduler:
         self.requests[req.request_id] = req
         self.waiting.add(req)
         if self.kv.pins:
+            self.kv.expire_pins(req.arrival_time)  # an idle engine plans no step that would have
             self.kv.claim_pin(req.program)  # it queues now: the pin waits for it rather than expire
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
