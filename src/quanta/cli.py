@@ -527,7 +527,8 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
     p.add_argument(
         "--policy",
         default=default_policy,
-        help="comma-separated policies to compare (sarathi, prefill-first, priority, vtc, wfq, deadline)",
+        help="comma-separated policies to compare (sarathi, prefill-first, priority, vtc, wfq, deadline, "
+        "continuum, plas)",
     )
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument(
