@@ -328,6 +328,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from quanta.sim.report import print_comparison, result_row
     from quanta.sim.simulation import simulate
 
+    if args.programs:
+        return _simulate_programs(args)
     workload = _sim_workload(args, args.qps)
     configs, label = _sim_configs(args)
     rows, results = [], {}
@@ -371,6 +373,68 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             plot_latency_cdfs(results, Path(args.plots) / "latency_cdf.png"),
             plot_kv_usage(results, Path(args.plots) / "kv_usage.png"),
         ):
+            print(f"wrote {path}")
+    return 0
+
+
+PROGRAM_COLUMNS = [
+    "policy", "jct_mean", "jct_p50", "jct_p99", "jct_x", "programs_per_s", "tput_x", "ttft_mean", "ttft_p99",
+    "ttft_max", "hit_rate", "kv_usage", "pinned_peak", "pinned_cap", "preemptions",
+]  # fmt: skip
+
+
+def _simulate_programs(args: argparse.Namespace) -> int:
+    """--programs: agent programs in closed loop (a program trace JSONL, or a synthetic shape with
+    --num-requests programs arriving at --qps programs/s); a program table per policy."""
+    from pathlib import Path
+
+    from quanta.sim.program_report import mean_usage, plot_programs, print_table, program_metrics, with_ratios
+    from quanta.sim.programs import SHAPES, ProgramSource, read_programs, synthetic_programs
+    from quanta.sim.simulation import simulate
+
+    if args.programs in SHAPES:
+        programs = synthetic_programs(
+            args.programs,
+            args.num_requests or 200,
+            args.qps,
+            seed=args.seed,
+            max_context=args.max_model_len - 1,
+        )
+    else:
+        programs = read_programs(args.programs)
+    configs, label = _sim_configs(args)
+    rows, usage, pinned, jct = [], {}, {}, {}
+    for cfg in configs:
+        source = ProgramSource(programs, default_max_tokens=args.default_max_tokens)
+        res = simulate(source, cfg, progress=True)
+        row = {"policy": cfg.policy, **program_metrics(source, res.simulated_seconds)}
+        kv = res.cores[0].kv
+        pins = res.pinned_kv[0] if res.pinned_kv else []
+        row.update(
+            kv_usage=mean_usage(res.kv_usage[0]),
+            pinned_peak=max((f for _, f in pins), default=0.0),
+            pinned_cap=kv.max_pinned_blocks / kv.num_blocks,
+            simulated_seconds=res.simulated_seconds,
+            wall_seconds=res.wall_seconds,
+        )
+        rows.append(row)
+        usage[cfg.policy], pinned[cfg.policy] = res.kv_usage[0], pins
+        jct[cfg.policy] = [r.jct for r in source.records if r.jct is not None]
+    with_ratios(rows, configs[0].policy)
+    turns = sum(len(p.turns) for p in programs) / len(programs)
+    print_table(
+        f"{label} on {configs[0].gpu.name}: {len(programs)} programs ({turns:.1f} calls each), closed loop; "
+        f"ratios against {configs[0].policy}",
+        rows,
+        PROGRAM_COLUMNS,
+    )
+    print_table("prefix hit rate of calls by turn", [{"policy": r["policy"], **r["hit_by_turn"]} for r in rows],
+                ["policy", *rows[0]["hit_by_turn"]])  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    if args.plots:
+        for path in plot_programs(args.plots, usage, pinned, jct):
             print(f"wrote {path}")
     return 0
 
@@ -493,7 +557,8 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
     p.add_argument(
         "--policy",
         default=default_policy,
-        help="comma-separated policies to compare (sarathi, prefill-first, priority, vtc, wfq, deadline)",
+        help="comma-separated policies to compare (sarathi, prefill-first, priority, vtc, wfq, deadline, "
+        "continuum, plas)",
     )
     p.add_argument("--preemption-mode", default="recompute", choices=["recompute", "swap"])
     p.add_argument(
@@ -584,6 +649,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sim_args(sim, default_policy="sarathi")
     sim.add_argument(
         "--qps", type=float, default=None, help="request rate (not needed for traces with arrivals)"
+    )
+    sim.add_argument(
+        "--programs",
+        default=None,
+        help="agent programs in closed loop: a program trace JSONL, or a synthetic shape (swe, bfcl, short, "
+        "long) with --num-requests programs at --qps programs/s; try --policy sarathi,continuum,plas",
     )
     sim.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target, seconds")
     sim.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target, seconds")

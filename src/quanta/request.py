@@ -54,6 +54,11 @@ class Request:
     deadline: float | None = None  # absolute clock time by which the request should finish
     slo_class: str | None = None  # names TTFT/TPOT targets a deadline-aware policy derives a deadline from
     session_id: str | None = None
+    # Agent programs: the calls of one program share a growing context. An engine may keep a call's KV
+    # pinned while its program runs a tool (until the next call, a time-to-live, or the final turn).
+    program_id: str | None = None
+    tool_name: str | None = None  # the tool the program calls after this turn (keys tool-time statistics)
+    final_turn: bool = False  # the program's last call: its KV need not outlive it
     cache_salt: str | None = None  # isolates this request's prefix-cache entries (e.g. per tenant)
     eos_token_ids: tuple[int, ...] = ()
     max_model_len: int | None = None  # set by the engine: the request stops when it fills the context
@@ -73,6 +78,11 @@ class Request:
             raise ValueError("prompt must contain at least one token")
         self.all_token_ids = list(self.prompt_token_ids)
         self.times = RequestTimes(arrival=self.arrival_time)
+
+    @property
+    def program(self) -> str | None:
+        """The program (agent session) this call belongs to: program_id, else session_id."""
+        return self.program_id if self.program_id is not None else self.session_id
 
     @property
     def num_prompt_tokens(self) -> int:

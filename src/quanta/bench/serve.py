@@ -387,7 +387,42 @@ def plot(results: list[BenchResult], folder: str | Path) -> list[Path]:
     return paths
 
 
+def run_programs_cli(args: argparse.Namespace) -> int:
+    from quanta.bench.programs import program_report, run_programs
+    from quanta.sim.programs import SHAPES, read_programs, synthetic_programs
+
+    if args.programs in SHAPES:
+        rate = args.request_rate if args.request_rate not in (None, float("inf")) else None
+        programs = synthetic_programs(
+            args.programs, args.num_prompts, rate, seed=args.seed, max_context=args.max_model_len or 32768
+        )
+    else:
+        programs = read_programs(args.programs)
+    vocab, _ = _vocab_size(args.tokenizer)
+    source, results, wall = asyncio.run(
+        run_programs(
+            args.base_url,
+            args.model,
+            programs,
+            vocab,
+            api_key=args.api_key,
+            temperature=args.temperature,
+            ignore_eos=not args.no_ignore_eos,
+        )
+    )
+    rep = program_report(source, results, wall)
+    for k, v in rep.items():
+        print(f"{k:>20}: {v:.3f}" if isinstance(v, float) else f"{k:>20}: {v}")
+    if args.result_json:
+        path = Path(args.result_json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({**rep, "calls": [asdict(r) for r in results]}, indent=1, default=str))
+    return 0 if rep["completed_programs"] == rep["programs"] else 1
+
+
 def run_cli(args: argparse.Namespace) -> int:
+    if args.programs:
+        return run_programs_cli(args)
     slos = parse_goodput(args.goodput)
     requests = build_workload(args)
     results, wall = asyncio.run(

@@ -17,6 +17,12 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
         "a trace CSV/JSONL (prompt_len, output_len, optional arrival, tenant), "
         "or a ShareGPT-style JSON with real text",
     )
+    p.add_argument(
+        "--programs",
+        default=None,
+        help="agent programs in closed loop instead of --workload: a program trace JSONL, or a synthetic "
+        "shape (swe, bfcl, short, long) with --num-prompts programs at --request-rate programs/s",
+    )
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--input-len", type=int, default=128, help="random workload: prompt tokens")
     p.add_argument(

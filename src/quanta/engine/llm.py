@@ -73,10 +73,14 @@ class LLM:
         priorities: Sequence[int] | None = None,
         deadlines: Sequence[float | None] | None = None,
         slo_classes: Sequence[str | None] | None = None,
+        program_ids: Sequence[str | None] | None = None,
+        tool_names: Sequence[str | None] | None = None,
+        final_turns: Sequence[bool] | None = None,
         plan: str | None = None,
     ) -> list[RequestOutput]:
         """Per-prompt scheduling fields (for the multi-tenant policies): tenant, priority (lower is more
-        important), deadline in seconds from now, SLO class name.
+        important), deadline in seconds from now, SLO class name; for agent programs (continuum, plas):
+        program id, the tool called after the call, whether it is the program's final turn.
 
         plan="global": the prompts enter the engine in the order of a global prefix plan (`batch_plan`:
         prompts sharing a prefix back to back), so the prefix cache serves what they share whatever the
@@ -101,6 +105,9 @@ class LLM:
             ("priorities", priorities),
             ("deadlines", deadlines),
             ("slo_classes", slo_classes),
+            ("program_ids", program_ids),
+            ("tool_names", tool_names),
+            ("final_turns", final_turns),
         ):
             if values is not None and len(values) != len(prompts):
                 raise ValueError(f"got {len(values)} {name} for {len(prompts)} prompts")
@@ -118,6 +125,9 @@ class LLM:
                     priority=priorities[i] if priorities else 0,
                     deadline=None if not deadlines or deadlines[i] is None else now + deadlines[i],
                     slo_class=slo_classes[i] if slo_classes else None,
+                    program_id=program_ids[i] if program_ids else None,
+                    tool_name=tool_names[i] if tool_names else None,
+                    final_turn=bool(final_turns[i]) if final_turns else False,
                 )
         except ValueError:
             self.engine.abort_request(ids)

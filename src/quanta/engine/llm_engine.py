@@ -150,6 +150,9 @@ class EngineFrontend:
         slo_class: str | None = None,
         cache_salt: str | None = None,
         arrival_time: float | None = None,
+        program_id: str | None = None,
+        tool_name: str | None = None,
+        final_turn: bool = False,
     ) -> None:
         if self.output_processor.has(request_id):
             raise ValueError(f"request id {request_id!r} is already in use")
@@ -177,6 +180,9 @@ class EngineFrontend:
                     session_id=session_id,
                     slo_class=slo_class,
                     cache_salt=cache_salt,
+                    program_id=program_id,
+                    tool_name=tool_name,
+                    final_turn=final_turn,
                     eos_token_ids=self.eos_token_ids,
                 )
             )

@@ -1,10 +1,13 @@
-"""KVCacheManager: which blocks each request holds, prefix-cache lookups, allocation and release."""
+"""KVCacheManager: which blocks each request holds, prefix-cache lookups, allocation and release, and
+pins that keep a finished call's KV on the device while its program runs a tool."""
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_chain
 from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
@@ -13,6 +16,17 @@ from quanta.request import Request
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+@dataclass(slots=True)
+class Pin:
+    """A program's KV held past the end of its call: each block carries one reference for the pin, so it
+    is neither free nor evictable until the pin expires, is released, or is dropped under pressure."""
+
+    program: str
+    blocks: list[int]  # block ids in token order (a prefix of the call's context)
+    expires_at: float
+    rank: float  # the program's first arrival: under memory pressure the latest program's pin goes first
 
 
 class KVCacheManager:
@@ -45,6 +59,14 @@ class KVCacheManager:
         # Blocks pre-allocated for a request migrating in (request id -> block ids, in token order): owned,
         # but by no request of this engine until the migration commits.
         self.reserved: dict[str, list[int]] = {}
+        self.pins: dict[str, Pin] = {}  # program -> its pin
+        self.num_pinned_blocks = 0
+        self.max_pinned_blocks = num_blocks  # global cap on pinned KV (blocks)
+        self.max_blocks_per_pin = num_blocks  # per-program cap
+        self._next_expiry = math.inf
+        self.num_pins = 0  # pins made
+        self.num_pins_expired = 0
+        self.num_pins_dropped = 0  # released early for memory pressure
 
     @property
     def num_blocks(self) -> int:
@@ -383,6 +405,79 @@ class KVCacheManager:
             self.pool.free(pool_blocks[i] for i in reversed(blocks))
         self._num_indexed.pop(req.request_id, None)
 
+    # ---- pins -------------------------------------------------------------------------------------
+    def pin(self, req: Request, expires_at: float, rank: float = 0.0) -> int:
+        """Keep the leading prefix-indexed blocks of `req` (a call about to be freed) until `expires_at`,
+        within the per-program and global caps; replaces the program's earlier pin. Returns the number of
+        blocks pinned (0: nothing pinned)."""
+        program = req.program
+        assert program is not None, "only a program's call can be pinned"
+        blocks = self.req_blocks.get(req.request_id, [])
+        pool_blocks = self.pool.blocks
+        old = self.pins.get(program)
+        room = self.max_pinned_blocks - self.num_pinned_blocks + (len(old.blocks) if old else 0)
+        n = 0
+        limit = min(len(blocks), self.max_blocks_per_pin, room)
+        # Only blocks a later call can find (indexed, in an unbroken chain) are worth holding.
+        while n < limit and pool_blocks[blocks[n]].block_hash is not None:
+            n += 1
+        if n == 0:
+            return 0
+        held = blocks[:n]
+        self.pool.touch(pool_blocks[i] for i in held)  # before the old pin lets go: the shared prefix stays
+        if old is not None:
+            self._release(old)
+        self.pins[program] = Pin(program, held, expires_at, rank)
+        self.num_pinned_blocks += n
+        self._next_expiry = min(self._next_expiry, expires_at)
+        self.num_pins += 1
+        return n
+
+    def has_pin(self, program: str | None) -> bool:
+        return program is not None and program in self.pins
+
+    def claim_pin(self, program: str | None) -> None:
+        """The program's next call has arrived in time: its pin no longer expires, and lasts until that
+        call is admitted (or memory pressure drops it)."""
+        pin = self.pins.get(program) if program is not None else None
+        if pin is not None:
+            pin.expires_at = math.inf
+
+    def unpin(self, program: str | None) -> int:
+        """Release the program's pin (its next call has its blocks now, or it ended): the blocks go back to
+        the LRU list with their hashes, prefix hits until reused. Returns the blocks released."""
+        pin = self.pins.pop(program, None) if program is not None else None
+        if pin is None:
+            return 0
+        self._release(pin)
+        return len(pin.blocks)
+
+    def _release(self, pin: Pin) -> None:
+        pool_blocks = self.pool.blocks
+        self.pool.free(pool_blocks[i] for i in reversed(pin.blocks))  # tail first, as a request's
+        self.num_pinned_blocks -= len(pin.blocks)
+
+    def expire_pins(self, now: float) -> int:
+        """Release the pins whose time-to-live has passed; returns how many."""
+        if now < self._next_expiry:
+            return 0
+        expired = [p for p in self.pins.values() if p.expires_at <= now]
+        for pin in expired:
+            self.unpin(pin.program)
+        self.num_pins_expired += len(expired)
+        self._next_expiry = min((p.expires_at for p in self.pins.values()), default=math.inf)
+        return len(expired)
+
+    def drop_pin(self, keep: str | None = None) -> bool:
+        """Memory pressure: release the pin of the latest-arriving program (other than `keep`), whose
+        blocks a request can then take. False when there is none to drop."""
+        candidates = [p for p in self.pins.values() if p.program != keep]
+        if not candidates:
+            return False
+        self.unpin(max(candidates, key=lambda p: p.rank).program)
+        self.num_pins_dropped += 1
+        return True
+
     def reset_prefix_cache(self) -> bool:
         return self.pool.reset_prefix_cache()
 
@@ -393,6 +488,14 @@ class KVCacheManager:
         for request_id, blocks in (*self.req_blocks.items(), *self.reserved.items()):
             assert len(set(blocks)) == len(blocks), f"{request_id} holds a block twice"
             owners.update(blocks)
+        num_pinned = 0
+        for program, pin in self.pins.items():
+            assert pin.program == program and pin.blocks, f"pin of {program} is malformed"
+            assert len(set(pin.blocks)) == len(pin.blocks), f"pin of {program} holds a block twice"
+            assert len(pin.blocks) <= self.max_blocks_per_pin, f"pin of {program} is over the per-program cap"
+            owners.update(pin.blocks)
+            num_pinned += len(pin.blocks)
+        assert num_pinned == self.num_pinned_blocks <= self.max_pinned_blocks, "pinned KV over its cap"
         for block in self.pool.blocks:
             assert block.ref_cnt == owners.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_cnt={block.ref_cnt}, owners={owners.get(block.block_id, 0)}"

@@ -100,6 +100,19 @@ class Policy:
     def on_finish(self, req: Request) -> None:
         """A request left the engine (finished or aborted)."""
 
+    def pin_ttl(self, req: Request, now: float) -> float | None:
+        """Seconds to keep a program's finished call's KV pinned (its program runs a tool, and its next
+        call extends this context); None or 0: no pin, the blocks go to the LRU list. Default: no pins."""
+        return None
+
+    def program_rank(self, req: Request) -> float:
+        """Order of programs when pins must give way to memory pressure: the largest rank goes first."""
+        return req.arrival_time
+
+    def may_drop_pins(self, req: Request, now: float) -> bool:
+        """Whether `req`, waiting and short of KV, may release other programs' pins to be admitted."""
+        return True
+
     def prefill_tokens(self, req: Request, num_remaining: int, budget_left: int) -> int:
         """How many of the request's missing tokens to process this step; 0 skips it."""
         return min(num_remaining, budget_left)

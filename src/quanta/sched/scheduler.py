@@ -61,6 +61,9 @@ class Scheduler:
         req.status = RequestStatus.WAITING
         self.requests[req.request_id] = req
         self.waiting.add(req)
+        if self.kv.pins:
+            self.kv.expire_pins(req.arrival_time)  # an idle engine plans no step that would have
+            self.kv.claim_pin(req.program)  # it queues now: the pin waits for it rather than expire
 
     def abort_requests(self, request_ids: Iterable[str]) -> None:
         for request_id in request_ids:
@@ -141,6 +144,7 @@ class Scheduler:
         if now is not None:
             req.times.finished = now
         if kv_valid:
+            self._pin_or_release(req, status, now)
             self.kv.free(req)
         else:
             self.kv.discard(req)
@@ -149,6 +153,21 @@ class Scheduler:
         self.policy.on_finish(req)
         del self.requests[req.request_id]
         self._finished_ids.append(req.request_id)
+
+    def _pin_or_release(self, req: Request, status: RequestStatus, now: float | None) -> None:
+        """A program's call ends: a final turn releases the program's pin; another turn that stopped
+        normally may keep its KV pinned for the policy's time-to-live (while the program runs its tool)."""
+        program = req.program
+        if program is None:
+            return
+        if req.final_turn or status == RequestStatus.FINISHED_ABORTED:
+            self.kv.unpin(program)
+            return
+        if now is None:
+            return
+        ttl = self.policy.pin_ttl(req, now)
+        if ttl is not None and ttl > 0:
+            self.kv.pin(req, now + ttl, self.policy.program_rank(req))
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
@@ -161,6 +180,8 @@ class Scheduler:
         self._step_start = now
         self._ran_short = False
         self._in_plan = {}
+        if self.kv.pins:
+            self.kv.expire_pins(now)
         self.policy.on_schedule(now)
         budget = TokenBudget(self.config.max_num_batched_tokens)
         if self.policy.decodes_wait_for_prefill:
@@ -236,6 +257,8 @@ class Scheduler:
         below all others gives itself up rather than evict a better one, even one scheduled earlier in
         this step (it is taken back out of the plan)."""
         while not self.kv.allocate_slots(req, n):
+            if self.kv.drop_pin():  # pins give way before any running request does
+                continue
             self._ran_short = True
             victim = self.policy.preemption_victim(self._preemptible())
             if victim.request_id in self._in_plan:
@@ -427,8 +450,19 @@ class Scheduler:
                 continue
             hits = self.kv.get_computed_blocks(req)
             n = self._chunk(req, budget.left, hits)
-            if n <= 0 or not self.kv.allocate_slots(req, n, hits):
-                break  # keep the policy's order: nothing jumps the head of the queue
+            if n <= 0:
+                break
+            if not self.kv.allocate_slots(req, n, hits):
+                # Other programs' pins give way when the policy allows it (a tail guard), and always
+                # when nothing runs: then no finishing request would ever make room.
+                if not self.kv.pins or not (not self.running or self.policy.may_drop_pins(req, now)):
+                    break  # keep the policy's order: nothing jumps the head of the queue
+                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(keep=req.program):
+                    pass
+                if not ok:
+                    break
+            if self.kv.pins:
+                self.kv.unpin(req.program)  # the program's next call holds its blocks now
             num_cached = len(hits) * self.kv.block_size
             req.num_computed_tokens = num_cached
             if req.times.first_scheduled is None:
@@ -504,6 +538,8 @@ class Scheduler:
             req.num_computed_tokens += m
         self._step_id += m
         self._step_start = starts[-1]
+        if self.kv.pins:
+            self.kv.expire_pins(starts[-1])  # pins that ran out during the run (no step allocated from them)
         self.policy.on_schedule(starts[-1])
         # As update() after the last step: no earlier step could stop anyone (decode_run's bound).
         stopped = [(req, status) for req in running if (status := req.check_stop()) is not None]

@@ -574,6 +574,9 @@ class OpenAIServer:
             "tenant": tenant,
             "priority": priority,
             "session_id": body.session_id,
+            "program_id": body.program_id,
+            "tool_name": body.tool_name,
+            "final_turn": body.final_turn,
             "slo_class": body.slo_class,
             "cache_salt": body.cache_salt,
         }

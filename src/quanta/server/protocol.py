@@ -88,6 +88,10 @@ class _Common(BaseModel):
     # a class the deadline policy knows (its slo_classes): TTFT/TPOT targets
     slo_class: str | None = Field(None, max_length=MAX_TENANT_LEN)
     session_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
+    # agent programs: the calls of one program (default: its session_id) may keep their KV across tool calls
+    program_id: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
+    tool_name: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
+    final_turn: bool = False
     # as vLLM's: prefix-cache hits only among requests with the same salt
     cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_LEN)
 

@@ -27,6 +27,8 @@ from quanta.model.config import ModelConfig
 from quanta.request import Request
 from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
+from quanta.sim.programs import ProgramSource
+from quanta.sim.sources import ArrivalSource, TraceSource
 from quanta.sim.workload import WorkloadRequest, iter_requests, output_lengths, to_requests
 
 ROUTERS = tuple(router_names())
@@ -154,6 +156,8 @@ class SimResult:
     prefix_cache_queries: int = 0  # prompt blocks looked up in the replicas' prefix caches
     prefix_cache_hits: int = 0
     num_polls: int = 0
+    pinned_kv: list[list[tuple[float, float]]] = field(default_factory=list)  # per replica (programs only)
+    cores: list[EngineCore] = field(default_factory=list)  # the replicas, as the run left them
 
     @property
     def recomputed_tokens(self) -> int:
@@ -245,7 +249,9 @@ class _Replica:
     version: int = 0  # bumped whenever the replica is rescheduled: older heap entries are stale
 
 
-def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool = False) -> SimResult:
+def simulate(
+    workload: Sequence[WorkloadRequest] | ProgramSource, cfg: SimConfig, progress: bool = False
+) -> SimResult:
     """Run the workload to completion; `progress` shows a bar over arrived requests.
 
     A discrete-event loop over a heap of replica clocks: the replica that is furthest behind steps next,
@@ -261,22 +267,51 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     is refreshed at each arrival, otherwise at each poll (the dispatches counted in between). With
     `cfg.migration`, each poll asks the rescheduler for migrations; their phases are timed events (the
     copies priced by a SimulatedTransport) while the source keeps stepping, and the last stage's
-    downtime shows in the request's time between tokens."""
+    downtime shows in the request's time between tokens.
+
+    `workload` may be a closed-loop source of agent programs' calls (ProgramSource): a call that
+    finishes tells the source, which schedules the program's next call."""
     from tqdm.auto import tqdm
 
-    too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
-    if too_long:
-        raise ValueError(
-            f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
-        )
+    closed = isinstance(workload, ProgramSource)
+    if closed:
+        num_requests, first = workload.num_calls, workload.first_arrival
+        if workload.max_context >= cfg.max_model_len:
+            raise ValueError(
+                f"a program's context reaches max_model_len ({cfg.max_model_len}) tokens or more"
+            )
+    else:
+        num_requests, first = len(workload), min((w.arrival for w in workload), default=0.0)
+        too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
+        if too_long:
+            raise ValueError(
+                f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+            )
     started = time.perf_counter()
     bar = tqdm(
-        total=len(workload), desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
+        total=num_requests, desc=f"simulating {cfg.policy}", unit="req", disable=not progress, leave=False
     )
-    keep = cfg.keep_requests if cfg.keep_requests is not None else len(workload) <= KEEP_REQUESTS_UP_TO
-    # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
-    lengths = output_lengths(workload)
-    reps = [_Replica(build_replica(cfg, lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    keep = cfg.keep_requests if cfg.keep_requests is not None else num_requests <= KEEP_REQUESTS_UP_TO
+    kept: list[Request] = []
+    in_order = True
+    source: ArrivalSource
+    if closed:
+        source = workload
+    else:
+        arrivals = [w.arrival for w in workload]
+        in_order = all(a <= b for a, b in itertools.pairwise(arrivals))
+        # The true lengths go to the executors only (the "model"); requests carry a client's max_tokens.
+        lengths = output_lengths(workload)
+        if in_order:  # requests made as they arrive: a long trace's prompts are never all in memory
+            pending: Iterator[Request] = iter_requests(workload, default_max_tokens=cfg.default_max_tokens)
+        else:
+            kept = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
+            pending = iter(sorted(kept, key=lambda r: r.arrival_time))
+            if not keep:
+                kept = []
+        source = TraceSource(pending, lengths)
+    reps = [_Replica(build_replica(cfg, source.output_lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    pins: list[list[tuple[float, float]]] | None = [[] for _ in reps] if closed else None
     transport = SimulatedTransport(cfg.link_bandwidth, cfg.link_latency)
     endpoints = [MigrationEndpoint(rep.core, transport, i) for i, rep in enumerate(reps)]
     router = make_router(cfg.router, **cfg.router_args)
@@ -289,26 +324,15 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
     for ep in endpoints:
         view.update(ep.state())
     stream = MetricsStream(None if keep else MAX_EXACT_ITL)
-    kept: list[Request] = []
     kept_at: dict[str, int] = {}  # request id -> index in kept (a migrated request's copy replaces it)
-    arrivals = [w.arrival for w in workload]
-    in_order = all(a <= b for a, b in itertools.pairwise(arrivals))
-    if in_order:  # requests made as they arrive: a long trace's prompts are never all in memory
-        pending: Iterator[Request] = iter_requests(workload, default_max_tokens=cfg.default_max_tokens)
-    else:
-        kept = to_requests(workload, default_max_tokens=cfg.default_max_tokens)
-        pending = iter(sorted(kept, key=lambda r: r.arrival_time))
-        if not keep:
-            kept = []
     if keep:
         kept_at = {r.request_id: k for k, r in enumerate(kept)}
-    nxt = next(pending, None)
     heap: list[tuple[float, int, int]] = []  # (clock time the replica next acts, replica index, version)
     # Controller events: (time, sequence, migration or None for a poll).
     ctl: list[tuple[float, int, Migration | None]] = []
     ctl_seq = itertools.count()
-    if cfg.poll_interval is not None and nxt is not None:
-        heapq.heappush(ctl, (nxt.arrival_time, next(ctl_seq), None))
+    if cfg.poll_interval is not None and source.next_arrival_time() < math.inf:
+        heapq.heappush(ctl, (source.next_arrival_time(), next(ctl_seq), None))
     migrations: list[Migration] = []
     active: dict[str, Migration] = {}
     steps = runs = computed = needed = polls = 0
@@ -321,10 +345,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         t = rep.run.starts[-1] if rep.run is not None else rep.core.clock.now()
         heapq.heappush(heap, (t, i, rep.version))
 
-    def done(r: Request) -> None:
+    def done(r: Request, t: float) -> None:
         nonlocal needed
         stream.add(RequestMetrics.of(r))
         needed += r.num_prompt_tokens - r.num_cached_tokens + max(r.num_output_tokens - 1, 0)
+        source.on_finished(r, t)  # a closed-loop source schedules the program's next call
 
     def finish_run(rep: _Replica, num_steps: int | None = None) -> None:
         nonlocal steps, computed
@@ -341,7 +366,7 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             run, m = run.tail(m - 1), 1
         if m:
             for r in rep.core.apply_decode_run(run, m):
-                done(r)
+                done(r, run.ends[m - 1])
             rep.usage.record(run.ends[m - 1], rep.core.kv.usage())
 
     def catch_up(i: int, t: float) -> None:
@@ -377,7 +402,7 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
                     active[mig.request_id] = mig
                     view.migrations[mig.request_id] = (mig.src, mig.dst)
                     heapq.heappush(ctl, (t, next(ctl_seq), mig))
-            if nxt is not None or heap or active:
+            if source.next_arrival_time() < math.inf or heap or active:
                 heapq.heappush(ctl, (t + cfg.poll_interval, next(ctl_seq), None))  # type: ignore[operator]
             return
         src, dst = reps[m.src].core, reps[m.dst].core
@@ -405,10 +430,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             heapq.heappop(heap)  # stale
         next_step = heap[0][0] if heap else math.inf
         next_ctl = ctl[0][0] if ctl else math.inf
-        if nxt is None and not heap and not ctl:
+        next_arrival = source.next_arrival_time()
+        if next_arrival == math.inf and not heap and not ctl:
             break
-        if nxt is not None and nxt.arrival_time <= min(next_step, next_ctl):
-            req, nxt = nxt, next(pending, None)
+        if next_arrival <= min(next_step, next_ctl):
+            req = source.pop()
             t = req.arrival_time
             if cfg.poll_interval is None and router.reads_state:
                 # A fresh view at each arrival. Load counts are exact while a run is pending (a run
@@ -426,6 +452,8 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
             if keep and in_order:
                 kept_at[req.request_id] = len(kept)
                 kept.append(req)
+            if pins is not None:
+                pins[i].append((t, core.kv.num_pinned_blocks / core.kv.num_blocks))
             wake(i)
             bar.update(1)
             continue
@@ -458,7 +486,11 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         rep.usage.record(out.end, core.kv.usage())
         for r in out.updated:
             if r.finished:
-                done(r)
+                done(r, out.end)
+        if pins is not None and (
+            not pins[i] or pins[i][-1][1] != core.kv.num_pinned_blocks / core.kv.num_blocks
+        ):
+            pins[i].append((out.end, core.kv.num_pinned_blocks / core.kv.num_blocks))
         if out.plan.is_empty and out.end == out.start:
             # Nothing could run and no time passed: what waits needs KV that a request stopped for its
             # migration still holds. The replica sleeps until the controller or an arrival wakes it.
@@ -475,7 +507,6 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         "copy_calls": sum(c.executor.num_copy_calls for c in cores),  # type: ignore[attr-defined]
         "copy_seconds": sum(c.executor.swap_seconds for c in cores),  # type: ignore[attr-defined]
     }
-    first = min(arrivals, default=0.0)
     return SimResult(
         cfg,
         kept,
@@ -486,7 +517,7 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         stream,
         peak_kv_usage=max(rep.usage.peak for rep in reps),
         simulated_seconds=max((c.clock.now() for c in cores), default=first) - first,
-        num_requests=len(workload),
+        num_requests=num_requests,
         num_decode_runs=runs,
         num_computed_tokens=computed,
         num_needed_tokens=needed,
@@ -494,4 +525,6 @@ def simulate(workload: Sequence[WorkloadRequest], cfg: SimConfig, progress: bool
         prefix_cache_queries=sum(c.kv.pool.num_cache_queries for c in cores),
         prefix_cache_hits=sum(c.kv.pool.num_cache_hits for c in cores),
         num_polls=polls,
+        pinned_kv=pins or [],
+        cores=cores,
     )
