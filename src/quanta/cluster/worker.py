@@ -205,16 +205,22 @@ class InstanceWorker:
 
     # ---- the step thread ----------------------------------------------------------------------------------
     def _run(self) -> None:
+        error: BaseException | None = None
         try:
             self._loop()
         except BaseException as e:
             logger.exception("instance %d died", self.index)
-            with self._cond:
-                self._error = e
-                pending, self._inbox = self._inbox, []
-                self._cond.notify_all()
-            for _, fut in pending:
-                fut.set_exception(RuntimeError(f"instance {self.index} stopped: {e!r}"))
+            error = e
+        # Whatever was still waiting for the step thread fails now rather than never.
+        with self._cond:
+            self._error = error
+            self._stopping = True
+            pending, self._inbox = self._inbox, []
+            self._cond.notify_all()
+        for _, fut in pending:
+            fut.set_exception(
+                RuntimeError(f"instance {self.index} stopped" + (f": {error!r}" if error else ""))
+            )
 
     def _loop(self) -> None:
         core = self.core
