@@ -1,5 +1,6 @@
-"""session: requests with the same session_id go to the same instance (its prefix cache holds the
-conversation), as long as it takes requests; new sessions and requests without one go where the
+"""session: requests of one session (or agent program: `Request.program`, the program_id, else the
+session_id) go to the same instance (its prefix cache, and its KV pins, hold the conversation), as long
+as it takes requests; new sessions and requests without one go where the
 `fallback` router (default least-load) sends them."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class SessionRouter(Router):
         self._owner: dict[str, int] = {}  # session id -> instance
 
     def choose(self, req: Request, view: ClusterView) -> int:
-        sid = req.session_id
+        sid = req.program
         i = self._owner.get(sid) if sid is not None else None
         if i is None or i not in view.dispatchable():
             i = self.fallback.choose(req, view)
