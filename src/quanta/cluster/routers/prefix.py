@@ -48,8 +48,9 @@ class PrefixRouter(Router):
 
         roomy = [i for i in near if room(i)]
 
-        def cost(i: int) -> float:
+        def cost(i: int) -> tuple[float, float]:
             uncached = req.num_tokens - view.prefix.matched_blocks(i, hashes) * bs
-            return uncached + self.lam * view.state(i).uncomputed_prefill_tokens
+            # Ties (a new conversation, idle instances) go to the fewest outstanding requests.
+            return uncached + self.lam * view.state(i).uncomputed_prefill_tokens, loads[i]
 
         return min(roomy or near, key=cost)
