@@ -4,7 +4,7 @@ Simulator: 16 Llama-2-7B replicas on A10s (Llumnix's setting: ~18k tokens of KV 
 (../shared/traces/sharegpt_chat.csv, read in place; total <= 4096), bursty gamma arrivals (CV 4) at high
 load. Same requests for every router:
   dispatch   round-robin and least-load (baselines), freeness without migration, freeness + migration
-             (Llumnix: polls every 50 ms, balanced pairing, threshold 3): P99 TTFT ratios, P99 TBT,
+             (Llumnix: polls every 50 ms, defrag pairing, threshold 3): P99 TTFT ratios, P99 TBT,
              preemptions and recomputed tokens (preemption loss), migrations, downtime
   downtime   migration downtime by the migrated request's length (from the migration run), against
              the median decode step
@@ -20,6 +20,7 @@ Prints tables and writes JSON.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import tempfile
@@ -30,11 +31,12 @@ import numpy as np
 
 from quanta.sim.hardware import get_gpu
 from quanta.sim.model_presets import get_model
-from quanta.sim.simulation import SimConfig, SimResult, simulate
+from quanta.sim.simulation import SimConfig, SimResult, build_replica, simulate
 from quanta.sim.workload import LengthDist, WorkloadRequest, head, read_trace
 
 TRACE = Path(__file__).resolve().parents[1].parent / "shared" / "traces" / "sharegpt_chat.csv"
 MAX_LEN = 4096
+A10 = get_gpu("a10")
 
 
 def config(router: str, migration: bool = False, **kw) -> SimConfig:
@@ -151,15 +153,16 @@ def downtime_eval(res: SimResult) -> list[dict]:
     return rows
 
 
-def multi_turn(n_conv: int, turns: int, seed: int) -> list[WorkloadRequest]:
+def multi_turn(n_conv: int, turns: int, seed: int, spread: float = 1.0) -> list[WorkloadRequest]:
     """Conversations: each turn's prompt is the previous prompt plus its answer and a new message
-    (session_id), turns some seconds apart; ShareGPT-like message and answer lengths."""
+    (session_id), turns some seconds apart; ShareGPT-like message and answer lengths. Conversations
+    start uniformly over `spread` seconds per conversation."""
     rng = np.random.default_rng(seed)
     msg = LengthDist("lognormal", 200, 800, high=1200)
     ans = LengthDist("lognormal", 250, 500, high=600)
     out = []
     for c in range(n_conv):
-        t = float(rng.uniform(0, n_conv / 2.0))
+        t = float(rng.uniform(0, n_conv * spread))
         prompt = 0
         for _ in range(turns):
             prompt += int(msg.sample(rng, 1)[0])
@@ -176,14 +179,23 @@ def prefix_eval(args: argparse.Namespace) -> tuple[list[dict], dict]:
     w = multi_turn(args.conversations, 6, args.seed)
     rr = simulate(w, config("round-robin", replicas=args.replicas))
     pr = simulate(w, config("prefix", replicas=args.replicas))
-    blocks = rr.config.num_kv_blocks
-    if blocks is None:  # what one replica holds: the single instance gets all of it
-        from quanta.sim.simulation import build_replica
-
-        blocks = build_replica(rr.config).kv.num_blocks
-    one = simulate(w, config("round-robin", replicas=1, num_kv_blocks=blocks * args.replicas))
+    blocks = build_replica(rr.config).kv.num_blocks
+    # One instance of the same total size: 16x the KV, compute, memory bandwidth, batch and sequences.
+    n = args.replicas
+    big = dataclasses.replace(
+        get_gpu("a10"), bf16_flops=n * A10.bf16_flops, mem_bandwidth=n * A10.mem_bandwidth
+    )
+    one = simulate(
+        w,
+        dataclasses.replace(
+            config(
+                "round-robin", num_kv_blocks=blocks * n, max_num_batched_tokens=512 * n, max_num_seqs=128 * n
+            ),
+            gpu=big,
+        ),
+    )
     rows = []
-    for name, res in (("round-robin", rr), ("prefix", pr), (f"1 instance, {args.replicas}x KV", one)):
+    for name, res in (("round-robin", rr), ("prefix", pr), (f"1 instance, {args.replicas}x size", one)):
         s = res.summary()
         rows.append(
             {
@@ -210,6 +222,8 @@ def prefix_eval(args: argparse.Namespace) -> tuple[list[dict], dict]:
 def cpu_eval() -> dict:
     """Two in-process engines with a tiny random-weight Llama on CPU: downtime vs sequence length and
     the source's slowdown while stages copy (its step times with and without a migration running)."""
+    import torch
+
     from quanta.cluster.local import LocalCluster
     from quanta.config import CacheConfig, SchedulerConfig
     from quanta.engine.clock import WallClock
@@ -219,6 +233,7 @@ def cpu_eval() -> dict:
     from quanta.request import Request
     from quanta.sampling_params import SamplingParams
 
+    torch.set_num_threads(1)  # a shared machine: one thread keeps step times comparable
     folder = make_model(tempfile.mkdtemp(prefix="cluster-eval-"), "tiny-llama", seed=1)
     bs, max_len, batch = 16, 2048, 8
 
@@ -282,7 +297,11 @@ def cpu_eval() -> dict:
         }
 
     measure(128)  # warm-up: first calls of each kernel and copy path
-    rows = [measure(length) for length in (128, 512, 1024, 1536)]
+    rows = []
+    for length in (128, 512, 1024, 1536):
+        # The median of three runs by downtime: other processes on the machine disturb single runs.
+        runs = sorted((measure(length) for _ in range(3)), key=lambda r: r["downtime_ms"])
+        rows.append(runs[1])
     table(
         f"CPU engine: migration of one request beside {batch} decodes (tiny Llama, float32, this machine)",
         rows,

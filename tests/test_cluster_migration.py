@@ -244,3 +244,57 @@ def test_watchdog_frees_the_reservation_of_a_dead_source(cores, reference) -> No
     assert not dst.core.kv.reserved
     finish(cl)
     assert req.output_token_ids == reference[False]
+
+
+class Remote:
+    """An endpoint behind a process boundary, as a Ray actor is: every argument and return value goes
+    through pickle (and the KV payload through the transport's handle)."""
+
+    def __init__(self, endpoint) -> None:
+        self._endpoint = endpoint
+
+    def __getattr__(self, name: str):
+        import pickle
+
+        method = getattr(self._endpoint, name)
+
+        def call(*args, **kwargs):
+            args, kwargs = pickle.loads(pickle.dumps((args, kwargs)))
+            return pickle.loads(pickle.dumps(method(*args, **kwargs)))
+
+        return call
+
+
+class PickledTransport:
+    """Payloads cross as bytes (what an object store holds)."""
+
+    def send(self, payload):
+        import pickle
+
+        return pickle.dumps(payload)
+
+    def recv(self, handle):
+        import pickle
+
+        return pickle.loads(handle)
+
+    def seconds(self, nbytes: int) -> float:
+        return 0.0
+
+
+@pytest.mark.parametrize("seeded", [False, True], ids=["greedy", "seeded"])
+def test_migration_across_a_pickling_boundary(cores, reference, seeded: bool) -> None:
+    cl = cluster_of(cores, transport=PickledTransport())
+    got: dict[str, Request] = {}
+    cl.step_observers.append(lambda i, out: got.update({r.request_id: r for r in out.updated if i == 1}))
+    req = request(seeded)
+    cl.add_request(req, instance=0)
+    decode(cl, req, 5)
+    m = Migration(req.request_id, 0, 1, len(cores[0].kv.req_blocks[req.request_id]))
+    src, dst = Remote(cl.endpoints[0]), Remote(cl.endpoints[1])
+    while not m.finished:
+        step_checked(cl)
+        m.advance(src, dst, 0.0)
+    assert m.committed, m.reason
+    finish(cl)
+    assert got[req.request_id].output_token_ids == reference[seeded]

@@ -217,3 +217,18 @@ def test_bad_router_and_rescheduler_arguments() -> None:
         make_router("prefix", lamda=1.0)
     with pytest.raises(ValueError, match="unknown migration pairing"):
         Rescheduler("random")
+
+
+def test_cluster_code_imports_neither_torch_nor_ray() -> None:
+    import subprocess
+    import sys
+
+    mods = (
+        "state load view prefix_index router routers rescheduler snapshot transport endpoint migration local"
+    )
+    code = (
+        "import sys, quanta.sim.simulation\n"
+        + "".join(f"import quanta.cluster.{m}\n" for m in mods.split())
+        + "assert 'torch' not in sys.modules and 'ray' not in sys.modules, 'torch or ray was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -85,3 +85,15 @@ def test_bad_cluster_settings_are_refused() -> None:
         config(router="freeness", migration=True, migration_pairing="x")
     with pytest.raises(ValueError, match="poll_interval"):
         config(poll_interval=0.0)
+
+
+def test_cli_simulate_with_freeness_and_migration() -> None:
+    from helpers import run_cli
+
+    args = ["simulate", "--model", "llama-2-7b", "--gpu", "a10", "--trace", "sharegpt", "--qps", "8"]
+    args += ["--cv", "4", "--num-requests", "150", "--max-model-len", "4096", "--replicas", "4"]
+    proc = run_cli(*args, "--router", "freeness", "--migration", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "router freeness;" in proc.stdout and " migrations (" in proc.stdout
+    bad = run_cli(*args, "--router", "random", timeout=120)
+    assert bad.returncode == 2 and "--router" in bad.stderr

@@ -5,7 +5,8 @@ Each poll, `plan(view)` pairs sources with destinations and picks one request pe
   the worst source pairs with the best destination, the second worst with the second best, and so on.
 - `defrag`: sources are instances whose head-of-line request is blocked (its demand exceeds their free
   blocks) or that have preempted requests queued; destinations are instances above the threshold with
-  an empty queue. Migrating a running request away makes room for the blocked one.
+  an empty queue. Migrating a running request away makes room for the blocked one (the default, as
+  in Llumnix: in simulation it cuts preemptions far more than `balanced` for a similar tail TTFT).
 Draining instances (scale-in, planned failover) are always sources, whatever their freeness, and never
 destinations; when no instance is above the threshold they go to the freest one.
 
@@ -37,7 +38,7 @@ class MigrationOrder:
 
 
 class Rescheduler:
-    def __init__(self, pairing: str = "balanced", threshold: float = 3.0, choice: str = "shortest") -> None:
+    def __init__(self, pairing: str = "defrag", threshold: float = 3.0, choice: str = "shortest") -> None:
         if pairing not in PAIRINGS:
             raise ValueError(f"unknown migration pairing {pairing!r}; choose from {', '.join(PAIRINGS)}")
         if choice not in CHOICES:

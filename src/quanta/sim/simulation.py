@@ -48,7 +48,7 @@ class SimConfig:
     poll_interval: float | None = None
     # Live migration (Llumnix): at each poll the rescheduler pairs replicas by freeness and migrates.
     migration: bool = False
-    migration_pairing: str = "balanced"
+    migration_pairing: str = "defrag"  # Llumnix's default pairing
     migration_threshold: float = 3.0  # freeness below: a source; above: a destination
     migration_choice: str = "shortest"
     migration_max_stages: int = 3
