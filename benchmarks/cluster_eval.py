@@ -15,6 +15,7 @@ ModelExecutor): downtime vs sequence length, and the source's slowdown while a m
 Prints tables and writes JSON.
 
     python benchmarks/cluster_eval.py [--num-requests 2000] [--rate 7] [--out results/cluster_eval.json]
+    python benchmarks/cluster_eval.py --serve   # plus the real Ray cluster (benchmarks/cluster_serve.py)
 """
 
 from __future__ import annotations
@@ -319,6 +320,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--no-cpu", action="store_true", help="skip the CPU engine measurements")
     ap.add_argument("--only-cpu", action="store_true", help="only the CPU engine measurements")
+    ap.add_argument(
+        "--serve",
+        action="store_true",
+        help="also the real cluster: benchmarks/cluster_serve.py (quanta serve --instances 2 on Ray vs one "
+        "instance with the same KV, forced migrations, start-up)",
+    )
     ap.add_argument("--out", default="results/cluster_eval.json")
     args = ap.parse_args()
     out: dict = {"args": vars(args)}
@@ -330,6 +337,14 @@ def main() -> None:
         out["prefix"] = {"rows": prows, "ratios": pratios}
     if not args.no_cpu:
         out["cpu"] = cpu_eval()
+    if args.serve:
+        import subprocess
+        import sys
+
+        serve_json = Path(args.out).with_name("cluster_serve.json")
+        script = Path(__file__).with_name("cluster_serve.py")
+        subprocess.run([sys.executable, str(script), "--out", str(serve_json)], check=True)
+        out["serve"] = json.loads(serve_json.read_text())
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")
