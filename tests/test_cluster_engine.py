@@ -254,7 +254,9 @@ def test_the_rescheduler_migrates_under_memory_pressure_without_changing_outputs
     params = SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
     # Round-robin sends the long prompts to instance 0 and the short ones to instance 1: instance 0 runs
     # out of blocks while instance 1 has plenty, so the balanced rescheduler moves requests across.
-    prompts = [[1, 5, 9, 3 + i, 7] * (36 if i % 2 == 0 else 2) for i in range(8)]
+    # Six long requests need 90 blocks of instance 0's 64 (its queue blocks, it preempts), six short ones
+    # leave instance 1 half empty: a source and a destination under either pairing.
+    prompts = [[1, 5, 9, 3 + i, 7] * (36 if i % 2 == 0 else 2) for i in range(12)]
     one = LLMEngine(engine_args(llama_dir, num_kv_blocks=128))
     expected = run(one, params, prompts=prompts)
     ce = cluster(llama_dir, num_kv_blocks=64, router="round-robin", migration=True)
