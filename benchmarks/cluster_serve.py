@@ -26,7 +26,7 @@ import urllib.request
 from pathlib import Path
 
 from quanta.bench.serve import report, run_bench
-from serve_load import free_port, wait_healthy, workload
+from serve_load import free_port, stop, wait_healthy, workload
 
 NAME = "model"
 
@@ -108,11 +108,7 @@ def run_variant(label: str, extra: list[str], args: argparse.Namespace, tmp: Pat
     except Exception as e:
         row["error"] = f"{type(e).__name__}: {e} (log: {log})"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return row
 
 

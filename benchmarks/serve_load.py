@@ -114,12 +114,16 @@ def bench_engine(engine: str, args: argparse.Namespace, model: Path, tmp: Path) 
     except Exception as e:
         rows.append({"engine": engine, "error": f"{type(e).__name__}: {e} (log: {log})"})
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
     return rows
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def main() -> None:
