@@ -23,6 +23,15 @@ same code.
     local.py         LocalCluster: in-process instances, a controller loop (poll, dispatch, reschedule,
                      migrate between steps) for tests and offline use
 
+The runtime over real engines (these import quanta.engine, and ray only in ray_instances.py):
+
+    worker.py        InstanceWorker: one engine instance stepping on its own thread, long-polled for tokens
+    instances.py     Instances handles: LocalInstances (in-process workers); InstanceDiedError
+    ray_instances.py RayInstances (one actor per instance), RayObjectTransport (KV via the object store)
+    remote.py        RemoteEndpoint: an instance's MigrationEndpoint as calls from the front end
+    engine.py        ClusterEngine: the EngineFrontend over instances (mirror requests, owner table,
+                     dispatch, rescheduling, migrations on their own threads, failover)
+
 Driving a migration from a controller (e.g. the API server process, with actor proxies as endpoints):
 
     m = Migration(order.request_id, order.src, order.dst, order.num_blocks, seconds=transport.seconds)

@@ -22,6 +22,7 @@ from typing import Any
 
 from quanta.cluster.instances import InstanceDiedError, Instances
 from quanta.cluster.migration import Migration
+from quanta.cluster.remote import RemoteEndpoint
 from quanta.cluster.rescheduler import Rescheduler
 from quanta.cluster.router import dispatch, make_router
 from quanta.cluster.view import ClusterView
@@ -360,7 +361,7 @@ class ClusterEngine(EngineFrontend):
     def _run_migration(self, m: Migration) -> Any:
         """On a migration thread: drive the state machine to its end (each phase waits for the instances'
         step boundaries, so the front end's thread must not). Returns the source's stop snapshot."""
-        src, dst = _Remote(self, m.src), _Remote(self, m.dst)
+        src, dst = RemoteEndpoint(self.instances, m.src), RemoteEndpoint(self.instances, m.dst)
         while not m.finished:
             m.advance(src, dst, self.now)  # a clock: the downtime is read after the commit call
         return src.stopped
@@ -489,41 +490,6 @@ class ClusterEngine(EngineFrontend):
 
 
 _EMPTY_PLAN = StepPlan(step_id=-1)
-
-
-class _Remote:
-    """One instance's MigrationEndpoint as the state machine calls it: each method a blocking remote
-    call (~1 ms on Ray; the instances keep stepping meanwhile)."""
-
-    def __init__(self, engine: ClusterEngine, index: int) -> None:
-        self._engine = engine
-        self.index = index
-        self.stopped: Any = None  # the RequestSnapshot of a last stage, once seen
-
-    def _call(self, method: str, *args: Any) -> Any:
-        inst = self._engine.instances
-        return inst.result(self.index, inst.submit(self.index, "migration", method, *args))
-
-    def reserve(self, request_id: str, num_blocks: int) -> bool:
-        return self._call("reserve", request_id, num_blocks)
-
-    def stage_out(self, request_id: str, start_block: int, last: bool) -> Any:
-        out = self._call("stage_out", request_id, start_block, last)
-        if out.snapshot is not None:
-            self.stopped = out.snapshot
-        return out
-
-    def stage_in(self, request_id: str, out: Any) -> bool:
-        return self._call("stage_in", request_id, out)
-
-    def abort_in(self, request_id: str) -> None:
-        self._call("abort_in", request_id)
-
-    def finish_out(self, request_id: str, committed: bool) -> bool:
-        return self._call("finish_out", request_id, committed)
-
-    def abort(self, request_ids: list[str]) -> None:
-        self._call("abort", request_ids)
 
 
 def _tail(rec: TokenRecord, j: int) -> TokenRecord:
