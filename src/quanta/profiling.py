@@ -110,26 +110,36 @@ def grid_batches(axes: GridAxes) -> dict[Shape, Batch]:
     return {(p, d, c, q): [(c, 1)] * d + ([(q, p)] if p else []) for p, d, c, q in shapes}
 
 
-def _measure(executor: object, batches: list[Batch], vocab_size: int, repeats: int) -> list[float]:
-    """Median seconds of ModelExecutor.execute over `repeats` runs of each batch (after a warm-up run)."""
+def _plan(step_id: int, batch: Batch, vocab_size: int) -> StepPlan:
     block_size = 16
-    seconds = []
-    for step_id, batch in enumerate(batches):
-        plan = StepPlan(step_id)
-        next_block = 0
-        for i, (cached, new) in enumerate(batch):
-            tokens = [(7 * i + j) % vocab_size for j in range(cached + new)]
-            req = Request(f"p{step_id}-{i}", tokens, SamplingParams(max_tokens=1, ignore_eos=True), 0.0)
-            req.num_computed_tokens = cached
-            nb = cdiv(cached + new, block_size)
-            plan.scheduled.append(
-                ScheduledRequest(req, new, cached, list(range(next_block, next_block + nb)), True)
-            )
-            next_block += nb
-        plan.num_batched_tokens = sum(n for _, n in batch)
-        executor.execute(plan)  # type: ignore[attr-defined]  # warm-up
-        seconds.append(statistics.median(executor.execute(plan).elapsed for _ in range(repeats)))  # type: ignore[attr-defined]
-    return seconds
+    plan = StepPlan(step_id)
+    next_block = 0
+    for i, (cached, new) in enumerate(batch):
+        tokens = [(7 * i + j) % vocab_size for j in range(cached + new)]
+        req = Request(f"p{step_id}-{i}", tokens, SamplingParams(max_tokens=1, ignore_eos=True), 0.0)
+        req.num_computed_tokens = cached
+        nb = cdiv(cached + new, block_size)
+        plan.scheduled.append(
+            ScheduledRequest(req, new, cached, list(range(next_block, next_block + nb)), True)
+        )
+        next_block += nb
+    plan.num_batched_tokens = sum(n for _, n in batch)
+    return plan
+
+
+def _measure(executor: object, batches: list[Batch], vocab_size: int, repeats: int) -> list[float]:
+    """Median seconds of ModelExecutor.execute over `repeats` runs of each batch, after a warm-up pass.
+    The runs go round the whole list `repeats` times rather than repeating one batch: a burst of other
+    load on a shared machine then slows one run of many batches, which the median drops, instead of
+    every run of one."""
+    plans = [_plan(i, b, vocab_size) for i, b in enumerate(batches)]
+    runs: list[list[float]] = [[] for _ in plans]
+    for rep in range(repeats + 1):
+        for plan, times in zip(plans, runs):
+            elapsed = executor.execute(plan).elapsed  # type: ignore[attr-defined]
+            if rep:
+                times.append(elapsed)
+    return [statistics.median(t) for t in runs]
 
 
 def run_profile(

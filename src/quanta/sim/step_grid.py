@@ -12,8 +12,8 @@ time of a chunk of P tokens after Q cached tokens (measured as a difference, wit
 multilinear between measured points and extend linearly past the last ones (a decode context below the
 first measured one counts as that one), so costs linear in the
 context (decode attention) or bilinear (a chunk's tokens times its context) are reproduced exactly.
-Before interpolating, each table is made non-decreasing along every axis (a running maximum): a step
-with more work never takes less time, whatever noise the measurement had.
+Before interpolating, each table is made non-decreasing along every axis (see _monotone): a step with
+more work never takes less time, whatever noise the measurement had.
 
 Torch-free: the simulator uses it on any machine.
 """
@@ -46,8 +46,11 @@ def batch_shape(batch: Batch) -> tuple[int, int, float, float]:
 
 
 def _monotone(table: np.ndarray) -> np.ndarray:
-    for axis in range(table.ndim):  # a running max along one axis keeps the others non-decreasing
-        table = np.maximum.accumulate(table, axis=axis)
+    """The largest table below `table` that is non-decreasing along every axis: each entry becomes the
+    least of itself and every entry with at least as much work. On a shared machine, noise only ever
+    slows a measurement down, so an outlier is dropped rather than spread to every larger shape."""
+    for axis in range(table.ndim):  # a running min from the far end; the other axes stay non-decreasing
+        table = np.flip(np.minimum.accumulate(np.flip(table, axis), axis=axis), axis)
     return table
 
 
