@@ -182,7 +182,7 @@ def main() -> None:
     profile_s = time.perf_counter() - t0
     fitted = fit(prof)
     roofline = CostModel(prof.model, prof.spec(), dtype_bytes=prof.dtype_bytes, efficiency=fitted.efficiency)
-    grid = prof.grid() if prof.step_grid is not None and prof.step_model == "grid" else None
+    grid = prof.grid()  # None unless the profile chose its step grid
     print(
         f"profile: {len(prof.points)} steps on {prof.device} in {profile_s:.0f} s; roofline fit mean "
         f"|error| {fitted.mean_abs_rel_error:.1%}; step model chosen: {prof.step_model}"
