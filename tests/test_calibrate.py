@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from helpers import run_cli
+from quanta.profiling import GridAxes, grid_batches
 from quanta.sim.calibrate import Profile, fit
 from quanta.sim.cost_model import CostModel, Efficiency
+from quanta.sim.simulation import SimConfig, simulate
+from quanta.sim.step_grid import GridStepTime, StepGrid, batch_shape
+from quanta.sim.workload import LengthDist, synthetic
 from test_cost_model import GPU, MODEL
 
 
@@ -42,6 +49,7 @@ def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     prof = Profile.load(out)
     assert len(prof.points) >= 10 and all(p["seconds"] > 0 for p in prof.points)
     assert prof.model.hidden_size == 64 and prof.device_peak_flops > 0
+    assert prof.step_grid is not None and prof.step_model in ("roofline", "grid")
     result = fit(prof)
     assert result.efficiency.matmul > 0 and result.mean_abs_rel_error == result.mean_abs_rel_error  # finite
     sim = run_cli(
@@ -60,3 +68,97 @@ def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     assert sim.returncode == 0, sim.stderr
     with pytest.raises(ValueError, match="cannot read profile"):
         Profile.load(llama_dir / "config.json")
+
+
+# ---- the profile-driven step-time model (quanta.sim.step_grid) ------------------------------------------
+AXES = GridAxes(
+    prefill=(0, 16, 64, 256), decodes=(0, 1, 4, 16), context=(16, 256, 1024), prefill_context=(0, 128, 512)
+)
+
+
+def _truth(batch: list[tuple[int, int]]) -> float:
+    """A made-up monotone step time: fixed cost, per token, per decode context token, per prefill pair."""
+    p, d, c, q = batch_shape(batch)
+    return 1e-3 + 2e-5 * (p + d) + 3e-8 * d * c + 1e-8 * p * p + 4e-9 * p * q
+
+
+def _nondecreasing(times: list[float]) -> bool:
+    return all(b >= a * (1 - 1e-12) for a, b in itertools.pairwise(times))  # rounding where flat
+
+
+def _grid(noise: float = 0.0, seed: int = 0) -> GridStepTime:
+    rng = np.random.default_rng(seed)
+    batches = grid_batches(AXES)
+    times = {k: _truth(b) * (1 + noise * rng.standard_normal()) for k, b in batches.items()}
+    grid = StepGrid.from_measurements(
+        list(AXES.prefill), list(AXES.decodes), list(AXES.context), list(AXES.prefill_context), times
+    )
+    return GridStepTime(grid, CostModel(MODEL, GPU))
+
+
+def test_grid_model_reproduces_its_measured_points() -> None:
+    model = _grid()
+    for batch in grid_batches(AXES).values():
+        assert model.batch_time(batch) == pytest.approx(_truth(batch), rel=1e-12)
+    # Linear in the decodes' context, bilinear in a chunk's tokens and context: exact between points too.
+    assert model.batch_time([(600, 1)] * 4) == pytest.approx(_truth([(600, 1)] * 4), rel=1e-12)
+    assert model.batch_time([(300, 64)]) == pytest.approx(_truth([(300, 64)]), rel=1e-12)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_grid_model_interpolates_monotonically(noise: float) -> None:
+    """More prefill tokens, more decodes, longer contexts: never a shorter step, even from noisy
+    measurements, and in between or past the measured points."""
+    model = _grid(noise, seed=3)
+    for d in range(0, 40, 3):
+        for c in (1, 40, 300, 900, 1500, 3000):
+            times = [model.batch_time([(c, 1)] * d + ([(0, p)] if p else [])) for p in range(0, 600, 7)]
+            times = times[1:] if d == 0 else times  # (0, 0): no step
+            assert _nondecreasing(times)
+        for p in (0, 10, 100, 400):
+            times = [
+                model.batch_time([(c, 1)] * max(d, 1) + ([(0, p)] if p else [])) for c in range(1, 3000, 50)
+            ]
+            assert _nondecreasing(times)
+    for p in (5, 16, 100, 300):
+        times = [model.batch_time([(q, p)]) for q in range(0, 800, 25)]
+        assert _nondecreasing(times)
+    # Between two measured points a step costs what lies between them.
+    lo, hi = model.batch_time([(256, 1)] * 4), model.batch_time([(256, 1)] * 16)
+    assert _nondecreasing([lo, model.batch_time([(256, 1)] * 9), hi])
+
+
+def test_grid_decode_times_match_plan_times_to_the_bit() -> None:
+    model = _grid(0.1, seed=1)
+    context = np.array([7 * 16 + 5 * k for k in range(50)], dtype=np.int64)
+    runs = model.decode_times(7, context)
+    for total, t in zip(context.tolist(), runs.tolist()):
+        batch = [(total // 7 + (i < total % 7), 1) for i in range(7)]
+        assert model.batch_time(batch) == t
+
+
+def test_profile_with_a_step_grid_round_trips_and_drives_the_simulator(tmp_path: Path) -> None:
+    model = _grid()
+    points = [
+        {"batch": [list(x) for x in b], "num_sampled": len(b), "seconds": _truth(b)}
+        for b in grid_batches(AXES).values()
+    ]
+    prof = Profile("toy", GPU.bf16_flops, GPU.mem_bandwidth, GPU.mem_bytes, 2, MODEL, points)
+    assert prof.grid() is None  # the roofline unless the profile chose the grid
+    prof.step_model, prof.step_grid = "grid", model.grid.to_dict()
+    prof.save(tmp_path / "p.json")
+    loaded = Profile.load(tmp_path / "p.json")
+    assert loaded.grid() == model.grid
+    workload = synthetic(30, LengthDist("uniform", 20, 300), LengthDist("uniform", 5, 40), rate=50.0, seed=2)
+    cfg = SimConfig(MODEL, GPU, max_model_len=1024, num_kv_blocks=512, step_grid=loaded.grid())
+    res = simulate(workload, cfg)
+    assert res.num_requests == 30 and all(r.finished for r in res.requests)
+    stepwise = simulate(workload, dataclasses.replace(cfg, decode_runs=False))
+    assert [r.times.tokens for r in res.requests] == [r.times.tokens for r in stepwise.requests]
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        SimConfig(MODEL, GPU, tp=2, step_grid=loaded.grid())
+    (tmp_path / "bad.json").write_text(
+        (tmp_path / "p.json").read_text().replace('"step_model": "grid"', '"step_model": "lookup"')
+    )
+    with pytest.raises(ValueError, match="unknown step_model"):
+        Profile.load(tmp_path / "bad.json")

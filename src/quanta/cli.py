@@ -238,7 +238,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _sim_target(args: argparse.Namespace) -> tuple:
-    """(model shape, device spec, efficiency or None) from --model/--gpu, or from a --profile file."""
+    """(model shape, device spec, efficiency or None, step grid or None) from --model/--gpu, or from a
+    --profile file (its measured step grid when it chose one, for its own model at tp 1)."""
     from quanta.sim.hardware import get_gpu
     from quanta.sim.model_presets import get_model
 
@@ -253,8 +254,11 @@ def _sim_target(args: argparse.Namespace) -> tuple:
             file=sys.stderr,
         )
         model = get_model(args.model) if args.model else prof.model
-        return model, prof.spec(), result.efficiency
-    return get_model(args.model or "llama-3.1-8b"), get_gpu(args.gpu), None
+        grid = prof.grid() if model == prof.model and args.tp == 1 else None
+        if grid is not None:
+            print(f"step times: interpolated over the profile's measured step grid ({prof.device})", file=sys.stderr)
+        return model, prof.spec(), result.efficiency, grid
+    return get_model(args.model or "llama-3.1-8b"), get_gpu(args.gpu), None, None
 
 
 PRESET_NUM_REQUESTS = 1000  # requests drawn from a preset when --num-requests is not given
@@ -280,7 +284,7 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
     """One SimConfig per --policy, and a label for the model."""
     from quanta.sim.simulation import SimConfig
 
-    model, gpu, efficiency = _sim_target(args)
+    model, gpu, efficiency, grid = _sim_target(args)
     configs = [
         SimConfig(
             model,
@@ -300,6 +304,7 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             default_max_tokens=args.default_max_tokens,
             num_kv_blocks=getattr(args, "num_kv_blocks", None),
             **({"efficiency": efficiency} if efficiency else {}),
+            step_grid=grid,
         )
         for policy in args.policy.split(",")
     ]
@@ -307,17 +312,20 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from quanta.profiling import run_profile
+    from quanta.profiling import GridAxes, run_profile
     from quanta.sim.calibrate import fit
 
-    prof = run_profile(args.model, args.device, args.dtype, args.repeats)
+    prof = run_profile(
+        args.model, args.device, args.dtype, args.repeats, step_grid=None if args.no_grid else GridAxes()
+    )
     prof.save(args.out)
     result = fit(prof)
     e = result.efficiency
     print(
         f"wrote {args.out}: {len(prof.points)} steps on {prof.device}; fitted matmul {e.matmul:.2f}, "
         f"attention {e.attention:.2f}, memory {e.memory:.2f} of peak, overhead {e.step_overhead * 1e3:.2f} ms; "
-        f"mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}"
+        f"mean |error| {result.mean_abs_rel_error:.1%}, max {result.max_abs_rel_error:.1%}; "
+        f"step model: {prof.step_model}"
     )
     return 0
 
@@ -687,6 +695,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     prof.add_argument("--repeats", type=int, default=3)
     prof.add_argument("--out", default="profile.json")
+    prof.add_argument(
+        "--no-grid",
+        action="store_true",
+        help="skip the step grid (measured step times the simulator interpolates where the roofline misfits)",
+    )
     prof.set_defaults(func=cmd_profile)
 
     srv = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")

@@ -8,7 +8,9 @@ Profile file format (JSON), written on the machine being modelled and usable any
    "device_mem_bytes": memory size,
    "dtype_bytes": 2,
    "model": {ModelConfig fields},
-   "points": [{"batch": [[cached_tokens, new_tokens], ...], "num_sampled": k, "seconds": t}, ...]}
+   "points": [{"batch": [[cached_tokens, new_tokens], ...], "num_sampled": k, "seconds": t}, ...],
+   "step_model": "roofline" | "grid",   optional (roofline): which model the simulator prices steps with
+   "step_grid": {StepGrid fields}}      optional: measured step times over batch shapes (step_grid.py)
 
 The model time of a point is overhead + sum over parts of max(FLOPs / (peak * e_compute), bytes /
 (bandwidth * e_memory)). For a fixed choice of which side binds each part the time is linear in
@@ -27,8 +29,13 @@ import numpy as np
 from quanta.model.config import ModelConfig
 from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
+from quanta.sim.step_grid import StepGrid
 
 FORMAT = "quanta-profile/1"
+STEP_MODELS = ("roofline", "grid")
+# `quanta profile` chooses the grid when the fitted roofline misses the measured steps by more than this
+# (mean relative error): the device's step times are not roofline-shaped.
+ROOFLINE_TOLERANCE = 0.05
 
 
 @dataclass(slots=True)
@@ -40,6 +47,17 @@ class Profile:
     dtype_bytes: int
     model: ModelConfig
     points: list[dict]
+    # "grid" where the profile measured a StepGrid and the roofline does not fit this device well.
+    step_model: str = "roofline"
+    step_grid: dict | None = None
+
+    def grid(self) -> StepGrid | None:
+        """The measured grid, when the profile chose it as the step-time model."""
+        if self.step_model != "grid":
+            return None
+        if self.step_grid is None:
+            raise ValueError("the profile chose the grid step model but has no step_grid")
+        return StepGrid.from_dict(self.step_grid)
 
     def spec(self) -> GPUSpec:
         return GPUSpec(
@@ -59,7 +77,12 @@ class Profile:
                 raise ValueError(f"not a {FORMAT} file")
             data.pop("format")
             data["model"] = ModelConfig(**data["model"])
-            return cls(**data)
+            prof = cls(**data)
+            if prof.step_model not in STEP_MODELS:
+                raise ValueError(f"unknown step_model {prof.step_model!r}")
+            if prof.step_grid is not None:
+                StepGrid.from_dict(prof.step_grid)  # a malformed grid is an error here, not mid-simulation
+            return prof
         except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError, ValueError) as e:
             raise ValueError(f"cannot read profile {str(path)!r}: {e}") from None
 

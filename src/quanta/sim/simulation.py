@@ -21,7 +21,7 @@ from quanta.cluster.view import ClusterView
 from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
 from quanta.engine.core import DecodeRun, EngineCore
-from quanta.executor.sim_executor import SimExecutor
+from quanta.executor.sim_executor import SimExecutor, StepTimeModel
 from quanta.metrics import MetricsStream, RequestMetrics, Summary
 from quanta.model.config import ModelConfig
 from quanta.request import Request
@@ -29,6 +29,7 @@ from quanta.sim.cost_model import CostModel, Efficiency
 from quanta.sim.hardware import GPUSpec
 from quanta.sim.programs import ProgramSource
 from quanta.sim.sources import ArrivalSource, TraceSource
+from quanta.sim.step_grid import GridStepTime, StepGrid
 from quanta.sim.workload import WorkloadRequest, iter_requests, output_lengths, to_requests
 
 ROUTERS = tuple(router_names())
@@ -62,6 +63,8 @@ class SimConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     efficiency: Efficiency = field(default_factory=Efficiency)
+    # Measured step times to interpolate instead of the roofline (a profile's, for its model, tp 1).
+    step_grid: StepGrid | None = None
     num_kv_blocks: int | None = None  # default: what the GPU's memory holds after the weights
     preemption_mode: str = "recompute"  # or "swap", into swap_space_gb of host memory per replica
     swap_space_gb: float = 0.0
@@ -89,6 +92,8 @@ class SimConfig:
             raise ValueError("replicas must be at least 1")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
+        if self.step_grid is not None and self.tp != 1:
+            raise ValueError("a measured step grid prices one device: it cannot model tensor parallelism")
 
     @property
     def budget(self) -> int:
@@ -214,9 +219,10 @@ def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = Non
     cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
     num_blocks = cfg.num_kv_blocks or cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
     num_host_blocks = int(cfg.swap_space_gb * 2**30 // (cfg.block_size * cost.kv_bytes_per_token()))
+    step_time: StepTimeModel = cost if cfg.step_grid is None else GridStepTime(cfg.step_grid, cost)
     return EngineCore(
         SimExecutor(
-            cost,
+            step_time,
             num_blocks,
             num_host_blocks=num_host_blocks,
             block_size=cfg.block_size,
