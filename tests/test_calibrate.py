@@ -43,13 +43,14 @@ def test_fit_recovers_known_efficiencies() -> None:
 
 def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
-    run = run_cli("profile", "--model", str(llama_dir), "--repeats", "1", "--out", str(out))
+    # The CLI without the step grid (its default grid takes minutes here); the grid path is below.
+    run = run_cli("profile", "--model", str(llama_dir), "--repeats", "1", "--no-grid", "--out", str(out))
     assert run.returncode == 0, run.stderr
     assert "mean |error|" in run.stdout
     prof = Profile.load(out)
     assert len(prof.points) >= 10 and all(p["seconds"] > 0 for p in prof.points)
     assert prof.model.hidden_size == 64 and prof.device_peak_flops > 0
-    assert prof.step_grid is not None and prof.step_model in ("roofline", "grid")
+    assert prof.step_grid is None and prof.step_model == "roofline"
     result = fit(prof)
     assert result.efficiency.matmul > 0 and result.mean_abs_rel_error == result.mean_abs_rel_error  # finite
     sim = run_cli(
@@ -68,6 +69,23 @@ def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     assert sim.returncode == 0, sim.stderr
     with pytest.raises(ValueError, match="cannot read profile"):
         Profile.load(llama_dir / "config.json")
+
+
+def test_cpu_profile_with_a_small_step_grid_drives_simulate(llama_dir: Path, tmp_path: Path) -> None:
+    from quanta.profiling import run_profile
+
+    axes = GridAxes(prefill=(0, 16, 64), decodes=(0, 1, 4), context=(16, 128), prefill_context=(0, 64))
+    prof = run_profile(llama_dir, repeats=1, step_grid=axes)
+    assert prof.step_grid is not None and prof.step_model in ("roofline", "grid")
+    prof.step_model = "grid"  # whatever the fit: the simulator must run on the measured grid
+    out = tmp_path / "grid-profile.json"
+    prof.save(out)
+    assert Profile.load(out).grid() is not None
+    sim = run_cli(
+        "simulate", "--profile", str(out), "--trace", "sharegpt", "--qps", "2", "--num-requests", "20",
+        "--max-model-len", "1024",
+    )  # fmt: skip
+    assert sim.returncode == 0, sim.stderr
 
 
 # ---- the profile-driven step-time model (quanta.sim.step_grid) ------------------------------------------
