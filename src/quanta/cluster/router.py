@@ -11,13 +11,14 @@ not be cut for them.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from quanta.cluster.view import ClusterView
 from quanta.request import Request
 
 
-class Router:
+class Router(ABC):
     name: ClassVar[str]
     reads_state: ClassVar[bool] = True  # False: it reads no snapshot at all (round-robin)
     reads_kv: ClassVar[bool] = False
@@ -25,9 +26,9 @@ class Router:
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
+    @abstractmethod
     def choose(self, req: Request, view: ClusterView) -> int:
         """The instance for `req`, among `view.dispatchable()` (never empty when called)."""
-        raise NotImplementedError
 
     def hashes(self, req: Request, view: ClusterView) -> list[bytes] | None:
         """Prompt hashes to record as dispatched (prefix-aware routers); None: not tracked."""
@@ -35,6 +36,7 @@ class Router:
 
     def forget(self, request_id: str) -> None:
         """A request finished (routers that keep per-request state drop it)."""
+        return None  # most routers keep none
 
 
 def dispatch(router: Router, view: ClusterView, req: Request) -> int:

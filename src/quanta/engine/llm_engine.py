@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ def default_budget(args: EngineArgs, max_model_len: int) -> int:
     return max_model_len if args.policy == "prefill-first" else 512
 
 
-class EngineFrontend:
+class EngineFrontend(ABC):
     """Prompts to requests and engine steps to outputs; the engine behind it is the subclass's."""
 
     def __init__(self, args: EngineArgs) -> None:
@@ -201,55 +202,56 @@ class EngineFrontend:
 
     # ---- what the engine behind provides -----------------------------------------------------------
     @property
-    def max_model_len(self) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def max_model_len(self) -> int: ...
 
     @property
     def block_size(self) -> int:
         return self.args.block_size
 
-    def now(self) -> float:
-        raise NotImplementedError
+    @abstractmethod
+    def now(self) -> float: ...
 
+    @abstractmethod
     def _submit(self, children: list[Request]) -> None:
         """Hand new requests to the engine (all or none: ValueError leaves none behind)."""
-        raise NotImplementedError
 
-    def _abort(self, child_ids: list[str]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _abort(self, child_ids: list[str]) -> None: ...
 
+    @abstractmethod
     def finish_request(self, child_id: str, status: RequestStatus) -> None:
         """Stop a request for a reason found here (a stop string)."""
-        raise NotImplementedError
 
-    def has_unfinished_requests(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def has_unfinished_requests(self) -> bool: ...
 
-    def step(self, only_finished: bool = False) -> list[RequestOutput]:
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, only_finished: bool = False) -> list[RequestOutput]: ...
 
     def requests_of(self, request_id: str) -> list[Request]:
         """The requests (one per sample) behind a request id."""
         return self.output_processor.children(request_id)
 
-    def state(self, check: bool = True) -> EngineState:
-        raise NotImplementedError
+    @abstractmethod
+    def state(self, check: bool = True) -> EngineState: ...
 
+    @abstractmethod
     def waiting_load(self) -> tuple[int, int]:
         """Requests waiting to be admitted and their prompt tokens (the server's queue limits)."""
-        raise NotImplementedError
 
-    def counters(self) -> CacheCounters:
-        raise NotImplementedError
+    @abstractmethod
+    def counters(self) -> CacheCounters: ...
 
-    def add_step_observer(self, observe: Callable[[StepOutput], None]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def add_step_observer(self, observe: Callable[[StepOutput], None]) -> None: ...
 
-    def reset_prefix_cache(self) -> bool:
-        raise NotImplementedError
+    @abstractmethod
+    def reset_prefix_cache(self) -> bool: ...
 
     def shutdown(self) -> None:
         """Release what the engine holds beyond this process (a cluster's instances)."""
+        return None  # a single engine holds nothing beyond it
 
     def healthy(self) -> bool:
         """Whether the engine can serve (a cluster: some instance is alive)."""
@@ -305,7 +307,11 @@ class LLMEngine(EngineFrontend):
             policy_args=dict(args.policy_args or {}),
         )
         self.core = EngineCore(
-            executor, clock or WallClock(), self.scheduler_config, cache_config, check_integrity=args.check_integrity
+            executor,
+            clock or WallClock(),
+            self.scheduler_config,
+            cache_config,
+            check_integrity=args.check_integrity,
         )
         self.executor = executor
 
