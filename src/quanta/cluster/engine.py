@@ -31,6 +31,7 @@ from quanta.engine.core import StepFailedError, StepOutput
 from quanta.engine.llm_engine import CacheCounters, EngineArgs, EngineFrontend, EngineState
 from quanta.engine.output import RequestOutput
 from quanta.executor.base import StepResult
+from quanta.kv.manager import cdiv
 from quanta.request import Request, RequestStatus
 from quanta.sched.plan import StepPlan
 
@@ -348,7 +349,7 @@ class ClusterEngine(EngineFrontend):
             raise ValueError(f"request {request_id!r} already runs on instance {dst}")
         if request_id in self.migrations:
             raise ValueError(f"request {request_id!r} is already migrating")
-        blocks = -(-req.num_tokens // self.block_size) if num_blocks is None else num_blocks
+        blocks = cdiv(req.num_tokens, self.block_size) if num_blocks is None else num_blocks
         return self._start_migration(request_id, src, dst, blocks)
 
     def _start_migration(self, request_id: str, src: int, dst: int, num_blocks: int) -> Migration:

@@ -11,6 +11,7 @@ remote call per step.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import logging
 import threading
 import time
@@ -159,27 +160,19 @@ class InstanceWorker:
         """Counts, KV occupancy and (with `check`) the KV integrity check, for /internal/state."""
 
         def state() -> dict[str, Any]:
-            core = self.core
-            error = None
-            if check:
-                try:
-                    core.scheduler.check_integrity()
-                except AssertionError as e:
-                    error = str(e) or "integrity check failed"
-            pool = core.kv.pool
+            # The single engine's own report (one place for counts and the integrity check).
+            st = self.engine.state(check)
+            c = self.engine.counters()
             return {
                 "index": self.index,
-                "num_running": len(core.scheduler.running),
-                "num_waiting": len(core.scheduler.waiting),
-                "num_free_blocks": core.kv.num_free_blocks,
-                "num_blocks": core.kv.num_blocks,
-                "kv_usage": core.kv.usage(),
-                "waiting_prompt_tokens": sum(r.num_prompt_tokens for r in core.scheduler.waiting),
-                "prefix_queries": pool.num_cache_queries,
-                "prefix_hits": pool.num_cache_hits,
-                "preemptions": core.scheduler.num_preemptions,
-                "integrity_ok": error is None,
-                "integrity_error": error,
+                **{
+                    f.name: getattr(st, f.name)
+                    for f in dataclasses.fields(st)
+                    if f.name not in ("instances", "cluster")
+                },
+                "prefix_queries": c.prefix_queries,
+                "prefix_hits": c.prefix_hits,
+                "preemptions": c.preemptions,
             }
 
         return self.call(state)
