@@ -10,11 +10,14 @@ simulator stepping one schedule() call per step (SimConfig.decode_runs=False), i
 default (runs of provably identical decode steps planned at once); --rounds rounds of each, best and
 median reported (the machine is shared, wall-clock figures are noisy). CPU seconds are reported too.
 With --before-src, an older checkout's simulator (e.g. main before this work) is a third row, interleaved.
-Optionally Vidur on its own workload (`--vidur-python`, see benchmarks/vidur_runner.py).
+With --vidur-src and --vidur-python, Microsoft Vidur from its source tree on the azure16 workload
+(same trace and cluster: sarathi with 512-token chunks, least-outstanding-requests router), a first run
+that trains its predictors and a second on their cache, and quanta's rate over Vidur's (wall and CPU);
+when Vidur cannot run, why, and its recorded rate, labelled recorded (benchmarks/vidur_compare.py).
 Prints a table and writes JSON.
 
     python benchmarks/sim_speed.py [--rounds 2] [--large 1000000] [--large-baseline] [--before-src DIR]
-                                   [--vidur-python PY]
+                                   [--vidur-src DIR --vidur-python PY [--vidur-rf-grid small]]
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+
+import vidur_compare  # benchmarks/, beside this file
 
 HERE = Path(__file__).resolve().parent
 TRACE = HERE.parent.parent / "shared" / "traces" / "azure_conv_2023.csv"
@@ -103,15 +108,69 @@ def run(spec: dict, timeout: float) -> dict:
     return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def run_vidur(python: str, n: int, qps: float, out_dir: Path) -> dict:
-    out = out_dir / "vidur.json"
-    cmd = [python, str(HERE / "vidur_runner.py"), "--num-requests", str(n), "--qps", str(qps)]
-    proc = subprocess.run([*cmd, "--replicas", "1", "--out", str(out)], capture_output=True, text=True)
-    res = json.loads(out.read_text()) if out.is_file() else {}
-    if proc.returncode != 0 or not res.get("ok", False):
-        why = res.get("notes") or (proc.stderr or proc.stdout).strip().splitlines()[-1:]
-        return {"name": "vidur", "error": str(why)}
-    return {"name": "vidur", **res, "requests_per_wall_second": res["num_requests"] / res["wall_seconds"]}
+def vidur_ratio(groups: dict[str, list[dict]], vidur: dict) -> dict:
+    """quanta's requests per second over Vidur's on the same workload (azure16, its default run): wall
+    and CPU, Vidur's startup (cached predictors) plus event loop, and its event loop alone. Against
+    Vidur's recorded rate, labelled so, when it could not run."""
+    rows = [r for r in groups.get("azure16 runs", []) if "error" not in r]
+    if not rows:
+        return {"error": "no quanta azure16 run to compare"}
+    q_wall = statistics.median(r["requests_per_wall_second"] for r in rows)
+    q_cpu = statistics.median(r["requests_per_cpu_second"] for r in rows)
+    out = {"quanta_req_per_wall_s": q_wall, "quanta_req_per_cpu_s": q_cpu}
+    cached = vidur.get("runs", {}).get("cached", {})
+    if vidur.get("ok") and cached.get("ok"):
+        out.update(
+            measured=True,
+            vidur_req_per_wall_s=cached["requests_per_wall_second"],
+            vidur_req_per_cpu_s=cached["requests_per_cpu_second"],
+            wall_ratio=q_wall / cached["requests_per_wall_second"],
+            cpu_ratio=q_cpu / cached["requests_per_cpu_second"],
+            wall_ratio_vs_event_loop=q_wall / cached["run_requests_per_wall_second"],
+            cpu_ratio_vs_event_loop=q_cpu / cached["run_requests_per_cpu_second"],
+        )
+    else:
+        low, high = vidur_compare.RECORDED["requests_per_wall_second"]
+        out.update(measured=False, recorded=vidur_compare.RECORDED, wall_ratio_vs_recorded=[q_wall / high, q_wall / low])
+    return out
+
+
+def print_vidur(vidur: dict, ratio: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not vidur.get("ok"):
+        print(f"vidur: could not run: {vidur.get('error')}")
+    table = Table(title="Vidur, same trace and cluster (sarathi 512, lor router, Llama-2-70B TP2 A100)")
+    for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s", "TTFT p50", "E2E p50"):
+        table.add_column(col, justify="right")
+    for name, r in vidur.get("runs", {}).items():
+        if not r.get("ok"):
+            table.add_row(name, "", "", "", "error", str(r.get("error"))[:60])
+            continue
+        table.add_row(
+            name,
+            f"{r['setup_wall_seconds']:.1f}",
+            f"{r['run_wall_seconds']:.1f}",
+            f"{r['output_wall_seconds']:.1f}",
+            f"{r['requests_per_wall_second']:.0f}",
+            f"{r['requests_per_cpu_second']:.0f}",
+            f"{r['run_requests_per_wall_second']:.0f}",
+            f"{r.get('ttft_p50', float('nan')):.2f}",
+            f"{r.get('e2e_p50', float('nan')):.2f}",
+        )
+    Console().print(table)
+    if "attention_profile" in vidur:
+        print(f"vidur attention profile: {vidur['attention_profile']}")
+    if ratio.get("measured"):
+        print(
+            f"quanta / Vidur (measured, cached predictors): {ratio['wall_ratio']:.1f}x per wall second, "
+            f"{ratio['cpu_ratio']:.1f}x per CPU second; against Vidur's event loop alone "
+            f"{ratio['wall_ratio_vs_event_loop']:.1f}x / {ratio['cpu_ratio_vs_event_loop']:.1f}x"
+        )
+    elif "wall_ratio_vs_recorded" in ratio:
+        lo, hi = ratio["wall_ratio_vs_recorded"]
+        print(f"quanta / Vidur (RECORDED rate, not measured: {ratio['recorded']['note']}): {lo:.1f}-{hi:.1f}x")
 
 
 def best_and_median(rows: list[dict], key: str) -> tuple[float, float]:
@@ -130,7 +189,13 @@ def main() -> None:
     ap.add_argument(
         "--before-src", default=None, help="src/ of an older checkout: its simulator as a third row, interleaved"
     )
-    ap.add_argument("--vidur-python", default=None)
+    ap.add_argument("--vidur-python", default=None, help="interpreter with Vidur's requirements")
+    ap.add_argument("--vidur-src", default=None, help="Vidur's source tree: run it on the azure16 workload")
+    ap.add_argument(
+        "--vidur-rf-grid", default="full", choices=["full", "small"], help="Vidur's random-forest grid"
+    )
+    ap.add_argument("--vidur-cache", default=None, help="Vidur's predictor cache (default: a fresh one)")
+    ap.add_argument("--vidur-default-outputs", action="store_true", help="also a run with Vidur's outputs")
     ap.add_argument("--out", default="results/sim_speed.json")
     args = ap.parse_args()
     if args.worker:
@@ -157,8 +222,18 @@ def main() -> None:
         for name, runs in todo:
             spec = {**large, "name": name, "replicas": args.large_replicas, "decode_runs": runs}
             groups[name] = [run(spec, 4 * 3600)]
-    if args.vidur_python:
-        groups["vidur"] = [run_vidur(args.vidur_python, 10_000, 4.0, out.parent)]
+    vidur = ratio = None
+    if args.vidur_python or args.vidur_src:
+        vidur = vidur_compare.run_vidur(
+            args.vidur_python,
+            args.vidur_src,
+            args.trace,
+            replicas=16,
+            rf_grid=args.vidur_rf_grid,
+            cache_dir=args.vidur_cache,
+            default_outputs=args.vidur_default_outputs,
+        )
+        ratio = vidur_ratio(groups, vidur)
 
     from rich.console import Console
     from rich.table import Table
@@ -194,7 +269,11 @@ def main() -> None:
             f"{ratio:.2f}",
         )
     Console().print(table)
-    out.write_text(json.dumps({"summary": summary, "runs": groups}, indent=2) + "\n")
+    result = {"summary": summary, "runs": groups}
+    if vidur is not None:
+        print_vidur(vidur, ratio)
+        result.update(vidur=vidur, vidur_ratio=ratio)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
 
