@@ -104,7 +104,18 @@ def write_attention_profile(
         w.writerow(header)
         for chunk, kv, b, prefill in rows:
             attn, save = ms([(kv, chunk)] if prefill else [(kv, 1)] * b)
-            shape = [m.hidden_size, m.num_heads, m.num_kv_heads, block_size, tp, max_seq_len, b, chunk, kv, prefill]
+            shape = [
+                m.hidden_size,
+                m.num_heads,
+                m.num_kv_heads,
+                block_size,
+                tp,
+                max_seq_len,
+                b,
+                chunk,
+                kv,
+                prefill,
+            ]
             w.writerow([*shape, attn if prefill else "", "" if prefill else attn, save])
     return len(rows)
 
@@ -149,7 +160,15 @@ def run_vidur(
     src_path = Path(src).resolve()
     if not (src_path / "vidur" / "simulator.py").is_file():
         return {"ok": False, "error": f"{src_path} is not Vidur's source tree", "recorded": RECORDED}
-    model, device, tp, block, chunk, cap, max_tokens = "meta-llama/Llama-2-70b-hf", "a100", 2, 16, 512, 128, 16384
+    model, device, tp, block, chunk, cap, max_tokens = (
+        "meta-llama/Llama-2-70b-hf",
+        "a100",
+        2,
+        16,
+        512,
+        128,
+        16384,
+    )
     with tempfile.TemporaryDirectory(prefix="vidur_") as tmp_name:
         tmp = Path(tmp_name)
         trace_csv = tmp / "trace.csv"
@@ -180,7 +199,9 @@ def run_vidur(
             if name.endswith("default outputs") and not default_outputs:
                 continue
             args = [*common, "--cache-dir", str(cache), "--out-dir", str(tmp / f"out_{len(runs)}")]
-            runs[name] = run_once(python, [*args, *(["--lean"] if lean else [])], tmp / f"{len(runs)}.json", timeout)
+            runs[name] = run_once(
+                python, [*args, *(["--lean"] if lean else [])], tmp / f"{len(runs)}.json", timeout
+            )
             if not runs[name]["ok"]:
                 break
     ok = all(r["ok"] for r in runs.values())

@@ -30,8 +30,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -109,7 +110,11 @@ def request_metrics(out_dir: Path) -> dict:
     files = sorted(out_dir.rglob("request_metrics.csv"))
     if not files:
         return {}
-    cols = {"ttft": "prefill_e2e_time", "e2e": "request_e2e_time", "scheduling_delay": "request_scheduling_delay"}
+    cols = {
+        "ttft": "prefill_e2e_time",
+        "e2e": "request_e2e_time",
+        "scheduling_delay": "request_scheduling_delay",
+    }
     values: dict[str, list[float]] = {k: [] for k in cols}
     n = 0
     with files[-1].open(newline="") as f:
@@ -130,7 +135,9 @@ def request_metrics(out_dir: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vidur-src", type=Path, required=True, help="Vidur's source tree (a git checkout)")
-    p.add_argument("--trace", type=Path, required=True, help="CSV: arrived_at,num_prefill_tokens,num_decode_tokens")
+    p.add_argument(
+        "--trace", type=Path, required=True, help="CSV: arrived_at,num_prefill_tokens,num_decode_tokens"
+    )
     p.add_argument("--replicas", type=int, default=16)
     p.add_argument("--model", default="meta-llama/Llama-2-70b-hf")
     p.add_argument("--device", default="a100")
@@ -144,7 +151,9 @@ def main() -> None:
     p.add_argument("--attention-csv", type=Path, default=None, help="attention profile (default: the tree's)")
     p.add_argument("--rf-grid", choices=sorted(RF_GRIDS), default="full")
     p.add_argument("--lean", action="store_true", help="no plots, Chrome trace, batch or utilization metrics")
-    p.add_argument("--cache-dir", type=Path, required=True, help="Vidur's predictor cache (reused across runs)")
+    p.add_argument(
+        "--cache-dir", type=Path, required=True, help="Vidur's predictor cache (reused across runs)"
+    )
     p.add_argument("--out-dir", type=Path, required=True, help="Vidur's metrics output folder")
     p.add_argument("--out", type=Path, required=True, help="JSON result")
     a = p.parse_args()
