@@ -131,7 +131,11 @@ def vidur_ratio(groups: dict[str, list[dict]], vidur: dict) -> dict:
         )
     else:
         low, high = vidur_compare.RECORDED["requests_per_wall_second"]
-        out.update(measured=False, recorded=vidur_compare.RECORDED, wall_ratio_vs_recorded=[q_wall / high, q_wall / low])
+        out.update(
+            measured=False,
+            recorded=vidur_compare.RECORDED,
+            wall_ratio_vs_recorded=[q_wall / high, q_wall / low],
+        )
     return out
 
 
@@ -142,7 +146,9 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
     if not vidur.get("ok"):
         print(f"vidur: could not run: {vidur.get('error')}")
     table = Table(title="Vidur, same trace and cluster (sarathi 512, lor router, Llama-2-70B TP2 A100)")
-    for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s", "TTFT p50", "E2E p50"):
+    for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s"):
+        table.add_column(col, justify="right")
+    for col in ("TTFT p50 s", "E2E p50 s"):
         table.add_column(col, justify="right")
     for name, r in vidur.get("runs", {}).items():
         if not r.get("ok"):
@@ -170,7 +176,8 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
         )
     elif "wall_ratio_vs_recorded" in ratio:
         lo, hi = ratio["wall_ratio_vs_recorded"]
-        print(f"quanta / Vidur (RECORDED rate, not measured: {ratio['recorded']['note']}): {lo:.1f}-{hi:.1f}x")
+        note = ratio["recorded"]["note"]
+        print(f"quanta / Vidur (RECORDED rate, not measured: {note}): {lo:.1f}-{hi:.1f}x")
 
 
 def best_and_median(rows: list[dict], key: str) -> tuple[float, float]:
