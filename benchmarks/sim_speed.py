@@ -145,6 +145,8 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
 
     if not vidur.get("ok"):
         print(f"vidur: could not run: {vidur.get('error')}")
+    elif vidur.get("error"):
+        print(f"vidur: an extra run failed: {vidur['error'].strip()[:200]}")
     table = Table(title="Vidur, same trace and cluster (sarathi 512, lor router, Llama-2-70B TP2 A100)")
     for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s"):
         table.add_column(col, justify="right")
@@ -229,7 +231,7 @@ def main() -> None:
         for name, runs in todo:
             spec = {**large, "name": name, "replicas": args.large_replicas, "decode_runs": runs}
             groups[name] = [run(spec, 4 * 3600)]
-    vidur = ratio = None
+    vidur = vs_vidur = None
     if args.vidur_python or args.vidur_src:
         vidur = vidur_compare.run_vidur(
             args.vidur_python,
@@ -240,7 +242,7 @@ def main() -> None:
             cache_dir=args.vidur_cache,
             default_outputs=args.vidur_default_outputs,
         )
-        ratio = vidur_ratio(groups, vidur)
+        vs_vidur = vidur_ratio(groups, vidur)
 
     from rich.console import Console
     from rich.table import Table
@@ -278,8 +280,8 @@ def main() -> None:
     Console().print(table)
     result = {"summary": summary, "runs": groups}
     if vidur is not None:
-        print_vidur(vidur, ratio)
-        result.update(vidur=vidur, vidur_ratio=ratio)
+        print_vidur(vidur, vs_vidur)
+        result.update(vidur=vidur, vidur_ratio=vs_vidur)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 
