@@ -109,45 +109,46 @@ class BlockPool:
 
     def allocate(self, n: int, after: int | None = None) -> list[KVBlock]:
         """n blocks, least recently freed first; with `contiguous`, continuing after block `after`."""
-        if n > len(self._free):
-            raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
-        out = []
-        free, cached, contiguous = self._free, self._cached, self.contiguous
-        head_batch = -1  # free batch of the LRU head, looked up when needed (-1: not yet)
-        for i in range(n):
-            block = None
-            if contiguous:
+        free = self._free
+        if n > len(free):
+            raise RuntimeError(f"cannot allocate {n} blocks, {len(free)} free")
+        if not self.contiguous:
+            out = [free.popitem(last=False)[1] for _ in range(n)]
+        else:
+            out = []
+            pop = free.pop
+            while len(out) < n:
                 if after is not None:
                     nxt = free.get(after + 1)
-                    # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
-                    if nxt is not None and nxt.block_hash is not None and head_batch < 0:
-                        head_batch = free[next(iter(free))].free_batch
-                    if nxt is not None and (nxt.block_hash is None or nxt.free_batch <= head_batch):
-                        block = free.pop(after + 1)
-                        if block.free_batch == head_batch:
-                            head_batch = -1  # it may have been the head
-                if block is None:
-                    head_batch = -1
-                    # Requests free their blocks tail first, so the LRU block tops a range freed with
-                    # it: start from the low end of that range (same age, so LRU order holds).
-                    head = start = next(iter(free))
-                    batch = free[head].free_batch
-                    while head - start + 1 < n - i:
-                        lower = free.get(start - 1)
-                        if lower is None or lower.free_batch != batch:
-                            break
-                        start -= 1
-                    block = free.pop(start)
-            else:
-                block = free.popitem(last=False)[1]
-            after = block.block_id
+                    # The list is in free-batch order, so its head holds the oldest batch: a successor
+                    # as old as the head keeps LRU order (one without a hash evicts nothing, any age).
+                    if nxt is not None and (
+                        nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
+                    ):
+                        out.append(pop(after + 1))
+                        after += 1
+                        continue
+                # Requests free their blocks tail first, so the LRU block tops a range freed with it:
+                # start from the low end of that range (same age, so LRU order holds) and take the range
+                # up to the head in one go (each next block is a successor as old as the head).
+                head = start = next(iter(free))
+                batch = free[head].free_batch
+                left = n - len(out)
+                while head - start + 1 < left:
+                    lower = free.get(start - 1)
+                    if lower is None or lower.free_batch != batch:
+                        break
+                    start -= 1
+                out.extend([pop(b) for b in range(start, head + 1)])
+                after = head
+        cached, evicted = self._cached, self._evicted
+        for block in out:
             if block.block_hash is not None:  # lazy eviction
                 del cached[block.block_hash]
-                if self._evicted is not None:
-                    self._evicted.append(block.block_hash)
+                if evicted is not None:
+                    evicted.append(block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
-            out.append(block)
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
