@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_chain
+from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, check_hash_algo, hash_chain
 from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
 from quanta.request import Request
 
@@ -40,8 +40,10 @@ class KVCacheManager:
         num_host_blocks: int = 0,
         block_groups: bool = False,
         per_tenant: bool = False,
+        hash_algo: str = "sha256",
     ) -> None:
         self.block_size = block_size
+        self.hash_algo = check_hash_algo(hash_algo)  # how block_hashes chains (block_pool.HASH_ALGOS)
         self.enable_caching = enable_caching
         self.block_groups = block_groups
         self.per_tenant = per_tenant  # prefix hits only between requests of the same tenant
@@ -91,7 +93,8 @@ class KVCacheManager:
         start = len(hashes)
         if start < len(tokens) // bs:
             extra = self._first_block_keys(req) if start == 0 else ()
-            hashes.extend(hash_chain(hashes[-1] if hashes else None, tokens[start * bs :], bs, extra))
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_chain(parent, tokens[start * bs :], bs, extra, self.hash_algo))
         return hashes
 
     def _first_block_keys(self, req: Request) -> tuple:
@@ -263,10 +266,7 @@ class KVCacheManager:
         start = self._num_indexed.get(req.request_id, 0)
         if num_full <= start:
             return
-        hashes = self.block_hashes(req)
-        pool_blocks = self.pool.blocks
-        for i in range(start, num_full):
-            self.pool.cache(pool_blocks[blocks[i]], hashes[i])
+        self.pool.cache_blocks(blocks, self.block_hashes(req), start, num_full)
         self._num_indexed[req.request_id] = num_full
 
     def uncache_uncomputed(self, req: Request) -> None:

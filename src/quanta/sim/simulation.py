@@ -62,6 +62,9 @@ class SimConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # The prefix cache's block hash (quanta.kv.block_pool.HASH_ALGOS). Simulated prompts are no attack
+    # surface, so the cheap one: it keys the same blocks as SHA-256 barring a 64-bit collision.
+    prefix_cache_hash: str = "tuple"
     efficiency: Efficiency = field(default_factory=Efficiency)
     # Measured step times to interpolate instead of the roofline (a profile's, for its model, tp 1).
     step_grid: StepGrid | None = None
@@ -242,6 +245,7 @@ def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = Non
             num_blocks=num_blocks,
             enable_prefix_caching=cfg.enable_prefix_caching,
             block_groups=cfg.block_groups,
+            prefix_cache_hash=cfg.prefix_cache_hash,
         ),
         check_integrity=cfg.check_integrity,
     )
@@ -326,7 +330,7 @@ def simulate(
         if cfg.migration
         else None
     )
-    view = ClusterView(cfg.block_size)
+    view = ClusterView(cfg.block_size, hash_algo=cfg.prefix_cache_hash)
     for ep in endpoints:
         view.update(ep.state())
     stream = MetricsStream(None if keep else MAX_EXACT_ITL)
