@@ -160,17 +160,25 @@ class BlockPool:
         else:
             out = []
             pop = free.pop
+            get = free.get
             while len(out) < n:
                 if after is not None:
-                    nxt = free.get(after + 1)
-                    # The list is in free-batch order, so its head holds the oldest batch: a successor
-                    # as old as the head keeps LRU order (one without a hash evicts nothing, any age).
-                    if nxt is not None and (
-                        nxt.block_hash is None or nxt.free_batch <= free[next(iter(free))].free_batch
-                    ):
-                        out.append(pop(after + 1))
+                    # Successors of `after` while they are free and keep LRU order: the list is in
+                    # free-batch order, so its head holds the oldest batch, and a successor as old as
+                    # the head keeps it (one without a hash evicts nothing, whatever its age).
+                    head = next(iter(free))
+                    head_batch = free[head].free_batch
+                    while len(out) < n:
+                        nxt = get(after + 1)
+                        if nxt is None or (nxt.block_hash is not None and nxt.free_batch > head_batch):
+                            break
                         after += 1
-                        continue
+                        out.append(pop(after))
+                        if after == head and free:  # the head went: the next one is as old or younger
+                            head = next(iter(free))
+                            head_batch = free[head].free_batch
+                    if len(out) == n:
+                        break
                 # Requests free their blocks tail first, so the LRU block tops a range freed with it:
                 # start from the low end of that range (same age, so LRU order holds) and take the range
                 # up to the head in one go (each next block is a successor as old as the head).

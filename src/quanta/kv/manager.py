@@ -240,7 +240,14 @@ class KVCacheManager:
                 j = min(j, (indexed.get(reqs[i].request_id, 0) + 1) * bs - c - 1)  # fills one
             return max(j, after + 1)
 
-        events = [(next_event(i, -1), i) for i in range(len(reqs))]
+        # The first events, inline (most requests have none within a short run: only those go on the heap).
+        events = []
+        for i, req in enumerate(reqs):
+            j = len(tables[i]) * bs - start[i]
+            if caching:
+                j = min(j, (indexed.get(req.request_id, 0) + 1) * bs - start[i] - 1)
+            if j < num_steps:
+                events.append((max(j, 0), i))
         heapq.heapify(events)
         while events and events[0][0] < num_steps:
             j, i = events[0]
