@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
+from quanta.kv.block_pool import HASH_ALGOS
 from quanta.model.default_model import DEFAULT_MODEL_NAME, default_model, smollm2_gguf
 from quanta.server import DEFAULT_MAX_REQUEST_BYTES, DEFAULT_MAX_TENANT_LABELS, DEFAULT_PRIORITY_RANGE
 
@@ -72,6 +73,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="prefix-cache hits only between requests of the same tenant (no cross-tenant timing signal)",
     )
+    p.add_argument(
+        "--prefix-cache-hash",
+        choices=HASH_ALGOS,
+        default="sha256",
+        help="how blocks are keyed in the prefix cache: sha256 resists crafted collisions; tuple is cheaper",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (for requests without a seed)")
 
 
@@ -92,6 +99,7 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
         load_format=args.load_format,
         enable_prefix_caching=not args.no_prefix_caching,
         prefix_cache_per_tenant=args.prefix_cache_per_tenant,
+        prefix_cache_hash=args.prefix_cache_hash,
         seed=args.seed,
     )
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quanta.kv.block_pool import check_hash_algo
+
 
 @dataclass(slots=True)
 class CacheConfig:
@@ -19,8 +21,12 @@ class CacheConfig:
     block_groups: bool = True
     # Prefix-cache hits only between requests of the same tenant (on top of per-request cache_salt).
     prefix_cache_per_tenant: bool = False
+    # How full blocks are keyed in the prefix cache (quanta.kv.block_pool.HASH_ALGOS): "sha256" resists
+    # crafted collisions; "tuple" is Python's int-tuple hash, ~10x cheaper, for simulated or trusted prompts.
+    prefix_cache_hash: str = "sha256"
 
     def __post_init__(self) -> None:
+        check_hash_algo(self.prefix_cache_hash)
         if self.swap_space_gb < 0 or (self.num_cpu_blocks is not None and self.num_cpu_blocks < 0):
             raise ValueError("swap_space_gb and num_cpu_blocks must not be negative")
         if self.block_size < 1:

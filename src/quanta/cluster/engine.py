@@ -91,7 +91,7 @@ class ClusterEngine(EngineFrontend):
         self.num_redispatched = 0  # requests recomputed elsewhere after their instance died
         self.router = make_router(router)
         self.rescheduler = rescheduler or (Rescheduler() if migration else None)
-        self.view = ClusterView(args.block_size, args.prefix_cache_per_tenant)
+        self.view = ClusterView(args.block_size, args.prefix_cache_per_tenant, args.prefix_cache_hash)
         for i in range(n):
             self.view.update(instances.result(i, instances.submit(i, "instance_state")))
         self._state_polls: dict[int, Any] = {}

@@ -37,7 +37,7 @@ class LocalCluster:
         self.endpoints = [MigrationEndpoint(c, self.transport, i) for i, c in enumerate(cores)]
         self.router = make_router(router) if isinstance(router, str) else router
         self.rescheduler = rescheduler
-        self.view = ClusterView(cores[0].kv.block_size, cores[0].kv.per_tenant)
+        self.view = ClusterView(cores[0].kv.block_size, cores[0].kv.per_tenant, cores[0].kv.hash_algo)
         self.clock = clock
         self.max_stages = max_stages
         self.last_stage_blocks = last_stage_blocks

@@ -8,14 +8,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from quanta.cluster.state import InstanceState
-from quanta.kv.block_pool import BlockHash, hash_chain
+from quanta.kv.block_pool import BlockHash, check_hash_algo, hash_chain
 from quanta.request import Request
 
 
 class PrefixIndex:
-    def __init__(self, block_size: int = 16, per_tenant: bool = False) -> None:
+    def __init__(self, block_size: int = 16, per_tenant: bool = False, hash_algo: str = "sha256") -> None:
         self.block_size = block_size
         self.per_tenant = per_tenant  # as the instances' CacheConfig.prefix_cache_per_tenant
+        self.hash_algo = check_hash_algo(hash_algo)  # as the instances' CacheConfig.prefix_cache_hash
         self._hashes: dict[int, set[BlockHash]] = {}
 
     def update(self, state: InstanceState) -> None:
@@ -35,7 +36,7 @@ class PrefixIndex:
             keys += (("salt", req.cache_salt),)
         if self.per_tenant:
             keys += (("tenant", req.tenant),)
-        return hash_chain(None, req.prompt_token_ids, self.block_size, keys)
+        return hash_chain(None, req.prompt_token_ids, self.block_size, keys, self.hash_algo)
 
     def matched_blocks(self, instance_id: int, hashes: Sequence[BlockHash]) -> int:
         """Leading blocks of a prompt with these hashes that the instance holds."""

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 from quanta.cluster.view import ClusterView
+from quanta.kv.block_pool import BlockHash
 from quanta.request import Request
 
 
@@ -30,7 +31,7 @@ class Router(ABC):
     def choose(self, req: Request, view: ClusterView) -> int:
         """The instance for `req`, among `view.dispatchable()` (never empty when called)."""
 
-    def hashes(self, req: Request, view: ClusterView) -> list[bytes] | None:
+    def hashes(self, req: Request, view: ClusterView) -> list[BlockHash] | None:
         """Prompt hashes to record as dispatched (prefix-aware routers); None: not tracked."""
         return None
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from quanta.kv.block_pool import BlockHash
+
 
 @dataclass(slots=True)
 class RunningInfo:
@@ -45,8 +47,8 @@ class InstanceState:
     draining: bool = False
     running: list[RunningInfo] = field(default_factory=list)
     # Prefix-cache hashes indexed and evicted since the previous snapshot (the first one: the whole index).
-    stored_hashes: list[bytes] = field(default_factory=list)
-    evicted_hashes: list[bytes] = field(default_factory=list)
+    stored_hashes: list[BlockHash] = field(default_factory=list)
+    evicted_hashes: list[BlockHash] = field(default_factory=list)
     migrating: list[str] = field(default_factory=list)  # request ids in a migration here (either side)
 
     @property

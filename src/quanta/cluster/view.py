@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from quanta.cluster.prefix_index import PrefixIndex
 from quanta.cluster.state import InstanceState
+from quanta.kv.block_pool import BlockHash
 from quanta.kv.manager import cdiv
 from quanta.request import Request
 
@@ -29,9 +30,9 @@ class _Dispatch:
 
 
 class ClusterView:
-    def __init__(self, block_size: int = 16, per_tenant: bool = False) -> None:
+    def __init__(self, block_size: int = 16, per_tenant: bool = False, hash_algo: str = "sha256") -> None:
         self.block_size = block_size
-        self.prefix = PrefixIndex(block_size, per_tenant)
+        self.prefix = PrefixIndex(block_size, per_tenant, hash_algo)
         self._states: dict[int, InstanceState] = {}
         self._pending: dict[int, deque[_Dispatch]] = {}
         self._sent: dict[int, int] = {}  # dispatches sent to each instance, in all
@@ -104,7 +105,7 @@ class ClusterView:
     def num_pending(self, instance_id: int) -> int:
         return len(self._pending[instance_id])
 
-    def dispatched(self, instance_id: int, req: Request, hashes: list[bytes] | None = None) -> None:
+    def dispatched(self, instance_id: int, req: Request, hashes: list[BlockHash] | None = None) -> None:
         """Count a request sent to an instance at once (call before or right after add_request). With
         its prompt's block hashes (prefix-aware routers), it counts the prefill the instance's cache will
         not serve, and the hashes join the instance's mirrored index."""

@@ -95,6 +95,7 @@ class EngineCore:
             num_host_blocks=getattr(executor, "num_host_kv_blocks", 0),
             block_groups=cache_config.block_groups,
             per_tenant=cache_config.prefix_cache_per_tenant,
+            hash_algo=cache_config.prefix_cache_hash,
         )
         self.policy = policy or make_policy(scheduler_config.policy, scheduler_config)
         self.scheduler = Scheduler(scheduler_config, self.kv, self.policy)

@@ -42,6 +42,7 @@ class EngineArgs:
     kv_cache_memory_gb: float = 2.0
     enable_prefix_caching: bool = True
     prefix_cache_per_tenant: bool = False  # prefix-cache hits only between requests of one tenant
+    prefix_cache_hash: str = "sha256"  # CacheConfig.prefix_cache_hash
     seed: int = 0
     cpu_kernels: bool = True  # C++ decode attention on CPU (compiled on first use); False: portable torch
     attention_backend: str = "auto"  # torch | triton; auto: triton on CUDA, torch on CPU
@@ -272,6 +273,7 @@ class LLMEngine(EngineFrontend):
             kv_cache_memory_gb=args.kv_cache_memory_gb,
             enable_prefix_caching=args.enable_prefix_caching,
             prefix_cache_per_tenant=args.prefix_cache_per_tenant,
+            prefix_cache_hash=args.prefix_cache_hash,
             swap_space_gb=args.swap_space_gb,
             num_cpu_blocks=args.num_cpu_blocks,
         )

@@ -6,23 +6,52 @@ eviction is lazy and takes the least recently freed block first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-# A block's identity in the prefix cache: a SHA-256 digest chained over the parent's digest, the block's
-# token ids and extra keys (cache salt, tenant). A cryptographic hash, because whoever chooses prompts
-# could otherwise craft two prefixes with one key and read another user's KV (the class of
-# CVE-2025-25183, where Python's hash() keyed the chain).
-BlockHash = bytes
+# A block's identity in the prefix cache: a digest chained over the parent's digest, the block's token
+# ids and extra keys (cache salt, tenant), by one of HASH_ALGOS:
+#   "sha256"  (the engine's default) a SHA-256 digest (bytes). Cryptographic, because whoever chooses
+#             prompts could otherwise craft two prefixes with one key and read another user's KV (the
+#             class of CVE-2025-25183, where Python's hash() keyed the chain).
+#   "tuple"   (the simulator's default) Python's built-in hash of the tuple (parent, ids...), an int. About
+#             10x cheaper per block, and deterministic across processes on one Python version (ints and
+#             tuples of ints are not salted by PYTHONHASHSEED; extra keys, which may hold strings, enter
+#             as an int derived from their SHA-256). 64 bits and not collision-resistant: for simulated
+#             or trusted prompts only.
+# Hashes are compared across components (KV manager, cluster prefix index, batch planner, swap space), so
+# every one of them must chain with `hash_chain` / `hash_block` under the same algorithm.
+BlockHash = bytes | int
+HASH_ALGOS = ("sha256", "tuple")
 
-_ROOT = bytes(32)  # the parent of a request's first block
+_ROOT = bytes(32)  # the parent of a request's first block (sha256)
 _PACKERS: dict[int, struct.Struct] = {}
 
 
-def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = ()) -> BlockHash:
+def check_hash_algo(algo: str) -> str:
+    if algo not in HASH_ALGOS:
+        raise ValueError(f"unknown prefix-cache hash {algo!r}; choose from {', '.join(HASH_ALGOS)}")
+    return algo
+
+
+@functools.lru_cache(maxsize=4096)
+def _extra_int(extra_keys: tuple) -> int:
+    """Extra keys as a 64-bit int for the "tuple" hash: their repr's SHA-256, so strings (salted by
+    hash()) enter deterministically."""
+    return int.from_bytes(hashlib.sha256(repr(extra_keys).encode()).digest()[:8], "little")
+
+
+def hash_block(
+    parent: BlockHash | None, token_ids: Sequence[int], extra_keys: tuple = (), algo: str = "sha256"
+) -> BlockHash:
+    if algo == "tuple":
+        if extra_keys:  # one element more: no block without extra keys has this shape
+            return hash((parent or 0, _extra_int(extra_keys), *token_ids))
+        return hash((parent or 0, *token_ids))
     n = len(token_ids)
     packer = _PACKERS.get(n)
     if packer is None:
@@ -35,22 +64,36 @@ def hash_block(parent: BlockHash | None, token_ids: Sequence[int], extra_keys: t
 
 
 def hash_chain(
-    parent: BlockHash | None, token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()
+    parent: BlockHash | None,
+    token_ids: Sequence[int],
+    block_size: int,
+    extra_keys: tuple = (),
+    algo: str = "sha256",
 ) -> list[BlockHash]:
     """`hash_block` over the consecutive full blocks of token_ids, each chained to the one before, the
-    first to `parent` and alone carrying `extra_keys`: the same digests, with the ids packed once."""
+    first to `parent` and alone carrying `extra_keys`: the same digests, computed in one pass."""
     num_blocks = len(token_ids) // block_size
     if num_blocks == 0:
         return []
+    out: list[BlockHash] = []
+    if algo == "tuple":
+        prev_int = parent or 0
+        bs = block_size
+        if extra_keys:
+            prev_int = hash((prev_int, _extra_int(extra_keys), *token_ids[:bs]))
+            out.append(prev_int)
+        for i in range(len(out) * bs, num_blocks * bs, bs):
+            prev_int = hash((prev_int, *token_ids[i : i + bs]))
+            out.append(prev_int)
+        return out
     n = num_blocks * block_size
     raw = struct.pack(f"<{n}q", *token_ids[:n])
     head = struct.pack("<I", block_size)
     width = 8 * block_size
-    out: list[BlockHash] = []
     sha256 = hashlib.sha256
     prev = parent or _ROOT
     for i in range(num_blocks):
-        data = prev + head + raw[i * width : (i + 1) * width]
+        data = prev + head + raw[i * width : (i + 1) * width]  # type: ignore[operator]
         if i == 0 and extra_keys:
             data += repr(extra_keys).encode()
         prev = sha256(data).digest()
@@ -109,45 +152,54 @@ class BlockPool:
 
     def allocate(self, n: int, after: int | None = None) -> list[KVBlock]:
         """n blocks, least recently freed first; with `contiguous`, continuing after block `after`."""
-        if n > len(self._free):
-            raise RuntimeError(f"cannot allocate {n} blocks, {len(self._free)} free")
-        out = []
-        free, cached, contiguous = self._free, self._cached, self.contiguous
-        head_batch = -1  # free batch of the LRU head, looked up when needed (-1: not yet)
-        for i in range(n):
-            block = None
-            if contiguous:
+        free = self._free
+        if n > len(free):
+            raise RuntimeError(f"cannot allocate {n} blocks, {len(free)} free")
+        if not self.contiguous:
+            out = [free.popitem(last=False)[1] for _ in range(n)]
+        else:
+            out = []
+            pop = free.pop
+            get = free.get
+            while len(out) < n:
                 if after is not None:
-                    nxt = free.get(after + 1)
-                    # The list is in free-batch order: a successor as old as the LRU head keeps LRU order.
-                    if nxt is not None and nxt.block_hash is not None and head_batch < 0:
-                        head_batch = free[next(iter(free))].free_batch
-                    if nxt is not None and (nxt.block_hash is None or nxt.free_batch <= head_batch):
-                        block = free.pop(after + 1)
-                        if block.free_batch == head_batch:
-                            head_batch = -1  # it may have been the head
-                if block is None:
-                    head_batch = -1
-                    # Requests free their blocks tail first, so the LRU block tops a range freed with
-                    # it: start from the low end of that range (same age, so LRU order holds).
-                    head = start = next(iter(free))
-                    batch = free[head].free_batch
-                    while head - start + 1 < n - i:
-                        lower = free.get(start - 1)
-                        if lower is None or lower.free_batch != batch:
+                    # Successors of `after` while they are free and keep LRU order: the list is in
+                    # free-batch order, so its head holds the oldest batch, and a successor as old as
+                    # the head keeps it (one without a hash evicts nothing, whatever its age).
+                    head = next(iter(free))
+                    head_batch = free[head].free_batch
+                    while len(out) < n:
+                        nxt = get(after + 1)
+                        if nxt is None or (nxt.block_hash is not None and nxt.free_batch > head_batch):
                             break
-                        start -= 1
-                    block = free.pop(start)
-            else:
-                block = free.popitem(last=False)[1]
-            after = block.block_id
+                        after += 1
+                        out.append(pop(after))
+                        if after == head and free:  # the head went: the next one is as old or younger
+                            head = next(iter(free))
+                            head_batch = free[head].free_batch
+                    if len(out) == n:
+                        break
+                # Requests free their blocks tail first, so the LRU block tops a range freed with it:
+                # start from the low end of that range (same age, so LRU order holds) and take the range
+                # up to the head in one go (each next block is a successor as old as the head).
+                head = start = next(iter(free))
+                batch = free[head].free_batch
+                left = n - len(out)
+                while head - start + 1 < left:
+                    lower = free.get(start - 1)
+                    if lower is None or lower.free_batch != batch:
+                        break
+                    start -= 1
+                out.extend([pop(b) for b in range(start, head + 1)])
+                after = head
+        cached, evicted = self._cached, self._evicted
+        for block in out:
             if block.block_hash is not None:  # lazy eviction
                 del cached[block.block_hash]
-                if self._evicted is not None:
-                    self._evicted.append(block.block_hash)
+                if evicted is not None:
+                    evicted.append(block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
-            out.append(block)
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
@@ -177,6 +229,21 @@ class BlockPool:
         self._cached[block_hash] = block
         if self._stored is not None:
             self._stored.append(block_hash)
+
+    def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[BlockHash], start: int, stop: int) -> None:
+        """`cache(blocks[block_ids[i]], hashes[i])` for i in range(start, stop), in that order."""
+        if not self.enable_caching:
+            return
+        blocks, cached, stored = self.blocks, self._cached, self._stored
+        for i in range(start, stop):
+            block = blocks[block_ids[i]]
+            block_hash = hashes[i]
+            if block.block_hash is not None or block_hash in cached:
+                continue
+            block.block_hash = block_hash
+            cached[block_hash] = block
+            if stored is not None:
+                stored.append(block_hash)
 
     def uncache(self, block: KVBlock) -> None:
         """Make a block unfindable (its contents can no longer be trusted)."""

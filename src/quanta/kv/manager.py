@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, hash_chain
+from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, check_hash_algo, hash_chain
 from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
 from quanta.request import Request
 
@@ -40,8 +40,10 @@ class KVCacheManager:
         num_host_blocks: int = 0,
         block_groups: bool = False,
         per_tenant: bool = False,
+        hash_algo: str = "sha256",
     ) -> None:
         self.block_size = block_size
+        self.hash_algo = check_hash_algo(hash_algo)  # how block_hashes chains (block_pool.HASH_ALGOS)
         self.enable_caching = enable_caching
         self.block_groups = block_groups
         self.per_tenant = per_tenant  # prefix hits only between requests of the same tenant
@@ -91,7 +93,8 @@ class KVCacheManager:
         start = len(hashes)
         if start < len(tokens) // bs:
             extra = self._first_block_keys(req) if start == 0 else ()
-            hashes.extend(hash_chain(hashes[-1] if hashes else None, tokens[start * bs :], bs, extra))
+            parent = hashes[-1] if hashes else None
+            hashes.extend(hash_chain(parent, tokens[start * bs :], bs, extra, self.hash_algo))
         return hashes
 
     def _first_block_keys(self, req: Request) -> tuple:
@@ -237,7 +240,14 @@ class KVCacheManager:
                 j = min(j, (indexed.get(reqs[i].request_id, 0) + 1) * bs - c - 1)  # fills one
             return max(j, after + 1)
 
-        events = [(next_event(i, -1), i) for i in range(len(reqs))]
+        # The first events, inline (most requests have none within a short run: only those go on the heap).
+        events = []
+        for i, req in enumerate(reqs):
+            j = len(tables[i]) * bs - start[i]
+            if caching:
+                j = min(j, (indexed.get(req.request_id, 0) + 1) * bs - start[i] - 1)
+            if j < num_steps:
+                events.append((max(j, 0), i))
         heapq.heapify(events)
         while events and events[0][0] < num_steps:
             j, i = events[0]
@@ -263,10 +273,7 @@ class KVCacheManager:
         start = self._num_indexed.get(req.request_id, 0)
         if num_full <= start:
             return
-        hashes = self.block_hashes(req)
-        pool_blocks = self.pool.blocks
-        for i in range(start, num_full):
-            self.pool.cache(pool_blocks[blocks[i]], hashes[i])
+        self.pool.cache_blocks(blocks, self.block_hashes(req), start, num_full)
         self._num_indexed[req.request_id] = num_full
 
     def uncache_uncomputed(self, req: Request) -> None:

@@ -61,14 +61,16 @@ def reusable_blocks(num_prompt_tokens: int, block_size: int) -> int:
     return max(num_prompt_tokens - 1, 0) // block_size
 
 
-def chain_hashes(token_ids: Sequence[int], block_size: int, extra_keys: tuple = ()) -> list[BlockHash]:
-    """The prefix cache's keys of a prompt's reusable blocks (as KVCacheManager.block_hashes chains them)."""
+def chain_hashes(
+    token_ids: Sequence[int], block_size: int, extra_keys: tuple = (), algo: str = "sha256"
+) -> list[BlockHash]:
+    """The prefix cache's keys of a prompt's reusable blocks (as KVCacheManager.block_hashes chains them,
+    with its hash algorithm)."""
     out: list[BlockHash] = []
     for i in range(reusable_blocks(len(token_ids), block_size)):
         parent = out[-1] if out else None
-        out.append(
-            hash_block(parent, token_ids[i * block_size : (i + 1) * block_size], extra_keys if i == 0 else ())
-        )
+        block = token_ids[i * block_size : (i + 1) * block_size]
+        out.append(hash_block(parent, block, extra_keys if i == 0 else (), algo))
     return out
 
 

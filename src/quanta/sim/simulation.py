@@ -62,6 +62,9 @@ class SimConfig:
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # The prefix cache's block hash (quanta.kv.block_pool.HASH_ALGOS). Simulated prompts are no attack
+    # surface, so the cheap one: it keys the same blocks as SHA-256 barring a 64-bit collision.
+    prefix_cache_hash: str = "tuple"
     efficiency: Efficiency = field(default_factory=Efficiency)
     # Measured step times to interpolate instead of the roofline (a profile's, for its model, tp 1).
     step_grid: StepGrid | None = None
@@ -242,6 +245,7 @@ def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = Non
             num_blocks=num_blocks,
             enable_prefix_caching=cfg.enable_prefix_caching,
             block_groups=cfg.block_groups,
+            prefix_cache_hash=cfg.prefix_cache_hash,
         ),
         check_integrity=cfg.check_integrity,
     )
@@ -326,7 +330,7 @@ def simulate(
         if cfg.migration
         else None
     )
-    view = ClusterView(cfg.block_size)
+    view = ClusterView(cfg.block_size, hash_algo=cfg.prefix_cache_hash)
     for ep in endpoints:
         view.update(ep.state())
     stream = MetricsStream(None if keep else MAX_EXACT_ITL)
@@ -342,10 +346,15 @@ def simulate(
     migrations: list[Migration] = []
     active: dict[str, Migration] = {}
     steps = runs = computed = needed = polls = 0
+    # Whether the view holds replica i's light snapshot (instance_state without detail) as it reads now:
+    # refreshing an unchanged replica would hand the view an equal snapshot, so it is skipped. Cleared
+    # wherever the loop changes a replica (a step, a run applied, an arrival, a migration phase).
+    fresh = [False] * len(reps)
 
     def wake(i: int) -> None:
         rep = reps[i]
         rep.version += 1
+        fresh[i] = False
         # A run is applied when its last step begins: that step may finish requests, and an arrival
         # after its start must see the replica's load without them, as step by step.
         t = rep.run.starts[-1] if rep.run is not None else rep.core.clock.now()
@@ -357,11 +366,13 @@ def simulate(
         needed += r.num_prompt_tokens - r.num_cached_tokens + max(r.num_output_tokens - 1, 0)
         source.on_finished(r, t)  # a closed-loop source schedules the program's next call
 
-    def finish_run(rep: _Replica, num_steps: int | None = None) -> None:
+    def finish_run(i: int, num_steps: int | None = None) -> None:
         nonlocal steps, computed
+        rep = reps[i]
         run = rep.run
         assert run is not None
         rep.run = None
+        fresh[i] = False
         m = len(run) if num_steps is None else num_steps
         steps += m
         computed += m * len(rep.core.scheduler.running)  # every running request decodes in each step
@@ -379,7 +390,7 @@ def simulate(
         """Apply the replica's planned steps that begin before t: it reads as step by step would at t."""
         rep = reps[i]
         if rep.run is not None:
-            finish_run(rep, rep.run.steps_before(t))
+            finish_run(i, rep.run.steps_before(t))
             wake(i)
 
     def refresh(t: float, full: bool) -> None:
@@ -387,7 +398,10 @@ def simulate(
         for i, ep in enumerate(endpoints):
             if full:
                 catch_up(i, t)
+            elif fresh[i]:
+                continue
             view.update(ep.core.instance_state(i, detail=full))
+            fresh[i] = not full
 
     def controller(t: float, m: Migration | None) -> None:
         nonlocal polls
@@ -419,6 +433,7 @@ def simulate(
         elif not dst.has_unfinished():
             dst.clock.wait_until(t)
         delay = m.advance(endpoints[m.src], endpoints[m.dst], t)
+        fresh[m.src] = fresh[m.dst] = False
         for i in (m.src, m.dst):
             if reps[i].core.has_unfinished():
                 wake(i)
@@ -451,7 +466,7 @@ def simulate(
             rep = reps[i]
             core = rep.core
             if rep.run is not None:
-                finish_run(rep, rep.run.steps_before(t))
+                finish_run(i, rep.run.steps_before(t))
             elif not core.has_unfinished():
                 core.clock.wait_until(t)
             core.add_request(req)
@@ -471,7 +486,7 @@ def simulate(
         rep = reps[i]
         core = rep.core
         if rep.run is not None:
-            finish_run(rep)
+            finish_run(i)
             if not core.has_unfinished():
                 continue
             if core.clock.now() > heap_time:  # the run ended later than its last step began
@@ -487,6 +502,7 @@ def simulate(
                 wake(i)
                 continue
         out = core.step()
+        fresh[i] = False
         steps += 1
         computed += out.plan.num_batched_tokens
         rep.usage.record(out.end, core.kv.usage())

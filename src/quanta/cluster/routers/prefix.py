@@ -10,6 +10,7 @@ from __future__ import annotations
 from quanta.cluster.load import request_load
 from quanta.cluster.router import Router, register
 from quanta.cluster.view import ClusterView
+from quanta.kv.block_pool import BlockHash
 from quanta.kv.manager import cdiv
 from quanta.request import Request
 
@@ -23,9 +24,9 @@ class PrefixRouter(Router):
         super().__init__(seed)
         self.lam = lam
         self.guard = guard
-        self._hashes: tuple[str, list[bytes]] | None = None  # the last request's, computed once
+        self._hashes: tuple[str, list[BlockHash]] | None = None  # the last request's, computed once
 
-    def hashes(self, req: Request, view: ClusterView) -> list[bytes]:
+    def hashes(self, req: Request, view: ClusterView) -> list[BlockHash]:
         if self._hashes is None or self._hashes[0] != req.request_id:
             self._hashes = (req.request_id, view.prefix.request_hashes(req))
         return self._hashes[1]

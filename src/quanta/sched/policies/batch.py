@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from quanta.config import SchedulerConfig
+from quanta.kv.block_pool import BlockHash
 from quanta.request import Request
 from quanta.sched.batch_plan import plan_batch, reusable_blocks
 from quanta.sched.policy import Policy, register
@@ -31,7 +32,7 @@ from quanta.sched.queue import SortedQueue, WaitingQueue
 if TYPE_CHECKING:
     from quanta.kv.manager import KVCacheManager
 
-GroupKey = bytes | str  # a shared prefix's last block hash, or the id of a request that shares nothing
+GroupKey = BlockHash | str  # a shared prefix's last block hash, or the id of a request that shares nothing
 
 
 class PlanQueue(SortedQueue):
@@ -95,7 +96,7 @@ class BatchPolicy(Policy):
         # The KV manager's own chains (salt, tenant included): the plan's groups are the cache's hits.
         hashes = [kv.block_hashes(r)[: reusable_blocks(r.num_prompt_tokens, bs)] for r in reqs]
         running = (k for k, n in self._running.items() if n > 0)
-        held = frozenset(k for k in (*self._held, *running) if isinstance(k, bytes))
+        held = frozenset(k for k in (*self._held, *running) if not isinstance(k, str))
         plan = plan_batch(
             hashes,
             [r.num_prompt_tokens for r in reqs],
@@ -137,7 +138,7 @@ class BatchPolicy(Policy):
         """A running member is still scheduling the group's prefix: others would compute it again."""
         if not self._shared(key) or not self._running[key]:
             return False
-        assert isinstance(key, bytes) and self._kv is not None
+        assert not isinstance(key, str) and self._kv is not None
         return self._kv.pool.lookup(key) is None
 
     def _release_if_done(self, key: GroupKey) -> None:
