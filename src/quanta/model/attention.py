@@ -71,8 +71,9 @@ class DecodeGroup:
 
 @dataclass(slots=True)
 class AttentionMetadata:
-    # [num_tokens * num_kv_heads] long: row of each new (token, kv head) in the cache viewed as
-    # [num_blocks * num_kv_heads * block_size, head_dim]; one index_copy_ per layer writes the step's KV.
+    # Portable path: [num_tokens * num_kv_heads] long, row of each new (token, kv head) in the cache viewed
+    # as [num_blocks * num_kv_heads * block_size, head_dim]; one index_copy_ per cache writes the step's KV.
+    # C++ kernel path: [num_tokens] long, each new token's slot (block * block_size + offset).
     slot_rows: torch.Tensor
     prefills: list[PrefillChunk]
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # portable path
@@ -111,9 +112,12 @@ class TorchPagedAttention:
     ) -> AttentionMetadata:
         """Decodes come first, sorted by context length (ascending) so that grouping pads little."""
         slots = slots.astype(np.int64)
-        blocks, offsets = slots // self.block_size, slots % self.block_size
-        heads = np.arange(self.num_kv_heads, dtype=np.int64)
-        rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
+        if self.kernels is not None:
+            rows = slots  # write_kv finds each head's row itself
+        else:
+            blocks, offsets = slots // self.block_size, slots % self.block_size
+            heads = np.arange(self.num_kv_heads, dtype=np.int64)
+            rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
         chunks: list[PrefillChunk] = []
         row = num_decodes
         for s in seqs[num_decodes:]:
@@ -183,14 +187,19 @@ class TorchPagedAttention:
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         d = self.head_dim
-        k_cache.view(-1, d).index_copy_(0, meta.slot_rows, k.reshape(-1, d))
-        v_cache.view(-1, d).index_copy_(0, meta.slot_rows, v.reshape(-1, d))
-        out = torch.empty_like(q)
+        kernels = self.kernels
+        if kernels is not None:
+            kernels.write_kv(k, v, k_cache, v_cache, meta.slot_rows)  # k, v may be strided views of qkv
+        else:
+            k_cache.view(-1, d).index_copy_(0, meta.slot_rows, k.reshape(-1, d))
+            v_cache.view(-1, d).index_copy_(0, meta.slot_rows, v.reshape(-1, d))
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.decode_tables is not None:
-            assert self.kernels is not None and meta.decode_lens is not None
+            assert kernels is not None and meta.decode_lens is not None
             nd = meta.decode_tables.shape[0]
-            out[:nd] = self.kernels.paged_decode_attention(
-                q[:nd].contiguous(), k_cache, v_cache, meta.decode_tables, meta.decode_lens, self.scale
+            # q may be a strided view of qkv; the kernel writes the decodes' rows of `out` in place.
+            kernels.paged_decode_attention(
+                q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, self.scale, out=out[:nd]
             )
         for group in meta.decode_groups:
             rows = slice(group.start, group.start + group.num)

@@ -44,14 +44,14 @@ static inline float dot(const float* a, const float* b, int64_t D) {
 // HD > 0 fixes the head size at compile time (unrolled, vectorized loops); HD == 0 reads it at run time.
 template <typename scalar_t, int HD>
 static void decode_kernel(
-    const scalar_t* q,         // [nd, H, D]
+    const scalar_t* q,         // [nd, H, D], rows q_stride apart (a view of the fused qkv output)
     const scalar_t* k_cache,   // [NB, Hkv, bs, D]
     const scalar_t* v_cache,   // [NB, Hkv, bs, D]
     const int64_t* tables,     // [nd, max_blocks]
     const int64_t* ctx_lens,   // [nd]
     scalar_t* out,             // [nd, H, D]
     int64_t nd, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size,
-    int64_t max_blocks, float scale) {
+    int64_t max_blocks, float scale, int64_t q_stride) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t D = HD > 0 ? HD : head_dim;
   const int64_t total = nd * num_kv_heads;
@@ -64,7 +64,7 @@ static void decode_kernel(
       const int64_t n = item / num_kv_heads, j = item % num_kv_heads;
       const int64_t len = ctx_lens[n];
       const int64_t* table = tables + n * max_blocks;
-      to_float(q + (n * num_heads + j * group) * D, qf.data(), group * D);
+      to_float(q + n * q_stride + j * group * D, qf.data(), group * D);
       for (int64_t i = 0; i < group * D; ++i) qf[i] *= scale;
       scores.assign(group * len, 0.f);
       // Scores: every K row is converted to float once and used by the whole query group. Blocks are
@@ -112,16 +112,20 @@ static void decode_kernel(
   });
 }
 
+// q: [nd, H, D] with contiguous heads (rows may be strided: a view of the qkv projection). `out`, if
+// given, receives the result (e.g. the first rows of the layer's attention output), saving a copy.
 torch::Tensor paged_decode_attention(
     torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
-    torch::Tensor context_lens, double scale) {
+    torch::Tensor context_lens, double scale, c10::optional<torch::Tensor> out_opt) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, "bad shapes");
-  TORCH_CHECK(q.is_contiguous() && k_cache.is_contiguous() && v_cache.is_contiguous(), "inputs must be contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "q: heads must be contiguous within a row");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "caches must be contiguous");
   TORCH_CHECK(block_tables.scalar_type() == torch::kLong && context_lens.scalar_type() == torch::kLong, "int64 tables");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(), "dtypes differ");
   auto tables = block_tables.contiguous();
   auto lens = context_lens.contiguous();
-  auto out = torch::empty_like(q);
+  auto out = out_opt.has_value() ? *out_opt : torch::empty(q.sizes(), q.options());
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "out: contiguous, q's shape");
   const int64_t nd = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
@@ -129,13 +133,44 @@ torch::Tensor paged_decode_attention(
     auto run = [&](auto kernel) {
       kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
              tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(), out.data_ptr<scalar_t>(), nd, num_heads,
-             num_kv_heads, head_dim, block_size, tables.size(1), static_cast<float>(scale));
+             num_kv_heads, head_dim, block_size, tables.size(1), static_cast<float>(scale), q.stride(0));
     };
     if (head_dim == 64) run(decode_kernel<scalar_t, 64>);
     else if (head_dim == 128) run(decode_kernel<scalar_t, 128>);
     else run(decode_kernel<scalar_t, 0>);
   });
   return out;
+}
+
+// The step's new K and V rows into the paged caches [NB, Hkv, bs, D]: token t goes to slot slots[t]
+// (block * bs + offset). k, v: [T, Hkv, D] with contiguous heads, rows possibly strided (views of the
+// qkv projection). One call for both caches instead of two index_copy_ calls on precomputed rows.
+void write_kv(torch::Tensor k, torch::Tensor v, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor slots) {
+  TORCH_CHECK(k.dim() == 3 && v.sizes() == k.sizes() && k_cache.dim() == 4, "write_kv: bad shapes");
+  TORCH_CHECK(k.stride(2) == 1 && k.stride(1) == k.size(2) && v.stride(2) == 1 && v.stride(1) == v.size(2),
+              "write_kv: heads must be contiguous within a row");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "write_kv: caches");
+  TORCH_CHECK(slots.scalar_type() == torch::kLong && slots.is_contiguous() && slots.size(0) == k.size(0), "write_kv: slots");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == v_cache.scalar_type(), "write_kv: dtypes");
+  const int64_t t = k.size(0), hkv = k.size(1), d = k.size(2), bs = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(1) == hkv && k_cache.size(3) == d, "write_kv: cache shape");
+  const int64_t ks = k.stride(0), vs = v.stride(0), bytes = d * k.element_size();
+  const char* kp = static_cast<const char*>(k.data_ptr());
+  const char* vp = static_cast<const char*>(v.data_ptr());
+  char* kc = static_cast<char*>(k_cache.data_ptr());
+  char* vc = static_cast<char*>(v_cache.data_ptr());
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t es = k.element_size();
+  at::parallel_for(0, t, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t block = sp[r] / bs, offset = sp[r] % bs;
+      for (int64_t h = 0; h < hkv; ++h) {
+        const int64_t dst = ((block * hkv + h) * bs + offset) * d * es;
+        std::memcpy(kc + dst, kp + (r * ks + h * d) * es, bytes);
+        std::memcpy(vc + dst, vp + (r * vs + h * d) * es, bytes);
+      }
+    }
+  });
 }
 
 template <typename scalar_t>
@@ -167,10 +202,14 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return out;
 }
 
-// q*cos + rotate_half(q)*sin for q [T, H, D] and k [T, Hkv, D] in place; cos, sin: [T, D].
+// q*cos + rotate_half(q)*sin for q [T, H, D] and k [T, Hkv, D] in place; cos, sin: [T, D]. q and k need
+// contiguous heads only: their rows may be strided, as views of the fused qkv projection are.
 void rotary_inplace(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::Tensor sin) {
-  TORCH_CHECK(q.is_contiguous() && k.is_contiguous() && cos.is_contiguous() && sin.is_contiguous(), "rotary: contiguous");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2) && k.stride(2) == 1 && k.stride(1) == k.size(2),
+              "rotary: heads must be contiguous within a row");
+  TORCH_CHECK(cos.is_contiguous() && sin.is_contiguous(), "rotary: contiguous tables");
   const int64_t t = q.size(0), hq = q.size(1), hk = k.size(1), d = q.size(2), half = d / 2;
+  const int64_t qs = q.stride(0), ks = k.stride(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_inplace", [&] {
     scalar_t* qp = q.data_ptr<scalar_t>();
     scalar_t* kp = k.data_ptr<scalar_t>();
@@ -182,7 +221,7 @@ void rotary_inplace(torch::Tensor q, torch::Tensor k, torch::Tensor cos, torch::
         const scalar_t* c = cp + r * d;
         const scalar_t* s = sp + r * d;
         for (int64_t head = 0; head < hq + hk; ++head) {
-          scalar_t* v = head < hq ? qp + (r * hq + head) * d : kp + (r * hk + head - hq) * d;
+          scalar_t* v = head < hq ? qp + r * qs + head * d : kp + r * ks + (head - hq) * d;
           to_float(v, x.data(), d);
           for (int64_t i = 0; i < d; ++i) {
             const float rot = i < half ? -x[i + half] : x[i - half];
@@ -257,7 +296,12 @@ torch::Tensor argmax_rows(torch::Tensor x) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32)");
-  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)");
+  m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)", py::arg("q"),
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
+        py::arg("out") = py::none());
+  m.def("write_kv", &write_kv, "new K/V rows into the paged caches");
+  // q and k may be views into the fused qkv output (as with the Triton kernels).
+  m.attr("ROTARY_TAKES_STRIDES") = true;
   m.def("rms_norm", &rms_norm, "RMSNorm, float32 inside");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
