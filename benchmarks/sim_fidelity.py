@@ -2,7 +2,9 @@
 
 Protocol, in one process so that the profile and the real run see the same machine:
   1 profile   `quanta profile` (quanta.profiling.run_profile): step times over the roofline calibration
-              grid and the step grid, on the real model; the roofline's efficiencies are fitted to it
+              grid and the step grid, on the real model; the roofline's efficiencies are fitted to it.
+              Half its repeats run before the real run and half after (merge_profiles averages them), so
+              a shared machine's drifting load counts as it did during the run (--no-bracket: all before)
   2 real      the real engine (LLMEngine's EngineCore: ModelExecutor, wall clock, the run_arrivals
               loop) serves a trace with arrival times: requests from ShareGPT (lengths scaled and clipped
               to what 2 CPU cores serve), Poisson arrivals; every step's plan and measured time is recorded
@@ -206,7 +208,11 @@ def main() -> None:
     ap.add_argument("--max-output", type=int, default=128, help="then output lengths clipped to this")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5, help="profile: measurements per step shape")
+    ap.add_argument("--repeats", type=int, default=4, help="profile: measurements per step shape")
+    ap.add_argument(
+        "--no-bracket", dest="bracket", action="store_false",
+        help="measure the whole profile before the real run (default: half before, half after)",
+    )  # fmt: skip
     ap.add_argument("--threads", type=int, default=1, help="torch threads, for the profile and the real run")
     ap.add_argument(
         "--clock", choices=("cpu", "wall"), default="cpu", help="cpu: the engine thread's CPU time; wall: wall time"
@@ -221,28 +227,37 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = model_path(args.model)
+    from quanta.profiling import merge_profiles, run_profile
+
     t0 = time.perf_counter()
+    # The profile brackets the real run: half its repeats before, half after, the step times averaged,
+    # so that a shared machine's load drifting over the run counts as it did during the run.
+    halves = [(args.repeats + 1) // 2, args.repeats // 2] if args.bracket else [args.repeats]
     if args.profile:
-        prof = Profile.load(args.profile)
+        profiles = [Profile.load(args.profile)]
     else:
-        from quanta.profiling import run_profile
-
-        prof = run_profile(path, repeats=args.repeats, clock=args.clock)
-        prof.save(out.with_name(out.stem + "_profile.json"))
+        profiles = [run_profile(path, repeats=halves[0], clock=args.clock)]
     profile_s = time.perf_counter() - t0
-    fitted = fit(prof)
-    roofline = CostModel(prof.model, prof.spec(), dtype_bytes=prof.dtype_bytes, efficiency=fitted.efficiency)
-    grid = prof.grid()  # None unless the profile chose its step grid
-    print(
-        f"profile: {len(prof.points)} steps on {prof.device} in {profile_s:.0f} s; roofline fit mean "
-        f"|error| {fitted.mean_abs_rel_error:.1%}; step model chosen: {prof.step_model}"
-    )
-
     wl = workload(args)
     t0 = time.perf_counter()
     settings, reqs, steps = real_run(args, path, wl)
     real_s = time.perf_counter() - t0
     print(f"real engine: {len(wl)} requests, {len(steps)} steps in {real_s:.0f} s")
+    if not args.profile and len(halves) > 1 and halves[1]:
+        t0 = time.perf_counter()
+        profiles.append(run_profile(path, repeats=halves[1], clock=args.clock))
+        profile_s += time.perf_counter() - t0
+    prof = merge_profiles(profiles) if len(profiles) > 1 else profiles[0]
+    if not args.profile:
+        prof.save(out.with_name(out.stem + "_profile.json"))
+    fitted = fit(prof)
+    roofline = CostModel(prof.model, prof.spec(), dtype_bytes=prof.dtype_bytes, efficiency=fitted.efficiency)
+    grid = prof.grid()  # None unless the profile chose its step grid
+    print(
+        f"profile: {len(prof.points)} steps on {prof.device} in {profile_s:.0f} s ({len(profiles)} part(s), "
+        f"{'+'.join(map(str, halves[: len(profiles)]))} repeats); roofline fit mean "
+        f"|error| {fitted.mean_abs_rel_error:.1%}; step model chosen: {prof.step_model}"
+    )
 
     models = {"roofline": lambda b: roofline.step_cost(b, len(b)).total}
     if prof.step_grid is not None:
@@ -347,6 +362,8 @@ def main() -> None:
             "output_tokens": sum(w.output_len for w in wl),
         },
         "profile": {
+            "parts": len(profiles),
+            "repeats": halves[: len(profiles)],
             "points": len(prof.points),
             "seconds": profile_s,
             "step_model": prof.step_model,

@@ -68,3 +68,42 @@ def test_measure_host_runs_the_engine_core(llama_dir: Path) -> None:
             assert 0 < per_step + 8 * per_request < 0.05 and per_request >= 0
     finally:
         torch.set_num_threads(threads)
+
+
+def test_merge_profiles_averages_step_times_and_rechooses_the_model() -> None:
+    import pytest
+
+    from quanta.profiling import GridAxes, grid_batches, merge_profiles
+    from quanta.sim.calibrate import Profile
+    from quanta.sim.step_grid import StepGrid, batch_shape
+    from test_cost_model import GPU, MODEL
+
+    axes = GridAxes(prefill=(0, 16, 64), decodes=(0, 1, 4), context=(16, 256), prefill_context=(0, 128))
+    batches = grid_batches(axes)
+
+    def truth(b: list[tuple[int, int]]) -> float:
+        p, d, c, q = batch_shape(b)
+        return 1e-3 + 2e-5 * (p + d) + 3e-8 * d * c + 4e-9 * p * q
+
+    def profile(scale: float, host: float) -> Profile:
+        points = [{"batch": [list(x) for x in b], "num_sampled": len(b), "seconds": scale * truth(b)} for b in batches.values()]
+        prof = Profile("toy", GPU.bf16_flops, GPU.mem_bandwidth, GPU.mem_bytes, 2, MODEL, points)
+        times = {k: scale * truth(b) for k, b in batches.items()}
+        grid = StepGrid.from_measurements(
+            list(axes.prefill), list(axes.decodes), list(axes.context), list(axes.prefill_context), times, (host, 1e-6)
+        )
+        prof.step_grid = grid.to_dict()
+        return prof
+
+    merged = merge_profiles([profile(1.0, 1e-4), profile(1.2, 3e-4)])
+    assert [p["seconds"] for p in merged.points] == pytest.approx([1.1 * truth(b) for b in batches.values()])
+    expected = profile(1.1, 2e-4).step_grid
+    assert merged.step_grid is not None and expected is not None
+    np.testing.assert_allclose(merged.step_grid["seconds"], expected["seconds"], rtol=1e-12)
+    np.testing.assert_allclose(merged.step_grid["extra"], expected["extra"], rtol=1e-12, atol=1e-18)
+    assert merged.step_grid["host_seconds"] == pytest.approx(2e-4) and merged.step_grid["host_per_request"] == pytest.approx(1e-6)
+    assert merged.step_model in ("roofline", "grid") and merged.grid() in (None, StepGrid.from_dict(merged.step_grid))
+    other = profile(1.0, 1e-4)
+    other.points = other.points[1:]
+    with pytest.raises(ValueError, match="same steps"):
+        merge_profiles([profile(1.0, 1e-4), other])

@@ -310,6 +310,43 @@ def run_profile(
     return prof
 
 
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    """One profile from several measured on one machine with the same grids at different times (e.g.
+    before and after a run they should describe): each step time the mean of theirs, so that a load that
+    drifts over the runs counts at its average. The step model is chosen again on the merged points."""
+    first = profiles[0]
+    if any(
+        [p["batch"] for p in q.points] != [p["batch"] for p in first.points]
+        or (q.step_grid is None) != (first.step_grid is None)
+        for q in profiles
+    ):
+        raise ValueError("profiles to merge must measure the same steps")
+    k = len(profiles)
+    points = [
+        {**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k} for i, pt in enumerate(first.points)
+    ]
+    merged = Profile(
+        first.device,
+        statistics.median(q.device_peak_flops for q in profiles),
+        statistics.median(q.device_mem_bandwidth for q in profiles),
+        first.device_mem_bytes,
+        first.dtype_bytes,
+        first.model,
+        points,
+    )
+    if first.step_grid is not None:
+        grids = [q.step_grid for q in profiles]
+        grid = dict(first.step_grid)
+        for key in ("seconds", "extra"):
+            grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
+        for key in ("host_seconds", "host_per_request"):
+            grid[key] = float(np.mean([g.get(key, 0.0) for g in grids]))  # type: ignore[union-attr]
+        merged.step_grid = StepGrid.from_dict(grid).to_dict()
+        if fit(merged).mean_abs_rel_error > ROOFLINE_TOLERANCE:
+            merged.step_model = "grid"
+    return merged
+
+
 def _cuda_name(device: str) -> str:
     import torch
 
