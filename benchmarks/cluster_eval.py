@@ -32,6 +32,7 @@ import numpy as np
 
 from quanta.sim.hardware import get_gpu
 from quanta.sim.model_presets import get_model
+from quanta.sim.program_report import print_table
 from quanta.sim.simulation import SimConfig, SimResult, build_replica, simulate
 from quanta.sim.workload import LengthDist, WorkloadRequest, head, read_trace
 
@@ -53,19 +54,7 @@ def config(router: str, migration: bool = False, **kw) -> SimConfig:
 
 
 def table(title: str, rows: list[dict]) -> None:
-    print(f"\n== {title}")
-    cols = list(rows[0])
-    cells = [[_f(r[c]) for c in cols] for r in rows]
-    width = [max(len(c), *(len(row[k]) for row in cells)) for k, c in enumerate(cols)]
-    print("  ".join(c.rjust(w) for c, w in zip(cols, width)))
-    for row in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(row, width)))
-
-
-def _f(v: object) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-    return str(v)
+    print_table(title, rows, list(rows[0]))
 
 
 def row(name: str, res: SimResult) -> dict:
