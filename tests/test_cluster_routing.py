@@ -10,6 +10,7 @@ import pytest
 from helpers import make_request, null_engine, run_to_end
 from quanta.cluster.load import freeness, kv_ratio, token_load, vllm_load
 from quanta.cluster.local import LocalCluster
+from quanta.cluster.prefix_index import PrefixIndex
 from quanta.cluster.rescheduler import Rescheduler
 from quanta.cluster.router import dispatch, make_router, router_names
 from quanta.cluster.state import InstanceState
@@ -74,6 +75,34 @@ def test_instance_state_reports_queue_and_prefix_hash_deltas() -> None:
     assert core.instance_state().stored_hashes == []  # only what is new since the last snapshot
     core.kv.reset_prefix_cache()
     assert len(core.instance_state().evicted_hashes) == len(s.stored_hashes)
+
+
+def test_prefix_hash_log_is_bounded_and_resyncs_with_the_whole_index() -> None:
+    """A reader that stops taking snapshots (a router that never reads KV) must not make the log grow
+    without bound: past twice the pool's size it stops, and the next snapshot carries the whole index,
+    which replaces the mirror (a stale hash read as held would be a hit the router invents)."""
+    core = null_engine(num_blocks=32, budget=64, max_model_len=128)
+    index = PrefixIndex(core.kv.block_size)
+    index.update(core.instance_state())
+    for k in range(40):  # 40 distinct prompts of 4 full blocks each through a 32-block pool
+        core.add_request(make_request(f"r{k}", 16, 1, first_token=1000 * k))
+        run_to_end(core)
+        pool = core.kv.pool
+        logged = len(pool._stored or ()) + len(pool._evicted or ())
+        assert logged <= 2 * core.kv.num_blocks
+    s = core.instance_state()
+    assert s.hashes_whole and not s.evicted_hashes
+    assert set(s.stored_hashes) == set(core.kv.pool._cached)
+    index.dispatched(0, [b"stale"])  # what the mirror assumed before
+    index.update(s)
+    assert index._hashes[0] == set(core.kv.pool._cached)
+    # The log runs again: deltas from here on.
+    core.add_request(make_request("again", 16, 1, first_token=99_000))
+    run_to_end(core)
+    s = core.instance_state()
+    assert not s.hashes_whole and len(s.stored_hashes) == 4 and len(s.evicted_hashes) == 4
+    index.update(s)
+    assert index._hashes[0] == set(core.kv.pool._cached)
 
 
 def test_dispatches_count_at_once_and_reconcile_with_the_next_snapshot() -> None:

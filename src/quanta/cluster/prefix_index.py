@@ -21,6 +21,8 @@ class PrefixIndex:
 
     def update(self, state: InstanceState) -> None:
         held = self._hashes.setdefault(state.instance_id, set())
+        if state.hashes_whole:  # the instance's whole index: what was mirrored or assumed before is stale
+            held.clear()
         held.update(state.stored_hashes)
         # Stored then evicted within one period reads as gone; evicted then stored again reads as gone
         # too (a miss the router may overestimate, never a hit it invents).

@@ -113,5 +113,6 @@ def _after(s: InstanceState, blocks: int) -> float:
         running=[],
         stored_hashes=[],
         evicted_hashes=[],
+        hashes_whole=False,
     )
     return freeness(moved)

@@ -46,9 +46,11 @@ class InstanceState:
     num_added: int  # add_request calls since the instance started: reconciles dispatches (ClusterView)
     draining: bool = False
     running: list[RunningInfo] = field(default_factory=list)
-    # Prefix-cache hashes indexed and evicted since the previous snapshot (the first one: the whole index).
+    # Prefix-cache hashes indexed and evicted since the previous snapshot; with `hashes_whole`, the
+    # stored ones are the whole index instead (the first snapshot, or the instance's log overflowed).
     stored_hashes: list[BlockHash] = field(default_factory=list)
     evicted_hashes: list[BlockHash] = field(default_factory=list)
+    hashes_whole: bool = False
     migrating: list[str] = field(default_factory=list)  # request ids in a migration here (either side)
 
     @property

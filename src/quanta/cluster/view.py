@@ -98,6 +98,7 @@ class ClusterView:
                 draining=draining,
                 stored_hashes=[],
                 evicted_hashes=[],
+                hashes_whole=False,
             )
         self._effective[instance_id] = s
         return s

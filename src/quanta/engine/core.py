@@ -111,7 +111,7 @@ class EngineCore:
 
     def instance_state(self, instance_id: int = 0, draining: bool = False, detail: bool = True) -> InstanceState:
         """A snapshot for the cluster's global scheduler (between steps). The prefix hashes it carries are
-        those indexed and evicted since the previous call (the first call: the whole index). Without
+        those indexed and evicted since the previous call (or the whole index: see InstanceState.hashes_whole). Without
         `detail`, only the counts (requests, blocks): no per-request data, queue demand or hashes."""
         sched, kv = self.scheduler, self.kv
         bs = kv.block_size
@@ -139,7 +139,7 @@ class EngineCore:
                 uncomputed += w.num_tokens - w.num_computed_tokens
                 high += w.priority < 0
                 preempted += w.status == RequestStatus.PREEMPTED
-        stored, evicted = kv.pool.drain_hash_log() if kv.enable_caching and detail else ([], [])
+        stored, evicted, whole = kv.pool.drain_hash_log() if kv.enable_caching and detail else ([], [], False)
         return InstanceState(
             instance_id=instance_id,
             time=now,
@@ -162,6 +162,7 @@ class EngineCore:
             running=running,
             stored_hashes=stored,
             evicted_hashes=evicted,
+            hashes_whole=whole,
             migrating=[*sched.migrating_out, *kv.reserved],
         )
 

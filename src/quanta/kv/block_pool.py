@@ -125,19 +125,28 @@ class BlockPool:
         self.num_cache_queries = 0  # blocks looked up
         self.num_cache_hits = 0
         # Hashes indexed and evicted since the last `drain_hash_log` (None: not logged). A cluster's
-        # prefix-aware router mirrors each instance's index from these deltas.
+        # prefix-aware router mirrors each instance's index from these deltas. A reader that stops
+        # draining (a router that never reads KV state) must not make the log grow without bound: past
+        # `_log_cap` entries, more than a copy of the whole index would take, the log stops and the next
+        # drain hands over the whole index instead.
         self._stored: list[BlockHash] | None = None
         self._evicted: list[BlockHash] | None = None
+        self._log_cap = 2 * num_blocks
 
-    def drain_hash_log(self) -> tuple[list[BlockHash], list[BlockHash]]:
-        """(hashes indexed, hashes evicted) since the last call; the first call returns the whole index
-        as indexed and starts the log."""
+    def drain_hash_log(self) -> tuple[list[BlockHash], list[BlockHash], bool]:
+        """(hashes indexed, hashes evicted, whole) since the last call and (re)starts the log. `whole`: the
+        log was not running (the first call, or it overflowed), so the first list is the whole index
+        and replaces what the reader holds."""
         if self._stored is None or self._evicted is None:
             self._stored, self._evicted = [], []
-            return list(self._cached), []
-        out = (self._stored, self._evicted)
+            return list(self._cached), [], True
+        out = (self._stored, self._evicted, False)
         self._stored, self._evicted = [], []
         return out
+
+    def _bound_log(self) -> None:
+        if self._stored is not None and len(self._stored) + len(self._evicted) > self._log_cap:  # type: ignore[arg-type]
+            self._stored = self._evicted = None
 
     @property
     def num_free_blocks(self) -> int:
@@ -200,6 +209,8 @@ class BlockPool:
                     evicted.append(block.block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
+        if evicted is not None:
+            self._bound_log()
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
@@ -229,6 +240,7 @@ class BlockPool:
         self._cached[block_hash] = block
         if self._stored is not None:
             self._stored.append(block_hash)
+            self._bound_log()
 
     def cache_blocks(self, block_ids: Sequence[int], hashes: Sequence[BlockHash], start: int, stop: int) -> None:
         """`cache(blocks[block_ids[i]], hashes[i])` for i in range(start, stop), in that order."""
@@ -244,6 +256,8 @@ class BlockPool:
             cached[block_hash] = block
             if stored is not None:
                 stored.append(block_hash)
+        if stored is not None:
+            self._bound_log()
 
     def uncache(self, block: KVBlock) -> None:
         """Make a block unfindable (its contents can no longer be trusted)."""
@@ -251,6 +265,7 @@ class BlockPool:
             del self._cached[block.block_hash]
             if self._evicted is not None:
                 self._evicted.append(block.block_hash)
+                self._bound_log()
             block.block_hash = None
 
     def reset_prefix_cache(self) -> bool:
@@ -259,6 +274,7 @@ class BlockPool:
             return False
         if self._evicted is not None:
             self._evicted.extend(self._cached)
+            self._bound_log()
         for block in self.blocks:
             block.block_hash = None
         self._cached.clear()
