@@ -20,6 +20,7 @@ The public traces in ../shared/traces/ read as they are.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 from collections.abc import Iterator, Sequence
@@ -291,15 +292,21 @@ _SPAN = 1_000_000 - _FIRST_PROMPT_ID
 _STRIDE = 7919  # prime, coprime with _SPAN: streams 0 .. _SPAN - 1 start at distinct offsets
 
 
+@functools.cache
+def _ids() -> list[int]:
+    """Every prompt id once, as int objects made once (36 MB): a prompt is slices of this list, not a
+    million-token trace's worth of new ints (the largest cost of feeding a trace to the simulator)."""
+    return list(range(_FIRST_PROMPT_ID, _FIRST_PROMPT_ID + _SPAN))
+
+
 def _stream(key: int, start: int, stop: int) -> list[int]:
     """Tokens [start, stop) of token stream `key`. Two streams hold different ids at every position, so
     block hashes (a chain from the first token) never match between streams: sharing is only by key."""
-    out: list[int] = []
+    ids = _ids()
     pos, n = (key * _STRIDE + start) % _SPAN, stop - start
-    while n > 0:  # consecutive ids, wrapping around the range (ranges: fast for long prompts)
-        take = min(n, _SPAN - pos)
-        out.extend(range(_FIRST_PROMPT_ID + pos, _FIRST_PROMPT_ID + pos + take))
-        pos, n = 0, n - take
+    out = ids[pos : pos + n]  # consecutive ids, wrapping around the range
+    while len(out) < n:
+        out += ids[: n - len(out)]
     return out
 
 
