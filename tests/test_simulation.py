@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 
@@ -219,6 +220,22 @@ def test_large_runs_stream_metrics_instead_of_keeping_requests() -> None:
         assert value == (pytest.approx(b[key], rel=1e-12) if isinstance(value, dict | float) else b[key])
     assert streamed.stream.itl_exact and streamed.num_requests == 120
     assert streamed.peak_kv_usage == kept.peak_kv_usage > 0
+
+
+def test_a_run_puts_the_garbage_collector_back_as_it_found_it() -> None:
+    w = preset("sharegpt", 20, rate=3.0, seed=2, max_total=4096)
+    assert gc.isenabled()
+    simulate(w, config())
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        simulate(w, config())
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    with pytest.raises(ValueError):  # and when the run fails
+        simulate([WorkloadRequest(0.0, 10**6, 1)], config())
+    assert gc.isenabled()
 
 
 def test_time_between_tokens_in_a_histogram_stays_within_one_percent() -> None:
