@@ -195,7 +195,7 @@ class BlockPool:
                 batch = free[head].free_batch
                 left = n - len(out)
                 while head - start + 1 < left:
-                    lower = free.get(start - 1)
+                    lower = get(start - 1)
                     if lower is None or lower.free_batch != batch:
                         break
                     start -= 1
@@ -223,12 +223,18 @@ class BlockPool:
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop a reference; blocks reaching zero go to the back of the LRU list, in the given order."""
         self._num_free_calls += 1
+        batch, free = self._num_free_calls, self._free
         for block in blocks:
             assert block.ref_cnt > 0, f"double free of block {block.block_id}"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                block.free_batch = self._num_free_calls
-                self._free[block.block_id] = block
+                block.free_batch = batch
+                free[block.block_id] = block
+
+    def free_ids(self, block_ids: Iterable[int]) -> None:
+        """`free` of the blocks with these ids."""
+        blocks = self.blocks
+        self.free([blocks[i] for i in block_ids])
 
     def cache(self, block: KVBlock, block_hash: BlockHash) -> None:
         """Make a full block findable by its hash. A block with an equal twin already indexed stays private."""

@@ -316,8 +316,7 @@ class KVCacheManager:
         """Free a pre-allocation (the migration was aborted); its blocks were never indexed."""
         blocks = self.reserved.pop(request_id, None)
         if blocks:
-            pool_blocks = self.pool.blocks
-            self.pool.free(pool_blocks[i] for i in reversed(blocks))
+            self.pool.free_ids(reversed(blocks))
 
     def adopt_reserved(self, req: Request, num_blocks: int) -> None:
         """The migration commits: the request owns the first `num_blocks` reserved blocks (their KV now
@@ -408,8 +407,7 @@ class KVCacheManager:
         """Release the device blocks (tail first to the LRU list, so shared prefixes live longest)."""
         blocks = self.req_blocks.pop(req.request_id, None)
         if blocks:
-            pool_blocks = self.pool.blocks
-            self.pool.free(pool_blocks[i] for i in reversed(blocks))
+            self.pool.free_ids(reversed(blocks))
         self._num_indexed.pop(req.request_id, None)
 
     # ---- pins -------------------------------------------------------------------------------------
