@@ -12,6 +12,8 @@ import torch
 from quanta.config import CacheConfig
 from quanta.engine.clock import WallClock
 from quanta.profiling import TIMERS, ThreadTimeClock, TimedExecutor, _plan, measure_host
+from quanta.request import Request
+from quanta.sampling_params import SamplingParams
 
 
 def test_thread_time_clock_skips_sleep_and_jumps_idle_waits() -> None:
@@ -30,13 +32,25 @@ def test_thread_time_clock_skips_sleep_and_jumps_idle_waits() -> None:
     assert clock.now() - start >= 0.02
 
 
-def test_plan_scatters_blocks_over_the_pool() -> None:
-    pool = np.random.default_rng(0).permutation(1000)
-    plan = _plan(0, [(40, 1), (0, 100)], 50, pool)
-    ids = [b for s in plan.scheduled for b in s.block_ids]
-    assert [len(s.block_ids) for s in plan.scheduled] == [3, 7]
-    assert ids == pool[:10].tolist() and len(set(ids)) == 10
-    assert [b for s in _plan(0, [(40, 1), (0, 100)], 50).scheduled for b in s.block_ids] == list(range(10))
+def test_plan_lays_blocks_out_in_one_run_as_the_allocator_does() -> None:
+    plan = _plan(0, [(40, 1), (0, 100)], 50, first_block=995, pool_blocks=1000)
+    # Request after request from the first block, in whole groups of 4 blocks, round the end of the pool.
+    assert [s.block_ids for s in plan.scheduled] == [[995, 996, 997, 998], [999, 0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_plan_layout_is_the_engine_allocators() -> None:
+    """The engine's own KV manager (block groups on, as by default) gives requests admitted together
+    neighbouring contiguous runs in whole groups: the layout _plan copies."""
+    from quanta.kv.manager import KVCacheManager
+
+    kv = KVCacheManager(1000, 16, block_groups=True)
+    tables = []
+    for i, n in enumerate((41, 100)):
+        req = Request(f"r{i}", list(range(n)), SamplingParams(max_tokens=1), 0.0)
+        assert kv.allocate_slots(req, n)
+        tables.append(kv.block_ids(req.request_id))
+    plan = _plan(0, [(40, 1), (0, 100)], 50)
+    assert tables == [s.block_ids for s in plan.scheduled]
 
 
 def _executor(llama_dir: Path, clock: str) -> TimedExecutor:
