@@ -192,8 +192,8 @@ def _plan(
 
 def _measure(
     executor: Any, batches: list[Batch], vocab_size: int, repeats: int, pool_blocks: int | None = None
-) -> list[float]:
-    """Median seconds (the executor's elapsed) over `repeats` runs of each batch. Each run executes its
+) -> list[list[float]]:
+    """Seconds (the executor's elapsed) of `repeats` runs of each batch. Each run executes its
     plan twice back to back and keeps the second: a running engine's step follows one of nearly the same
     shape on the same blocks (a decode step follows decode steps), whose warmth (caches, the allocator's
     free memory) a plan measured right after another shape lacks; measured cold, small decode steps
@@ -209,7 +209,7 @@ def _measure(
             plan = _plan(i, batch, vocab_size, first, pool_blocks)
             executor.execute(plan)
             times.append(executor.execute(plan).elapsed)
-    return [statistics.median(t) for t in runs]
+    return runs
 
 
 def measure_host(
@@ -296,35 +296,45 @@ def run_profile(
         max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
     )
     executor = TimedExecutor(model_executor, TIMERS[clock])
-    seconds = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
+    samples = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
+    # Each point keeps its samples, so that merge_profiles can take the median of all of them.
     points = [
-        {"batch": [list(x) for x in batch], "num_sampled": len(batch), "seconds": t}
-        for batch, t in zip(batches, seconds)
+        {"batch": [list(x) for x in batch], "num_sampled": len(batch), "seconds": statistics.median(t), "samples": t}
+        for batch, t in zip(batches, samples)
     ]
     flops, bandwidth, mem = measure_device(device, model_executor.dtype)
     name = device if not device.startswith("cuda") else f"{device} ({_cuda_name(device)})"
     prof = Profile(name, flops, bandwidth, mem, model_executor.dtype.itemsize, cfg, points)
     if axes is not None:
-        times = dict(zip(shaped, seconds[len(grid) :]))
         clk = ThreadTimeClock() if clock == "cpu" else WallClock()
         host_s, host_per_request, _ = measure_host(executor, clk, max_len, cfg.vocab_size)
-        prof.step_grid = StepGrid.from_measurements(
-            list(axes.prefill),
-            list(axes.decodes),
-            list(axes.context),
-            list(axes.prefill_context),
-            times,
-            (host_s, host_per_request),
-        ).to_dict()
+        prof.step_grid = _grid_of(points, axes, (host_s, host_per_request)).to_dict()
         if fit(prof).mean_abs_rel_error > ROOFLINE_TOLERANCE:
             prof.step_model = "grid"
     return prof
 
 
+def _grid_of(points: list[dict], axes: GridAxes, host: tuple[float, float]) -> StepGrid:
+    """The step grid of a profile's points: grid_batches(axes) are its last ones, in that order."""
+    shaped = grid_batches(axes)
+    tail = points[len(points) - len(shaped) :]
+    if len(tail) != len(shaped) or any(p["batch"] != [list(x) for x in b] for p, b in zip(tail, shaped.values())):
+        raise ValueError("the profile's last points are not its step grid's batches")
+    times = {shape: p["seconds"] for shape, p in zip(shaped, tail)}
+    return StepGrid.from_measurements(
+        list(axes.prefill), list(axes.decodes), list(axes.context), list(axes.prefill_context), times, host
+    )
+
+
 def merge_profiles(profiles: list[Profile]) -> Profile:
     """One profile from several measured on one machine with the same grids at different times (e.g.
-    before and after a run they should describe): each step time the mean of theirs, so that a load that
-    drifts over the runs counts at its average. The step model is chosen again on the merged points."""
+    before and after a run they should describe), so that a load that drifts over the runs counts at its
+    average. Where every point kept its samples, each step time is the median of all of them and the
+    step grid is built anew from those: a burst of other load on the machine (which slows every step
+    measured in a second or two by 20-60% on the shared VM) then moves no point, where a mean of each
+    part's medians (of 2 samples: their mean) let it move a point by a quarter of it and biased the
+    profile slow. Otherwise each step time is the mean of theirs. The step model is chosen again on the
+    merged points."""
     first = profiles[0]
     if any(
         [p["batch"] for p in q.points] != [p["batch"] for p in first.points]
@@ -333,9 +343,14 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     ):
         raise ValueError("profiles to merge must measure the same steps")
     k = len(profiles)
-    points = [
-        {**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k} for i, pt in enumerate(first.points)
-    ]
+    pooled = all("samples" in p for q in profiles for p in q.points)
+    points = []
+    for i, pt in enumerate(first.points):
+        if pooled:
+            samples = [x for q in profiles for x in q.points[i]["samples"]]
+            points.append({**pt, "seconds": statistics.median(samples), "samples": samples})
+        else:
+            points.append({**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k})
     merged = Profile(
         first.device,
         statistics.median(q.device_peak_flops for q in profiles),
@@ -348,10 +363,15 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     if first.step_grid is not None:
         grids = [q.step_grid for q in profiles]
         grid = dict(first.step_grid)
-        for key in ("seconds", "extra"):
-            grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
         for key in ("host_seconds", "host_per_request"):
             grid[key] = float(np.mean([g.get(key, 0.0) for g in grids]))  # type: ignore[union-attr]
+        if pooled:
+            g0 = first.step_grid
+            axes = GridAxes(*(tuple(g0[a]) for a in ("prefill", "decodes", "context", "prefill_context")))
+            grid = _grid_of(points, axes, (grid["host_seconds"], grid["host_per_request"])).to_dict()
+        else:
+            for key in ("seconds", "extra"):
+                grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
         merged.step_grid = StepGrid.from_dict(grid).to_dict()
         if fit(merged).mean_abs_rel_error > ROOFLINE_TOLERANCE:
             merged.step_model = "grid"
