@@ -3,8 +3,9 @@
 Protocol, in one process so that the profile and the real run see the same machine:
   1 profile   `quanta profile` (quanta.profiling.run_profile): step times over the roofline calibration
               grid and the step grid, on the real model; the roofline's efficiencies are fitted to it.
-              Half its repeats run before the real run and half after (merge_profiles averages them), so
-              a shared machine's drifting load counts as it did during the run (--no-bracket: all before)
+              Half its repeats run before the real run and half after (merge_profiles takes the median
+              of both halves' samples), so a shared machine's drifting load counts as it did during the
+              run (--no-bracket: all before)
   2 real      the real engine (LLMEngine's EngineCore: ModelExecutor, wall clock, the run_arrivals
               loop) serves a trace with arrival times: requests from ShareGPT (lengths scaled and clipped
               to what 2 CPU cores serve), Poisson arrivals; every step's plan and measured time is recorded
@@ -266,8 +267,8 @@ def main() -> None:
     from quanta.profiling import merge_profiles, run_profile
 
     t0 = time.perf_counter()
-    # The profile brackets the real run: half its repeats before, half after, the step times averaged,
-    # so that a shared machine's load drifting over the run counts as it did during the run.
+    # The profile brackets the real run: half its repeats before, half after, each step time the median
+    # of both halves' samples, so that a shared machine's load drifting over the run counts as it did.
     halves = [(args.repeats + 1) // 2, args.repeats // 2] if args.bracket else [args.repeats]
     if args.profile:
         profiles = [Profile.load(args.profile)]

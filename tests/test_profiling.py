@@ -12,6 +12,8 @@ import torch
 from quanta.config import CacheConfig
 from quanta.engine.clock import WallClock
 from quanta.profiling import TIMERS, ThreadTimeClock, TimedExecutor, _plan, measure_host
+from quanta.request import Request
+from quanta.sampling_params import SamplingParams
 
 
 def test_thread_time_clock_skips_sleep_and_jumps_idle_waits() -> None:
@@ -30,13 +32,25 @@ def test_thread_time_clock_skips_sleep_and_jumps_idle_waits() -> None:
     assert clock.now() - start >= 0.02
 
 
-def test_plan_scatters_blocks_over_the_pool() -> None:
-    pool = np.random.default_rng(0).permutation(1000)
-    plan = _plan(0, [(40, 1), (0, 100)], 50, pool)
-    ids = [b for s in plan.scheduled for b in s.block_ids]
-    assert [len(s.block_ids) for s in plan.scheduled] == [3, 7]
-    assert ids == pool[:10].tolist() and len(set(ids)) == 10
-    assert [b for s in _plan(0, [(40, 1), (0, 100)], 50).scheduled for b in s.block_ids] == list(range(10))
+def test_plan_lays_blocks_out_in_one_run_as_the_allocator_does() -> None:
+    plan = _plan(0, [(40, 1), (0, 100)], 50, first_block=995, pool_blocks=1000)
+    # Request after request from the first block, in whole groups of 4 blocks, round the end of the pool.
+    assert [s.block_ids for s in plan.scheduled] == [[995, 996, 997, 998], [999, 0, 1, 2, 3, 4, 5, 6]]
+
+
+def test_plan_layout_is_the_engine_allocators() -> None:
+    """The engine's own KV manager (block groups on, as by default) gives requests admitted together
+    neighbouring contiguous runs in whole groups: the layout _plan copies."""
+    from quanta.kv.manager import KVCacheManager
+
+    kv = KVCacheManager(1000, 16, block_groups=True)
+    tables = []
+    for i, n in enumerate((41, 100)):
+        req = Request(f"r{i}", list(range(n)), SamplingParams(max_tokens=1), 0.0)
+        assert kv.allocate_slots(req, n)
+        tables.append(kv.block_ids(req.request_id))
+    plan = _plan(0, [(40, 1), (0, 100)], 50)
+    assert tables == [s.block_ids for s in plan.scheduled]
 
 
 def _executor(llama_dir: Path, clock: str) -> TimedExecutor:
@@ -107,3 +121,48 @@ def test_merge_profiles_averages_step_times_and_rechooses_the_model() -> None:
     other.points = other.points[1:]
     with pytest.raises(ValueError, match="same steps"):
         merge_profiles([profile(1.0, 1e-4), other])
+
+
+def test_merge_profiles_with_samples_takes_their_median_and_rebuilds_the_grid() -> None:
+    """A burst of other load that slowed one sample of every step in one part moves no merged step time:
+    the median of all parts' samples is taken (a mean of the parts' medians of 2 moved each by 1/4)."""
+    import pytest
+
+    from quanta.profiling import GridAxes, _grid_of, grid_batches, merge_profiles
+    from quanta.sim.calibrate import Profile
+    from quanta.sim.step_grid import batch_shape
+    from test_cost_model import GPU, MODEL
+
+    axes = GridAxes(prefill=(0, 16, 64), decodes=(0, 1, 4), context=(16, 256), prefill_context=(0, 128))
+    batches = list(grid_batches(axes).values())
+
+    def truth(b: list[tuple[int, int]]) -> float:
+        p, d, c, q = batch_shape(b)
+        return 1e-3 + 2e-5 * (p + d) + 3e-8 * d * c + 4e-9 * p * q
+
+    def profile(factors: tuple[float, float]) -> Profile:
+        points = [
+            {
+                "batch": [list(x) for x in b],
+                "num_sampled": len(b),
+                "seconds": float(np.median([f * truth(b) for f in factors])),
+                "samples": [f * truth(b) for f in factors],
+            }
+            for b in batches
+        ]
+        prof = Profile("toy", GPU.bf16_flops, GPU.mem_bandwidth, GPU.mem_bytes, 2, MODEL, points)
+        prof.step_grid = _grid_of(points, axes, (1e-4, 1e-6)).to_dict()
+        return prof
+
+    merged = merge_profiles([profile((1.0, 1.5)), profile((0.98, 1.02))])  # the 1.5: a burst
+    # Median of (0.98, 1.0, 1.02, 1.5): 1.01 of the truth (the mean of the parts' medians: 1.125).
+    assert [p["seconds"] for p in merged.points] == pytest.approx([1.01 * truth(b) for b in batches])
+    assert merged.step_grid is not None
+    expected = _grid_of(merged.points, axes, (1e-4, 1e-6)).to_dict()
+    np.testing.assert_allclose(merged.step_grid["seconds"], expected["seconds"], rtol=1e-12)
+    g = merged.step_grid
+    assert g["seconds"][1][0][0] == pytest.approx(1.01 * truth([(0, 16)]))
+    bad = profile((1.0, 1.0))
+    bad.points = bad.points[:-1] + [{**bad.points[-1], "batch": [[0, 3]]}]
+    with pytest.raises(ValueError, match="step grid"):
+        _grid_of(bad.points, axes, (0.0, 0.0))

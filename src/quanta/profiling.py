@@ -1,9 +1,9 @@
 """`quanta profile`: measure the real engine's step times over a grid of batch compositions.
 
 The result (quanta.sim.calibrate.Profile, JSON) calibrates the simulator's cost model for this device.
-Steps are measured as the engine runs them: the ModelExecutor with sampling, block tables scattered over
-the whole KV pool (as a busy engine's are), and the host time the EngineCore spends around each step
-(measure_host). Times are wall-clock, or with clock="cpu" the CPU time of the calling thread (what a
+Steps are measured as the engine runs them: the ModelExecutor with sampling, block tables laid out as the
+engine's allocator lays them out (contiguous runs, at a different place of the KV pool each run), and the
+host time the EngineCore spends around each step (measure_host). Times are wall-clock, or with clock="cpu" the CPU time of the calling thread (what a
 step costs on a core of its own; on a machine shared with other jobs, wall time also counts theirs).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from quanta.config import CacheConfig, SchedulerConfig
-from quanta.kv.manager import cdiv
+from quanta.kv.manager import KVCacheManager, cdiv
 from quanta.request import Request
 from quanta.sampling_params import SamplingParams
 from quanta.sched.plan import ScheduledRequest, StepPlan
@@ -163,45 +163,53 @@ class TimedExecutor:
         return getattr(self.executor, name)
 
 
-def _plan(step_id: int, batch: Batch, vocab_size: int, pool: np.ndarray | None = None) -> StepPlan:
-    """A plan of `batch`; its block ids are the next ones of `pool` (default: 0, 1, 2, ...). A shuffled
-    pool scatters each request's blocks over the KV cache, as a running engine's are."""
-    block_size = 16
+def _plan(
+    step_id: int, batch: Batch, vocab_size: int, first_block: int = 0, pool_blocks: int | None = None
+) -> StepPlan:
+    """A plan of `batch` whose requests' blocks are contiguous runs of block ids from `first_block`
+    (wrapping round a pool of `pool_blocks`), request after request, each in whole block groups, as
+    the engine's KV manager (block groups on, the default) allocates requests admitted together: in
+    sim_fidelity's real run 98% of adjacent block-table entries of decodes were consecutive blocks.
+    The layout matters on a CPU: decode attention over blocks scattered at random took about twice the
+    time per context token (the hardware prefetcher follows a run, not a scatter), which made every
+    profiled decode step slow."""
+    block_size, group = 16, KVCacheManager.GROUP
     plan = StepPlan(step_id)
-    next_block = 0
+    next_block = first_block
     for i, (cached, new) in enumerate(batch):
         tokens = [(7 * i + j) % vocab_size for j in range(cached + new)]
         req = Request(f"p{step_id}-{i}", tokens, SamplingParams(max_tokens=1, ignore_eos=True), 0.0)
         req.num_computed_tokens = cached
         nb = cdiv(cached + new, block_size)
-        ids = range(next_block, next_block + nb)
-        plan.scheduled.append(
-            ScheduledRequest(req, new, cached, list(ids) if pool is None else pool[ids].tolist(), True)
-        )
-        next_block += nb
+        ids = np.arange(next_block, next_block + cdiv(nb, group) * group)
+        if pool_blocks is not None:
+            ids %= pool_blocks
+        plan.scheduled.append(ScheduledRequest(req, new, cached, ids.tolist(), True))
+        next_block += len(ids)
     plan.num_batched_tokens = sum(n for _, n in batch)
     return plan
 
 
 def _measure(
     executor: Any, batches: list[Batch], vocab_size: int, repeats: int, pool_blocks: int | None = None
-) -> list[float]:
-    """Median seconds (the executor's elapsed) over `repeats` runs of each batch. Each run executes its
+) -> list[list[float]]:
+    """Seconds (the executor's elapsed) of `repeats` runs of each batch. Each run executes its
     plan twice back to back and keeps the second: a running engine's step follows one of nearly the same
     shape on the same blocks (a decode step follows decode steps), whose warmth (caches, the allocator's
     free memory) a plan measured right after another shape lacks; measured cold, small decode steps
     came out 15-40% slower than the real engine's. The runs go round the whole list `repeats` times
     rather than repeating one batch: a burst of other load on a shared machine then slows one run of
     many batches, which the median drops, instead of every run of one. With `pool_blocks`, each run's
-    blocks are drawn anew from a shuffled pool of that many blocks (scattered, as a busy engine's are)."""
+    blocks start at a random block of a pool of that many (as the engine's requests sit all over it)."""
     rng = np.random.default_rng(0)
     runs: list[list[float]] = [[] for _ in batches]
     for _ in range(repeats):
         for i, (batch, times) in enumerate(zip(batches, runs)):
-            plan = _plan(i, batch, vocab_size, rng.permutation(pool_blocks) if pool_blocks else None)
+            first = int(rng.integers(pool_blocks)) if pool_blocks else 0
+            plan = _plan(i, batch, vocab_size, first, pool_blocks)
             executor.execute(plan)
             times.append(executor.execute(plan).elapsed)
-    return [statistics.median(t) for t in runs]
+    return runs
 
 
 def measure_host(
@@ -274,7 +282,8 @@ def run_profile(
     shaped = grid_batches(axes) if axes is not None else {}
     batches = [*grid, *shaped.values()]
     block_size = 16
-    max_blocks = max(sum(cdiv(c + n, block_size) for c, n in batch) for batch in batches)
+    group = KVCacheManager.GROUP  # _plan's runs are whole groups
+    max_blocks = max(sum(cdiv(cdiv(c + n, block_size), group) * group for c, n in batch) for batch in batches)
     pool_blocks = max(max_blocks, cdiv(max_len, block_size))
     model_executor = ModelExecutor(
         model_path,
@@ -287,35 +296,45 @@ def run_profile(
         max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
     )
     executor = TimedExecutor(model_executor, TIMERS[clock])
-    seconds = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
+    samples = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
+    # Each point keeps its samples, so that merge_profiles can take the median of all of them.
     points = [
-        {"batch": [list(x) for x in batch], "num_sampled": len(batch), "seconds": t}
-        for batch, t in zip(batches, seconds)
+        {"batch": [list(x) for x in batch], "num_sampled": len(batch), "seconds": statistics.median(t), "samples": t}
+        for batch, t in zip(batches, samples)
     ]
     flops, bandwidth, mem = measure_device(device, model_executor.dtype)
     name = device if not device.startswith("cuda") else f"{device} ({_cuda_name(device)})"
     prof = Profile(name, flops, bandwidth, mem, model_executor.dtype.itemsize, cfg, points)
     if axes is not None:
-        times = dict(zip(shaped, seconds[len(grid) :]))
         clk = ThreadTimeClock() if clock == "cpu" else WallClock()
         host_s, host_per_request, _ = measure_host(executor, clk, max_len, cfg.vocab_size)
-        prof.step_grid = StepGrid.from_measurements(
-            list(axes.prefill),
-            list(axes.decodes),
-            list(axes.context),
-            list(axes.prefill_context),
-            times,
-            (host_s, host_per_request),
-        ).to_dict()
+        prof.step_grid = _grid_of(points, axes, (host_s, host_per_request)).to_dict()
         if fit(prof).mean_abs_rel_error > ROOFLINE_TOLERANCE:
             prof.step_model = "grid"
     return prof
 
 
+def _grid_of(points: list[dict], axes: GridAxes, host: tuple[float, float]) -> StepGrid:
+    """The step grid of a profile's points: grid_batches(axes) are its last ones, in that order."""
+    shaped = grid_batches(axes)
+    tail = points[len(points) - len(shaped) :]
+    if len(tail) != len(shaped) or any(p["batch"] != [list(x) for x in b] for p, b in zip(tail, shaped.values())):
+        raise ValueError("the profile's last points are not its step grid's batches")
+    times = {shape: p["seconds"] for shape, p in zip(shaped, tail)}
+    return StepGrid.from_measurements(
+        list(axes.prefill), list(axes.decodes), list(axes.context), list(axes.prefill_context), times, host
+    )
+
+
 def merge_profiles(profiles: list[Profile]) -> Profile:
     """One profile from several measured on one machine with the same grids at different times (e.g.
-    before and after a run they should describe): each step time the mean of theirs, so that a load that
-    drifts over the runs counts at its average. The step model is chosen again on the merged points."""
+    before and after a run they should describe), so that a load that drifts over the runs counts at its
+    average. Where every point kept its samples, each step time is the median of all of them and the
+    step grid is built anew from those: a burst of other load on the machine (which slows every step
+    measured in a second or two by 20-60% on the shared VM) then moves no point, where a mean of each
+    part's medians (of 2 samples: their mean) let it move a point by a quarter of it and biased the
+    profile slow. Otherwise each step time is the mean of theirs. The step model is chosen again on the
+    merged points."""
     first = profiles[0]
     if any(
         [p["batch"] for p in q.points] != [p["batch"] for p in first.points]
@@ -324,9 +343,14 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     ):
         raise ValueError("profiles to merge must measure the same steps")
     k = len(profiles)
-    points = [
-        {**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k} for i, pt in enumerate(first.points)
-    ]
+    pooled = all("samples" in p for q in profiles for p in q.points)
+    points = []
+    for i, pt in enumerate(first.points):
+        if pooled:
+            samples = [x for q in profiles for x in q.points[i]["samples"]]
+            points.append({**pt, "seconds": statistics.median(samples), "samples": samples})
+        else:
+            points.append({**pt, "seconds": sum(q.points[i]["seconds"] for q in profiles) / k})
     merged = Profile(
         first.device,
         statistics.median(q.device_peak_flops for q in profiles),
@@ -339,10 +363,15 @@ def merge_profiles(profiles: list[Profile]) -> Profile:
     if first.step_grid is not None:
         grids = [q.step_grid for q in profiles]
         grid = dict(first.step_grid)
-        for key in ("seconds", "extra"):
-            grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
         for key in ("host_seconds", "host_per_request"):
             grid[key] = float(np.mean([g.get(key, 0.0) for g in grids]))  # type: ignore[union-attr]
+        if pooled:
+            g0 = first.step_grid
+            axes = GridAxes(*(tuple(g0[a]) for a in ("prefill", "decodes", "context", "prefill_context")))
+            grid = _grid_of(points, axes, (grid["host_seconds"], grid["host_per_request"])).to_dict()
+        else:
+            for key in ("seconds", "extra"):
+                grid[key] = np.mean([np.asarray(g[key]) for g in grids], axis=0).tolist()  # type: ignore[index]
         merged.step_grid = StepGrid.from_dict(grid).to_dict()
         if fit(merged).mean_abs_rel_error > ROOFLINE_TOLERANCE:
             merged.step_model = "grid"
