@@ -176,3 +176,48 @@ def test_cpu_argmax_rows_is_torch_argmax() -> None:
         x[2, -1] = 60.0  # the maximum in the non-vector tail
         x[3] = 1.0  # all equal
         assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v
+
+
+# (new tokens, context) per chunk: fresh prompts, chunks after earlier context, lengths that are and are
+# not multiples of the kernel's query and key tiles (8 and 16), one token after a long context.
+PREFILL_CHUNKS = [(1, 1), (7, 7), (8, 8), (33, 33), (16, 130), (9, 40), (1, 77), (150, 150), (24, 300)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "h,hkv,head_dim,bs",
+    [(9, 3, 64, 16), (4, 4, 128, 16), (6, 2, 40, 5), (2, 1, 16, 32)],
+    ids=["gqa3-d64", "mha-d128", "gqa3-d40-bs5", "mqa-d16-bs32"],
+)
+def test_cpu_prefill_attention_kernel(dtype: torch.dtype, h: int, hkv: int, head_dim: int, bs: int) -> None:
+    """paged_prefill_attention against a float64 reference: every chunk in one call, q a strided view,
+    rows outside the chunks left untouched, head sizes on both the fixed-size and the run-time paths."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("C++ CPU kernels unavailable here")
+    g = torch.Generator().manual_seed(3)
+    nblocks = sum(-(-ctx // bs) for _, ctx in PREFILL_CHUNKS) + 3
+    k_cache = torch.randn(nblocks, hkv, bs, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(nblocks, hkv, bs, head_dim, generator=g).to(dtype)
+    tables = random_layout(nblocks, [ctx for _, ctx in PREFILL_CHUNKS], bs, seed=4)
+    lead = 5  # rows before the first chunk (decodes, in the model's batches): not written
+    total = lead + sum(n for n, _ in PREFILL_CHUNKS)
+    # Scaled so that softmaxes are peaked (a wrong mask or a lost rescale shows), as real scores can be.
+    qkv = (torch.randn(total, (h + 2) * head_dim, generator=g) * 3).to(dtype)
+    q = qkv[:, : h * head_dim].view(total, h, head_dim)
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    info, row = [], lead
+    for n, ctx in PREFILL_CHUNKS:
+        info.append((row, n, ctx))
+        row += n
+    out = torch.full((total, h, head_dim), 7.0, dtype=dtype)
+    kernels.paged_prefill_attention(q, k_cache, v_cache, table_t, torch.tensor(info), head_dim**-0.5, out)
+    assert torch.all(out[:lead] == 7.0)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bfloat16: the output's rounding
+    for (first, n, ctx), table in zip(info, tables, strict=True):
+        pos = torch.arange(ctx)
+        blocks = torch.tensor(table)[pos // bs]
+        keys, values = k_cache[blocks, :, pos % bs], v_cache[blocks, :, pos % bs]
+        expected = reference(q[first : first + n], keys, values, ctx - n)
+        torch.testing.assert_close(out[first : first + n].double(), expected, atol=tol, rtol=tol)

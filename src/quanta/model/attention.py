@@ -1,7 +1,8 @@
 """Paged attention. `TorchPagedAttention` is the portable backend (CPU, or any torch device).
 
 Batch layout: the step's tokens are flat. Decodes (one token, with earlier context) come first and are
-attended in one padded call; prefill chunks follow, one call each. A layer writes the KV of every new
+attended in one padded call; prefill chunks follow, one call each (the C++ kernels take all decodes
+in one call and all chunks in another, reading K/V in place from the paged cache). A layer writes the KV of every new
 token into the cache before any query reads it, so a chunk sees its own earlier chunks and blocks that
 another request of the same step is filling (prefix sharing within a step).
 """
@@ -79,6 +80,10 @@ class AttentionMetadata:
     decode_groups: list[DecodeGroup] = field(default_factory=list)  # portable path
     decode_tables: torch.Tensor | None = None  # C++ kernel path: [num_decodes, max_blocks] long, 0-padded
     decode_lens: torch.Tensor | None = None  # C++ kernel path: [num_decodes] long
+    # C++ kernel path: every prefill chunk in one call. Tables [chunks, max_blocks] long, 0-padded;
+    # info [chunks, 3] long: first row in the batch, new tokens, context length.
+    prefill_tables: torch.Tensor | None = None
+    prefill_info: torch.Tensor | None = None
 
 
 class TorchPagedAttention:
@@ -119,15 +124,36 @@ class TorchPagedAttention:
             heads = np.arange(self.num_kv_heads, dtype=np.int64)
             rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
         chunks: list[PrefillChunk] = []
-        row = num_decodes
-        for s in seqs[num_decodes:]:
-            chunks.append(PrefillChunk(row, s.num_tokens, s.context_len, torch.tensor(s.block_ids, device=device)))
-            row += s.num_tokens
         meta = AttentionMetadata(torch.from_numpy(rows).to(device), chunks)
+        if self.kernels is not None:
+            self._plan_prefills(seqs[num_decodes:], num_decodes, device, meta)
+        else:
+            row = num_decodes
+            for s in seqs[num_decodes:]:
+                table = torch.tensor(s.block_ids, device=device)
+                chunks.append(PrefillChunk(row, s.num_tokens, s.context_len, table))
+                row += s.num_tokens
         if num_decodes:
             decodes = seqs[:num_decodes]
             self._plan_decodes([s.block_ids for s in decodes], [s.context_len for s in decodes], device, meta)
         return meta
+
+    def _plan_prefills(
+        self, prefills: list[SeqSlice], first_row: int, device: torch.device, meta: AttentionMetadata
+    ) -> None:
+        if not prefills:
+            return
+        width = max(-(-s.context_len // self.block_size) for s in prefills)
+        tables = np.zeros((len(prefills), width), dtype=np.int64)
+        info = np.empty((len(prefills), 3), dtype=np.int64)
+        row = first_row
+        for i, s in enumerate(prefills):
+            used = s.block_ids[: -(-s.context_len // self.block_size)]
+            tables[i, : len(used)] = used
+            info[i] = (row, s.num_tokens, s.context_len)
+            row += s.num_tokens
+        meta.prefill_tables = torch.from_numpy(tables).to(device)
+        meta.prefill_info = torch.from_numpy(info).to(device)
 
     def _plan_decodes(
         self,
@@ -200,6 +226,13 @@ class TorchPagedAttention:
             # q may be a strided view of qkv; the kernel writes the decodes' rows of `out` in place.
             kernels.paged_decode_attention(
                 q[:nd], k_cache, v_cache, meta.decode_tables, meta.decode_lens, self.scale, out=out[:nd]
+            )
+        if meta.prefill_tables is not None:
+            assert kernels is not None and meta.prefill_info is not None
+            # Causal attention of every chunk over its cached context (just written, above), GQA without
+            # copying K/V per query head; writes the chunks' rows of `out`.
+            kernels.paged_prefill_attention(
+                q, k_cache, v_cache, meta.prefill_tables, meta.prefill_info, self.scale, out=out
             )
         for group in meta.decode_groups:
             rows = slice(group.start, group.start + group.num)

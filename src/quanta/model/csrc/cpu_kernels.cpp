@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -29,9 +30,15 @@ static inline void to_float(const scalar_t* src, float* dst, int64_t D) {
 
 template <>
 inline void to_float<c10::BFloat16>(const c10::BFloat16* src, float* dst, int64_t D) {
+  // Through memcpy, not a uint32_t* store: a type-punned store lets the optimizer move later float
+  // reads of dst before it (strict aliasing), which it did in the prefill kernel.
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
-  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
-  for (int64_t d = 0; d < D; ++d) out[d] = static_cast<uint32_t>(bits[d]) << 16;
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t u = static_cast<uint32_t>(bits[d]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    dst[d] = f;
+  }
 }
 
 static inline float dot(const float* a, const float* b, int64_t D) {
@@ -140,6 +147,200 @@ torch::Tensor paged_decode_attention(
     else run(decode_kernel<scalar_t, 0>);
   });
   return out;
+}
+
+// ---- paged_prefill_attention ------------------------------------------------------------------------
+// Prefill chunks (causal, with any earlier context) straight from the paged cache, flash style: a work
+// item is (chunk, kv head, tile of QT query positions); its rows are the tile's positions times the
+// query heads sharing that kv head, so GQA reads each K/V row once for the whole group, with no copy.
+// Keys are walked in tiles of KT, converted to float32 once per item (K transposed, so one row's KT
+// scores are one vector), with an online softmax and all accumulation in float32.
+namespace prefill {
+
+constexpr int KT = 16;  // keys per tile: one 16-float vector of scores per row
+constexpr int QT = 8;   // query positions per work item (x group rows; 24 for 9 heads over 3)
+
+// GCC/Clang vector extension: AVX-512 gives one register, narrower targets split it.
+typedef float v16 __attribute__((vector_size(64)));
+typedef float v16u __attribute__((vector_size(64), aligned(4)));
+
+static inline v16 load(const float* p) { return *reinterpret_cast<const v16u*>(p); }
+static inline void store(float* p, v16 v) { *reinterpret_cast<v16u*>(p) = v; }
+
+// s[r][0..KT) = q[r] . kt[:, 0..KT) for NR rows; kt is [D][KT].
+template <int NR, int HD>
+static inline void scores(const float* q, const float* kt, float* s, int64_t head_dim) {
+  const int64_t D = HD > 0 ? HD : head_dim;
+  v16 acc[NR];
+  for (int r = 0; r < NR; ++r) acc[r] = v16{};
+  for (int64_t d = 0; d < D; ++d) {
+    const v16 k = load(kt + d * KT);
+    for (int r = 0; r < NR; ++r) acc[r] += q[r * D + d] * k;
+  }
+  for (int r = 0; r < NR; ++r) store(s + r * KT, acc[r]);
+}
+
+// o[r] += sum_j p[r][j] * vf[j] for NR rows over nk keys; vf is [KT][D], o is [NR][D].
+template <int NR, int HD>
+static inline void accumulate(const float* p, const float* vf, float* o, int nk, int64_t head_dim) {
+  const int64_t D = HD > 0 ? HD : head_dim;
+  for (int64_t d0 = 0; d0 + 16 <= D; d0 += 16) {
+    v16 acc[NR];
+    for (int r = 0; r < NR; ++r) acc[r] = load(o + r * D + d0);
+    for (int j = 0; j < nk; ++j) {
+      const v16 v = load(vf + j * D + d0);
+      for (int r = 0; r < NR; ++r) acc[r] += p[r * KT + j] * v;
+    }
+    for (int r = 0; r < NR; ++r) store(o + r * D + d0, acc[r]);
+  }
+  for (int64_t d = D - D % 16; d < D; ++d)  // head sizes that are not a multiple of 16
+    for (int r = 0; r < NR; ++r)
+      for (int j = 0; j < nk; ++j) o[r * D + d] += p[r * KT + j] * vf[j * D + d];
+}
+
+template <int HD>
+static void scores_rows(const float* q, const float* kt, float* s, int64_t rows, int64_t D) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) scores<8, HD>(q + r * D, kt, s + r * KT, D);
+  for (; r + 4 <= rows; r += 4) scores<4, HD>(q + r * D, kt, s + r * KT, D);
+  for (; r < rows; ++r) scores<1, HD>(q + r * D, kt, s + r * KT, D);
+}
+
+template <int HD>
+static void accumulate_rows(const float* p, const float* vf, float* o, int64_t rows, int nk, int64_t D) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) accumulate<8, HD>(p + r * KT, vf, o + r * D, nk, D);
+  for (; r + 4 <= rows; r += 4) accumulate<4, HD>(p + r * KT, vf, o + r * D, nk, D);
+  for (; r < rows; ++r) accumulate<1, HD>(p + r * KT, vf, o + r * D, nk, D);
+}
+
+struct Item {
+  int64_t chunk, head, q0, cost;
+};
+
+template <typename scalar_t, int HD>
+static void kernel(
+    const scalar_t* q, int64_t q_stride,   // [T, H, D], rows q_stride apart
+    const scalar_t* k_cache, const scalar_t* v_cache,  // [NB, Hkv, bs, D]
+    const int64_t* tables, int64_t max_blocks,         // [C, max_blocks]
+    const int64_t* info,                               // [C, 3]: first row, new tokens, context length
+    int64_t num_chunks, scalar_t* out,                 // [T, H, D] contiguous
+    int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t block_size, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t D = HD > 0 ? HD : head_dim;
+  std::vector<Item> items;
+  for (int64_t c = 0; c < num_chunks; ++c) {
+    const int64_t n = info[c * 3 + 1], offset = info[c * 3 + 2] - n;
+    for (int64_t q0 = 0; q0 < n; q0 += QT)
+      for (int64_t j = 0; j < num_kv_heads; ++j)
+        items.push_back({c, j, q0, offset + std::min(q0 + QT, n)});  // keys the item reads
+  }
+  // Longest first, handed out one at a time: the threads finish together.
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+  std::atomic<int64_t> next{0};
+  const int64_t num_items = static_cast<int64_t>(items.size());
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), num_items));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const int64_t R = QT * group;
+    std::vector<float> qf(R * D), acc(R * D), kt(D * KT), vf(KT * D), s(R * KT), m(R), l(R);
+    for (int64_t i; (i = next.fetch_add(1)) < num_items;) {
+      const Item& it = items[i];
+      const int64_t first_row = info[it.chunk * 3], n = info[it.chunk * 3 + 1];
+      const int64_t offset = info[it.chunk * 3 + 2] - n;  // position of the chunk's first query
+      const int64_t nq = std::min<int64_t>(QT, n - it.q0), rows = nq * group;
+      const int64_t* table = tables + it.chunk * max_blocks;
+      // Row r = query position (r / group) of the tile, head (j * group + r % group): contiguous in q.
+      for (int64_t t = 0; t < nq; ++t) {
+        float* dst = qf.data() + t * group * D;
+        to_float(q + (first_row + it.q0 + t) * q_stride + it.head * group * D, dst, group * D);
+        for (int64_t x = 0; x < group * D; ++x) dst[x] *= scale;
+      }
+      std::fill(acc.begin(), acc.begin() + rows * D, 0.f);
+      std::fill(m.begin(), m.begin() + rows, -1e30f);  // finite: built with -ffast-math
+      std::fill(l.begin(), l.begin() + rows, 0.f);
+      const int64_t last_pos = offset + it.q0 + nq - 1;
+      for (int64_t t0 = 0; t0 <= last_pos; t0 += KT) {
+        const int nk = static_cast<int>(std::min<int64_t>(KT, last_pos + 1 - t0));
+        for (int j = 0; j < nk; ++j) {
+          const int64_t pos = t0 + j;
+          const int64_t base = ((table[pos / block_size] * num_kv_heads + it.head) * block_size + pos % block_size) * D;
+          float* vrow = vf.data() + j * D;
+          to_float(k_cache + base, vrow, D);  // K row, staged in vf, then transposed into kt
+          for (int64_t d = 0; d < D; ++d) kt[d * KT + j] = vrow[d];
+          to_float(v_cache + base, vrow, D);
+        }
+        for (int j = nk; j < KT; ++j)
+          for (int64_t d = 0; d < D; ++d) kt[d * KT + j] = 0.f;
+        scores_rows<HD>(qf.data(), kt.data(), s.data(), rows, D);
+        for (int64_t r = 0; r < rows; ++r) {
+          // Causal: row r sees keys up to its own position.
+          const int64_t visible = std::min<int64_t>(nk, offset + it.q0 + r / group - t0 + 1);
+          float* sr = s.data() + r * KT;
+          float mx = m[r];
+          for (int j = 0; j < visible; ++j) mx = sr[j] > mx ? sr[j] : mx;
+          const float alpha = std::exp(m[r] - mx);
+          float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+          for (int j = 0; j < KT; ++j) {
+            const float p = j < visible ? std::exp(sr[j] - mx) : 0.f;
+            sr[j] = p;
+            sum += p;
+          }
+          l[r] = l[r] * alpha + sum;
+          m[r] = mx;
+          if (alpha != 1.f) {
+            float* a = acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
+          }
+        }
+        accumulate_rows<HD>(s.data(), vf.data(), acc.data(), rows, nk, D);
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const float inv = 1.f / l[r];
+        scalar_t* o = out + ((first_row + it.q0 + r / group) * num_heads + it.head * group + r % group) * D;
+        for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(acc[r * D + d] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace prefill
+
+// q: [T, H, D] with contiguous heads (rows may be strided, a view of qkv); chunk c's queries are rows
+// info[c, 0] .. info[c, 0] + info[c, 1], at positions context_len - new tokens .. context_len - 1 of the
+// sequence whose blocks are block_tables[c]; their KV must be in the cache already (write_kv first).
+// Writes those rows of `out` ([T, H, D], contiguous); other rows are left untouched.
+void paged_prefill_attention(
+    torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor block_tables,
+    torch::Tensor chunk_info, double scale, torch::Tensor out) {
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && block_tables.dim() == 2, "prefill: bad shapes");
+  TORCH_CHECK(q.stride(2) == 1 && q.stride(1) == q.size(2), "prefill: q heads must be contiguous within a row");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous() && k_cache.sizes() == v_cache.sizes(), "prefill: caches");
+  TORCH_CHECK(block_tables.scalar_type() == torch::kLong && chunk_info.scalar_type() == torch::kLong, "prefill: int64 tables");
+  TORCH_CHECK(chunk_info.dim() == 2 && chunk_info.size(1) == 3 && chunk_info.size(0) == block_tables.size(0), "prefill: info [C, 3]");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type(), "prefill: dtypes differ");
+  TORCH_CHECK(out.is_contiguous() && out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(), "prefill: out");
+  const int64_t num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "prefill: head shapes do not match");
+  auto tables = block_tables.contiguous();
+  auto info = chunk_info.contiguous();
+  const int64_t* ip = info.data_ptr<int64_t>();
+  for (int64_t c = 0; c < info.size(0); ++c) {
+    const int64_t first = ip[c * 3], n = ip[c * 3 + 1], ctx = ip[c * 3 + 2];
+    TORCH_CHECK(n >= 1 && n <= ctx && first >= 0 && first + n <= q.size(0), "prefill: chunk out of range");
+    TORCH_CHECK((ctx + block_size - 1) / block_size <= tables.size(1), "prefill: block table too short");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_prefill_attention", [&] {
+    auto run = [&](auto kern) {
+      kern(q.data_ptr<scalar_t>(), q.stride(0), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+           tables.data_ptr<int64_t>(), tables.size(1), ip, info.size(0), out.data_ptr<scalar_t>(), num_heads,
+           num_kv_heads, head_dim, block_size, static_cast<float>(scale));
+    };
+    if (head_dim == 64) run(prefill::kernel<scalar_t, 64>);
+    else if (head_dim == 128) run(prefill::kernel<scalar_t, 128>);
+    else run(prefill::kernel<scalar_t, 0>);
+  });
 }
 
 // The step's new K and V rows into the paged caches [NB, Hkv, bs, D]: token t goes to slot slots[t]
@@ -299,6 +500,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
         py::arg("out") = py::none());
+  m.def("paged_prefill_attention", &paged_prefill_attention, "paged causal prefill attention (CPU)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("chunk_info"),
+        py::arg("scale"), py::arg("out"));
   m.def("write_kv", &write_kv, "new K/V rows into the paged caches");
   // q and k may be views into the fused qkv output (as with the Triton kernels).
   m.attr("ROTARY_TAKES_STRIDES") = true;
