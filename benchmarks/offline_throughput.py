@@ -223,11 +223,7 @@ def run_engine(
             "--repeats",
             str(repeats),
         ]
-    # The peers run in the environment the user gave, without the defaults importing quanta set here.
-    from quanta import peer_environ
-
-    env = None if engine == "quanta" else peer_environ()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0 or not result_file.is_file():
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
         return {"error": " | ".join(tail) or f"exit {proc.returncode}"}

@@ -23,7 +23,6 @@ import time
 import urllib.request
 from pathlib import Path
 
-from quanta import peer_environ
 from quanta.bench.serve import BenchRequest, report, run_bench
 
 NAME = "smollm2-135m"
@@ -55,7 +54,7 @@ def start_server(
     else:
         cmd = [vllm, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--dtype", "bfloat16"]
         env = {
-            **peer_environ(),  # without the defaults importing quanta set in this process
+            **os.environ,
             "VLLM_CPU_KVCACHE_SPACE": "2",
             "VLLM_CPU_OMP_THREADS_BIND": f"0-{(os.cpu_count() or 2) - 1}",
         }
