@@ -23,15 +23,12 @@ HERE = Path(__file__).resolve().parent
 
 
 def worker(model: str | None, threads: int, workloads: list[str]) -> dict:
-    # quanta before torch: it may set OpenMP's environment, read when torch loads (quanta/__init__.py).
-    from quanta import LLM, SamplingParams
-
-    # isort: split
     import torch
 
     torch.set_num_threads(threads)
     sys.path.insert(0, str(HERE))
     from offline_throughput import make_workloads
+    from quanta import LLM, SamplingParams
 
     wl = make_workloads()
     llm = LLM(model, dtype="bfloat16", max_model_len=2048)
