@@ -326,7 +326,7 @@ class KVCacheManager:
         assert req.request_id not in self.req_blocks
         extra = blocks[num_blocks:]
         if extra:
-            self.pool.free(self.pool.blocks[i] for i in reversed(extra))
+            self.pool.free_ids(reversed(extra))
         self.req_blocks[req.request_id] = blocks[:num_blocks]
         self._index_full_blocks(req, self.req_blocks[req.request_id], req.num_computed_tokens)
 
@@ -458,8 +458,7 @@ class KVCacheManager:
         return len(pin.blocks)
 
     def _release(self, pin: Pin) -> None:
-        pool_blocks = self.pool.blocks
-        self.pool.free(pool_blocks[i] for i in reversed(pin.blocks))  # tail first, as a request's
+        self.pool.free_ids(reversed(pin.blocks))  # tail first, as a request's
         self.num_pinned_blocks -= len(pin.blocks)
 
     def expire_pins(self, now: float) -> int:
