@@ -163,6 +163,15 @@ class TimedExecutor:
         return getattr(self.executor, name)
 
 
+_BLOCK_SIZE = 16
+
+
+def _run_blocks(num_tokens: int) -> int:
+    """Blocks of a request of `num_tokens` in _plan: whole block groups, as the KV manager grows it."""
+    group = KVCacheManager.GROUP
+    return cdiv(cdiv(num_tokens, _BLOCK_SIZE), group) * group
+
+
 def _plan(
     step_id: int, batch: Batch, vocab_size: int, first_block: int = 0, pool_blocks: int | None = None
 ) -> StepPlan:
@@ -173,15 +182,13 @@ def _plan(
     The layout matters on a CPU: decode attention over blocks scattered at random took about twice the
     time per context token (the hardware prefetcher follows a run, not a scatter), which made every
     profiled decode step slow."""
-    block_size, group = 16, KVCacheManager.GROUP
     plan = StepPlan(step_id)
     next_block = first_block
     for i, (cached, new) in enumerate(batch):
         tokens = [(7 * i + j) % vocab_size for j in range(cached + new)]
         req = Request(f"p{step_id}-{i}", tokens, SamplingParams(max_tokens=1, ignore_eos=True), 0.0)
         req.num_computed_tokens = cached
-        nb = cdiv(cached + new, block_size)
-        ids = np.arange(next_block, next_block + cdiv(nb, group) * group)
+        ids = np.arange(next_block, next_block + _run_blocks(cached + new))
         if pool_blocks is not None:
             ids %= pool_blocks
         plan.scheduled.append(ScheduledRequest(req, new, cached, ids.tolist(), True))
@@ -281,9 +288,8 @@ def run_profile(
     axes = step_grid.fitted(max_len) if step_grid is not None else None
     shaped = grid_batches(axes) if axes is not None else {}
     batches = [*grid, *shaped.values()]
-    block_size = 16
-    group = KVCacheManager.GROUP  # _plan's runs are whole groups
-    max_blocks = max(sum(cdiv(cdiv(c + n, block_size), group) * group for c, n in batch) for batch in batches)
+    block_size = _BLOCK_SIZE  # _plan's
+    max_blocks = max(sum(_run_blocks(c + n) for c, n in batch) for batch in batches)
     pool_blocks = max(max_blocks, cdiv(max_len, block_size))
     model_executor = ModelExecutor(
         model_path,
