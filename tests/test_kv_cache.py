@@ -119,3 +119,69 @@ def test_check_integrity_catches_corruption() -> None:
     kv.pool.blocks[kv.block_ids("a")[0]].ref_cnt += 1
     with pytest.raises(AssertionError):
         kv.check_integrity()
+
+
+def _reference_take(pool: BlockPool, n: int, after: int | None) -> list[int]:
+    """Block groups' allocation rule, written plainly (one lookup per block): successors of `after`
+    while free and no younger than the LRU head (or hashless); else the head's range of its own free
+    batch, taken from its low end, at most what is still needed."""
+    free, out = pool._free, []
+    while len(out) < n:
+        if after is not None:
+            while len(out) < n:
+                nxt = free.get(after + 1)
+                head = free[next(iter(free))]
+                if nxt is None or (nxt.block_hash is not None and nxt.free_batch > head.free_batch):
+                    break
+                after += 1
+                del free[after]
+                out.append(after)
+            if len(out) == n:
+                break
+        head = start = next(iter(free))
+        while head - start + 1 < n - len(out) and (lower := free.get(start - 1)) is not None:
+            if lower.free_batch != free[head].free_batch:
+                break
+            start -= 1
+        for i in range(start, head + 1):
+            del free[i]
+        out.extend(range(start, head + 1))
+        after = head
+    return out
+
+
+def test_block_group_allocation_follows_its_rule_under_random_traffic() -> None:
+    """The pool's fast paths (ranges found in LRU order, windows doubling) hand out exactly the blocks
+    the plain rule does, through allocations, frees in any order, prefix hits and evictions."""
+    import copy
+    import random
+
+    rng = random.Random(7)
+    pool = BlockPool(256, contiguous=True)
+    held: list[list[int]] = []
+    for step in range(3000):
+        if held and (rng.random() < 0.45 or pool.num_free_blocks < 40):
+            ids = held.pop(rng.randrange(len(held)))
+            order = list(reversed(ids)) if rng.random() < 0.8 else rng.sample(ids, len(ids))
+            pool.free_ids(order)
+            continue
+        if rng.random() < 0.1 and pool._cached:  # a prefix hit revives a cached block
+            block = pool._cached[rng.choice(list(pool._cached))]
+            if block.ref_cnt == 0:
+                pool.touch([block])
+                held.append([block.block_id])
+                continue
+        n = rng.randint(1, min(40, pool.num_free_blocks))
+        after = held[-1][-1] if held and rng.random() < 0.5 else None
+        twin = copy.deepcopy(pool)
+        want = _reference_take(twin, n, after)
+        got = pool.allocate_ids(n, after)
+        assert got == want, f"step {step}"
+        for i in got:
+            if rng.random() < 0.7:
+                pool.cache(pool.blocks[i], ("h", step, i))
+        if after is not None and held:
+            held[-1].extend(got)
+        else:
+            held.append(got)
+    pool.check_integrity()

@@ -195,7 +195,8 @@ class MetricsStream:
     def add_request(self, req: Request) -> None:
         """`add(RequestMetrics.of(req))`, with the times between tokens taken as one array (no list of
         floats per request: the simulator's hot path at scale)."""
-        self.add(RequestMetrics.of(req, with_itl=False), np.diff(req.times.tokens))
+        times = np.frombuffer(req.times.tokens, dtype=float)
+        self.add(RequestMetrics.of(req, with_itl=False), times[1:] - times[:-1])
 
     def add(self, m: RequestMetrics, itl: np.ndarray | None = None) -> None:
         """One finished request's metrics; `itl`, when given, instead of `m.itl`."""

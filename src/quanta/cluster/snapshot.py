@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from array import array
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +66,7 @@ class RequestSnapshot:
         t.first_scheduled = None if t.first_scheduled is None else t.first_scheduled + dt
         t.first_token = None if t.first_token is None else t.first_token + dt
         t.finished = None if t.finished is None else t.finished + dt
-        t.tokens = [x + dt for x in t.tokens]
+        t.tokens = array("d", [x + dt for x in t.tokens])
 
     def to_request(self, clock_offset: float = 0.0) -> Request:
         """The request as the destination runs it (`clock_offset`: the destination clock's unix_offset)."""
@@ -101,4 +102,4 @@ def _copy(value: Any) -> Any:
 
 
 def _copy_times(t: RequestTimes) -> RequestTimes:
-    return RequestTimes(t.arrival, t.first_scheduled, t.first_token, list(t.tokens), t.finished)
+    return RequestTimes(t.arrival, t.first_scheduled, t.first_token, array("d", t.tokens), t.finished)

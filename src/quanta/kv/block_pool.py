@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 #   "sha256"  (the engine's default) a SHA-256 digest (bytes). Cryptographic, because whoever chooses
 #             prompts could otherwise craft two prefixes with one key and read another user's KV (the
 #             class of CVE-2025-25183, where Python's hash() keyed the chain).
-#   "tuple"   (the simulator's default) Python's built-in hash of the tuple (parent, ids...), an int. About
+#   "tuple"   (the simulator's default) Python's built-in hash of the tuple (parent, ids), an int. About
 #             10x cheaper per block, and deterministic across processes on one Python version (ints and
 #             tuples of ints are not salted by PYTHONHASHSEED; extra keys, which may hold strings, enter
 #             as an int derived from their SHA-256). 64 bits and not collision-resistant: for simulated
@@ -50,8 +51,8 @@ def hash_block(
 ) -> BlockHash:
     if algo == "tuple":
         if extra_keys:  # one element more: no block without extra keys has this shape
-            return hash((parent or 0, _extra_int(extra_keys), *token_ids))
-        return hash((parent or 0, *token_ids))
+            return hash((parent or 0, _extra_int(extra_keys), tuple(token_ids)))
+        return hash((parent or 0, tuple(token_ids)))
     n = len(token_ids)
     packer = _PACKERS.get(n)
     if packer is None:
@@ -78,13 +79,15 @@ def hash_chain(
     out: list[BlockHash] = []
     if algo == "tuple":
         prev_int = parent or 0
-        bs = block_size
+        append = out.append
+        # The blocks as tuples of block_size ids, cut by zip from one iterator (no slice per block).
+        blocks = zip(*[iter(token_ids)] * block_size)
         if extra_keys:
-            prev_int = hash((prev_int, _extra_int(extra_keys), *token_ids[:bs]))
-            out.append(prev_int)
-        for i in range(len(out) * bs, num_blocks * bs, bs):
-            prev_int = hash((prev_int, *token_ids[i : i + bs]))
-            out.append(prev_int)
+            prev_int = hash((prev_int, _extra_int(extra_keys), next(blocks)))
+            append(prev_int)
+        for block in itertools.islice(blocks, num_blocks - len(out)):
+            prev_int = hash((prev_int, block))
+            append(prev_int)
         return out
     n = num_blocks * block_size
     raw = struct.pack(f"<{n}q", *token_ids[:n])
@@ -161,56 +164,71 @@ class BlockPool:
 
     def allocate(self, n: int, after: int | None = None) -> list[KVBlock]:
         """n blocks, least recently freed first; with `contiguous`, continuing after block `after`."""
+        blocks = self.blocks
+        return [blocks[i] for i in self.allocate_ids(n, after)]
+
+    def allocate_ids(self, n: int, after: int | None = None) -> list[int]:
+        """`allocate`, as block ids (what block tables hold)."""
         free = self._free
         if n > len(free):
             raise RuntimeError(f"cannot allocate {n} blocks, {len(free)} free")
         if not self.contiguous:
-            out = [free.popitem(last=False)[1] for _ in range(n)]
+            out = [free.popitem(last=False)[0] for _ in range(n)]
         else:
-            out = []
-            pop = free.pop
-            get = free.get
-            while len(out) < n:
-                if after is not None:
-                    # Successors of `after` while they are free and keep LRU order: the list is in
-                    # free-batch order, so its head holds the oldest batch, and a successor as old as
-                    # the head keeps it (one without a hash evicts nothing, whatever its age).
-                    head = next(iter(free))
-                    head_batch = free[head].free_batch
-                    while len(out) < n:
-                        nxt = get(after + 1)
-                        if nxt is None or (nxt.block_hash is not None and nxt.free_batch > head_batch):
-                            break
-                        after += 1
-                        out.append(pop(after))
-                        if after == head and free:  # the head went: the next one is as old or younger
-                            head = next(iter(free))
-                            head_batch = free[head].free_batch
-                    if len(out) == n:
-                        break
-                # Requests free their blocks tail first, so the LRU block tops a range freed with it:
-                # start from the low end of that range (same age, so LRU order holds) and take the range
-                # up to the head in one go (each next block is a successor as old as the head).
-                head = start = next(iter(free))
-                batch = free[head].free_batch
-                left = n - len(out)
-                while head - start + 1 < left:
-                    lower = get(start - 1)
-                    if lower is None or lower.free_batch != batch:
-                        break
-                    start -= 1
-                out.extend([pop(b) for b in range(start, head + 1)])
-                after = head
-        cached, evicted = self._cached, self._evicted
-        for block in out:
-            if block.block_hash is not None:  # lazy eviction
-                del cached[block.block_hash]
+            out = self._take_contiguous(n, after)
+        blocks, cached, evicted = self.blocks, self._cached, self._evicted
+        for i in out:
+            block = blocks[i]
+            block_hash = block.block_hash
+            if block_hash is not None:  # lazy eviction
+                del cached[block_hash]
                 if evicted is not None:
-                    evicted.append(block.block_hash)
+                    evicted.append(block_hash)
                 block.block_hash = None
             block.ref_cnt = 1
         if evicted is not None:
             self._bound_log()
+        return out
+
+    def _take_contiguous(self, n: int, after: int | None) -> list[int]:
+        """Pop n free block ids for `allocate` with block groups, in the order they are handed out."""
+        free = self._free
+        out: list[int] = []
+        pop, get = free.pop, free.get
+        while len(out) < n:
+            if after is not None:
+                # Successors of `after` while they are free and keep LRU order: the list is in
+                # free-batch order, so its head holds the oldest batch, and a successor as old as
+                # the head keeps it (one without a hash evicts nothing, whatever its age).
+                head = next(iter(free))
+                head_batch = free[head].free_batch
+                while len(out) < n:
+                    nxt = get(after + 1)
+                    if nxt is None or (nxt.block_hash is not None and nxt.free_batch > head_batch):
+                        break
+                    after += 1
+                    pop(after)
+                    out.append(after)
+                    if after == head and free:  # the head went: the next one is as old or younger
+                        head = next(iter(free))
+                        head_batch = free[head].free_batch
+                if len(out) == n:
+                    break
+            # Requests free their blocks tail first, so the LRU block tops a range freed with it: start
+            # from the low end of that range (same age, so LRU order holds) and take the range up to the
+            # head in one go (each next block is a successor as old as the head).
+            head = start = next(iter(free))
+            batch = free[head].free_batch
+            left = n - len(out)
+            while head - start + 1 < left:
+                lower = get(start - 1)
+                if lower is None or lower.free_batch != batch:
+                    break
+                start -= 1
+            for i in range(start, head + 1):
+                pop(i)
+            out.extend(range(start, head + 1))
+            after = head
         return out
 
     def touch(self, blocks: Iterable[KVBlock]) -> None:
@@ -222,19 +240,20 @@ class BlockPool:
 
     def free(self, blocks: Iterable[KVBlock]) -> None:
         """Drop a reference; blocks reaching zero go to the back of the LRU list, in the given order."""
-        self._num_free_calls += 1
-        batch, free = self._num_free_calls, self._free
-        for block in blocks:
-            assert block.ref_cnt > 0, f"double free of block {block.block_id}"
-            block.ref_cnt -= 1
-            if block.ref_cnt == 0:
-                block.free_batch = batch
-                free[block.block_id] = block
+        self.free_ids([b.block_id for b in blocks])
 
     def free_ids(self, block_ids: Iterable[int]) -> None:
         """`free` of the blocks with these ids."""
-        blocks = self.blocks
-        self.free([blocks[i] for i in block_ids])
+        self._num_free_calls += 1
+        batch, free, blocks = self._num_free_calls, self._free, self.blocks
+        for i in block_ids:
+            block = blocks[i]
+            ref_cnt = block.ref_cnt - 1
+            assert ref_cnt >= 0, f"double free of block {i}"
+            block.ref_cnt = ref_cnt
+            if not ref_cnt:
+                block.free_batch = batch
+                free[i] = block
 
     def cache(self, block: KVBlock, block_hash: BlockHash) -> None:
         """Make a full block findable by its hash. A block with an equal twin already indexed stays private."""

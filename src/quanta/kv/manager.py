@@ -193,7 +193,7 @@ class KVCacheManager:
         blocks.extend(b.block_id for b in computed_blocks)
         if num_needed > 0:
             after = blocks[-1] if blocks else None
-            blocks.extend(b.block_id for b in self.pool.allocate(num_needed, after))
+            blocks.extend(self.pool.allocate_ids(num_needed, after))
         self._index_full_blocks(req, blocks, num_tokens)
         return True
 
@@ -249,11 +249,23 @@ class KVCacheManager:
             if j < num_steps:
                 events.append((max(j, 0), i))
         heapq.heapify(events)
+        hashes: dict[int, list[BlockHash]] = {}  # request index -> its chain, over the run's tokens
+        cache_blocks = self.pool.cache_blocks
         while events and events[0][0] < num_steps:
             j, i = events[0]
             req, num_tokens = reqs[i], start[i] + j + 1
             if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
-                self._index_full_blocks(req, tables[i], num_tokens)
+                # _index_full_blocks for the one block that fills, its hash computed once a run: the
+                # tokens of the whole run are appended already.
+                k = indexed.get(req.request_id, 0)
+                if num_tokens == (k + 1) * bs <= req.num_tokens:
+                    chain = hashes.get(i)
+                    if chain is None:
+                        chain = hashes[i] = self.block_hashes(req)
+                    cache_blocks(tables[i], chain, k, k + 1)
+                    indexed[req.request_id] = k + 1
+                else:
+                    self._index_full_blocks(req, tables[i], num_tokens)
             else:
                 req.num_computed_tokens = num_tokens - 1
                 ok = self.allocate_slots(req, 1)
@@ -309,7 +321,7 @@ class KVCacheManager:
             if not held:
                 del self.reserved[request_id]
             return False
-        held.extend(b.block_id for b in self.pool.allocate(need, held[-1] if held else None))
+        held.extend(self.pool.allocate_ids(need, held[-1] if held else None))
         return True
 
     def unreserve(self, request_id: str) -> None:
@@ -369,7 +381,7 @@ class KVCacheManager:
         assert req.request_id not in self.req_blocks
         self.pool.touch(hits)
         after = hits[-1].block_id if hits else None
-        copied = [b.block_id for b in self.pool.allocate(len(host) - len(hits), after)]
+        copied = self.pool.allocate_ids(len(host) - len(hits), after)
         self.req_blocks[req.request_id] = [b.block_id for b in hits] + copied
         self._num_indexed[req.request_id] = len(host)
         self.num_swap_in_hits += len(hits)
