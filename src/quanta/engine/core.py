@@ -6,7 +6,6 @@ both this class; nothing here knows which one it is.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -49,24 +48,38 @@ class StepOutput:
 @dataclass(slots=True)
 class DecodeRun:
     """Steps that provably repeat one plan (every running request decodes a token), priced but not yet
-    applied: `apply_decode_run` carries out any prefix of them. Requests may stop in the last step only."""
+    applied: `apply_decode_run` carries out any prefix of them. Requests may stop in the last step only.
+    Times stay arrays: a run is often cut short by an arrival, and only what is applied becomes floats."""
 
     token_id: int  # what every request samples, but in the last step
     last_tokens: dict[str, int]  # request id -> token sampled in the last step, where not token_id
-    durations: list[float]
-    starts: list[float]  # clock time each step begins
-    ends: list[float]
+    times: np.ndarray  # clock time each step begins, then the time the last one ends (len(run) + 1)
 
     def __len__(self) -> int:
-        return len(self.durations)
+        return len(self.times) - 1
+
+    @property
+    def starts(self) -> np.ndarray:
+        return self.times[:-1]
+
+    @property
+    def ends(self) -> np.ndarray:
+        return self.times[1:]
+
+    def start(self, k: int) -> float:
+        return float(self.times[k])
+
+    def end(self, k: int) -> float:
+        """When step k ends (k < 0 counts from the last)."""
+        return float(self.times[k + 1] if k >= 0 else self.times[k])
 
     def tail(self, k: int) -> DecodeRun:
         """The run from its step k on (once the first k are applied)."""
-        return DecodeRun(self.token_id, self.last_tokens, self.durations[k:], self.starts[k:], self.ends[k:])
+        return DecodeRun(self.token_id, self.last_tokens, self.times[k:])
 
     def steps_before(self, t: float) -> int:
         """Steps that begin before time t (an arrival at t is admitted before a step that begins at t)."""
-        return bisect.bisect_left(self.starts, t)
+        return int(np.searchsorted(self.starts, t, side="left"))
 
 
 class EngineCore:
@@ -195,8 +208,7 @@ class EngineCore:
             return None
         # The clock's own arithmetic, so that times match step() to the last bit: accumulate adds in
         # sequence (t0 + d0) + d1 ..., as VirtualClock.advance would.
-        times = np.add.accumulate(np.concatenate(([self.clock.now()], durations))).tolist()
-        return DecodeRun(token_id, last_tokens, durations.tolist(), times[:-1], times[1:])
+        return DecodeRun(token_id, last_tokens, np.add.accumulate(np.concatenate(([self.clock.now()], durations))))
 
     def apply_decode_run(self, run: DecodeRun, num_steps: int | None = None) -> list[Request]:
         """Carry out the first `num_steps` (default: all) steps of `run`, as `step` would have, but
@@ -205,12 +217,13 @@ class EngineCore:
         m = len(run) if num_steps is None else num_steps
         if m == 0:
             return []
-        assert self.clock.now() == run.starts[0], "the engine moved since the run was planned"
-        for d in run.durations[:m]:
-            self.clock.advance(d)
-        assert self.clock.now() == run.ends[m - 1]
+        assert self.clock.now() == run.times[0], "the engine moved since the run was planned"
+        times = run.times[: m + 1].tolist()
+        # The run's times are the clock's own sums (decode_run): moving it there is advancing it m times.
+        self.clock.wait_until(times[-1])
+        assert self.clock.now() == times[-1], "decode runs need a virtual clock"
         last = run.last_tokens if m == len(run) else None
-        finished = self.scheduler.apply_decode_run(run.token_id, run.starts[:m], run.ends[:m], last)
+        finished = self.scheduler.apply_decode_run(run.token_id, times[:-1], times[1:], last)
         self.num_steps += m
         if self.check_integrity:
             self.scheduler.check_integrity()

@@ -386,7 +386,7 @@ def _simulate(
         fresh[i] = False
         # A run is applied when its last step begins: that step may finish requests, and an arrival
         # after its start must see the replica's load without them, as step by step.
-        t = rep.run.starts[-1] if rep.run is not None else rep.core.clock.now()
+        t = rep.run.start(-1) if rep.run is not None else rep.core.clock.now()
         heapq.heappush(heap, (t, i, rep.version))
 
     def done(r: Request, t: float) -> None:
@@ -408,12 +408,12 @@ def _simulate(
         if m == len(run) and m > 1:
             # The last step may free blocks: record the usage before it too (the run's peak).
             rep.core.apply_decode_run(run, m - 1)
-            rep.usage.record(run.ends[m - 2], rep.core.kv.usage())
+            rep.usage.record(run.end(m - 2), rep.core.kv.usage())
             run, m = run.tail(m - 1), 1
         if m:
             for r in rep.core.apply_decode_run(run, m):
-                done(r, run.ends[m - 1])
-            rep.usage.record(run.ends[m - 1], rep.core.kv.usage())
+                done(r, run.end(m - 1))
+            rep.usage.record(run.end(m - 1), rep.core.kv.usage())
 
     def catch_up(i: int, t: float) -> None:
         """Apply the replica's planned steps that begin before t: it reads as step by step would at t."""
