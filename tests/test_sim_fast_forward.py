@@ -165,3 +165,32 @@ def test_a_run_applies_what_step_by_step_would() -> None:
         assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
         assert stepped.scheduler._step_id == jumped.scheduler._step_id
     assert not stepped.has_unfinished() and num_runs >= 2
+
+
+def test_decode_run_times() -> None:
+    """A run's steps begin at times[k] and end at times[k + 1]; negative k counts from the last step,
+    whose start is when the simulator applies the run (its stops must be seen from then on)."""
+    from quanta.engine.core import DecodeRun
+
+    run = DecodeRun(7, {}, np.array([1.0, 1.5, 2.25, 3.0]))
+    assert len(run) == 3
+    assert [run.start(k) for k in (0, 1, 2, -1, -3)] == [1.0, 1.5, 2.25, 2.25, 1.0]
+    assert [run.end(k) for k in (0, 2, -1, -3)] == [1.5, 3.0, 3.0, 1.5]
+    assert [run.steps_before(t) for t in (1.0, 1.2, 2.25, 2.3, 9.0)] == [0, 1, 2, 3, 3]
+    tail = run.tail(2)
+    assert len(tail) == 1 and tail.start(0) == 2.25 and tail.end(-1) == 3.0
+
+
+def test_least_load_sees_a_runs_stops_from_its_last_steps_start() -> None:
+    """Many replicas, dense arrivals, a router that reads load: arrivals land between a run's last step
+    start and end, where the requests stopping in that step no longer count."""
+    rng = np.random.default_rng(3)
+    w = [
+        WorkloadRequest(float(t), int(rng.integers(20, 400)), int(rng.integers(1, 60)))
+        for t in np.cumsum(rng.exponential(0.01, size=400))
+    ]
+    cfg = dict(policy="sarathi", replicas=6, router="least-load", max_model_len=4096)
+    model, gpu = get_model("llama-3.1-8b"), get_gpu("a100-80gb")
+    a = simulate(w, SimConfig(model, gpu, decode_runs=False, **cfg))
+    b = simulate(w, SimConfig(model, gpu, decode_runs=True, **cfg))
+    assert timeline(a) == timeline(b) and b.num_decode_runs > 0

@@ -67,7 +67,8 @@ class DecodeRun:
         return self.times[1:]
 
     def start(self, k: int) -> float:
-        return float(self.times[k])
+        """When step k begins (k < 0 counts from the last)."""
+        return float(self.times[k] if k >= 0 else self.times[k - 1])
 
     def end(self, k: int) -> float:
         """When step k ends (k < 0 counts from the last)."""
