@@ -205,6 +205,14 @@ def test_head_cuts_by_count_and_time_window() -> None:
         head(w, duration=0)
 
 
+def test_prompts_past_the_context_are_refused_with_the_fix() -> None:
+    w = [WorkloadRequest(0.0, 100, 4), WorkloadRequest(1.0, 5000, 4), WorkloadRequest(2.0, 4096, 4)]
+    with pytest.raises(
+        ValueError, match=r"2 requests .*\(4096\) tokens or more \(the longest: 5000\).*max_model_len"
+    ):
+        simulate(w, config(max_model_len=4096))
+
+
 def test_large_runs_stream_metrics_instead_of_keeping_requests() -> None:
     w = preset("sharegpt", 120, rate=3.0, seed=6, max_total=8192)
     kept = simulate(w, config(replicas=2))

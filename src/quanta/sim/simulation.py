@@ -321,10 +321,11 @@ def _simulate(
             )
     else:
         num_requests, first = len(workload), min((w.arrival for w in workload), default=0.0)
-        too_long = sum(1 for w in workload if w.prompt_len >= cfg.max_model_len)
+        too_long = [w.prompt_len for w in workload if w.prompt_len >= cfg.max_model_len]
         if too_long:
             raise ValueError(
-                f"{too_long} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+                f"{len(too_long)} requests have prompts of max_model_len ({cfg.max_model_len}) tokens or more"
+                f" (the longest: {max(too_long)}); a larger max_model_len (--max-model-len) replays them"
             )
     started = time.perf_counter()
     bar = tqdm(
