@@ -175,11 +175,15 @@ static void kernel(
   const int64_t split = nd >= 4 * at::get_num_threads() ? 1 : num_kv_heads;
   TORCH_CHECK(num_kv_heads % split == 0, "decode: head split");
   const int64_t heads_per_item = num_kv_heads / split, total = nd * split;
-  at::parallel_for(0, total, 1, [&](int64_t begin, int64_t end) {
+  // Items handed out one at a time, from the last request (the executor sorts decodes by context,
+  // ascending: longest first), so the threads finish together even when one of them is slowed.
+  std::atomic<int64_t> next_item{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     std::vector<float> buf_store(G * 256 + 16), scores, accs;
     float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf_store.data()) + 63) & ~uintptr_t(63));
-    for (int64_t it = begin; it < end; ++it) {
-      const int64_t item = it % 2 == 0 ? it / 2 : total - 1 - it / 2;  // zigzag, as decode_kernel
+    for (int64_t it; (it = next_item.fetch_add(1)) < total;) {
+      const int64_t item = total - 1 - it;
       const int64_t n = item / split, j0 = item % split * heads_per_item, nj = heads_per_item;
       const int64_t len = ctx_lens[n], padded = (len + 15) / 16 * 16, tiles = padded / 16;
       const int64_t* table = tables + n * max_blocks;
