@@ -221,3 +221,42 @@ def test_cpu_prefill_attention_kernel(dtype: torch.dtype, h: int, hkv: int, head
         keys, values = k_cache[blocks, :, pos % bs], v_cache[blocks, :, pos % bs]
         expected = reference(q[first : first + n], keys, values, ctx - n)
         torch.testing.assert_close(out[first : first + n].double(), expected, atol=tol, rtol=tol)
+
+
+# Contexts on and off the 16-key tiles and the block boundaries; the first three are the small batch.
+DECODE_CONTEXTS = [1, 16, 257, 17, 33, 100, 2, 15, 31, 32, 48, 64, 65, 7, 130, 160, 3, 9, 200, 1, 80]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "h,hkv,head_dim,bs",
+    [(9, 3, 64, 16), (4, 4, 128, 16), (8, 1, 64, 32), (16, 2, 128, 16), (6, 2, 40, 5)],
+    ids=["gqa3-d64", "mha-d128", "mqa-d64-bs32", "gqa8-d128", "gqa3-d40-bs5"],
+)
+@pytest.mark.parametrize("num_decodes", [3, 21])
+def test_cpu_decode_attention_kernel(
+    dtype: torch.dtype, h: int, hkv: int, head_dim: int, bs: int, num_decodes: int
+) -> None:
+    """paged_decode_attention against a float64 reference, q a strided view: few decodes (work split
+    by kv head) and many (a request's heads together).
+    bfloat16 with head size 64/128 and bs % 16 == 0 takes the AVX512-BF16 path where the CPU has it."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("C++ CPU kernels unavailable here")
+    g = torch.Generator().manual_seed(5)
+    lens = DECODE_CONTEXTS[:num_decodes]
+    nblocks = sum(-(-n // bs) for n in lens) + 3
+    k_cache = torch.randn(nblocks, hkv, bs, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(nblocks, hkv, bs, head_dim, generator=g).to(dtype)
+    tables = random_layout(nblocks, lens, bs, seed=6)
+    width = max(len(t) for t in tables)
+    table_t = torch.tensor([t + [0] * (width - len(t)) for t in tables])
+    qkv = (torch.randn(num_decodes, (h + 2 * hkv) * head_dim, generator=g) * 3).to(dtype)
+    q = qkv[:, : h * head_dim].view(num_decodes, h, head_dim)
+    out = kernels.paged_decode_attention(q, k_cache, v_cache, table_t, torch.tensor(lens), head_dim**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1.6e-2  # bfloat16: the output's rounding
+    for i, (n, table) in enumerate(zip(lens, tables, strict=True)):
+        pos = torch.arange(n)
+        blocks = torch.tensor(table)[pos // bs]
+        expected = reference(q[i : i + 1], k_cache[blocks, :, pos % bs], v_cache[blocks, :, pos % bs], n - 1)
+        torch.testing.assert_close(out[i : i + 1].double(), expected, atol=tol, rtol=tol)

@@ -119,6 +119,209 @@ static void decode_kernel(
   });
 }
 
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+// bfloat16 decode attention with AVX512-BF16, at the memory floor: the step's K and V are read once,
+// 16 keys at a time (bs % 16 == 0, so a tile never crosses a block). Scores: each K row (raw bf16)
+// meets the group's queries in vdpbf16ps (bf16 x bf16 products are exact in float32, sums in float32),
+// and a 16-row transpose-add tree turns 16 rows' partial sums into one vector of 16 scores, instead of
+// a horizontal reduction per (row, head). Softmax and the V accumulation are float32, as in
+// decode_kernel above; only the float32 summation order differs.
+namespace decode_bf16 {
+
+// v[16] (row r's partial sums in slot (r % 4) * 4 + r / 4) -> lane r = sum of row r's 16 lanes.
+static inline __m512 reduce16(const float* buf) {
+  __m512 w[8], x[4], y[2];
+  for (int i = 0; i < 8; ++i) {
+    const __m512 a = _mm512_load_ps(buf + 32 * i), b = _mm512_load_ps(buf + 32 * i + 16);
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x44), _mm512_shuffle_f32x4(a, b, 0xEE));
+  }
+  for (int i = 0; i < 4; ++i)
+    x[i] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * i], w[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    y[i] = _mm512_add_ps(_mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0x44),
+                         _mm512_shuffle_ps(x[2 * i], x[2 * i + 1], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_ps(y[0], y[1], 0x88), _mm512_shuffle_ps(y[0], y[1], 0xDD));
+}
+
+static inline int slot(int r) { return (r % 4) * 4 + r / 4; }
+
+#ifndef PREFETCH_TILES
+#define PREFETCH_TILES 2
+#endif
+
+static inline __m512 bf16x16_to_float(const uint16_t* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+
+// Row r's share of prefetching a 16-row tile of HD bf16 values per row: HD / 32 of its cache lines.
+template <int HD>
+static inline void prefetch_share(const char* tile, int r) {
+#pragma GCC unroll 4
+  for (int i = 0; i < HD / 32; ++i) _mm_prefetch(tile + (r * (HD / 32) + i) * 64, _MM_HINT_T0);
+}
+
+template <int HD, int G>
+static void kernel(
+    const uint16_t* q, const uint16_t* k_cache, const uint16_t* v_cache, const int64_t* tables,
+    const int64_t* ctx_lens, c10::BFloat16* out, int64_t nd, int64_t num_kv_heads, int64_t block_size,
+    int64_t max_blocks, float scale, int64_t q_stride) {
+  constexpr int QC = HD / 32, VC = HD / 16;  // 32 bf16 per q/k vector, 16 floats per v/acc vector
+  const int64_t num_heads = num_kv_heads * G;
+  // A work item is a request and a range of its kv heads: all of them when there are enough requests
+  // to keep the threads busy, so that a tile of every head, one contiguous piece of the block, is read
+  // in one go (the paged cache is [block, head, row, dim]); one head each otherwise.
+  const int64_t split = nd >= 4 * at::get_num_threads() ? 1 : num_kv_heads;
+  TORCH_CHECK(num_kv_heads % split == 0, "decode: head split");
+  const int64_t heads_per_item = num_kv_heads / split, total = nd * split;
+  // Items handed out one at a time, from the last request (the executor sorts decodes by context,
+  // ascending: longest first), so the threads finish together even when one of them is slowed.
+  std::atomic<int64_t> next_item{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> buf_store(G * 256 + 16), scores, accs;
+    float* buf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(buf_store.data()) + 63) & ~uintptr_t(63));
+    for (int64_t it; (it = next_item.fetch_add(1)) < total;) {
+      const int64_t item = total - 1 - it;
+      const int64_t n = item / split, j0 = item % split * heads_per_item, nj = heads_per_item;
+      const int64_t len = ctx_lens[n], padded = (len + 15) / 16 * 16, tiles = padded / 16;
+      const int64_t* table = tables + n * max_blocks;
+      // Tile t of heads j0 .. j0 + nj: nj * 16 rows, contiguous (bs % 16 == 0: a tile is in one block).
+      auto tile = [&](const uint16_t* cache, int64_t t) {
+        const int64_t t0 = 16 * t;
+        return cache + ((table[t0 / block_size] * num_kv_heads + j0) * block_size + t0 % block_size) * HD;
+      };
+      const int64_t head_stride = block_size * HD;  // between heads within a block
+      // The item reads its K tiles, then its V tiles: while reading tile i of that sequence, prefetch
+      // tile i + PREFETCH_TILES (DRAM latency spans several tiles), a share per row read.
+      const int64_t lines = nj * 16 * HD * 2 / 64;  // cache lines of one tile, all heads
+      auto ahead = [&](int64_t i) {
+        const int64_t a = std::min(i + PREFETCH_TILES, 2 * tiles - 1);
+        return reinterpret_cast<const char*>(a < tiles ? tile(k_cache, a) : tile(v_cache, a - tiles));
+      };
+      scores.resize(nj * G * padded);
+      const __m512 sc = _mm512_set1_ps(scale);
+      for (int64_t t = 0; t < tiles; ++t) {
+        const char* next = ahead(t);
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const uint16_t* k = tile(k_cache, t) + jj * head_stride;
+          const uint16_t* qh = q + n * q_stride + (j0 + jj) * G * HD;
+          __m512bh qv[G][QC];
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+            for (int c = 0; c < QC; ++c) qv[g][c] = (__m512bh)_mm512_loadu_si512(qh + g * HD + 32 * c);
+          // All 16 rows of the tile: rows past the context are in the block (finite, ignored below).
+#pragma GCC unroll 16
+          for (int r = 0; r < 16; ++r) {
+            const int64_t line = (jj * 16 + r) * lines / (nj * 16);
+            _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+            if (lines / (nj * 16) > 1) _mm_prefetch(next + 64 * (line + 1), _MM_HINT_T0);
+            __m512bh kv[QC];
+#pragma GCC unroll 4
+            for (int c = 0; c < QC; ++c) kv[c] = (__m512bh)_mm512_loadu_si512(k + r * HD + 32 * c);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) {
+              __m512 acc = _mm512_setzero_ps();
+#pragma GCC unroll 4
+              for (int c = 0; c < QC; ++c) acc = _mm512_dpbf16_ps(acc, qv[g][c], kv[c]);
+              _mm512_store_ps(buf + g * 256 + 16 * slot(r), acc);
+            }
+          }
+          for (int g = 0; g < G; ++g)
+            _mm512_storeu_ps(scores.data() + (jj * G + g) * padded + 16 * t, _mm512_mul_ps(reduce16(buf + g * 256), sc));
+        }
+      }
+      std::vector<float> inv(nj * G);
+      for (int64_t h = 0; h < nj * G; ++h) {
+        float* sg = scores.data() + h * padded;
+        float m = sg[0];
+        for (int64_t t = 1; t < len; ++t) m = sg[t] > m ? sg[t] : m;
+        float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = std::exp(sg[t] - m);
+          sum += sg[t];
+        }
+        inv[h] = 1.f / sum;
+      }
+      accs.assign(nj * G * HD, 0.f);
+      const float* sp = scores.data();
+      for (int64_t t = 0; t < tiles; ++t) {
+        const char* next = ahead(tiles + t);
+        const int rows = static_cast<int>(std::min<int64_t>(16, len - 16 * t));
+        for (int64_t jj = 0; jj < nj; ++jj) {
+          const uint16_t* v = tile(v_cache, t) + jj * head_stride;
+          float* ah = accs.data() + jj * G * HD;
+          __m512 acc[G][VC];
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+            for (int c = 0; c < VC; ++c) acc[g][c] = _mm512_loadu_ps(ah + g * HD + 16 * c);
+          for (int r = 0; r < rows; ++r) {
+            const int64_t line = (jj * 16 + r) * lines / (nj * 16);
+            _mm_prefetch(next + 64 * line, _MM_HINT_T0);
+            if (lines / (nj * 16) > 1) _mm_prefetch(next + 64 * (line + 1), _MM_HINT_T0);
+            __m512 vf[VC];
+#pragma GCC unroll 8
+            for (int c = 0; c < VC; ++c) vf[c] = bf16x16_to_float(v + r * HD + 16 * c);
+#pragma GCC unroll 8
+            for (int g = 0; g < G; ++g) {
+              const __m512 p = _mm512_set1_ps(sp[((jj * G) + g) * padded + 16 * t + r]);
+#pragma GCC unroll 8
+              for (int c = 0; c < VC; ++c) acc[g][c] = _mm512_fmadd_ps(p, vf[c], acc[g][c]);
+            }
+          }
+#pragma GCC unroll 8
+          for (int g = 0; g < G; ++g)
+#pragma GCC unroll 8
+            for (int c = 0; c < VC; ++c) _mm512_storeu_ps(ah + g * HD + 16 * c, acc[g][c]);
+        }
+      }
+      for (int64_t h = 0; h < nj * G; ++h) {
+        c10::BFloat16* dst = out + (n * num_heads + j0 * G + h) * HD;
+        for (int d = 0; d < HD; ++d) dst[d] = static_cast<c10::BFloat16>(accs[h * HD + d] * inv[h]);
+      }
+    }
+  });
+}
+
+template <int HD>
+static bool run_group(int64_t group, const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                      const torch::Tensor& tables, const torch::Tensor& lens, torch::Tensor& out, float scale) {
+  auto go = [&](auto kern) {
+    kern(reinterpret_cast<const uint16_t*>(q.data_ptr()), reinterpret_cast<const uint16_t*>(k_cache.data_ptr()),
+         reinterpret_cast<const uint16_t*>(v_cache.data_ptr()), tables.data_ptr<int64_t>(), lens.data_ptr<int64_t>(),
+         out.data_ptr<c10::BFloat16>(), q.size(0), k_cache.size(1), k_cache.size(2), tables.size(1), scale, q.stride(0));
+    return true;
+  };
+  switch (group) {
+    case 1: return go(kernel<HD, 1>);
+    case 2: return go(kernel<HD, 2>);
+    case 3: return go(kernel<HD, 3>);
+    case 4: return go(kernel<HD, 4>);
+    case 5: return go(kernel<HD, 5>);
+    case 6: return go(kernel<HD, 6>);
+    case 7: return go(kernel<HD, 7>);
+    case 8: return go(kernel<HD, 8>);
+    default: return false;
+  }
+}
+
+// True if the bf16 path ran (bf16, head size 64 or 128, block size a multiple of 16, group <= 8).
+static bool try_run(const torch::Tensor& q, const torch::Tensor& k_cache, const torch::Tensor& v_cache,
+                    const torch::Tensor& tables, const torch::Tensor& lens, torch::Tensor& out, float scale) {
+  if (q.scalar_type() != at::kBFloat16 || k_cache.size(2) % 16 != 0) return false;
+  const int64_t group = q.size(1) / k_cache.size(1);
+  if (q.size(2) == 64) return run_group<64>(group, q, k_cache, v_cache, tables, lens, out, scale);
+  if (q.size(2) == 128) return run_group<128>(group, q, k_cache, v_cache, tables, lens, out, scale);
+  return false;
+}
+
+}  // namespace decode_bf16
+#endif
+
 // q: [nd, H, D] with contiguous heads (rows may be strided: a view of the qkv projection). `out`, if
 // given, receives the result (e.g. the first rows of the layer's attention output), saving a copy.
 torch::Tensor paged_decode_attention(
@@ -136,6 +339,9 @@ torch::Tensor paged_decode_attention(
   const int64_t nd = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t num_kv_heads = k_cache.size(1), block_size = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  if (decode_bf16::try_run(q, k_cache, v_cache, tables, lens, out, static_cast<float>(scale))) return out;
+#endif
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode_attention", [&] {
     auto run = [&](auto kernel) {
       kernel(q.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
@@ -506,6 +712,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("write_kv", &write_kv, "new K/V rows into the paged caches");
   // q and k may be views into the fused qkv output (as with the Triton kernels).
   m.attr("ROTARY_TAKES_STRIDES") = true;
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+  m.attr("DECODE_BF16_VECTOR") = true;  // bf16 decode attention has the AVX512-BF16 path (tests report it)
+#else
+  m.attr("DECODE_BF16_VECTOR") = false;
+#endif
   m.def("rms_norm", &rms_norm, "RMSNorm, float32 inside");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
