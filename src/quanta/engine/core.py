@@ -68,11 +68,11 @@ class DecodeRun:
 
     def start(self, k: int) -> float:
         """When step k begins (k < 0 counts from the last)."""
-        return float(self.times[k] if k >= 0 else self.times[k - 1])
+        return float(self.starts[k])
 
     def end(self, k: int) -> float:
         """When step k ends (k < 0 counts from the last)."""
-        return float(self.times[k + 1] if k >= 0 else self.times[k])
+        return float(self.ends[k])
 
     def tail(self, k: int) -> DecodeRun:
         """The run from its step k on (once the first k are applied)."""

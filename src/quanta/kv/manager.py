@@ -249,23 +249,11 @@ class KVCacheManager:
             if j < num_steps:
                 events.append((max(j, 0), i))
         heapq.heapify(events)
-        hashes: dict[int, list[BlockHash]] = {}  # request index -> its chain, over the run's tokens
-        cache_blocks = self.pool.cache_blocks
         while events and events[0][0] < num_steps:
             j, i = events[0]
             req, num_tokens = reqs[i], start[i] + j + 1
             if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
-                # _index_full_blocks for the one block that fills, its hash computed once a run: the
-                # tokens of the whole run are appended already.
-                k = indexed.get(req.request_id, 0)
-                if num_tokens == (k + 1) * bs <= req.num_tokens:
-                    chain = hashes.get(i)
-                    if chain is None:
-                        chain = hashes[i] = self.block_hashes(req)
-                    cache_blocks(tables[i], chain, k, k + 1)
-                    indexed[req.request_id] = k + 1
-                else:
-                    self._index_full_blocks(req, tables[i], num_tokens)
+                self._index_full_blocks(req, tables[i], num_tokens)
             else:
                 req.num_computed_tokens = num_tokens - 1
                 ok = self.allocate_slots(req, 1)
