@@ -44,7 +44,7 @@ class EngineArgs:
     prefix_cache_per_tenant: bool = False  # prefix-cache hits only between requests of one tenant
     prefix_cache_hash: str = "sha256"  # CacheConfig.prefix_cache_hash
     seed: int = 0
-    cpu_kernels: bool = True  # C++ decode attention on CPU (compiled on first use); False: portable torch
+    cpu_kernels: bool = True  # C++ CPU kernels: decode attention, AMX linears (built on first use); False: torch
     attention_backend: str = "auto"  # torch | triton; auto: triton on CUDA, torch on CPU
     gpu_memory_utilization: float = 0.9  # CUDA: share of the card's memory for weights, activations and KV
     cuda_graphs: bool | None = None  # decode steps from CUDA graphs; None: on CUDA with the triton backend

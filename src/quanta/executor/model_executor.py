@@ -20,6 +20,7 @@ from quanta.kv.manager import cdiv
 from quanta.model.attention import SeqSlice
 from quanta.model.config import ModelConfig
 from quanta.model.cpu_kernels import cpu_kernels as load_cpu_kernels
+from quanta.model.cpu_linear import pack_linears
 from quanta.model.loader import load_model, resolve_dtype
 from quanta.model.sampler import Sampler, logprob_entries
 from quanta.sched.plan import ScheduledRequest, StepPlan
@@ -70,11 +71,13 @@ class ModelExecutor:
         elif attention_backend != "torch":
             raise ValueError(f"unknown attention backend {attention_backend!r}; choose auto, torch or triton")
         self.sampler = Sampler(self.device, seed)
-        if attention_backend == "torch" and cpu_kernels and self.device.type == "cpu":
-            kernels = load_cpu_kernels()
-            self.model.use_kernels(kernels)
-            if kernels is not None and hasattr(kernels, "argmax_rows"):
-                self.sampler.argmax = kernels.argmax_rows
+        if self.device.type == "cpu":
+            kernels = load_cpu_kernels() if cpu_kernels else None
+            pack_linears(self.model, kernels)
+            if attention_backend == "torch" and kernels is not None:
+                self.model.use_kernels(kernels)
+                if hasattr(kernels, "argmax_rows"):
+                    self.sampler.argmax = kernels.argmax_rows
         if cache_config.num_blocks is not None:
             num_blocks = cache_config.num_blocks
         elif self.device.type == "cuda":

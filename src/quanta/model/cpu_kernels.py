@@ -16,7 +16,7 @@ from types import ModuleType
 
 logger = logging.getLogger("quanta")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
+SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "amx_linear.cpp")]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
 
@@ -34,13 +34,18 @@ def _cpu_signature() -> str:
 def cpu_kernels() -> ModuleType | None:
     if os.environ.get("QUANTA_CPU_KERNELS", "1") == "0":
         return None
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_signature().encode())
+    code = b"".join(source.read_bytes() for source in SOURCES)
+    digest = hashlib.sha256(code + " ".join(CFLAGS).encode() + _cpu_signature().encode())
     name = f"quanta_cpu_kernels_{digest.hexdigest()[:12]}"
     try:
         from torch.utils.cpp_extension import load
 
         return load(
-            name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], verbose=False
+            name=name,
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=CFLAGS,
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
         )
     except Exception as e:  # a missing compiler or ninja surfaces as several exception types
         logger.warning(

@@ -9,7 +9,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quanta.model.config import ModelConfig, ModelLoadError
-from quanta.model.cpu_linear import pack_linears
 from quanta.model.llama import LlamaModel
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -120,12 +119,7 @@ def load_model(
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # Buffers (rotary tables) were created on the meta device: build them for real.
-    model.rotary = type(model.rotary)(cfg, max_positions)
-    model = model.to(device).eval()
-    if device.type == "cpu":
-        pack_linears(model)
-    return model
+    return model.to(device).eval()
 
 
 @torch.inference_mode()
@@ -147,8 +141,5 @@ def random_model(
             param.normal_(0.0, 0.02, generator=gen)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    model.rotary = type(model.rotary)(cfg, max_positions).to(device)
-    model = model.eval()
-    if device.type == "cpu":
-        pack_linears(model)
-    return model
+    model.rotary = type(model.rotary)(cfg, max_positions).to(device)  # to_empty wiped its tables
+    return model.eval()
