@@ -178,6 +178,28 @@ def test_cpu_argmax_rows_is_torch_argmax() -> None:
         assert torch.equal(kernels.argmax_rows(x), x.argmax(dim=-1)), v
 
 
+def test_cpu_silu_and_mul_is_torch_in_bfloat16() -> None:
+    """The vectorized bfloat16 silu_and_mul rounds as torch does for every finite bfloat16 gate value
+    (silu rounded to bfloat16, then the product): equal except gates below -87.3, where its silu is -0
+    instead of a value under 1e-36."""
+    kernels = cpu_kernels()
+    if kernels is None:
+        pytest.skip("C++ CPU kernels unavailable here")
+    gates = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gates = gates[torch.isfinite(gates.float())].reshape(1, -1)
+    g = torch.Generator().manual_seed(7)
+    for up in (torch.ones_like(gates), (torch.randn(gates.shape, generator=g) * 4).bfloat16()):
+        # Rows of odd width: the masked tail of each row.
+        for width in (gates.shape[1], 1531):
+            n = gates.shape[1] // width * width
+            gate_up = torch.cat([gates[:, :n].reshape(-1, width), up[:, :n].reshape(-1, width)], dim=1)
+            out = kernels.silu_and_mul(gate_up.contiguous()).float()
+            gate, u = gate_up.split(width, dim=-1)
+            expected = (torch.nn.functional.silu(gate) * u).float()
+            tiny = (out - expected).abs() < 1e-36 * u.float().abs().clamp(min=1.0)  # silu(g < -87.3)
+            assert torch.all((out == expected) | tiny)
+
+
 # (new tokens, context) per chunk: fresh prompts, chunks after earlier context, lengths that are and are
 # not multiples of the kernel's query and key tiles (8 and 16), one token after a long context.
 PREFILL_CHUNKS = [(1, 1), (7, 7), (8, 8), (33, 33), (16, 130), (9, 40), (1, 77), (150, 150), (24, 300)]
