@@ -198,6 +198,12 @@ def test_cpu_silu_and_mul_is_torch_in_bfloat16() -> None:
             expected = (torch.nn.functional.silu(gate) * u).float()
             tiny = (out - expected).abs() < 1e-36 * u.float().abs().clamp(min=1.0)  # silu(g < -87.3)
             assert torch.all((out == expected) | tiny)
+    # The scalar path (float32, float16) at the extremes: silu of a huge negative gate is 0, not g / e^80.
+    gate = torch.tensor([[-3e38, -1e6, -100.0, -88.0, -87.0, -50.0, -1.0, 0.0, 1.0, 50.0, 1e6, 3e38]])
+    gate_up = torch.cat([gate, torch.ones_like(gate)], dim=1)
+    torch.testing.assert_close(
+        kernels.silu_and_mul(gate_up), torch.nn.functional.silu(gate), atol=1e-30, rtol=1e-6
+    )
 
 
 # (new tokens, context) per chunk: fresh prompts, chunks after earlier context, lengths that are and are

@@ -721,8 +721,10 @@ torch::Tensor silu_and_mul(torch::Tensor gate_up) {
         to_float(gp + r * 2 * inter, g.data(), inter);
         to_float(gp + r * 2 * inter + inter, u.data(), inter);
         for (int64_t i = 0; i < inter; ++i) {
-          // exp's argument is capped: built with -ffast-math, infinities must not appear.
-          const float silu = round_to<scalar_t>(g[i] / (1.f + std::exp(std::min(-g[i], 80.f))));
+          // exp's argument is capped: built with -ffast-math, infinities must not appear. Below the cap
+          // silu is -0 (what g / inf gives), as in the bfloat16 path.
+          const float exact = g[i] / (1.f + std::exp(std::min(-g[i], 87.3f)));
+          const float silu = round_to<scalar_t>(g[i] < -87.3f ? -0.f : exact);
           op[r * inter + i] = static_cast<scalar_t>(silu * u[i]);
         }
       }
