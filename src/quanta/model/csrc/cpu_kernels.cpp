@@ -20,6 +20,11 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+
+// 16 bfloat16 bit patterns -> float32: the bits move to the upper half (exact).
+static inline __m512 bf16_bits_to_float(__m256i bits) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 #endif
 
 // Row of D values to float32. The bfloat16 case is a 16-bit shift, written so the compiler vectorizes it.
@@ -151,8 +156,7 @@ static inline int slot(int r) { return (r % 4) * 4 + r / 4; }
 #endif
 
 static inline __m512 bf16x16_to_float(const uint16_t* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  return bf16_bits_to_float(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 
 // Row r's share of prefetching a 16-row tile of HD bf16 values per row: HD / 32 of its cache lines.
@@ -671,17 +675,15 @@ static inline __m256i float16_to_bf16(__m512 x) {
 }
 
 static inline __m512 bf16_round(__m512 x) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(float16_to_bf16(x)), 16));
+  return bf16_bits_to_float(float16_to_bf16(x));
 }
 
 // One row of the bfloat16 case: silu rounded to bfloat16 before the product, as the scalar code.
 static void silu_and_mul_bf16_row(const uint16_t* gate, const uint16_t* up, uint16_t* out, int64_t n) {
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 g = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, gate + i)), 16));
-    const __m512 u = _mm512_castsi512_ps(
-        _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, up + i)), 16));
+    const __m512 g = bf16_bits_to_float(_mm256_maskz_loadu_epi16(m, gate + i));
+    const __m512 u = bf16_bits_to_float(_mm256_maskz_loadu_epi16(m, up + i));
     // exp(-g) stays finite up to -g = 87.3 (-ffast-math assumes no infinities); below that gate silu is
     // -0 (what g / inf gives), off by under 1e-36 from the exact value.
     const __m512 e = exp16(_mm512_min_ps(_mm512_sub_ps(_mm512_setzero_ps(), g), _mm512_set1_ps(87.3f)));
