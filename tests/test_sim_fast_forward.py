@@ -10,6 +10,7 @@ from quanta.config import CacheConfig, SchedulerConfig
 from quanta.engine.clock import VirtualClock
 from quanta.engine.core import EngineCore
 from quanta.executor.sim_executor import ConstantStepTime, SimExecutor
+from quanta.kv.manager import KVCacheManager
 from quanta.request import Request
 from quanta.sampling_params import SamplingParams
 from quanta.sim.hardware import get_gpu
@@ -122,9 +123,21 @@ def test_a_run_is_cut_by_an_arrival_routed_to_its_replica() -> None:
     assert timeline(a) == timeline(b) and b.num_decode_runs > 0
 
 
-def test_a_run_applies_what_step_by_step_would() -> None:
+@pytest.mark.parametrize("twins", [False, True])
+def test_a_run_applies_what_step_by_step_would(twins: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the engine level: a run of n steps leaves the engine as n step() calls do, KV blocks, prefix
-    index and free list included (4-token blocks: a block boundary every few steps)."""
+    index and free list included (4-token blocks: a block boundary every few steps). `twins`: the two
+    requests share their prompt, so their decodes fill blocks with equal hashes (only the first in step
+    order is indexed), and the run offers filled blocks to the index in step order; otherwise once per
+    request at the run's end."""
+    commute: list[bool] = []
+    fills_commute = KVCacheManager._fills_commute
+
+    def spy(self: KVCacheManager, reqs: list[Request], num_steps: int) -> bool:
+        commute.append(fills_commute(self, reqs, num_steps))
+        return commute[-1]
+
+    monkeypatch.setattr(KVCacheManager, "_fills_commute", spy)
 
     def engine() -> EngineCore:
         return EngineCore(
@@ -137,7 +150,7 @@ def test_a_run_applies_what_step_by_step_would() -> None:
 
     cores = [engine(), engine()]
     for core in cores:
-        for i, n in enumerate((9, 30)):
+        for i, n in enumerate((30, 30) if twins else (9, 30)):
             core.add_request(
                 Request(f"r{i}", list(range(3, 3 + n)), SamplingParams(max_tokens=None), 0.0, eos_token_ids=(2,))
             )
@@ -165,6 +178,8 @@ def test_a_run_applies_what_step_by_step_would() -> None:
         assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
         assert stepped.scheduler._step_id == jumped.scheduler._step_id
     assert not stepped.has_unfinished() and num_runs >= 2
+    # Twins fill equal blocks side by side (runs in step order); alone, r1 fills blocks of its own.
+    assert (False in commute) == twins and True in commute
 
 
 def test_decode_run_times() -> None:

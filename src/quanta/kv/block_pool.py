@@ -10,7 +10,7 @@ import functools
 import hashlib
 import itertools
 import struct
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -162,6 +162,10 @@ class BlockPool:
     def lookup(self, block_hash: BlockHash) -> KVBlock | None:
         return self._cached.get(block_hash) if self.enable_caching else None
 
+    def indexes_any(self, hashes: Iterable[BlockHash]) -> bool:
+        """Whether any of these hashes is in the prefix index."""
+        return not self._cached.keys().isdisjoint(hashes)
+
     def allocate(self, n: int, after: int | None = None) -> list[KVBlock]:
         """n blocks, least recently freed first; with `contiguous`, continuing after block `after`."""
         blocks = self.blocks
@@ -225,9 +229,9 @@ class BlockPool:
                 if lower is None or lower.free_batch != batch:
                     break
                 start -= 1
-            for i in range(start, head + 1):
-                pop(i)
-            out.extend(range(start, head + 1))
+            taken = range(start, head + 1)
+            deque(map(pop, taken), 0)  # pop each, looping in C
+            out.extend(taken)
             after = head
         return out
 

@@ -231,6 +231,26 @@ class KVCacheManager:
         bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
         start = [r.num_computed_tokens for r in reqs]
         tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
+        if caching and self._fills_commute(reqs, num_steps):
+            # Only the allocations keep their step order (they decide block ids, and evict); each
+            # request's filled blocks are offered to the index once, after its last step.
+            events = [(j, i) for i in range(len(reqs)) if (j := len(tables[i]) * bs - start[i]) < num_steps]
+            heapq.heapify(events)
+            while events:
+                j, i = events[0]
+                req = reqs[i]
+                req.num_computed_tokens = start[i] + j
+                ok = self.allocate_slots(req, 1)
+                assert ok, "a decode run was planned without room for its blocks"
+                req.num_computed_tokens = start[i]
+                j = len(tables[i]) * bs - start[i]
+                if j < num_steps:
+                    heapq.heapreplace(events, (j, i))
+                else:
+                    heapq.heappop(events)
+            for i, req in enumerate(reqs):
+                self._index_full_blocks(req, tables[i], start[i] + num_steps)
+            return
 
         def next_event(i: int, after: int) -> int:
             # First step > after at which step j's call (computing token start + j) is not a no-op.
@@ -260,6 +280,20 @@ class KVCacheManager:
                 assert ok, "a decode run was planned without room for its blocks"
                 req.num_computed_tokens = start[i]
             heapq.heapreplace(events, (next_event(i, j), i))
+
+    def _fills_commute(self, reqs: Sequence[Request], num_steps: int) -> bool:
+        """Whether offering the blocks that `num_steps` decode steps of `reqs` fill to the prefix index
+        gives the same index in any order, and whatever the run's allocations evict in between: no
+        filled block's hash is indexed already, and no two of them are equal. (Requests with identical
+        histories, e.g. parallel samples, fill equal blocks: the first in step order is indexed.)"""
+        bs, indexed = self.block_size, self._num_indexed
+        filled: list[BlockHash] = []
+        for req in reqs:
+            first = indexed.get(req.request_id, 0)
+            last = (req.num_computed_tokens + num_steps) // bs
+            if last > first:
+                filled.extend(self.block_hashes(req)[first:last])
+        return len(set(filled)) == len(filled) and not self.pool.indexes_any(filled)
 
     def _index_full_blocks(self, req: Request, blocks: list[int], num_tokens: int) -> None:
         """Offer full blocks to the prefix index as soon as they are scheduled.
