@@ -212,10 +212,13 @@ class EngineCore:
         # sequence (t0 + d0) + d1 ..., as VirtualClock.advance would.
         return DecodeRun(token_id, last_tokens, np.add.accumulate(np.concatenate(([self.clock.now()], durations))))
 
-    def apply_decode_run(self, run: DecodeRun, num_steps: int | None = None) -> list[Request]:
+    def apply_decode_run(
+        self, run: DecodeRun, num_steps: int | None = None, before_last_step: Callable[[], None] | None = None
+    ) -> list[Request]:
         """Carry out the first `num_steps` (default: all) steps of `run`, as `step` would have, but
         without building plans (step observers do not see them). Returns the requests that finished
-        (only in the run's last step)."""
+        (only in the run's last step). `before_last_step` is called where the KV pool reads as after the
+        step before the last one applied (its usage then: the run's peak)."""
         m = len(run) if num_steps is None else num_steps
         if m == 0:
             return []
@@ -226,7 +229,7 @@ class EngineCore:
         self.clock.wait_until(times[-1])
         assert self.clock.now() == times[-1], "decode runs need a virtual clock"
         last = run.last_tokens if m == len(run) else None
-        finished = self.scheduler.apply_decode_run(run.token_id, times[:-1], times[1:], last)
+        finished = self.scheduler.apply_decode_run(run.token_id, times[:-1], times[1:], last, before_last_step)
         self.num_steps += m
         if self.check_integrity:
             self.scheduler.check_integrity()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import heapq
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, check_hash_algo, hash_chain
@@ -222,15 +222,19 @@ class KVCacheManager:
             lo, hi = (mid, hi) if fits(mid) else (lo, mid)
         return lo
 
-    def decode_run(self, reqs: Sequence[Request], num_steps: int) -> None:
+    def decode_run(
+        self, reqs: Sequence[Request], num_steps: int, before_last_step: Callable[[], None] | None = None
+    ) -> None:
         """The KV bookkeeping of `num_steps` decode steps of `reqs`, as if each step called
         `allocate_slots(req, 1)` for them in order, but visiting only the steps where that call does
         something (takes a block, or offers a filled block to the prefix index). The run's tokens must be
         appended to the requests already; their num_computed_tokens is left as at the start.
-        `max_decode_run` must have allowed the run."""
+        `max_decode_run` must have allowed the run. `before_last_step` is called once the blocks of
+        every step but the last are taken (e.g. to read the pool's usage as step by step would have)."""
         bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
         start = [r.num_computed_tokens for r in reqs]
         tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
+        last = num_steps - 1 if before_last_step is not None else num_steps  # the step to call it before
         if caching and self._fills_commute(reqs, num_steps):
             # Only the allocations keep their step order (they decide block ids, and evict); each
             # request's filled blocks are offered to the index once, after its last step.
@@ -238,6 +242,9 @@ class KVCacheManager:
             heapq.heapify(events)
             while events:
                 j, i = events[0]
+                if j >= last:
+                    before_last_step()  # type: ignore[misc]
+                    last = num_steps
                 req = reqs[i]
                 req.num_computed_tokens = start[i] + j
                 ok = self.allocate_slots(req, 1)
@@ -248,6 +255,8 @@ class KVCacheManager:
                     heapq.heapreplace(events, (j, i))
                 else:
                     heapq.heappop(events)
+            if last < num_steps:
+                before_last_step()  # type: ignore[misc]
             for i, req in enumerate(reqs):
                 self._index_full_blocks(req, tables[i], start[i] + num_steps)
             return
@@ -271,6 +280,9 @@ class KVCacheManager:
         heapq.heapify(events)
         while events and events[0][0] < num_steps:
             j, i = events[0]
+            if j >= last:
+                before_last_step()  # type: ignore[misc]
+                last = num_steps
             req, num_tokens = reqs[i], start[i] + j + 1
             if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
                 self._index_full_blocks(req, tables[i], num_tokens)
@@ -280,6 +292,8 @@ class KVCacheManager:
                 assert ok, "a decode run was planned without room for its blocks"
                 req.num_computed_tokens = start[i]
             heapq.heapreplace(events, (next_event(i, j), i))
+        if last < num_steps:
+            before_last_step()  # type: ignore[misc]
 
     def _fills_commute(self, reqs: Sequence[Request], num_steps: int) -> bool:
         """Whether offering the blocks that `num_steps` decode steps of `reqs` fill to the prefix index

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from quanta.config import SchedulerConfig
@@ -512,12 +512,14 @@ class Scheduler:
         starts: Sequence[float],
         ends: Sequence[float],
         last_tokens: Mapping[str, int] | None = None,
+        before_last_step: Callable[[], None] | None = None,
     ) -> list[Request]:
         """Carry out `len(ends)` steps that `decode_run` allowed, with the given start and end clock times,
         every request sampling `token_id` but in the last step `last_tokens` (request id -> token, where
         it differs): what as many schedule/update rounds would do, token for token (timestamps, KV
         blocks, prefix index, step ids, stops). Returns the requests that stopped in the last step.
-        Requests that finished reach the executor with the next plan."""
+        Requests that finished reach the executor with the next plan. `before_last_step` is called where
+        the KV pool reads as after the step before the last (see KVCacheManager.decode_run)."""
         m = len(ends)
         assert 0 < m == len(starts)
         tokens = [token_id] * m
@@ -533,7 +535,7 @@ class Scheduler:
             if times.first_token is None:  # a prompt whose last token was left for this step
                 times.first_token = ends[0]
             times.tokens.extend(ends)
-        self.kv.decode_run(running, m)
+        self.kv.decode_run(running, m, before_last_step)
         for req in running:
             req.num_computed_tokens += m
         self._step_id += m

@@ -406,13 +406,14 @@ def _simulate(
         m = len(run) if num_steps is None else num_steps
         steps += m
         computed += m * len(rep.core.scheduler.running)  # every running request decodes in each step
-        if m == len(run) and m > 1:
-            # The last step may free blocks: record the usage before it too (the run's peak).
-            rep.core.apply_decode_run(run, m - 1)
-            rep.usage.record(run.end(m - 2), rep.core.kv.usage())
-            run, m = run.tail(m - 1), 1
         if m:
-            for r in rep.core.apply_decode_run(run, m):
+            peak = None
+            if m == len(run) and m > 1:
+                # The last step may free blocks: record the usage before it too (the run's peak).
+                def peak() -> None:
+                    rep.usage.record(run.end(m - 2), rep.core.kv.usage())
+
+            for r in rep.core.apply_decode_run(run, m, peak):
                 done(r, run.end(m - 1))
             rep.usage.record(run.end(m - 1), rep.core.kv.usage())
 
