@@ -126,6 +126,11 @@ def test_round_robin_skips_draining_instances() -> None:
     assert [dispatch(rr, view, make_request(f"a{i}", 4, 1)) for i in range(4)] == [0, 1, 2, 0]
     view.drain(1)
     assert [dispatch(rr, view, make_request(f"b{i}", 4, 1)) for i in range(3)] == [2, 0, 2]
+    # Instances that come and go after the view listed its ids.
+    view.update(cores(1)[0].instance_state(3))
+    assert view.dispatchable() == [0, 2, 3] and view.instance_ids == [0, 1, 2, 3]
+    view.remove(0)
+    assert view.dispatchable() == [2, 3] and view.instance_ids == [1, 2, 3]
 
 
 def test_freeness_router_prefers_free_memory() -> None:

@@ -40,6 +40,7 @@ class ClusterView:
         self.draining: set[int] = set()
         self.migrations: dict[str, tuple[int, int]] = {}  # request id -> (source, destination), in flight
         self.num_dispatched = 0
+        self._ids: list[int] | None = None  # sorted(self._states), kept until an instance comes or goes
 
     # ---- instances --------------------------------------------------------------------------------
     def update(self, state: InstanceState) -> None:
@@ -50,6 +51,8 @@ class ClusterView:
         pending = self._pending.setdefault(i, deque())
         while pending and pending[0].seq <= state.num_added:
             pending.popleft()
+        if i not in self._states:
+            self._ids = None
         self._states[i] = state
         self.prefix.update(state)
         self._effective.pop(i, None)
@@ -58,6 +61,7 @@ class ClusterView:
         """The instance is gone (it died, or finished draining)."""
         for d in (self._states, self._pending, self._sent, self._effective):
             d.pop(instance_id, None)
+        self._ids = None
         self.draining.discard(instance_id)
         self.prefix.remove(instance_id)
 
@@ -68,11 +72,14 @@ class ClusterView:
 
     @property
     def instance_ids(self) -> list[int]:
-        return sorted(self._states)
+        if self._ids is None:
+            self._ids = sorted(self._states)
+        return list(self._ids)
 
     def dispatchable(self) -> list[int]:
         """Instances that take new requests (not draining), in id order."""
-        return [i for i in sorted(self._states) if i not in self.draining]
+        ids = self.instance_ids
+        return [i for i in ids if i not in self.draining] if self.draining else ids
 
     def busy(self) -> set[int]:
         """Instances in a migration (either side): at most one at a time each."""
