@@ -234,7 +234,14 @@ class KVCacheManager:
         bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
         start = [r.num_computed_tokens for r in reqs]
         tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
-        last = num_steps - 1 if before_last_step is not None else num_steps  # the step to call it before
+        hook_at = num_steps - 1 if before_last_step is not None else num_steps + 1  # + 1: never
+
+        def reach(j: int) -> None:  # the events of step j come next (j = num_steps: the run is done)
+            nonlocal hook_at
+            if j >= hook_at:
+                before_last_step()  # type: ignore[misc]
+                hook_at = num_steps + 1
+
         if caching and self._fills_commute(reqs, num_steps):
             # Only the allocations keep their step order (they decide block ids, and evict); each
             # request's filled blocks are offered to the index once, after its last step.
@@ -242,9 +249,7 @@ class KVCacheManager:
             heapq.heapify(events)
             while events:
                 j, i = events[0]
-                if j >= last:
-                    before_last_step()  # type: ignore[misc]
-                    last = num_steps
+                reach(j)
                 req = reqs[i]
                 req.num_computed_tokens = start[i] + j
                 ok = self.allocate_slots(req, 1)
@@ -255,8 +260,7 @@ class KVCacheManager:
                     heapq.heapreplace(events, (j, i))
                 else:
                     heapq.heappop(events)
-            if last < num_steps:
-                before_last_step()  # type: ignore[misc]
+            reach(num_steps)
             for i, req in enumerate(reqs):
                 self._index_full_blocks(req, tables[i], start[i] + num_steps)
             return
@@ -280,9 +284,7 @@ class KVCacheManager:
         heapq.heapify(events)
         while events and events[0][0] < num_steps:
             j, i = events[0]
-            if j >= last:
-                before_last_step()  # type: ignore[misc]
-                last = num_steps
+            reach(j)
             req, num_tokens = reqs[i], start[i] + j + 1
             if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
                 self._index_full_blocks(req, tables[i], num_tokens)
@@ -292,8 +294,7 @@ class KVCacheManager:
                 assert ok, "a decode run was planned without room for its blocks"
                 req.num_computed_tokens = start[i]
             heapq.heapreplace(events, (next_event(i, j), i))
-        if last < num_steps:
-            before_last_step()  # type: ignore[misc]
+        reach(num_steps)
 
     def _fills_commute(self, reqs: Sequence[Request], num_steps: int) -> bool:
         """Whether offering the blocks that `num_steps` decode steps of `reqs` fill to the prefix index
