@@ -134,7 +134,10 @@ def run_once(python: str, args: list[str], out: Path, timeout: float) -> dict:
         return {"ok": False, "error": res.get("error") or " | ".join(tail)[:500]}
     n = res["num_requests"]
     res["startup_plus_run_wall_seconds"] = res["setup_wall_seconds"] + res["run_wall_seconds"]
-    res["startup_plus_run_cpu_seconds"] = res["setup_cpu_seconds"] + res["run_cpu_seconds"]
+    # The predictor training's worker processes count in the setup (reaped at its end).
+    res["startup_plus_run_cpu_seconds"] = (
+        res["setup_cpu_seconds"] + res.get("children_cpu_seconds", 0.0) + res["run_cpu_seconds"]
+    )
     res["requests_per_wall_second"] = n / res["startup_plus_run_wall_seconds"]
     res["requests_per_cpu_second"] = n / res["startup_plus_run_cpu_seconds"]
     res["run_requests_per_wall_second"] = n / res["run_wall_seconds"]

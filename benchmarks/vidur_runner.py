@@ -105,6 +105,18 @@ def phase(fn: Callable[[], T]) -> tuple[T, float, float]:
     return value, time.perf_counter() - wall, time.process_time() - cpu
 
 
+def reap_workers() -> None:
+    """Shut down joblib's reusable worker processes (Vidur's predictor training fans out to them): they
+    stay alive for reuse, and their CPU time counts in RUSAGE_CHILDREN only once they exit."""
+    try:
+        from joblib.externals.loky import reusable_executor
+    except ImportError:
+        return
+    executor = getattr(reusable_executor, "_executor", None)
+    if executor is not None:
+        executor.shutdown(wait=True)
+
+
 def request_metrics(out_dir: Path) -> dict:
     """Medians and p99s of Vidur's request metrics (seconds), from the request_metrics.csv it wrote."""
     files = sorted(out_dir.rglob("request_metrics.csv"))
@@ -182,6 +194,7 @@ def main() -> None:
         config = SimulationConfig.create_from_cli_args()
         set_seeds(config.seed)
         sim, setup_wall, setup_cpu = phase(lambda: Simulator(config))
+        reap_workers()
         atexit.unregister(sim._write_output)  # written (and timed) below instead
         _, run_wall, run_cpu = phase(sim.run)
         _, out_wall, out_cpu = phase(sim._write_output)
@@ -204,7 +217,7 @@ def main() -> None:
         run_cpu_seconds=run_cpu,
         output_wall_seconds=out_wall,
         output_cpu_seconds=out_cpu,
-        # Training fans out to joblib worker processes: their CPU is only counted once they are reaped.
+        # Training fans out to joblib worker processes (reaped after the setup: their CPU is the setup's).
         children_cpu_seconds=children.ru_utime + children.ru_stime,
         peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         cached_predictors_after=len(list(a.cache_dir.glob("*.pkl"))),

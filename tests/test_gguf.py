@@ -254,3 +254,33 @@ def test_server_serves_the_default_model_to_the_openai_client(smollm2_gguf: Path
         assert reply.choices[0].finish_reason == "stop"
     finally:
         server.stop()
+
+
+def test_auto_dtype_is_float32_on_a_cpu_without_bfloat16(
+    llama_f32_gguf: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--dtype auto` keeps a model's half-precision dtype where it computes fast (a GPU, a CPU with
+    bfloat16 arithmetic), and loads float32 on a CPU that would emulate it, unless float32 weights would
+    take more than half of the memory."""
+    from quanta.model import loader
+
+    small = lambda: 10**6  # noqa: E731
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
+    assert loader.auto_dtype("bfloat16", "cpu", small) == "bfloat16"
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: False)
+    assert loader.auto_dtype("bfloat16", "cpu", small) == "float32"
+    assert loader.auto_dtype("float16", "cpu", small) == "float32"
+    assert loader.auto_dtype("bfloat16", "cuda", small) == "bfloat16"
+    assert loader.auto_dtype("float32", "cpu", small) == "float32"
+    assert loader.auto_dtype("int8", "cpu", small) == "float32"  # an unknown config dtype, as before
+    monkeypatch.setattr(loader, "physical_memory", lambda: 6 * 10**6)
+    assert loader.auto_dtype("bfloat16", "cpu", small) == "bfloat16"  # 4 MB of float32 > half of 6 MB
+    monkeypatch.setattr(loader, "physical_memory", lambda: 1 << 40)
+    # A GGUF file's folder and the loaded model follow the same rule.
+    folder = loader.model_path(llama_f32_gguf, "auto", "cpu")
+    assert folder == model_folder(llama_f32_gguf, "float32")
+    assert loader.resolve_dtype("auto", ModelConfig.from_folder(folder), "cpu") == torch.float32
+    monkeypatch.setattr(loader, "cpu_has_bf16", lambda: True)
+    folder = loader.model_path(llama_f32_gguf, "auto", "cpu")
+    assert folder == model_folder(llama_f32_gguf, "bfloat16")
+    assert loader.resolve_dtype("auto", ModelConfig.from_folder(folder), "cpu") == torch.bfloat16

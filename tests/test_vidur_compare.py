@@ -153,6 +153,9 @@ def test_real_vidur_runs_the_trace_and_reuses_its_predictor_cache(tmp_path: Path
     assert res["ok"], res.get("error")
     first, cached = res["runs"]["first"], res["runs"]["cached"]
     assert first["cached_predictors_before"] == 0 and cached["cached_predictors_before"] > 0
+    # Training's worker processes are reaped after the setup, so their CPU time counts in the first run.
+    assert first["children_cpu_seconds"] > 0
+    assert first["startup_plus_run_cpu_seconds"] > first["setup_cpu_seconds"] + first["run_cpu_seconds"]
     # The same simulation on the cached predictors: every request, the same latencies.
     assert first["num_requests_with_metrics"] == cached["num_requests_with_metrics"] == 40
     assert first["e2e_p50"] == cached["e2e_p50"] > 0

@@ -281,7 +281,7 @@ def run_profile(
     from quanta.model.config import ModelConfig
     from quanta.model.loader import model_path as resolve_model_path
 
-    model_path = resolve_model_path(model_path, dtype)
+    model_path = resolve_model_path(model_path, dtype, device)
     cfg = ModelConfig.from_folder(model_path)
     max_len = min(cfg.max_position_embeddings, 2048)
     grid = grid or default_grid(max_len)

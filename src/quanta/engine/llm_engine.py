@@ -97,7 +97,7 @@ class EngineFrontend(ABC):
         if args.model is None:
             args = dataclasses.replace(args, model=default_model())
         self.args = args
-        self.model_dir = model_path(args.model, args.dtype)
+        self.model_dir = model_path(args.model, args.dtype, args.device)
         self.model_config = ModelConfig.from_folder(self.model_dir)
         self.tokenizer = Tokenizer(self.model_dir)
         self.eos_token_ids = tuple(self.model_config.eos_token_ids) or (

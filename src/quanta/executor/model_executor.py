@@ -53,7 +53,7 @@ class ModelExecutor:
         self.device = check_device(device)
         if attention_backend == "triton" and self.device.type != "cuda" and not triton_interpreted():
             raise ValueError("the triton attention backend needs a CUDA device (or TRITON_INTERPRET=1, for tests)")
-        self.dtype = resolve_dtype(dtype, cfg)
+        self.dtype = resolve_dtype(dtype, cfg, self.device)
         self.block_size = bs = cache_config.block_size
         self.model = load_model(
             model_path, cfg, self.dtype, self.device, bs, max_positions=max_model_len, dummy=load_format == "dummy"
