@@ -29,8 +29,8 @@ def resolve_dtype(name: str, cfg: ModelConfig, device: str | torch.device = "cpu
 def auto_dtype(model_dtype: str, device: str | torch.device, num_params: Callable[[], int]) -> str:
     """What `--dtype auto` loads: the model's own dtype, but float32 on a CPU without bfloat16 arithmetic
     when float32 weights take at most half of the memory. There torch emulates half-precision matmuls,
-    several times slower than float32 (an AVX2 VM: 5 against 31 GFLOP/s at prefill sizes, and decode 1.6x
-    slower end to end)."""
+    several times slower than float32 (an AVX2 VM: 5 against 31 GFLOP/s at prefill sizes, and generating
+    1.6x slower end to end)."""
     name = model_dtype if model_dtype in DTYPES else "float32"
     try:
         on_cpu = torch.device(device).type == "cpu"

@@ -407,12 +407,8 @@ def _simulate(
         steps += m
         computed += m * len(rep.core.scheduler.running)  # every running request decodes in each step
         if m:
-            peak = None
-            if m == len(run) and m > 1:
-                # The last step may free blocks: record the usage before it too (the run's peak).
-                def peak() -> None:
-                    rep.usage.record(run.end(m - 2), rep.core.kv.usage())
-
+            # The last step may free blocks: record the usage before it too (the run's peak).
+            peak = (lambda: rep.usage.record(run.end(m - 2), rep.core.kv.usage())) if m == len(run) > 1 else None
             for r in rep.core.apply_decode_run(run, m, peak):
                 done(r, run.end(m - 1))
             rep.usage.record(run.end(m - 1), rep.core.kv.usage())
