@@ -10,7 +10,6 @@ step costs on a core of its own; on a machine shared with other jobs, wall time 
 from __future__ import annotations
 
 import itertools
-import os
 import statistics
 import time
 from collections.abc import Callable
@@ -49,6 +48,8 @@ def measure_device(device: str, dtype: object) -> tuple[float, float, float]:
     """Matmul FLOP/s in the model dtype, copy bandwidth (bytes/s) and memory size of the device."""
     import torch
 
+    from quanta.model.loader import physical_memory
+
     dev = torch.device(device)
     n = 2048
     a = torch.randn(n, n, device=dev).to(dtype)
@@ -72,7 +73,7 @@ def measure_device(device: str, dtype: object) -> tuple[float, float, float]:
     if dev.type == "cuda":
         mem = float(torch.cuda.get_device_properties(dev).total_memory)
     else:
-        mem = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+        mem = float(physical_memory())
     return flops, bandwidth, mem
 
 

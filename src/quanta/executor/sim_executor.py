@@ -149,15 +149,7 @@ class SimExecutor:
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:
             self.plans.append(plan)
-        sampled = {}
-        lengths, token_id = self.output_lengths, self.token_id
-        for s in plan.scheduled:
-            if s.sample:
-                req = s.request
-                n = lengths.get(req.request_id)  # _next_token, inline (once per sampled row)
-                sampled[req.request_id] = (
-                    token_id if n is None or req.num_output_tokens + 1 < n else self._next_token(req)
-                )
+        sampled = {s.request.request_id: self._next_token(s.request) for s in plan.scheduled if s.sample}
         elapsed = self._copy_time(plan.swap_out)
         if plan.swap_in_ids:
             self._swap_ins.append([plan.swap_in_ids, self._copy_time(plan.swap_in)])

@@ -242,6 +242,13 @@ class KVCacheManager:
                 before_last_step()  # type: ignore[misc]
                 hook_at = num_steps + 1
 
+        def take_block(i: int, j: int) -> None:  # step j's allocate_slots(reqs[i], 1), which takes a block
+            req = reqs[i]
+            req.num_computed_tokens = start[i] + j
+            ok = self.allocate_slots(req, 1)
+            assert ok, "a decode run was planned without room for its blocks"
+            req.num_computed_tokens = start[i]
+
         if caching and self._fills_commute(reqs, num_steps):
             # Only the allocations keep their step order (they decide block ids, and evict); each
             # request's filled blocks are offered to the index once, after its last step.
@@ -250,11 +257,7 @@ class KVCacheManager:
             while events:
                 j, i = events[0]
                 reach(j)
-                req = reqs[i]
-                req.num_computed_tokens = start[i] + j
-                ok = self.allocate_slots(req, 1)
-                assert ok, "a decode run was planned without room for its blocks"
-                req.num_computed_tokens = start[i]
+                take_block(i, j)
                 j = len(tables[i]) * bs - start[i]
                 if j < num_steps:
                     heapq.heapreplace(events, (j, i))
@@ -289,10 +292,7 @@ class KVCacheManager:
             if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
                 self._index_full_blocks(req, tables[i], num_tokens)
             else:
-                req.num_computed_tokens = num_tokens - 1
-                ok = self.allocate_slots(req, 1)
-                assert ok, "a decode run was planned without room for its blocks"
-                req.num_computed_tokens = start[i]
+                take_block(i, j)
             heapq.heapreplace(events, (next_event(i, j), i))
         reach(num_steps)
 

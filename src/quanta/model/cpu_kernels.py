@@ -20,14 +20,21 @@ SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp",
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
 
-def _cpu_signature() -> str:
-    """-march=native code must not be reused on another CPU: the build name carries the CPU's flags."""
+@cache
+def cpuinfo_flags() -> str | None:
+    """The CPU's feature line in Linux's /proc/cpuinfo (x86 "flags", Arm "Features"; "" when it has
+    none), None where it cannot be read."""
     try:
         info = Path("/proc/cpuinfo").read_text()
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
     except OSError:
-        flags = platform.processor()
-    return flags
+        return None
+    return next((line for line in info.splitlines() if line.startswith(("flags", "Features"))), "")
+
+
+def _cpu_signature() -> str:
+    """-march=native code must not be reused on another CPU: the build name carries the CPU's flags."""
+    flags = cpuinfo_flags()
+    return platform.processor() if flags is None else flags
 
 
 @cache

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -44,18 +43,15 @@ def auto_dtype(model_dtype: str, device: str | torch.device, num_params: Callabl
     return "float32"
 
 
-@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU computes in bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, Arm BF16), read from
     Linux's /proc/cpuinfo; elsewhere it is taken to (the choice made before this was known)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    from quanta.model.cpu_kernels import cpuinfo_flags
+
+    flags = cpuinfo_flags()
+    if not flags:
         return True
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(line.partition(":")[2].split()))
-    return True
+    return bool({"avx512_bf16", "amx_bf16", "bf16"} & set(flags.partition(":")[2].split()))
 
 
 def physical_memory() -> int:

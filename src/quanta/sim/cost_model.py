@@ -162,17 +162,8 @@ class CostModel:
         )
 
     def plan_time(self, plan: StepPlan) -> float:
-        if not plan.scheduled:
-            return 0.0
-        # _totals over the plan in one pass (exact integer sums: the same totals, the same time).
-        tokens = pairs = kv_tokens = num_sampled = 0
-        for s in plan.scheduled:
-            c, n = s.num_computed_tokens, s.num_new_tokens
-            tokens += n
-            pairs += n * c + n * (n + 1) // 2
-            kv_tokens += c + n
-            num_sampled += s.sample
-        return self._cost(tokens, pairs, kv_tokens, num_sampled).total
+        batch = [(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled]
+        return self.step_cost(batch, sum(1 for s in plan.scheduled if s.sample)).total
 
 
 def _totals(batch: list[tuple[int, int]]) -> tuple[int, int, int]:
