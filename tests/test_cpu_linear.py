@@ -1,4 +1,4 @@
-"""Prepacked CPU linears (AMX kernel, oneDNN) against a float64 reference."""
+"""Prepacked CPU linears (AMX and AVX512-BF16 kernels, oneDNN) against a float64 reference."""
 
 from __future__ import annotations
 
@@ -6,18 +6,34 @@ from types import ModuleType
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quanta.model.cpu_kernels import cpu_kernels
-from quanta.model.cpu_linear import AMXLinear, PackedLinear, pack_linears
+from quanta.model.cpu_linear import AMXLinear, AVX512BF16Linear, PackedLinear, matching_chains, pack_linears
+
+# Both kernels take amx_pack's layout: name -> (whether it runs here, the linear, its layer's maker, why not).
+KERNELS = {
+    "amx": ("amx_available", "amx_linear", AMXLinear, "this CPU (or its OS) has no AMX bfloat16 tiles"),
+    "avx512_bf16": (
+        "avx512_bf16_linear_available",
+        "avx512_bf16_linear",
+        # Any chain length rounds once from float32 sums; where no length follows F.linear, one chain.
+        lambda linear, kernels: AVX512BF16Linear(
+            linear, kernels, matching_chains(linear, kernels) or (0, 0), keep_onednn=False
+        ),
+        "this CPU has no AVX512-BF16",
+    ),
+}
 
 
-def amx_kernels() -> ModuleType:
+def linear_kernels(kind: str) -> ModuleType:
     kernels = cpu_kernels()
     if kernels is None:
         pytest.skip("C++ CPU kernels unavailable here")
-    if not kernels.amx_available():
-        pytest.skip("this CPU (or its OS) has no AMX bfloat16 tiles")
+    available, _, _, why = KERNELS[kind]
+    if not getattr(kernels, available)():
+        pytest.skip(why)
     return kernels
 
 
@@ -30,27 +46,31 @@ def check_rounded(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.
 
 
 @pytest.mark.parametrize("n,k", [(960, 576), (100, 64), (17, 32), (3072, 96)])
-@pytest.mark.parametrize("m", [1, 5, 16, 17, 31, 32, 33, 48, 100])
-def test_amx_linear_matches_reference(m: int, n: int, k: int) -> None:
-    """Row counts on and off the 16-row tiles (a zero-padded tail), columns off the 32-column groups."""
-    kernels = amx_kernels()
+@pytest.mark.parametrize("m", [1, 5, 6, 7, 16, 17, 31, 32, 33, 48, 100, 200])
+@pytest.mark.parametrize("kind", KERNELS)
+def test_linear_kernel_matches_reference(kind: str, m: int, n: int, k: int) -> None:
+    """Row counts on and off the tiles (AMX: 16 rows and a zero-padded tail; AVX512: 6-row blocks, 192-row
+    chunks), columns off the 32-column groups and the 64-column pairs of groups."""
+    kernels = linear_kernels(kind)
+    linear = getattr(kernels, KERNELS[kind][1])
     g = torch.Generator().manual_seed(m * 1000 + n)
     w = (torch.randn(n, k, generator=g) * 0.05).bfloat16()
     b = torch.randn(n, generator=g).bfloat16()
     x = torch.randn(m, k, generator=g).bfloat16()
     packed = kernels.amx_pack(w)
-    check_rounded(kernels.amx_linear(x, packed, n), x, w, None)
-    check_rounded(kernels.amx_linear(x, packed, n, b), x, w, b)
+    check_rounded(linear(x, packed, n), x, w, None)
+    check_rounded(linear(x, packed, n, b), x, w, b)
 
 
-def test_amx_linear_layer_shapes_and_strides() -> None:
-    """AMXLinear keeps leading dims, reads row-strided views in place and copies other layouts."""
-    kernels = amx_kernels()
+@pytest.mark.parametrize("kind", KERNELS)
+def test_linear_layer_shapes_and_strides(kind: str) -> None:
+    """The layer keeps leading dims, reads row-strided views in place and copies other layouts."""
+    kernels = linear_kernels(kind)
     g = torch.Generator().manual_seed(1)
     linear = nn.Linear(64, 40, bias=True, dtype=torch.bfloat16)
     with torch.no_grad():
         linear.weight.copy_(torch.randn(40, 64, generator=g) * 0.1)
-    layer = AMXLinear(linear, kernels)
+    layer = KERNELS[kind][2](linear, kernels)
     wide = torch.randn(7, 3 * 64, generator=g).bfloat16()
     view = wide[:, 64:128]  # rows strided by 192: the q/k/v split of a fused projection
     with torch.inference_mode():
@@ -64,19 +84,22 @@ def test_amx_linear_layer_shapes_and_strides() -> None:
         assert layer(torch.empty(0, 64, dtype=torch.bfloat16)).shape == (0, 40)
 
 
-def test_amx_linear_rejects_bad_shapes() -> None:
-    kernels = amx_kernels()
+@pytest.mark.parametrize("kind", KERNELS)
+def test_linear_kernel_rejects_bad_shapes(kind: str) -> None:
+    kernels = linear_kernels(kind)
+    linear = getattr(kernels, KERNELS[kind][1])
     with pytest.raises(RuntimeError, match="multiple of 32"):
         kernels.amx_pack(torch.zeros(8, 40, dtype=torch.bfloat16))
     packed = kernels.amx_pack(torch.zeros(8, 64, dtype=torch.bfloat16))
     with pytest.raises(RuntimeError, match="does not match"):
-        kernels.amx_linear(torch.zeros(2, 64, dtype=torch.bfloat16), packed, 40)
+        linear(torch.zeros(2, 64, dtype=torch.bfloat16), packed, 40)
     with pytest.raises(RuntimeError, match="bfloat16"):
-        kernels.amx_linear(torch.zeros(2, 64), packed, 8)
+        linear(torch.zeros(2, 64), packed, 8)
 
 
 def test_pack_linears_picks_a_packing_per_layer() -> None:
-    """AMX where the kernel applies (bf16, K % 32 == 0), oneDNN's packing elsewhere where oneDNN packs
+    """AMX where the kernel applies (bf16, K % 32 == 0), else AVX512-BF16 where the CPU has it, oneDNN's
+    packing elsewhere where oneDNN packs
     bf16 on this CPU (AVX512 or AVX-NE-CONVERT), the plain layer otherwise, float32 untouched; the packed
     model computes what the plain one does."""
     kernels = cpu_kernels()
@@ -87,10 +110,35 @@ def test_pack_linears_picks_a_packing_per_layer() -> None:
     with torch.inference_mode():
         expected = model[:3](x)
     amx = kernels is not None and kernels.amx_available()
+    avx512 = kernels is not None and kernels.avx512_bf16_linear_available()
     other = PackedLinear if torch.ops.mkldnn._is_mkldnn_bf16_supported() else nn.Linear
-    # K = 40 is not a multiple of 32 (no AMX for the third); the fourth is float32.
-    expected_kinds = [AMXLinear if amx else other] * 2 + [other, nn.Linear]
+    # K = 40 is not a multiple of 32 (neither kernel for the third); the fourth is float32.
+    # AVX512-BF16 where its float32 sums can follow oneDNN's (F.linear's) bit for bit.
+    kinds = [AVX512BF16Linear if avx512 and matching_chains(layer, kernels) else other for layer in model[:2]]
+    expected_kinds = ([AMXLinear] * 2 if amx else kinds) + [other, nn.Linear]
     assert pack_linears(model, kernels) == sum(k is not nn.Linear for k in expected_kinds[:3])
     assert [type(layer) for layer in model] == expected_kinds
     with torch.inference_mode():
         torch.testing.assert_close(model[:3](x), expected, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("k,n", [(576, 960), (1536, 576), (2048, 256)])
+def test_avx512_layer_is_f_linear_bit_for_bit_where_its_chains_match(k: int, n: int) -> None:
+    """The chains found on one probe make the layer reproduce F.linear on other inputs and row counts
+    (one row and several: oneDNN's order of sums differs between them)."""
+    kernels = linear_kernels("avx512_bf16")
+    g = torch.Generator().manual_seed(k + n)
+    linear = nn.Linear(k, n, bias=False, dtype=torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=g) * 0.05)
+    chains = matching_chains(linear, kernels)
+    if chains is None:
+        pytest.skip("this torch's F.linear sums in an order the kernel does not follow")
+    kernel_only = AVX512BF16Linear(linear, kernels, chains, keep_onednn=False)
+    both = AVX512BF16Linear(linear, kernels, chains, keep_onednn=True)  # oneDNN above DECODE_ROWS
+    with torch.inference_mode():
+        for m in (1, 2, 5, 33, 96, 97, 200):
+            x = torch.randn(m, k, generator=g).bfloat16()
+            expected = F.linear(x, linear.weight)
+            assert torch.equal(kernel_only(x), expected), m
+            assert torch.equal(both(x), expected), m

@@ -16,7 +16,10 @@ from types import ModuleType
 
 logger = logging.getLogger("quanta")
 
-SOURCES = [Path(__file__).parent / "csrc" / name for name in ("cpu_kernels.cpp", "amx_linear.cpp")]
+SOURCES = [
+    Path(__file__).parent / "csrc" / name
+    for name in ("cpu_kernels.cpp", "amx_linear.cpp", "avx512_linear.cpp")
+]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffast-math"]
 
 

@@ -775,12 +775,19 @@ bool amx_available();
 torch::Tensor amx_pack(const torch::Tensor& weight);
 torch::Tensor amx_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
                          const c10::optional<torch::Tensor>& bias);
+// avx512_linear.cpp
+bool avx512_bf16_linear_available();
+torch::Tensor avx512_bf16_linear(const torch::Tensor& x, const torch::Tensor& packed, int64_t n,
+                                 const c10::optional<torch::Tensor>& bias, int64_t k_chain);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_available", &amx_available, "AMX bf16 linears built and granted by the OS");
   m.def("amx_pack", &amx_pack, "[N, K] bf16 weight into AMX tile order");
   m.def("amx_linear", &amx_linear, "x @ W^T (+ bias) with W from amx_pack", py::arg("x"), py::arg("packed"),
         py::arg("n"), py::arg("bias") = py::none());
+  m.def("avx512_bf16_linear_available", &avx512_bf16_linear_available, "AVX512-BF16 linears built");
+  m.def("avx512_bf16_linear", &avx512_bf16_linear, "x @ W^T (+ bias) with W from amx_pack, on AVX512-BF16",
+        py::arg("x"), py::arg("packed"), py::arg("n"), py::arg("bias") = py::none(), py::arg("k_chain") = 0);
   m.def("argmax_rows", &argmax_rows, "first index of each row's maximum (float32)");
   m.def("paged_decode_attention", &paged_decode_attention, "paged decode attention (CPU)", py::arg("q"),
         py::arg("k_cache"), py::arg("v_cache"), py::arg("block_tables"), py::arg("context_lens"), py::arg("scale"),
