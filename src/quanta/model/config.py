@@ -91,7 +91,9 @@ class ModelConfig:
         if not path.exists():
             raise ModelLoadError(f"model folder {str(path)!r} does not exist")
         if not path.is_dir():
-            raise ModelLoadError(f"{str(path)!r} is neither a Hugging Face model folder nor a GGUF file")
+            raise ModelLoadError(
+                f"{str(path)!r} is neither a Hugging Face model folder nor a GGUF file"
+            )
         cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise ModelLoadError(f"{str(path)!r} has no config.json: not a Hugging Face model folder")

@@ -130,9 +130,7 @@ def _llama3_rope_scaling(reader: Any, cfg: dict[str, Any], source: str) -> dict[
     from quanta.model.config import ModelConfig
     from quanta.model.llama import rope_inv_freq
 
-    divisors = next(
-        np.asarray(t.data, dtype=np.float64) for t in reader.tensors if t.name == "rope_freqs.weight"
-    )
+    divisors = next(np.asarray(t.data, dtype=np.float64) for t in reader.tensors if t.name == "rope_freqs.weight")
     guess = {
         "rope_type": "llama3",
         "factor": float(divisors.max()),
@@ -144,9 +142,7 @@ def _llama3_rope_scaling(reader: Any, cfg: dict[str, Any], source: str) -> dict[
     scaled = ModelConfig.from_hf_dict({**cfg, "rope_scaling": guess}, source)
     implied = (rope_inv_freq(plain) / rope_inv_freq(scaled)).double().numpy()
     if implied.shape != divisors.shape or not np.allclose(implied, divisors, rtol=1e-4):
-        raise ModelLoadError(
-            f"GGUF file {source} has rope frequency factors quanta cannot map to a rope type"
-        )
+        raise ModelLoadError(f"GGUF file {source} has rope frequency factors quanta cannot map to a rope type")
     return guess
 
 
@@ -256,9 +252,7 @@ def convert(path: Path, dtype: str, folder: Path) -> None:
         gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id") if k in cfg}
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         _write_tokenizer(path, tmp)
-        (tmp / "source.json").write_text(
-            json.dumps({"gguf": str(path.resolve()), "version": CONVERTER_VERSION})
-        )
+        (tmp / "source.json").write_text(json.dumps({"gguf": str(path.resolve()), "version": CONVERTER_VERSION}))
         try:
             tmp.rename(folder)
         except OSError:
