@@ -142,6 +142,8 @@ def _check_fused_ops(module: object, dtype: torch.dtype, dev: str, interpreted: 
     )
     torch.testing.assert_close(got_sum, expected_sum, **sum_tol)
     torch.testing.assert_close(got_norm, expected_norm, **tol)
+    if dev == "cpu" and hasattr(module, "add_rms_norm"):  # the C++ kernel: the unfused kernels' result exactly
+        assert torch.equal(got_norm, module.rms_norm(got_sum, norm.weight, 1e-6))
 
     q = torch.randn(37, 4, 16, generator=g).to(dtype).to(dev)
     k = torch.randn(37, 2, 16, generator=g).to(dtype).to(dev)

@@ -589,6 +589,16 @@ static inline float round_to(float x) {
   return static_cast<float>(static_cast<scalar_t>(x));
 }
 
+// One row of RMSNorm: out = weight * (row / rms(row)), `row` in float32 (the input's values).
+template <typename scalar_t>
+static inline void rms_norm_row(const float* row, const scalar_t* wp, scalar_t* op, int64_t h, double eps) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < h; ++i) ss += row[i] * row[i];
+  const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
+  for (int64_t i = 0; i < h; ++i)
+    op[i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * round_to<scalar_t>(row[i] * inv));
+}
+
 // weight * (x / rms(x)) with the normalization in float32, as transformers' RMSNorm.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous(), "rms_norm: contiguous [T, H]");
@@ -602,15 +612,42 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
       std::vector<float> row(h);
       for (int64_t r = begin; r < end; ++r) {
         to_float(xp + r * h, row.data(), h);
-        float ss = 0.f;
-        for (int64_t i = 0; i < h; ++i) ss += row[i] * row[i];
-        const float inv = 1.f / std::sqrt(ss / static_cast<float>(h) + static_cast<float>(eps));
-        for (int64_t i = 0; i < h; ++i)
-          op[r * h + i] = static_cast<scalar_t>(static_cast<float>(wp[i]) * round_to<scalar_t>(row[i] * inv));
+        rms_norm_row(row.data(), wp, op + r * h, h, eps);
       }
     });
   });
   return out;
+}
+
+// (x + y, rms_norm(x + y)) in one pass: the residual add rounded to the model's dtype, as torch's add
+// does, then the same norm as rms_norm on that sum.
+std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x, torch::Tensor y, torch::Tensor weight,
+                                                      double eps) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && y.is_contiguous() && weight.is_contiguous(),
+              "add_rms_norm: contiguous [T, H]");
+  TORCH_CHECK(x.sizes() == y.sizes() && x.scalar_type() == y.scalar_type(), "add_rms_norm: x and y differ");
+  auto sum = torch::empty_like(x);
+  auto out = torch::empty_like(x);
+  const int64_t rows = x.size(0), h = x.size(1);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "add_rms_norm", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* yp = y.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    scalar_t* sp = sum.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<float> row(h);
+      for (int64_t r = begin; r < end; ++r) {
+        for (int64_t i = 0; i < h; ++i) {
+          const scalar_t v = static_cast<scalar_t>(static_cast<float>(xp[r * h + i]) + static_cast<float>(yp[r * h + i]));
+          sp[r * h + i] = v;
+          row[i] = static_cast<float>(v);
+        }
+        rms_norm_row(row.data(), wp, op + r * h, h, eps);
+      }
+    });
+  });
+  return {sum, out};
 }
 
 // q*cos + rotate_half(q)*sin for q [T, H, D] and k [T, Hkv, D] in place; cos, sin: [T, D]. q and k need
@@ -804,6 +841,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("DECODE_BF16_VECTOR") = false;
 #endif
   m.def("rms_norm", &rms_norm, "RMSNorm, float32 inside");
+  m.def("add_rms_norm", &add_rms_norm, "(x + y, RMSNorm(x + y)) in one pass");
   m.def("rotary_inplace", &rotary_inplace, "rotate-half rotary embedding, in place");
   m.def("silu_and_mul", &silu_and_mul, "silu(gate) * up");
 }
