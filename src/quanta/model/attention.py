@@ -35,12 +35,7 @@ class AttentionBackend(Protocol):
     def kv_cache_shape(self, num_blocks: int) -> tuple[int, ...]: ...
 
     def build_metadata(
-        self,
-        seqs: list[SeqSlice],
-        num_decodes: int,
-        slots: np.ndarray,
-        device: torch.device,
-        dtype: torch.dtype,
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
     ) -> Any:
         """Metadata for a step whose first `num_decodes` sequences are decodes; slots: [T] cache slot of
         each new token (block * block_size + offset), in batch order."""
@@ -118,12 +113,7 @@ class TorchPagedAttention:
         return (num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
     def build_metadata(
-        self,
-        seqs: list[SeqSlice],
-        num_decodes: int,
-        slots: np.ndarray,
-        device: torch.device,
-        dtype: torch.dtype,
+        self, seqs: list[SeqSlice], num_decodes: int, slots: np.ndarray, device: torch.device, dtype: torch.dtype
     ) -> AttentionMetadata:
         """Decodes come first, sorted by context length (ascending) so that grouping pads little."""
         slots = slots.astype(np.int64)
@@ -132,9 +122,7 @@ class TorchPagedAttention:
         else:
             blocks, offsets = slots // self.block_size, slots % self.block_size
             heads = np.arange(self.num_kv_heads, dtype=np.int64)
-            rows = (
-                (blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]
-            ).ravel()
+            rows = ((blocks[:, None] * self.num_kv_heads + heads[None, :]) * self.block_size + offsets[:, None]).ravel()
         chunks: list[PrefillChunk] = []
         meta = AttentionMetadata(torch.from_numpy(rows).to(device), chunks)
         if self.kernels is not None:
