@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import ModuleType
 
 import pytest
@@ -142,3 +143,28 @@ def test_avx512_layer_is_f_linear_bit_for_bit_where_its_chains_match(k: int, n: 
             expected = F.linear(x, linear.weight)
             assert torch.equal(kernel_only(x), expected), m
             assert torch.equal(both(x), expected), m
+
+
+def test_pack_linears_keeps_lm_head_on_onednn_and_a_second_copy_only_where_memory_allows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernels = linear_kernels("avx512_bf16")
+    if kernels.amx_available():
+        pytest.skip("AMX takes precedence here")
+    import quanta.model.cpu_linear as cpu_linear
+
+    base = nn.Module()
+    base.proj = nn.Linear(576, 960, bias=False).bfloat16()
+    base.lm_head = nn.Linear(576, 1000, bias=False).bfloat16()
+
+    roomy = copy.deepcopy(base)
+    assert pack_linears(roomy, kernels) == 2
+    assert isinstance(roomy.proj, AVX512BF16Linear) and roomy.proj.onednn_weight is not None
+    assert isinstance(roomy.lm_head, PackedLinear)
+    monkeypatch.setattr(cpu_linear, "physical_memory", lambda: 4 * 2**20)  # both copies would not fit
+    tight = copy.deepcopy(base)
+    pack_linears(tight, kernels)
+    assert isinstance(tight.proj, AVX512BF16Linear) and tight.proj.onednn_weight is None
+    x = torch.randn(200, 576).bfloat16()  # above DECODE_ROWS: the kernel itself where no copy is kept
+    with torch.inference_mode():
+        assert torch.equal(tight.proj(x), roomy.proj(x))

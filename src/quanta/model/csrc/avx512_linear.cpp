@@ -7,10 +7,12 @@
 // broadcast 32-bit value, so a micro-tile of up to 6 rows x 64 columns keeps 24 accumulators in registers
 // and reads each weight vector once per row block.
 //
-// Why not oneDNN: at decode sizes (1-48 rows) its prepacked matmul reads the weights at about half of
-// the memory bandwidth (a decode step streams every weight of the model) and loses a fixed cost per call.
-// Here each thread walks its column groups in one sequential stream, prefetched ahead. Accumulation is
-// float32 in k order, then the bias, then one rounding to bfloat16 (round to nearest even).
+// Why not oneDNN: at decode sizes (1-96 rows) its prepacked matmul streams the weights more slowly (a
+// decode step reads every weight of the model) and loses a fixed cost per call. Here each thread walks
+// its column groups in one sequential stream, the next unit prefetched while this one computes.
+// Accumulation is float32 in k order within chains of `k_chain` k whose sums are then added in order (as
+// oneDNN does: the caller passes the chain length that reproduces F.linear), then the bias, then one
+// rounding to bfloat16 (round to nearest even).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -160,14 +162,15 @@ torch::Tensor avx512_bf16_linear(const torch::Tensor& x, const torch::Tensor& pa
         const uint16_t* w = wp + g * group;
         // The next unit's lines, a share per row block. Only when the weights pass once: with several row
         // chunks they come from cache the second time.
-        const int64_t next_g = g + 2 < g1 ? g + 2 : g0;
-        const int64_t next_lines = m > kRowChunk ? 0 : std::min<int64_t>(2, g1 - next_g) * group * 2 / 64;
+        const int64_t next_g = g + 2;
+        const int64_t next_lines =
+            m > kRowChunk || next_g >= g1 ? 0 : std::min<int64_t>(2, g1 - next_g) * group * 2 / 64;
         const int64_t share = (next_lines + passes - 1) / passes;
         const char* next = reinterpret_cast<const char*>(wp + next_g * group);
         for (int64_t r = m0, i = 0; r < m1; r += kRows, ++i) {
           const int rows = static_cast<int>(std::min<int64_t>(kRows, m1 - r));
-          // Nothing prefetched this unit: the thread's first, or every one when the next is not prefetched.
-          const bool ahead = r == m0 && (g == g0 || next_lines == 0);
+          // Nothing prefetched this unit: the thread's first, or any when units do not prefetch the next.
+          const bool ahead = r == m0 && (g == g0 || m > kRowChunk);
           const int64_t lo = std::min(i * share, next_lines), hi = std::min(lo + share, next_lines);
           auto args = std::make_tuple(xp + r * xs, xs, w, group, kblocks, chain, ahead, next + lo * 64, hi - lo, bias_p,
                                       g * kGroupCols, n, op + r * n, n);
