@@ -1,12 +1,15 @@
 """Prepacked linear layers for CPU in bfloat16/float16.
 
 Packing the weights once at load time makes every matmul skip the repacking `F.linear` does per call.
-Two packings, chosen per layer at load:
+Three packings, chosen per layer at load:
 
 - `AMXLinear` (Intel AMX, bfloat16): quanta's own kernel (csrc/amx_linear.cpp) streams each weight tile
   once into the tile registers; timed on a 2-core AMX VM, 1.4-3.7x oneDNN at the 1-32 rows of decode
   steps, 0.9-1.5x at 48-64 and 0.6-2.1x at 128-256 (prefill chunks); bitwise equal to `F.linear` up to
   32 rows there.
+- `AVX512BF16Linear` (AVX512-BF16 without AMX, bfloat16): the same layout through VDPBF16PS
+  (csrc/avx512_linear.cpp), its float32 sums chained as oneDNN chains them, so bitwise equal to
+  `F.linear`; 1.2-1.3x oneDNN over a layer at decode sizes, oneDNN's copy above 96 rows.
 - `PackedLinear` (oneDNN's blocked layout, what torch.compile's CPU backend does after freezing): 15-40%
   faster than `F.linear` on small batches, identical results.
 
