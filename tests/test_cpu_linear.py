@@ -159,12 +159,12 @@ def test_pack_linears_keeps_lm_head_on_onednn_and_a_second_copy_only_where_memor
 
     roomy = copy.deepcopy(base)
     assert pack_linears(roomy, kernels) == 2
-    assert isinstance(roomy.proj, AVX512BF16Linear) and roomy.proj.onednn_weight is not None
+    assert isinstance(roomy.proj, AVX512BF16Linear) and roomy.proj.onednn is not None
     assert isinstance(roomy.lm_head, PackedLinear)
     monkeypatch.setattr(cpu_linear, "physical_memory", lambda: 4 * 2**20)  # both copies would not fit
     tight = copy.deepcopy(base)
     pack_linears(tight, kernels)
-    assert isinstance(tight.proj, AVX512BF16Linear) and tight.proj.onednn_weight is None
+    assert isinstance(tight.proj, AVX512BF16Linear) and tight.proj.onednn is None
     x = torch.randn(200, 576).bfloat16()  # above DECODE_ROWS: the kernel itself where no copy is kept
     with torch.inference_mode():
         assert torch.equal(tight.proj(x), roomy.proj(x))

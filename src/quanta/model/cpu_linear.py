@@ -50,20 +50,23 @@ class AMXLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.stride(1) == 1:  # the model's case: no reshapes, ~100 calls a step
-            return self._linear(x, self.packed_weight, self.out_features, self.bias)
+            return self._rows(x)
         rows = x.reshape(-1, self.in_features)
         if rows.stride(-1) != 1:
             rows = rows.contiguous()
-        out = self._linear(rows, self.packed_weight, self.out_features, self.bias)
-        return out.view(*x.shape[:-1], self.out_features)
+        return self._rows(rows).view(*x.shape[:-1], self.out_features)
+
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """[M, K] rows (last dim contiguous) -> [M, N]."""
+        return self._linear(rows, self.packed_weight, self.out_features, self.bias)
 
 
-class AVX512BF16Linear(nn.Module):
+class AVX512BF16Linear(AMXLinear):
     """amx_pack's layout (pairs of k for 16 columns: one VDPBF16PS operand) multiplied with AVX512-BF16
     vector instructions, for CPUs without AMX (AMD Zen 4/5). Each thread streams its column groups once,
     prefetched ahead, so decode steps' linears run nearer the memory bandwidth: on a 2-core Zen VM with
     the weights coming from DRAM, 1.2-1.4x oneDNN's packed matmul over a layer at 1-48 rows, even at
-    96, but 0.8-0.9x at 128 rows and more (prefill chunks), where oneDNN's copy (`onednn_weight`, kept
+    96, but 0.8-0.9x at 128 rows and more (prefill chunks), where a oneDNN-packed copy (`onednn`, kept
     when memory allows) takes over.
 
     `chains`: the k per float32 partial sum (one row; several rows) that reproduce `F.linear` bit for
@@ -75,30 +78,17 @@ class AVX512BF16Linear(nn.Module):
     def __init__(
         self, linear: nn.Linear, kernels: ModuleType, chains: tuple[int, int], keep_onednn: bool
     ) -> None:
-        super().__init__()
-        self.in_features = linear.in_features
-        self.out_features = linear.out_features
-        weight = linear.weight.detach()
-        self.packed_weight = kernels.amx_pack(weight)
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
-        self.onednn_weight = torch.ops.mkldnn._reorder_linear_weight(weight, 32) if keep_onednn else None
-        self.onednn_bias = linear.bias
-        self.chain_one, self.chain_many = chains
+        super().__init__(linear, kernels)
         self._linear = kernels.avx512_bf16_linear
+        self.chain_one, self.chain_many = chains
+        self.onednn = PackedLinear(linear) if keep_onednn else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x if x.dim() == 2 and x.stride(1) == 1 else x.reshape(-1, self.in_features)
-        if rows.stride(-1) != 1:
-            rows = rows.contiguous()
+    def _rows(self, rows: torch.Tensor) -> torch.Tensor:
         m = rows.shape[0]
-        if m > self.DECODE_ROWS and self.onednn_weight is not None:
-            out = torch.ops.mkldnn._linear_pointwise(
-                rows, self.onednn_weight, self.onednn_bias, "none", [], ""
-            )
-        else:
-            chain = self.chain_one if m == 1 else self.chain_many
-            out = self._linear(rows, self.packed_weight, self.out_features, self.bias, chain)
-        return out if rows is x else out.view(*x.shape[:-1], self.out_features)
+        if m > self.DECODE_ROWS and self.onednn is not None:
+            return self.onednn(rows)
+        chain = self.chain_one if m == 1 else self.chain_many
+        return self._linear(rows, self.packed_weight, self.out_features, self.bias, chain)
 
 
 # k per partial sum to try, in this order (0: one chain over all of k).
