@@ -12,12 +12,13 @@ median reported (the machine is shared, wall-clock figures are noisy). CPU secon
 With --before-src, an older checkout's simulator (e.g. main before this work) is a third row, interleaved.
 With --vidur-src and --vidur-python, Microsoft Vidur from its source tree on the azure16 workload
 (same trace and cluster: sarathi with 512-token chunks, least-outstanding-requests router), a first run
-that trains its predictors and a second on their cache, and quanta's rate over Vidur's (wall and CPU);
+that trains its predictors, a second on their cache with its heavy outputs off, a third on the cache with
+its default outputs (as its users run it), and quanta's rate over Vidur's in each (wall and CPU);
 when Vidur cannot run, why, and its recorded rate, labelled recorded (benchmarks/vidur_compare.py).
 Prints a table and writes JSON.
 
     python benchmarks/sim_speed.py [--rounds 2] [--large 1000000] [--large-baseline] [--before-src DIR]
-                                   [--vidur-src DIR --vidur-python PY [--vidur-rf-grid small]]
+                                   [--vidur-src DIR --vidur-python PY [--vidur-rf-grid small] [--vidur-outputs-off-only]]
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ def run(spec: dict, timeout: float) -> dict:
 
 
 def vidur_ratio(groups: dict[str, list[dict]], vidur: dict) -> dict:
-    """quanta's requests per second over Vidur's on the same workload (azure16, its default run): wall
-    and CPU, Vidur's startup (cached predictors) plus event loop, and its event loop alone. Against
-    Vidur's recorded rate, labelled so, when it could not run."""
+    """quanta's requests per second over Vidur's on the same workload (azure16, quanta's default run):
+    against Vidur with its outputs off (wall and CPU, its startup on cached predictors plus event loop,
+    and its event loop alone), and against Vidur as its users run it, with its default outputs (startup
+    plus event loop, and with the output writing it does at exit). Against Vidur's recorded rate,
+    labelled so, when it could not run."""
     rows = [r for r in groups.get("azure16 runs", []) if "error" not in r]
     if not rows:
         return {"error": "no quanta azure16 run to compare"}
@@ -129,6 +132,14 @@ def vidur_ratio(groups: dict[str, list[dict]], vidur: dict) -> dict:
             wall_ratio_vs_event_loop=q_wall / cached["run_requests_per_wall_second"],
             cpu_ratio_vs_event_loop=q_cpu / cached["run_requests_per_cpu_second"],
         )
+        default = vidur["runs"].get("default", {})
+        if default.get("ok"):
+            out.update(
+                vidur_default_req_per_wall_s=default["requests_per_wall_second"],
+                default_wall_ratio=q_wall / default["requests_per_wall_second"],
+                default_cpu_ratio=q_cpu / default["requests_per_cpu_second"],
+                default_wall_ratio_with_output=q_wall / default["with_output_requests_per_wall_second"],
+            )
     else:
         low, high = vidur_compare.RECORDED["requests_per_wall_second"]
         out.update(
@@ -148,7 +159,7 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
     elif vidur.get("error"):
         print(f"vidur: an extra run failed: {vidur['error'].strip()[:200]}")
     table = Table(title="Vidur, same trace and cluster (sarathi 512, lor router, Llama-2-70B TP2 A100)")
-    for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s"):
+    for col in ("run", "setup s", "event loop s", "output s", "req/s", "req/CPU-s", "loop req/s", "req/s +output"):
         table.add_column(col, justify="right")
     for col in ("TTFT p50 s", "E2E p50 s"):
         table.add_column(col, justify="right")
@@ -164,6 +175,7 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
             f"{r['requests_per_wall_second']:.0f}",
             f"{r['requests_per_cpu_second']:.0f}",
             f"{r['run_requests_per_wall_second']:.0f}",
+            f"{r['with_output_requests_per_wall_second']:.0f}",
             f"{r.get('ttft_p50', float('nan')):.2f}",
             f"{r.get('e2e_p50', float('nan')):.2f}",
         )
@@ -171,9 +183,15 @@ def print_vidur(vidur: dict, ratio: dict) -> None:
     if "attention_profile" in vidur:
         print(f"vidur attention profile: {vidur['attention_profile']}")
     if ratio.get("measured"):
+        if "default_wall_ratio" in ratio:
+            print(
+                f"quanta / Vidur as its users run it (measured, cached predictors, default outputs): "
+                f"{ratio['default_wall_ratio']:.1f}x per wall second, {ratio['default_cpu_ratio']:.1f}x per "
+                f"CPU second; {ratio['default_wall_ratio_with_output']:.1f}x with its output writing"
+            )
         print(
-            f"quanta / Vidur (measured, cached predictors): {ratio['wall_ratio']:.1f}x per wall second, "
-            f"{ratio['cpu_ratio']:.1f}x per CPU second; against Vidur's event loop alone "
+            f"quanta / Vidur with its outputs off (measured, cached predictors): {ratio['wall_ratio']:.1f}x "
+            f"per wall second, {ratio['cpu_ratio']:.1f}x per CPU second; against Vidur's event loop alone "
             f"{ratio['wall_ratio_vs_event_loop']:.1f}x / {ratio['cpu_ratio_vs_event_loop']:.1f}x"
         )
     elif "wall_ratio_vs_recorded" in ratio:
@@ -204,7 +222,9 @@ def main() -> None:
         "--vidur-rf-grid", default="full", choices=["full", "small"], help="Vidur's random-forest grid"
     )
     ap.add_argument("--vidur-cache", default=None, help="Vidur's predictor cache (default: a fresh one)")
-    ap.add_argument("--vidur-default-outputs", action="store_true", help="also a run with Vidur's outputs")
+    ap.add_argument(
+        "--vidur-outputs-off-only", action="store_true", help="skip Vidur's run with its default outputs"
+    )
     ap.add_argument("--out", default="results/sim_speed.json")
     args = ap.parse_args()
     if args.worker:
@@ -240,7 +260,7 @@ def main() -> None:
             replicas=16,
             rf_grid=args.vidur_rf_grid,
             cache_dir=args.vidur_cache,
-            default_outputs=args.vidur_default_outputs,
+            default_outputs=not args.vidur_outputs_off_only,
         )
         vs_vidur = vidur_ratio(groups, vidur)
 

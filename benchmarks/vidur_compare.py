@@ -1,11 +1,15 @@
 """Microsoft Vidur beside quanta's simulator on the same trace and cluster (used by sim_speed.py).
 
 Vidur runs from its source tree (--vidur-src, a git checkout) with its own interpreter (--vidur-python,
-an environment with its requirements), through benchmarks/vidur_runner.py, twice on one predictor cache:
+an environment with its requirements), through benchmarks/vidur_runner.py, three times on one predictor
+cache:
   first   an empty cache: Vidur trains its random-forest predictors and predicts its lookup tables
-          (the one-time cost), then simulates;
+          (the one-time cost), then simulates (outputs off);
   cached  the same command again: the predictors and tables come from the cache, so its time is
-          Vidur's simulation rate.
+          Vidur's simulation rate, with its heavy outputs off (no per-batch or utilization series,
+          plots or Chrome trace: quanta keeps none of these either);
+  default the cached command with Vidur's default outputs, as its users run it: per-batch and
+          utilization metrics recorded during the event loop, then plots and a Chrome trace written.
 The trace is converted to Vidur's trace_replay columns (arrived_at, num_prefill_tokens,
 num_decode_tokens) in a temporary folder. When the source tree lacks the attention profile of the
 model and device (its large CSVs may be absent from a checkout: not fetched, or Git LFS pointers), one
@@ -141,6 +145,10 @@ def run_once(python: str, args: list[str], out: Path, timeout: float) -> dict:
     res["requests_per_wall_second"] = n / res["startup_plus_run_wall_seconds"]
     res["requests_per_cpu_second"] = n / res["startup_plus_run_cpu_seconds"]
     res["run_requests_per_wall_second"] = n / res["run_wall_seconds"]
+    # Vidur writes its outputs at exit (atexit): with default outputs its user waits for them too.
+    res["with_output_requests_per_wall_second"] = n / (
+        res["startup_plus_run_wall_seconds"] + res["output_wall_seconds"]
+    )
     res["run_requests_per_cpu_second"] = n / res["run_cpu_seconds"]
     return res
 
@@ -152,11 +160,11 @@ def run_vidur(
     replicas: int = 16,
     rf_grid: str = "full",
     cache_dir: str | None = None,
-    default_outputs: bool = False,
+    default_outputs: bool = True,
     timeout: float = 4 * 3600,
 ) -> dict:
-    """Vidur's first (training) and cached runs on `trace`, or the reason it could not run plus its
-    recorded rate. The cluster is sim_speed's: Llama-2-70B, TP2, A100 80 GB, sarathi with 512-token
+    """Vidur's first (training), cached and (with `default_outputs`) default-outputs runs on `trace`, or
+    the reason it could not run plus its recorded rate. The cluster is sim_speed's: Llama-2-70B, TP2, A100 80 GB, sarathi with 512-token
     chunks, 128 sequences, 16-token blocks."""
     if not python or not src:
         return {"ok": False, "error": "--vidur-python and --vidur-src are both needed", "recorded": RECORDED}
@@ -198,8 +206,8 @@ def run_vidur(
             common += ["--attention-csv", str(synth)]
         cache = Path(cache_dir) if cache_dir else tmp / "cache"
         runs = {}
-        for name, lean in (("first", True), ("cached", True), ("cached, default outputs", False)):
-            if name.endswith("default outputs") and not default_outputs:
+        for name, lean in (("first", True), ("cached", True), ("default", False)):
+            if name == "default" and not default_outputs:
                 continue
             args = [*common, "--cache-dir", str(cache), "--out-dir", str(tmp / f"out_{len(runs)}")]
             runs[name] = run_once(
