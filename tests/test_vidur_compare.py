@@ -159,3 +159,8 @@ def test_real_vidur_runs_the_trace_and_reuses_its_predictor_cache(tmp_path: Path
     # The same simulation on the cached predictors: every request, the same latencies.
     assert first["num_requests_with_metrics"] == cached["num_requests_with_metrics"] == 40
     assert first["e2e_p50"] == cached["e2e_p50"] > 0
+    # As its users run it (default outputs): the same simulation, and the output writing timed.
+    default = res["runs"]["default"]
+    assert default["ok"], default.get("error")
+    assert default["e2e_p50"] == cached["e2e_p50"] and default["output_wall_seconds"] > 0
+    assert default["with_output_requests_per_wall_second"] < default["requests_per_wall_second"]
