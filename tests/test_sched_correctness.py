@@ -167,6 +167,31 @@ def test_every_policy_finishes_everything_under_pressure(policy: str, mode: str)
         assert core.kv.num_free_blocks == core.kv.num_blocks and core.kv.host.num_free_blocks == core.kv.host.num_blocks
 
 
+def test_a_swapped_request_made_room_for_comes_back_when_prompt_chunks_spend_the_budget() -> None:
+    """Multi-turn chat with random priorities (FastSwitch's setting), swap preemption, a pool that
+    runs short: running requests are swapped out to make room for a higher-priority swapped-out one
+    while a long prompt's chunk spends the step's token budget. Its swap-in takes no token of this step,
+    so it comes back in it (the admission once stopped at the spent budget, and the scheduler asserted
+    that room was made for a request it did not admit)."""
+    from quanta.sim.hardware import get_gpu
+    from quanta.sim.model_presets import get_model
+    from quanta.sim.scenarios import multi_turn_chat
+    from quanta.sim.simulation import SimConfig, simulate
+
+    chat = multi_turn_chat(80, rate=2.0, seed=1)
+    cfg = SimConfig(
+        get_model("llama-3.1-8b"), get_gpu("a10"), policy="priority", replicas=2, num_kv_blocks=900,
+        preemption_mode="swap", swap_space_gb=4, check_integrity=True,
+    )  # fmt: skip
+    res = simulate(chat, cfg)
+    assert res.num_requests == len(res.requests) == len(chat)
+    assert all(r.finished and r.status != RequestStatus.FINISHED_ABORTED for r in res.requests)
+    assert res.swap_stats["swap_ins"] == res.swap_stats["swap_outs"] > 100
+    for core in res.cores:
+        assert core.kv.num_free_blocks == core.kv.num_blocks
+        assert core.kv.host.num_free_blocks == core.kv.host.num_blocks
+
+
 # ---- 2. the admission check and the allocation count blocks alike ------------------------------
 @pytest.mark.parametrize("groups", [False, True])
 def test_blocks_to_take_is_what_allocate_slots_takes(groups: bool) -> None:

@@ -420,14 +420,19 @@ class Scheduler:
         plan.preempted_ids.append(req.request_id)
 
     def _schedule_waiting(self, plan: StepPlan, budget: TokenBudget, now: float) -> None:
-        if budget.left == 0 or len(self.running) >= self.config.max_num_seqs or not self.waiting:
-            return  # without asking the policy for its order: that can cost a pass over the queue
+        # A swap-in computes nothing in this step (the request runs from the next one): with the budget
+        # spent, swapped-out requests can still come back, as the look-ahead (_admission_shortage)
+        # counts them. Otherwise return without asking the policy for its order (a pass over the queue).
+        if len(self.running) >= self.config.max_num_seqs or not self.waiting:
+            return
+        if budget.left == 0 and not self.kv.host_blocks:
+            return
         admitted: list[Request] = []
         # Requests that gave way earlier in this step do not come back in it (the look-ahead that made
         # room for the ones above them did not count them either).
         gave_way = set(plan.preempted_ids)
         for req in self.policy.waiting_order(self.waiting, now):
-            if budget.left == 0 or len(self.running) >= self.config.max_num_seqs:
+            if len(self.running) >= self.config.max_num_seqs:
                 break
             if not self.policy.admit(req, now) or req.request_id in gave_way:
                 continue
@@ -448,6 +453,8 @@ class Scheduler:
                 admitted.append(req)
                 self.policy.on_admit(req, now)
                 continue
+            if budget.left == 0:
+                break  # keep the policy's order: nothing behind a request short of tokens jumps it
             hits = self.kv.get_computed_blocks(req)
             n = self._chunk(req, budget.left, hits)
             if n <= 0:
