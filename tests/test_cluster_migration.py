@@ -205,6 +205,24 @@ def test_full_destination_source_keeps_the_request(cores, reference) -> None:
     assert req.output_token_ids == reference[False]
 
 
+def test_destination_without_a_free_sequence_slot_refuses(cores, reference) -> None:
+    cl = cluster_of(cores)
+    dst = cl.cores[1].scheduler
+    fillers = [request(False, max_tokens=40, rid=f"f{i}") for i in range(dst.config.max_num_seqs)]
+    for f in fillers:
+        cl.add_request(f, instance=1)
+    req = request(False)
+    cl.add_request(req, instance=0)
+    while len(dst.running) < dst.config.max_num_seqs or req.num_output_tokens < 3:
+        step_checked(cl)
+    assert cl.cores[1].kv.num_free_blocks > 0  # the slots are the limit, not the blocks
+    m = cl.migrate(req.request_id, 1)
+    step_checked(cl)
+    assert m.phase == Phase.ABORTED and m.reason == "destination full"
+    finish(cl)
+    assert req.output_token_ids == reference[False]
+
+
 def test_destination_full_at_the_last_stage_source_takes_the_request_back(cores, reference) -> None:
     cl = cluster_of(cores, max_stages=2)  # stage 1, then the last
     req = request(False)

@@ -40,6 +40,26 @@ def test_freeness_with_migration_finishes_every_request_at_its_length() -> None:
             assert max(gaps) >= moved[r.request_id].downtime
 
 
+@pytest.mark.parametrize("policy", ["sarathi", "continuum"])
+def test_migration_never_takes_a_replica_past_its_sequence_slots(policy: str) -> None:
+    """Replicas at max_num_seqs: a destination with no free slot refuses the migration (reserving, or at
+    the last stage, when slots filled meanwhile), and the slot of a request stopped for its last stage
+    stays taken at the source until it commits, so a failed migration can resume it. (Before, a
+    committed migration or a resumed request could take a replica to max_num_seqs + 1, which the
+    scheduler's integrity check, and a real engine's batch buffers, do not allow.)"""
+    from quanta.sim.scenarios import priority_mix
+
+    w = priority_mix(duration=40, rate=6.0, seed=2)
+    cfg = SimConfig(
+        get_model("llama-3.1-8b"), get_gpu("a10"), policy=policy, replicas=2, num_kv_blocks=1500, block_groups=False, migration=True,
+        max_num_seqs=32, check_integrity=True,
+    )  # fmt: skip
+    res = simulate(w, cfg)
+    assert all(r.finished and r.status != RequestStatus.FINISHED_ABORTED for r in res.requests)
+    assert res.num_migrations > 0  # some still commit
+    assert any(m.reason == "destination full" for m in res.migrations)
+
+
 def test_decode_runs_stay_exact_with_polls_and_migrations() -> None:
     w = bursty(80)
     cfg = dict(router="freeness", migration=True)

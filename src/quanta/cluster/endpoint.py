@@ -119,6 +119,8 @@ class MigrationEndpoint:
     def reserve(self, request_id: str, num_blocks: int) -> bool:
         if request_id in self.core.scheduler.requests:
             return False  # an id in use here (a stale migration): refuse rather than alias
+        if not self.core.scheduler.has_free_slot():
+            return False  # every sequence slot taken: the request could not run here
         self._refused.discard(request_id)
         ok = self.core.kv.reserve(request_id, num_blocks)
         if ok:
@@ -132,6 +134,8 @@ class MigrationEndpoint:
         kv = self.core.kv
         if request_id in self._refused or request_id not in kv.reserved:
             return False
+        if out.snapshot is not None and not self.core.scheduler.has_free_slot():
+            return False  # the slots filled up since the reservation: the source takes the request back
         end = out.start_block + out.num_blocks
         if not kv.reserve(request_id, end):
             return False

@@ -117,9 +117,11 @@ class Scheduler:
         self._finished_ids.append(req.request_id)  # the executor drops its per-request state
 
     def commit_migrated(self, req: Request, now: float) -> None:
-        """A request migrated in: it owns the KV reserved for it and continues running here."""
+        """A request migrated in: it owns the KV reserved for it and continues running here. The caller
+        checks `has_free_slot` first."""
         if req.request_id in self.requests:
             raise ValueError(f"request id {req.request_id!r} is already in use")
+        assert self.has_free_slot(), f"{req.request_id} migrated in without a sequence slot"
         self.policy.on_arrival(req)  # first: it may reject the request, and nothing has changed yet
         if req.request_id in self._finished_ids:
             # It left this engine since the last plan (it migrated away and back): the executor must not
@@ -171,6 +173,16 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_slots_taken(self) -> int:
+        """Sequence slots in use (at most max_num_seqs): the running requests, and those stopped for the
+        last stage of a migration out, whose slot stays theirs until it commits (a failed migration
+        resumes them here)."""
+        return len(self.running) + len(self.migrating_out)
+
+    def has_free_slot(self) -> bool:
+        return self.num_slots_taken < self.config.max_num_seqs
 
     # ---- one step ------------------------------------------------------------------------------
     def schedule(self, now: float) -> StepPlan:
@@ -343,7 +355,7 @@ class Scheduler:
             take = kv.blocks_to_take(req, n, num_free=free)
             free = None if take is None else free - take
             tokens -= n
-        return _Room(free, tokens, self.config.max_num_seqs - len(self.running))
+        return _Room(free, tokens, self.config.max_num_seqs - self.num_slots_taken)
 
     def _admission_shortage(self, w: Request, room: _Room) -> str | None:
         """What keeps `w` from being admitted into `room` ("slot", "tokens", "blocks"), or None when it
@@ -423,7 +435,7 @@ class Scheduler:
         # A swap-in computes nothing in this step (the request runs from the next one): with the budget
         # spent, swapped-out requests can still come back, as the look-ahead (_admission_shortage)
         # counts them. Otherwise return without asking the policy for its order (a pass over the queue).
-        if len(self.running) >= self.config.max_num_seqs or not self.waiting:
+        if self.num_slots_taken >= self.config.max_num_seqs or not self.waiting:
             return
         if budget.left == 0 and not self.kv.host_blocks:
             return
@@ -432,13 +444,13 @@ class Scheduler:
         # room for the ones above them did not count them either).
         gave_way = set(plan.preempted_ids)
         for req in self.policy.waiting_order(self.waiting, now):
-            if len(self.running) >= self.config.max_num_seqs:
+            if self.num_slots_taken >= self.config.max_num_seqs:
                 break
             if not self.policy.admit(req, now) or req.request_id in gave_way:
                 continue
             if self.kv.is_swapped(req.request_id):
                 need = self.kv.swap_in_blocks_needed(req)
-                if not self._swap_in_fits(need, self.kv.num_free_blocks, len(self.running)):
+                if not self._swap_in_fits(need, self.kv.num_free_blocks, self.num_slots_taken):
                     break
                 runs = self.kv.swap_in(req)
                 if runs is None:
@@ -504,7 +516,7 @@ class Scheduler:
             return 0
         if self.waiting and (
             type(self.policy).may_preempt is not Policy.may_preempt
-            or (len(running) < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
+            or (self.num_slots_taken < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
         ):
             return 0
         if any(len(r.all_token_ids) - r.num_computed_tokens != 1 for r in running):
@@ -621,4 +633,4 @@ class Scheduler:
             assert request_id not in self.requests
             assert req.finished == (request_id not in self.kv.req_blocks), f"stopped {request_id}: KV"
         assert not self.kv.reserved.keys() & self.requests.keys(), "a request holds a migration reservation"
-        assert len(self.running) <= self.config.max_num_seqs
+        assert self.num_slots_taken <= self.config.max_num_seqs
