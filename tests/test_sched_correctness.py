@@ -377,6 +377,55 @@ def test_budget_below_max_num_seqs_is_rejected() -> None:
         SchedulerConfig("sarathi", max_num_batched_tokens=8, max_num_seqs=16)
 
 
+def test_pins_give_way_to_a_swapped_out_request_when_nothing_runs() -> None:
+    """Continuum, swap preemption: a chat request is swapped out while two agents' calls grow, the calls
+    end and pin their KV for their tool calls, and nothing runs. The chat's swap-in needs blocks the pins
+    hold: pins give way to it as they do to a new call. (It once waited for a pin to expire: an idle
+    engine for up to the time-to-live, and forever on a virtual clock, where idle steps take no time.)"""
+    core = engine("continuum", num_blocks=64, num_host_blocks=64, budget=256, max_model_len=256,
+                  preemption_mode="swap")  # fmt: skip
+    params = SamplingParams(max_tokens=100, ignore_eos=True)
+    calls = [
+        Request(f"call{i}", list(range(1000 * i, 1000 * i + 20)), params, 0.0, program_id=f"agent{i}", tool_name="t")
+        for i in (1, 2)
+    ]
+    chat = make_request("chat", prompt_len=160, max_tokens=40, arrival=0.001, first_token=5000)
+    for r in [*calls, chat]:
+        core.add_request(r)
+    pinned_while_swapped = False
+    steps = 0
+    while core.has_unfinished():
+        out = core.step()
+        steps += 1
+        assert out.plan.scheduled or out.plan.swap_in_ids or core.scheduler.swapping_in, "the engine idled"
+        if chat.status == RequestStatus.PREEMPTED and core.kv.num_pinned_blocks:
+            pinned_while_swapped = True
+        assert steps < 1000
+    assert pinned_while_swapped and chat.num_preemptions == 1 and core.kv.num_pins_dropped >= 1
+    assert chat.status == RequestStatus.FINISHED_LENGTH and chat.num_output_tokens == 40
+    core.kv.expire_pins(float("inf"))
+    assert core.kv.num_free_blocks == core.kv.num_blocks and core.kv.host.num_free_blocks == core.kv.host.num_blocks
+
+
+def test_a_call_is_not_kept_out_by_its_own_programs_pin() -> None:
+    """An agent's next call arrives while its program's pin holds the last call's KV (the pin then waits
+    for it), but the call does not reuse that prefix (the agent rewrote its context) and needs those
+    blocks to fit. Nothing else runs: the pin gives way to its own call. (It once kept the call out for
+    good: the arrival stops a pin from expiring, and a call never released its own program's pin.)"""
+    core = engine("continuum", num_blocks=40, budget=128, max_model_len=128)
+    first = Request("call1", list(range(1000, 1060)), SamplingParams(max_tokens=1), 0.0, program_id="agent")
+    core.add_request(first)
+    run_to_end(core)
+    assert core.kv.num_pinned_blocks == 10  # the per-program cap: a quarter of the pool
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    second = Request("call2", list(range(5000, 5124)), params, core.clock.now(), program_id="agent")
+    core.add_request(second)
+    steps = run_to_end(core, max_steps=100)
+    assert second.status == RequestStatus.FINISHED_LENGTH and steps == 3  # its prompt, then 2 decodes
+    core.kv.expire_pins(float("inf"))
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
 def test_host_blocks_of_an_unlanded_swap_in_are_not_reused() -> None:
     kv = KVCacheManager(num_blocks=16, block_size=4, num_host_blocks=4)
     a = Request("a", list(range(15)), SamplingParams(max_tokens=4), 0.0)

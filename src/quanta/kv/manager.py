@@ -521,12 +521,13 @@ class KVCacheManager:
         self._next_expiry = min((p.expires_at for p in self.pins.values()), default=math.inf)
         return len(expired)
 
-    def drop_pin(self, keep: str | None = None) -> bool:
-        """Memory pressure: release the pin of the latest-arriving program (other than `keep`), whose
-        blocks a request can then take. False when there is none to drop."""
-        candidates = [p for p in self.pins.values() if p.program != keep]
-        if not candidates:
+    def drop_pin(self, last: str | None = None) -> bool:
+        """Memory pressure: release the pin of the latest-arriving program, whose blocks a request can
+        then take; the pin of program `last` (the asking call's own) only when no other is left. False
+        when there is none to drop."""
+        if not self.pins:
             return False
+        candidates = [p for p in self.pins.values() if p.program != last] or list(self.pins.values())
         self.unpin(max(candidates, key=lambda p: p.rank).program)
         self.num_pins_dropped += 1
         return True

@@ -449,8 +449,7 @@ class Scheduler:
             if not self.policy.admit(req, now) or req.request_id in gave_way:
                 continue
             if self.kv.is_swapped(req.request_id):
-                need = self.kv.swap_in_blocks_needed(req)
-                if not self._swap_in_fits(need, self.kv.num_free_blocks, self.num_slots_taken):
+                if not self._room_for_swap_in(req, now):
                     break
                 runs = self.kv.swap_in(req)
                 if runs is None:
@@ -472,11 +471,9 @@ class Scheduler:
             if n <= 0:
                 break
             if not self.kv.allocate_slots(req, n, hits):
-                # Other programs' pins give way when the policy allows it (a tail guard), and always
-                # when nothing runs: then no finishing request would ever make room.
-                if not self.kv.pins or not (not self.running or self.policy.may_drop_pins(req, now)):
+                if not self._may_drop_pins(req, now):
                     break  # keep the policy's order: nothing jumps the head of the queue
-                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(keep=req.program):
+                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(last=req.program):
                     pass
                 if not ok:
                     break
@@ -494,6 +491,21 @@ class Scheduler:
             self._add(plan, budget, req, n)
         for req in admitted:
             self.waiting.remove(req)
+
+    def _room_for_swap_in(self, req: Request, now: float) -> bool:
+        """Whether the swapped-out `req` fits now; pins give way for it as for a new call's prompt (else,
+        with nothing running, nothing would ever free the blocks it waits for)."""
+        need = self.kv.swap_in_blocks_needed(req)
+        while not self._swap_in_fits(need, self.kv.num_free_blocks, self.num_slots_taken):
+            if not self._may_drop_pins(req, now) or not self.kv.drop_pin(last=req.program):
+                return False
+        return True
+
+    def _may_drop_pins(self, req: Request, now: float) -> bool:
+        """Whether pins may give way for `req` to be admitted (other programs' first, its own last): when
+        the policy allows it (a tail guard), and always when nothing runs (then no finishing request
+        would ever make room)."""
+        return bool(self.kv.pins) and (not self.running or self.policy.may_drop_pins(req, now))
 
     # ---- runs of identical decode steps ---------------------------------------------------------------
     def decode_run(self, token_id: int, limit: int) -> int:

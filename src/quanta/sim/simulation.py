@@ -548,6 +548,10 @@ def _simulate(
             wake(i)
     bar.close()
     cores = [rep.core for rep in reps]
+    # Nothing is left to wake a replica: one still holding requests would have served them no matter how
+    # long the simulation ran (a scheduler that can plan nothing on an idle engine).
+    stalled = [i for i, c in enumerate(cores) if c.has_unfinished()]
+    assert not stalled, f"replica {stalled[0]} stalled with requests it never scheduled"
     swap_stats = {
         "swap_outs": sum(c.scheduler.num_swap_outs for c in cores),
         "swap_ins": sum(c.scheduler.num_swap_ins for c in cores),
