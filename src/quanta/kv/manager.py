@@ -521,14 +521,20 @@ class KVCacheManager:
         self._next_expiry = min((p.expires_at for p in self.pins.values()), default=math.inf)
         return len(expired)
 
-    def drop_pin(self, last: str | None = None) -> bool:
-        """Memory pressure: release the pin of the latest-arriving program, whose blocks a request can
-        then take; the pin of program `last` (the asking call's own) only when no other is left. False
-        when there is none to drop."""
-        if not self.pins:
-            return False
-        candidates = [p for p in self.pins.values() if p.program != last] or list(self.pins.values())
-        self.unpin(max(candidates, key=lambda p: p.rank).program)
+    def drop_pin(self, keep: str | None = None, reused: Sequence[KVBlock] = ()) -> bool:
+        """Memory pressure: release the pin of the latest-arriving program other than `keep` (the asking
+        call's own), whose blocks a request can then take. When no other is left, `keep`'s pin goes too
+        if it holds blocks besides `reused`, the prefix hits the call is about to take (releasing only
+        those would free nothing for it). False when nothing was dropped."""
+        candidates = [p for p in self.pins.values() if p.program != keep]
+        if candidates:
+            drop = max(candidates, key=lambda p: p.rank).program
+        else:
+            own = self.pins.get(keep) if keep is not None else None
+            if own is None or not set(own.blocks).difference(b.block_id for b in reused):
+                return False
+            drop = own.program
+        self.unpin(drop)
         self.num_pins_dropped += 1
         return True
 

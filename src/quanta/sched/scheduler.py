@@ -473,7 +473,7 @@ class Scheduler:
             if not self.kv.allocate_slots(req, n, hits):
                 if not self._may_drop_pins(req, now):
                     break  # keep the policy's order: nothing jumps the head of the queue
-                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(last=req.program):
+                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(req.program, hits):
                     pass
                 if not ok:
                     break
@@ -497,14 +497,14 @@ class Scheduler:
         with nothing running, nothing would ever free the blocks it waits for)."""
         need = self.kv.swap_in_blocks_needed(req)
         while not self._swap_in_fits(need, self.kv.num_free_blocks, self.num_slots_taken):
-            if not self._may_drop_pins(req, now) or not self.kv.drop_pin(last=req.program):
+            if not self._may_drop_pins(req, now) or not self.kv.drop_pin(req.program):
                 return False
         return True
 
     def _may_drop_pins(self, req: Request, now: float) -> bool:
-        """Whether pins may give way for `req` to be admitted (other programs' first, its own last): when
-        the policy allows it (a tail guard), and always when nothing runs (then no finishing request
-        would ever make room)."""
+        """Whether pins may give way for `req` to be admitted (other programs' first, then its own where
+        it holds blocks `req` will not reuse): when the policy allows it (a tail guard), and always when
+        nothing runs (then no finishing request would ever make room)."""
         return bool(self.kv.pins) and (not self.running or self.policy.may_drop_pins(req, now))
 
     # ---- runs of identical decode steps ---------------------------------------------------------------

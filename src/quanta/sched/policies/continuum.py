@@ -8,7 +8,8 @@ mean wait so far), and the cost is the pinned share of the pool times mem_price.
 Waiting order: preempted calls first, then calls whose program holds a pin, then program-level FCFS by
 the program's first arrival (a program's next turn does not queue behind newer programs).
 Tail guards: a call that has waited tail_guard_s, or was preempted, may release pins to be admitted
-(the latest program's first, its own program's last), so no call waits unboundedly behind pins; pins also give way before any
+(the latest program's first; its own program's last, where it holds blocks the call will not reuse),
+so no call waits unboundedly behind pins; pins also give way before any
 running request is preempted (the scheduler's mechanism); a call that has waited max_wait_s goes to
 the front after the preempted ones, in arrival order (program FCFS would otherwise hold a new program's first call behind
 every older program's turns).
