@@ -470,13 +470,11 @@ class Scheduler:
             n = self._chunk(req, budget.left, hits)
             if n <= 0:
                 break
-            if not self.kv.allocate_slots(req, n, hits):
-                if not self._may_drop_pins(req, now):
-                    break  # keep the policy's order: nothing jumps the head of the queue
-                while not (ok := self.kv.allocate_slots(req, n, hits)) and self.kv.drop_pin(req.program, hits):
-                    pass
-                if not ok:
+            while not (ok := self.kv.allocate_slots(req, n, hits)):
+                if not self._may_drop_pins(req, now) or not self.kv.drop_pin(req.program, hits):
                     break
+            if not ok:
+                break  # keep the policy's order: nothing jumps the head of the queue
             if self.kv.pins:
                 self.kv.unpin(req.program)  # the program's next call holds its blocks now
             num_cached = len(hits) * self.kv.block_size
