@@ -41,6 +41,28 @@ def test_fit_recovers_known_efficiencies() -> None:
     assert got.max_abs_rel_error < 0.01
 
 
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"device_mem_bandwidth": 0}, "device_mem_bandwidth must be a positive number"),
+        ({"device_peak_flops": float("nan")}, "device_peak_flops must be a positive number"),
+        ({"points": [{"batch": 5, "num_sampled": 1, "seconds": 0.1}]}, "point 0: batch must be"),
+        ({"points": [{"batch": [[0, 8]], "num_sampled": 1, "seconds": -0.1}]}, "point 0: seconds must be"),
+        ({"step_grid": {"prefill": [0, 8], "decodes": [0, 1], "context": [1, 2], "prefill_context": [0, 1],
+                        "seconds": [[[0.0, 0.0], [0.0, 0.0]]] * 2, "extra": [[0.0, 0.0]] * 2}},
+         "some positive"),
+    ],
+)  # fmt: skip
+def test_profiles_with_figures_that_cannot_be_measured_are_refused(tmp_path: Path, change: dict, match: str) -> None:
+    points = [{"batch": [[0, n]], "num_sampled": 1, "seconds": 1e-3 * n} for n in (8, 16, 32, 64)]
+    good = Profile("toy", GPU.bf16_flops, GPU.mem_bandwidth, GPU.mem_bytes, 2, MODEL, points)
+    good.save(tmp_path / "good.json")
+    assert Profile.load(tmp_path / "good.json").points == points
+    dataclasses.replace(good, **change).save(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match=match):
+        Profile.load(tmp_path / "bad.json")
+
+
 def test_cpu_profile_round_trip(llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "profile.json"
     # The CLI without the step grid (its default grid takes minutes here); the grid path is below.

@@ -275,3 +275,70 @@ def test_kv_usage_trace_is_bounded_and_keeps_the_exact_peak() -> None:
     assert 1.0 not in [u for _, u in trace.points]  # thinned out of the outline, not out of the peak
     ts = [t for t, _ in trace.points]
     assert ts == sorted(ts) and ts[0] == 0.0 and ts[-1] > 9000
+
+
+def test_a_trace_starting_before_zero_waits_no_longer_than_one_starting_at_zero() -> None:
+    w = [WorkloadRequest(float(t), 64, 8) for t in (0, 1, 2)]
+    shifted = [WorkloadRequest(r.arrival - 100, r.prompt_len, r.output_len) for r in w]
+    a, b = simulate(w, config()).summary(), simulate(shifted, config()).summary()
+    assert b.ttft["p50"] == pytest.approx(a.ttft["p50"]) and b.e2e["p99"] == pytest.approx(a.e2e["p99"])
+    with pytest.raises(ValueError, match="finite arrival"):
+        simulate([WorkloadRequest(float("nan"), 64, 8)], config())
+
+
+def test_prefill_saved_without_per_request_data() -> None:
+    # Two requests sharing a 64-token prefix: the second is served 64 tokens from the cache.
+    w = [WorkloadRequest(float(i), 96, 4, prefix_group="g", prefix_len=64) for i in range(2)]
+    kept, streamed = simulate(w, config()), simulate(w, config(keep_requests=False))
+    assert not streamed.requests
+    assert streamed.prefill_tokens_saved == kept.prefill_tokens_saved == 64
+    assert streamed.prefill_saved_fraction == pytest.approx(64 / 192)
+
+
+def test_capacity_of_a_trace_with_its_own_arrivals_is_in_requests_per_second() -> None:
+    from quanta.sim.capacity import at_unit_rate, find_capacity
+
+    w = [WorkloadRequest(100.0 + 0.2 * i, 64, 8) for i in range(11)]  # 5 req/s, from t=100
+    unit = at_unit_rate(w)
+    assert (len(unit) - 1) / (unit[-1].arrival - unit[0].arrival) == pytest.approx(1.0)
+    # A handful of requests drains at any rate: the search says the capacity is only a lower bound.
+    res = find_capacity(unit, config(), tbt_slo=1.0)
+    assert res.at_search_limit and res.qps >= 1000
+    with pytest.raises(ValueError, match="must be positive"):
+        find_capacity(unit, config(), tbt_slo=0.0)
+
+
+def test_settings_that_are_not_values_are_errors() -> None:
+    from quanta.sim.workload import gamma_arrivals, head
+
+    nan, inf = float("nan"), float("inf")
+    rng = np.random.default_rng(0)
+    for rate, cv in ((nan, 1.0), (1.0, nan), (1.0, inf), (inf, 1.0)):
+        with pytest.raises(ValueError, match="positive, finite"):
+            gamma_arrivals(rate, cv, 4, rng)
+    with pytest.raises(ValueError, match="duration must be positive"):
+        head([WorkloadRequest(0.0, 8, 2)], duration=nan)
+    for interval in (nan, inf, 0.0):
+        with pytest.raises(ValueError, match="poll_interval"):
+            config(poll_interval=interval)
+    with pytest.raises(ValueError, match="swap_space_gb"):
+        config(swap_space_gb=-1.0)
+    w = [WorkloadRequest(0.0, 8, 2)]
+    with pytest.raises(ValueError, match="JSON object"):
+        simulate(w, config(policy="priority", policy_args=[1, 2]))  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="bad policy settings"):
+        simulate(w, config(policy="deadline", policy_args={"slo_classes": 5}))
+
+
+def test_cli_report_json_has_no_nan_and_bad_output_folder_fails_first(tmp_path: Path) -> None:
+    trace = tmp_path / "t.csv"
+    # One output token each: no time between tokens, so its percentiles are undefined (null in JSON).
+    write_trace(trace, [WorkloadRequest(0.1 * i, 32, 1) for i in range(5)])
+    out = tmp_path / "r.json"
+    args = ("simulate", "--model", "llama-3.1-8b", "--gpu", "h100", "--trace", str(trace))
+    proc = run_cli(*args, "--json", str(out), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"bare {c} in the JSON"))[0]
+    assert row["itl"]["p99"] is None and row["num_requests"] == 5
+    proc = run_cli(*args, "--json", str(tmp_path / "missing" / "r.json"), timeout=120)
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr

@@ -142,3 +142,33 @@ def test_synthetic_prompts_share_what_the_trace_says() -> None:
     # A prefix_len longer than the prompt (hand-made rows, not read from a trace) shares the whole prompt.
     short = prompt_token_ids([WorkloadRequest(0.0, 8, 1, prefix_group="g", prefix_len=20)] * 2)
     assert short[0] == short[1] and len(short[0]) == 8
+
+
+@pytest.mark.parametrize(
+    ("body", "match"),
+    [
+        ("arrival,prompt_len,output_len\nnan,10,5\n", "not a finite number"),
+        ("arrival,prompt_len,output_len\ninf,10,5\n", "not a finite number"),
+        ("arrival,prompt_len,output_len\n0,1e400,5\n", "not a finite number"),
+        ("arrival,prompt_len,output_len\n0,10.7,5\n", "not a whole number"),
+        ("arrival,prompt_len,output_len,deadline\n0,10,5,-1\n", "deadline"),
+        # One blank arrival cell: an error naming the request, not a reason to redraw every arrival.
+        ("arrival,prompt_len,output_len\n0,10,5\n,10,5\n2,10,5\n", "request 2 has no arrival time"),
+    ],
+)
+def test_trace_cells_that_are_not_values_are_errors(tmp_path: Path, body: str, match: str) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text(body)
+    with pytest.raises(ValueError, match=match):
+        read_trace(path, rate=1.0)
+
+
+def test_trace_from_a_spreadsheet_and_json_that_is_not_rows(tmp_path: Path) -> None:
+    # A spreadsheet's "CSV UTF-8" starts with a byte-order mark: the first column is still found.
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes("\ufeffarrived_at,num_prefill_tokens,num_decode_tokens\r\n0.5,10,5\r\n1.5,20,6\r\n".encode())
+    assert [(r.arrival, r.prompt_len) for r in read_trace(bom)] == [(0.5, 10), (1.5, 20)]
+    array = tmp_path / "t.jsonl"
+    array.write_text('[{"arrival": 0, "prompt_len": 10, "output_len": 5}]\n')
+    with pytest.raises(ValueError, match=r"t\.jsonl:1: a request must be an object"):
+        read_trace(array)

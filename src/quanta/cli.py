@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -338,12 +339,43 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json_safe(obj: object) -> object:
+    """`obj` with every non-finite float as null: JSON has no NaN (a percentile of no samples is one),
+    and strict readers refuse the bare NaN that json.dumps writes."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before a long run: --json's folder and --plots must be usable (else the run's work is lost)."""
+    from pathlib import Path
+
+    json_path = getattr(args, "json", None)
+    if json_path and not Path(json_path).resolve().parent.is_dir():
+        raise ValueError(f"--json {json_path}: folder {str(Path(json_path).resolve().parent)!r} does not exist")
+    plots = getattr(args, "plots", None)
+    if plots and Path(plots).exists() and not Path(plots).is_dir():
+        raise ValueError(f"--plots {plots}: not a folder")
+
+
+def _write_json(path: str, rows: object) -> None:
+    from pathlib import Path
+
+    Path(path).write_text(json.dumps(_json_safe(rows), indent=2, allow_nan=False) + "\n")
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from quanta.sim.report import print_comparison, result_row
     from quanta.sim.simulation import simulate
 
+    _check_outputs(args)
     if args.programs:
         return _simulate_programs(args)
     workload = _sim_workload(args, args.qps)
@@ -356,12 +388,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         )
     _report_prefill_saved(workload, configs[0].block_size, rows)
     gpu = configs[0].gpu
-    qps = f"{args.qps} req/s" if args.qps else "trace arrivals"
     span = workload[-1].arrival - workload[0].arrival
+    # The rate the requests arrive at (a trace's own arrivals, where it has them, whatever --qps says).
+    rate = f", {(len(workload) - 1) / span:.3g} req/s" if span > 0 else ""
     print_comparison(
         rows,
-        f"{label} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}, {qps}, "
-        f"{len(workload)} requests arriving over {span:.0f} s (simulated)",
+        f"{label} on {args.replicas}x {gpu.name} (tp={args.tp}), {args.trace}: "
+        f"{len(workload)} requests arriving over {span:.0f} s{rate} (simulated)",
     )
     for cfg in configs:
         res = results[cfg.policy]
@@ -380,7 +413,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 f"prefix hit rate {res.prefix_hit_rate:.1%}"
             )
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.json, rows)
         print(f"wrote {args.json}")
     if args.plots:
         from quanta.sim.plots import plot_kv_usage, plot_latency_cdfs
@@ -402,7 +435,6 @@ PROGRAM_COLUMNS = [
 def _simulate_programs(args: argparse.Namespace) -> int:
     """--programs: agent programs in closed loop (a program trace JSONL, or a synthetic shape with
     --num-requests programs arriving at --qps programs/s); a program table per policy."""
-    from pathlib import Path
 
     from quanta.sim.program_report import mean_usage, plot_programs, print_table, program_metrics, with_ratios
     from quanta.sim.programs import SHAPES, ProgramSource, read_programs, synthetic_programs
@@ -447,7 +479,7 @@ def _simulate_programs(args: argparse.Namespace) -> int:
     print_table("prefix hit rate of calls by turn", [{"policy": r["policy"], **r["hit_by_turn"]} for r in rows],
                 ["policy", *rows[0]["hit_by_turn"]])  # fmt: skip
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.json, rows)
         print(f"wrote {args.json}")
     if args.plots:
         for path in plot_programs(args.plots, usage, pinned, jct):
@@ -476,12 +508,17 @@ def _report_prefill_saved(workload: list, block_size: int, rows: list[dict]) -> 
     if not any(w.prefix_group is not None or w.session_id is not None for w in workload):
         return
     from quanta.sched.batch_plan import plan_prompts
+    from quanta.sim.simulation import KEEP_REQUESTS_UP_TO
     from quanta.sim.workload import prompt_token_ids
 
+    saved = ", ".join(f"{r['policy']} {r['prefill_saved']:.1%}" for r in rows)
+    if len(workload) > KEEP_REQUESTS_UP_TO:  # the optimum's plan holds every prompt in memory at once
+        print(f"prefill tokens saved by the prefix cache: {saved} (optimum not computed past "
+              f"{KEEP_REQUESTS_UP_TO:,} requests)")  # fmt: skip
+        return
     optimum = plan_prompts(prompt_token_ids(workload), block_size).optimal_saved_fraction
     for r in rows:
         r["prefill_saved_optimum"] = optimum
-    saved = ", ".join(f"{r['policy']} {r['prefill_saved']:.1%}" for r in rows)
     print(f"prefill tokens saved by the prefix cache: {saved} (optimum {optimum:.1%})")
 
 
@@ -519,13 +556,11 @@ def cmd_capacity(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from quanta.sim.capacity import find_capacity
-    from quanta.sim.workload import scale_rate
+    from quanta.sim.capacity import at_unit_rate, find_capacity
 
-    base = _sim_workload(args, 1.0)
-    span = base[-1].arrival - base[0].arrival
-    if span > 0:  # a trace's own arrivals: rescale to 1 req/s, so that the search's rates are req/s
-        base = scale_rate(base, (len(base) - 1) / span)
+    _check_outputs(args)
+    # A trace's own arrivals are rescaled to 1 req/s, so that the search's rates are req/s.
+    base = at_unit_rate(_sim_workload(args, 1.0))
     console = Console()
     results = []
     configs, _ = _sim_configs(args)
@@ -541,7 +576,14 @@ def cmd_capacity(args: argparse.Namespace) -> int:
                     f"median delay {e.p50_scheduling_delay:.2f} s, {'ok' if e.ok else 'over'}"
                 ),
             )
-        console.print(f"{cfg.policy}: capacity {res.qps:.3g} req/s ({len(res.evaluations)} simulations)")
+        if res.at_search_limit:
+            console.print(
+                f"{cfg.policy}: capacity at least {res.qps:.3g} req/s, the search's highest rate: the targets "
+                f"held at every rate tried ({len(base)} requests drain too fast to load the deployment; "
+                "a longer trace or more requests measure it)"
+            )
+        else:
+            console.print(f"{cfg.policy}: capacity {res.qps:.3g} req/s ({len(res.evaluations)} simulations)")
         results.append(res)
     if len(results) > 1 and results[-1].qps > 0:
         console.print(
@@ -555,10 +597,15 @@ def cmd_capacity(args: argparse.Namespace) -> int:
         )
     if args.json:
         rows = [
-            {"policy": r.policy, "capacity_qps": r.qps, "evaluations": [asdict(e) for e in r.evaluations]}
+            {
+                "policy": r.policy,
+                "capacity_qps": r.qps,
+                "at_search_limit": r.at_search_limit,
+                "evaluations": [asdict(e) for e in r.evaluations],
+            }
             for r in results
         ]
-        Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        _write_json(args.json, rows)
     return 0
 
 

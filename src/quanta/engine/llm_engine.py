@@ -306,7 +306,8 @@ class LLMEngine(EngineFrontend):
             max_num_seqs=args.max_num_seqs or min(128, budget),
             max_model_len=max_model_len,
             preemption_mode=args.preemption_mode,
-            policy_args=dict(args.policy_args or {}),
+            # A copy; anything but a dict reaches make_policy, which says what is wrong with it.
+            policy_args=dict(args.policy_args) if isinstance(args.policy_args, dict) else args.policy_args or {},
         )
         self.core = EngineCore(
             executor,

@@ -138,4 +138,9 @@ def make_policy(name: str, config: SchedulerConfig) -> Policy:
         cls = POLICIES[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}") from None
-    return cls(config)
+    if not isinstance(config.policy_args, dict):
+        raise ValueError(f"policy settings must be a JSON object of named settings, not {config.policy_args!r}")
+    try:
+        return cls(config)
+    except (TypeError, AttributeError, KeyError) as e:  # a setting of the wrong shape
+        raise ValueError(f"policy {name!r}: bad policy settings {config.policy_args!r} ({e})") from None

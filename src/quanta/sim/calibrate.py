@@ -21,6 +21,7 @@ the current estimate, solve a least-squares problem on relative errors, repeat u
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -59,6 +60,36 @@ class Profile:
             raise ValueError("the profile chose the grid step model but has no step_grid")
         return StepGrid.from_dict(self.step_grid)
 
+    def check(self) -> None:
+        """Every measured figure a finite, positive number and every point a batch of (cached, new) token
+        counts: a profile written by hand or cut short is an error on loading, not nonsense (or a
+        division by zero) mid-simulation."""
+        for name in ("device_peak_flops", "device_mem_bandwidth", "device_mem_bytes", "dtype_bytes"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive number")
+        if not isinstance(self.points, list):
+            raise ValueError("points must be a list")
+        for i, p in enumerate(self.points):
+            batch = p.get("batch") if isinstance(p, dict) else None
+            ok = (
+                isinstance(batch, list)
+                and batch
+                and all(
+                    isinstance(b, list)
+                    and len(b) == 2
+                    and all(isinstance(x, int) and not isinstance(x, bool) for x in b)
+                    and b[0] >= 0
+                    and b[1] >= 1
+                    for b in batch
+                )
+            )
+            if not ok:
+                raise ValueError(f"point {i}: batch must be a list of [cached tokens, new tokens] pairs")
+            if not (isinstance(p.get("num_sampled"), int) and 0 <= p["num_sampled"] <= len(batch)):
+                raise ValueError(f"point {i}: num_sampled must be a count of the batch's requests")
+            if not _positive(p.get("seconds")):
+                raise ValueError(f"point {i}: seconds must be a positive number")
+
     def spec(self) -> GPUSpec:
         return GPUSpec(
             self.device, self.device_peak_flops, self.device_mem_bandwidth, self.device_mem_bytes, 0.0
@@ -80,11 +111,16 @@ class Profile:
             prof = cls(**data)
             if prof.step_model not in STEP_MODELS:
                 raise ValueError(f"unknown step_model {prof.step_model!r}")
+            prof.check()
             if prof.step_grid is not None:
                 StepGrid.from_dict(prof.step_grid)  # a malformed grid is an error here, not mid-simulation
             return prof
         except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError, ValueError) as e:
             raise ValueError(f"cannot read profile {str(path)!r}: {e}") from None
+
+
+def _positive(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(slots=True)

@@ -29,6 +29,19 @@ class CapacityResult:
     policy: str
     qps: float  # highest rate found that meets the targets (0.0: none)
     evaluations: list[Evaluation] = field(default_factory=list)
+    # The targets still held at the search's highest rate: the capacity is at least `qps`, not `qps`
+    # (a workload too short to load the deployment drains at any rate).
+    at_search_limit: bool = False
+
+
+def at_unit_rate(reqs: Sequence[WorkloadRequest]) -> list[WorkloadRequest]:
+    """A trace with its own arrivals, played at 1 request per second on average (its pattern kept), as
+    `find_capacity` wants its workload: then the search's rates are requests per second."""
+    span = reqs[-1].arrival - reqs[0].arrival if reqs else 0.0
+    if span <= 0:  # all at once: no rate to rescale
+        return list(reqs)
+    rate = (len(reqs) - 1) / span
+    return scale_rate(reqs, 1.0 / rate)  # played 1/rate times faster: rate * (1/rate) = 1 req/s
 
 
 def evaluate(
@@ -49,7 +62,9 @@ def find_capacity(
     max_qps: float = 10_000.0,
     on_eval: Callable[[Evaluation], None] | None = None,
 ) -> CapacityResult:
-    """`base`: a workload whose arrivals are at 1 req/s."""
+    """`base`: a workload whose arrivals are at 1 req/s (see `at_unit_rate`)."""
+    if not (tbt_slo > 0 and max_scheduling_delay > 0):  # also refuses nan
+        raise ValueError("the TBT target and the maximum scheduling delay must be positive")
     result = CapacityResult(cfg.policy, 0.0)
 
     def run(qps: float) -> bool:
@@ -75,7 +90,7 @@ def find_capacity(
             if qps < start_qps / 1024:
                 return result
     if bad is None:
-        result.qps = good
+        result.qps, result.at_search_limit = good, True
         return result
     while (bad - good) > tolerance * good:
         mid = (good + bad) / 2

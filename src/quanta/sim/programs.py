@@ -86,7 +86,7 @@ def _parse_program(raw: dict, where: str) -> Program:
         return Program(str(raw["program_id"]), arrival, turns, str(raw.get("group", "default")))
     except KeyError as e:
         raise ValueError(f"{where}: missing field {e.args[0]!r}") from None
-    except (TypeError, ValueError, AttributeError) as e:
+    except (TypeError, ValueError, AttributeError, OverflowError) as e:  # Overflow: int(inf) of a 1e400
         raise ValueError(f"{where}: {e}") from None
 
 

@@ -16,7 +16,7 @@ def result_row(name: str, result: SimResult, **slos: float | None) -> dict:
         "per_tenant": {t: v.as_dict() for t, v in tenants.items()} if len(tenants) > 1 else {},
         "peak_kv_usage": result.peak_kv_usage,
         "num_steps": result.num_steps,
-        "prefill_saved": result.prefill_saved_fraction if result.requests else None,
+        "prefill_saved": result.prefill_saved_fraction,
         "num_decode_runs": result.num_decode_runs,
         "simulated_seconds": result.simulated_seconds,
         "wall_seconds": result.wall_seconds,

@@ -91,8 +91,10 @@ class SimConfig:
             Rescheduler(self.migration_pairing, self.migration_threshold, self.migration_choice)
             if self.poll_interval is None:
                 self.poll_interval = 0.05  # Llumnix's instances report every 50 ms
-        if self.poll_interval is not None and self.poll_interval <= 0:
-            raise ValueError("poll_interval must be positive")
+        if self.poll_interval is not None and not 0 < self.poll_interval < math.inf:
+            raise ValueError("poll_interval must be a positive, finite number of seconds")
+        if not 0 <= self.swap_space_gb < math.inf:
+            raise ValueError("swap_space_gb must be a non-negative, finite number")
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
@@ -162,6 +164,9 @@ class SimResult:
     # Tokens finished requests had to compute (uncached prompt, outputs but the last): what the executors
     # computed beyond this, for finished requests, was recomputation after preemption.
     num_needed_tokens: int = 0
+    # Of finished requests: their prompt tokens, and their outputs but the last (computed once each).
+    num_prompt_tokens: int = 0
+    num_decode_tokens: int = 0
     migrations: list[Migration] = field(default_factory=list)  # every migration started, as it ended
     prefix_cache_queries: int = 0  # prompt blocks looked up in the replicas' prefix caches
     prefix_cache_hits: int = 0
@@ -191,16 +196,11 @@ class SimResult:
         """Prompt tokens never computed (served from the prefix cache). A finished request computed its
         uncached prompt and all outputs but the last; whatever else was computed is recomputation, which
         counts against the saving."""
-        if not self.requests and self.num_requests:
-            raise ValueError("this simulation kept no per-request data (keep_requests)")
-        prompt = sum(r.num_prompt_tokens for r in self.requests)
-        decode = sum(max(r.num_output_tokens - 1, 0) for r in self.requests)
-        return prompt - (self.num_computed_tokens - decode)
+        return self.num_prompt_tokens - (self.num_computed_tokens - self.num_decode_tokens)
 
     @property
     def prefill_saved_fraction(self) -> float:
-        prompt = sum(r.num_prompt_tokens for r in self.requests)
-        return self.prefill_tokens_saved / prompt if prompt else 0.0
+        return self.prefill_tokens_saved / self.num_prompt_tokens if self.num_prompt_tokens else 0.0
 
     def metrics(self) -> list[RequestMetrics]:
         if not self.requests and self.num_requests:
@@ -218,9 +218,11 @@ class SimResult:
         return self.summary().num_preemptions
 
 
-def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = None) -> EngineCore:
-    """One replica; `output_lengths` (request id -> true output length) tells its executor where each
-    request emits EOS."""
+def build_replica(
+    cfg: SimConfig, output_lengths: Mapping[str, int] | None = None, start: float = 0.0
+) -> EngineCore:
+    """One replica, its clock at `start`; `output_lengths` (request id -> true output length) tells its
+    executor where each request emits EOS."""
     cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
     num_blocks = cfg.num_kv_blocks or cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
     num_host_blocks = int(cfg.swap_space_gb * 2**30 // (cfg.block_size * cost.kv_bytes_per_token()))
@@ -233,7 +235,7 @@ def build_replica(cfg: SimConfig, output_lengths: Mapping[str, int] | None = Non
             block_size=cfg.block_size,
             output_lengths=output_lengths,
         ),
-        VirtualClock(),
+        VirtualClock(start),
         SchedulerConfig(
             cfg.policy,
             cfg.budget,
@@ -320,6 +322,8 @@ def _simulate(
                 f"a program's context reaches max_model_len ({cfg.max_model_len}) tokens or more"
             )
     else:
+        if not all(math.isfinite(w.arrival) for w in workload):
+            raise ValueError("every request needs a finite arrival time (the workload holds nan or inf)")
         num_requests, first = len(workload), min((w.arrival for w in workload), default=0.0)
         too_long = [w.prompt_len for w in workload if w.prompt_len >= cfg.max_model_len]
         if too_long:
@@ -350,7 +354,10 @@ def _simulate(
             if not keep:
                 kept = []
         source = TraceSource(pending, lengths)
-    reps = [_Replica(build_replica(cfg, source.output_lengths), UsageTrace()) for _ in range(cfg.replicas)]
+    # Clocks start at 0, or at the first arrival where a trace starts before 0 (else those requests would
+    # wait from their arrival until 0).
+    start = min(first, 0.0)
+    reps = [_Replica(build_replica(cfg, source.output_lengths, start), UsageTrace()) for _ in range(cfg.replicas)]
     pins: list[list[tuple[float, float]]] | None = [[] for _ in reps] if closed else None
     transport = SimulatedTransport(cfg.link_bandwidth, cfg.link_latency)
     endpoints = [MigrationEndpoint(rep.core, transport, i) for i, rep in enumerate(reps)]
@@ -375,7 +382,7 @@ def _simulate(
         heapq.heappush(ctl, (source.next_arrival_time(), next(ctl_seq), None))
     migrations: list[Migration] = []
     active: dict[str, Migration] = {}
-    steps = runs = computed = needed = polls = 0
+    steps = runs = computed = needed = polls = prompt_tokens = decode_tokens = 0
     # Whether the view holds replica i's light snapshot (instance_state without detail) as it reads now:
     # refreshing an unchanged replica would hand the view an equal snapshot, so it is skipped. Cleared
     # wherever the loop changes a replica (a step, a run applied, an arrival, a migration phase).
@@ -391,9 +398,12 @@ def _simulate(
         heapq.heappush(heap, (t, i, rep.version))
 
     def done(r: Request, t: float) -> None:
-        nonlocal needed
+        nonlocal needed, prompt_tokens, decode_tokens
         stream.add_request(r)
-        needed += r.num_prompt_tokens - r.num_cached_tokens + max(r.num_output_tokens - 1, 0)
+        decode = max(r.num_output_tokens - 1, 0)
+        needed += r.num_prompt_tokens - r.num_cached_tokens + decode
+        prompt_tokens += r.num_prompt_tokens
+        decode_tokens += decode
         source.on_finished(r, t)  # a closed-loop source schedules the program's next call
 
     def finish_run(i: int, num_steps: int | None = None) -> None:
@@ -574,6 +584,8 @@ def _simulate(
         num_decode_runs=runs,
         num_computed_tokens=computed,
         num_needed_tokens=needed,
+        num_prompt_tokens=prompt_tokens,
+        num_decode_tokens=decode_tokens,
         migrations=migrations,
         prefix_cache_queries=sum(c.kv.pool.num_cache_queries for c in cores),
         prefix_cache_hits=sum(c.kv.pool.num_cache_hits for c in cores),

@@ -116,6 +116,12 @@ class StepGrid:
         extra_shape = (len(self.prefill), len(self.prefill_context))
         if np.shape(self.seconds) != shape or np.shape(self.extra) != extra_shape:
             raise ValueError("step grid tables do not match their axes")
+        seconds, extra = np.asarray(self.seconds, dtype=float), np.asarray(self.extra, dtype=float)
+        host = np.array([self.host_seconds, self.host_per_request], dtype=float)
+        if not (np.isfinite(seconds).all() and np.isfinite(extra).all() and np.isfinite(host).all()):
+            raise ValueError("step grid times must be finite numbers")
+        if (seconds < 0).any() or not (seconds > 0).any():
+            raise ValueError("step grid times must be non-negative (and some positive)")
 
     def to_dict(self) -> dict:
         return {

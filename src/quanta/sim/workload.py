@@ -97,8 +97,8 @@ def poisson_arrivals(rate: float, n: int, rng: np.random.Generator) -> np.ndarra
 
 def gamma_arrivals(rate: float, cv: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """Inter-arrival gaps ~ Gamma with mean 1/rate and coefficient of variation cv (cv=1: Poisson)."""
-    if rate <= 0 or cv <= 0:
-        raise ValueError("rate and cv must be positive")
+    if not (0 < rate < math.inf and 0 < cv < math.inf):  # also refuses nan
+        raise ValueError("rate and cv must be positive, finite numbers")
     shape = 1.0 / cv**2
     gaps = rng.gamma(shape, 1.0 / (rate * shape), n)
     return np.cumsum(gaps) - gaps[0]  # the first request arrives at t=0
@@ -180,19 +180,34 @@ _ALIASES = {
 
 def _int(v: object) -> int:
     """Integers as tables write them: "12", or "12.0" from a column that also has missing values."""
-    return int(float(v))  # type: ignore[arg-type]
+    x = _float(v)
+    if x != int(x):
+        raise ValueError(f"{v!r} is not a whole number")
+    return int(x)
+
+
+def _float(v: object) -> float:
+    """A finite number (a cell of "nan" or "inf" is an error, not a value)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
+        raise ValueError(f"{v!r} is not a number")
+    x = float(v)
+    if not math.isfinite(x):
+        raise ValueError(f"{v!r} is not a finite number")
+    return x
 
 
 def _parse_row(raw: dict, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: a request must be an object of named fields, not {type(raw).__name__}")
     row = {_ALIASES.get(k, k): v for k, v in raw.items() if v not in (None, "")}
     try:
         out = {"prompt_len": _int(row["prompt_len"]), "output_len": _int(row["output_len"])}
         if "arrival" in row:
-            out["arrival"] = float(row["arrival"])
+            out["arrival"] = _float(row["arrival"])
         for key, cast in (
             ("tenant", str),
-            ("priority", int),
-            ("deadline", float),
+            ("priority", _int),
+            ("deadline", _float),
             ("session_id", str),
             ("slo_class", str),
             ("max_tokens", _int),
@@ -214,6 +229,8 @@ def _parse_row(raw: dict, where: str) -> dict:
         raise ValueError(f"{where}: prefix_len must be between 0 and prompt_len")
     if prefix_len and "prefix_group" not in out:
         raise ValueError(f"{where}: prefix_len needs a prefix_group (who shares the prefix)")
+    if out.get("deadline", 1.0) <= 0:
+        raise ValueError(f"{where}: deadline (seconds after arrival) must be positive")
     return out
 
 
@@ -233,13 +250,19 @@ def read_trace(
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: {e}") from None
     else:
-        with path.open(newline="") as f:
+        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the
+        # first column's name.
+        with path.open(newline="", encoding="utf-8-sig") as f:
             rows = [_parse_row(r, f"{path}:{i + 2}") for i, r in enumerate(csv.DictReader(f))]
     if not rows:
         raise ValueError(f"trace {str(path)!r} has no requests")
-    if all("arrival" in r for r in rows):
+    timed = sum("arrival" in r for r in rows)
+    if timed == len(rows):
         reqs = [WorkloadRequest(**r) for r in rows]
     else:
+        if timed:  # a gap in the arrival column: an error, not a reason to redraw every arrival
+            k = next(i for i, r in enumerate(rows) if "arrival" not in r)
+            raise ValueError(f"trace {str(path)!r}: request {k + 1} has no arrival time (the others have)")
         if rate is None:
             raise ValueError(f"trace {str(path)!r} has no arrival times: give a request rate")
         arrivals = gamma_arrivals(rate, cv, len(rows), np.random.default_rng(seed))
@@ -254,7 +277,7 @@ def head(
     arrival, and at most `num_requests` of them; None: no limit (the whole trace)."""
     out = sorted(reqs, key=lambda r: r.arrival)
     if duration is not None:
-        if duration <= 0:
+        if not duration > 0:  # also refuses nan
             raise ValueError("duration must be positive")
         end = out[0].arrival + duration if out else 0.0
         out = [r for r in out if r.arrival < end]
