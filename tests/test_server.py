@@ -111,6 +111,15 @@ def test_n_samples_and_seed_reproducibility(server: Server) -> None:
     assert [c.text for c in a.choices] == [c.text for c in b.choices]
     assert len({c.text for c in a.choices}) > 1  # samples differ from each other
     assert a.usage.completion_tokens == 3 * 8
+    # Streamed, each choice says how it finished once, however long the others go on after it.
+    for path, body in (
+        ("/v1/completions", {"prompt": PROMPTS[0]}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": PROMPTS[0]}]}),
+    ):
+        body = {**body, "model": MODEL, "n": 4, "temperature": 1.0, "seed": 7, "max_tokens": 12, "stream": True}
+        events = server.sse(path, {**body, "stop": [" ", "e", "a"]})
+        finishes = [c["index"] for e in events if isinstance(e, dict) for c in e["choices"] if c.get("finish_reason")]
+        assert sorted(finishes) == [0, 1, 2, 3], (path, finishes)
 
 
 def test_stop_strings(server: Server) -> None:
@@ -159,6 +168,17 @@ def test_logprobs_and_echo(server: Server) -> None:
     for top, chosen in zip(lp.top_logprobs[n_prompt:], lp.token_logprobs[n_prompt:]):
         assert 2 <= len(top) <= 3
         assert max(top.values()) == pytest.approx(chosen, abs=1e-4)  # greedy: the sampled token is the best
+    # text_offset: where each token starts in the choice's whole text (prompt, then completion), and the
+    # same offsets when the completion is streamed.
+    offsets = lp.text_offset
+    assert offsets == sorted(offsets) and offsets[n_prompt] >= len(prompt)
+    kw = dict(model=MODEL, prompt=prompt, max_tokens=5, temperature=0, logprobs=1, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kw).choices[0].logprobs.text_offset
+    streamed = [
+        x for c in client.completions.create(**kw, stream=True) if c.choices and c.choices[0].logprobs
+        for x in c.choices[0].logprobs.text_offset
+    ]  # fmt: skip
+    assert streamed == whole and whole[0] == 0 and whole == sorted(whole)
 
     chat = client.chat.completions.create(
         model=MODEL,
@@ -223,6 +243,10 @@ BAD_REQUESTS = [
     ("malformed JSON", "/v1/completions", b'{"model": "tiny", "prompt": ', 400),
     ("not an object", "/v1/chat/completions", b"[1, 2]", 400),
     ("unknown route", "/v1/embeddings", {"model": MODEL, "input": "x"}, 404),
+    # Valid JSON whose strings are not Unicode text, or nested deeper than a parser follows.
+    ("lone surrogate in a prompt", "/v1/completions", b'{"model": "tiny", "prompt": "a\\ud800b"}', 400),
+    ("lone surrogate in a message", "/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}]}', 400),
+    ("JSON nested too deeply", "/v1/completions", b"[" * 100_000 + b"]" * 100_000, 400),
 ]  # fmt: skip
 
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
@@ -261,6 +285,7 @@ ACCEPTED_FIELDS = [
     {**CHAT, "response_format": {"type": "text"}, "tool_choice": "none", "tools": []},
     {**CHAT, "tool_choice": "auto", "best_of": 1, "function_call": "none"},
     {**CMPL, "best_of": 2, "n": 2, "stream_options": None},
+    {**CMPL, "top_k": 2**70, "temperature": 1.0},  # keep everything (it once failed the whole step)
 ]
 
 
@@ -403,6 +428,10 @@ def test_api_key_and_queue_limit(servers: tuple[Server, Server]) -> None:
 
     # One request runs, one may wait; the rest are turned away with 429 and Retry-After.
     auth = {"Authorization": f"Bearer {API_KEY}"}
+    # ... but a request that alone is more than the queue takes is refused for good (400, not 429: a retry
+    # would be refused again).
+    status, payload, _ = guarded.http("POST", "/v1/completions", {"model": MODEL, "prompt": "x", "n": 2}, auth)
+    assert status == 400 and "waiting queue" in payload["error"]["message"], payload
     body = {"model": MODEL, "prompt": [5, 6, 7], "max_tokens": 200, "ignore_eos": True}
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda _: guarded.http("POST", "/v1/completions", body, auth), range(8)))

@@ -64,20 +64,24 @@ def test_batch_lifecycle_results_and_errors(llama_dir: Path, tmp_path: Path) -> 
             "body": {"prompt": "hi"},
         },  # not this endpoint
         "{broken",
+        chat_line("bias", "x", logit_bias={"100000": 5}),  # out of the vocabulary: the API's 400
+        chat_line("gpt", "x", model="gpt-4"),  # not this server's model: the API's 404
     ]
+    # A line that is not UTF-8 (a latin-1 e-acute): that line's error, the others still run.
+    data = jsonl(rows) + b'{"custom_id": "latin", "method": "POST", "url": "/v1/chat/completions", "body": {"messages": [{"role": "user", "content": "caf\xe9"}]}}\n'
     with InProcessServer(llama_dir, batch_dir=tmp_path / "store") as srv:
         client = srv.client()
-        f = client.files.create(file=("in.jsonl", jsonl(rows)), purpose="batch")
-        assert f.purpose == "batch" and f.bytes == len(jsonl(rows))
+        f = client.files.create(file=("in.jsonl", data), purpose="batch")
+        assert f.purpose == "batch" and f.bytes == len(data)
         assert client.files.retrieve(f.id).filename == "in.jsonl"
-        assert client.files.content(f.id).content == jsonl(rows)
+        assert client.files.content(f.id).content == data
         b = client.batches.create(
             input_file_id=f.id, endpoint="/v1/chat/completions", completion_window="24h"
         )
         assert b.status in ("validating", "in_progress", "completed") and b.output_file_id is None
         b = wait_batch(client, b.id)
         assert b.status == "completed" and b.completed_at and b.in_progress_at and b.finalizing_at
-        assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (9, 6, 3)
+        assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (12, 6, 6)
         out = results(client, b.output_file_id)
         assert set(out) == {f"q{i}" for i in range(6)}
         # The same answer as the interactive API gives.
@@ -92,11 +96,15 @@ def test_batch_lifecycle_results_and_errors(llama_dir: Path, tmp_path: Path) -> 
         assert body["choices"][0]["message"]["content"] == alone.choices[0].message.content
         errors = [json.loads(x) for x in client.files.content(b.error_file_id).text.splitlines()]
         by_id = {e["custom_id"]: e for e in errors}
-        assert by_id["hot"]["response"]["status_code"] == 400
+        assert by_id["hot"]["response"]["status_code"] == by_id["bias"]["response"]["status_code"] == 400
+        assert by_id["gpt"]["response"]["status_code"] == 404
         assert "not this batch's endpoint" in by_id["cmpl"]["response"]["body"]["error"]["message"]
-        assert by_id[None]["error"]["line"] == 9
+        bad_lines = {e["error"]["line"]: e["error"]["message"] for e in errors if e["custom_id"] is None}
+        assert set(bad_lines) == {9, 12} and "not UTF-8" in bad_lines[12]
         listed = client.batches.list()
         assert [x.id for x in listed.data] == [b.id]
+        status, payload, _ = srv.http("GET", "/v1/batches?limit=abc")  # the API's error shape, not FastAPI's
+        assert status == 400 and payload["error"]["param"] == "limit", payload
         # Bad requests: unknown ids, a file that is not a batch input, no purpose.
         import openai
 

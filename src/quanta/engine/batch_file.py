@@ -163,6 +163,10 @@ def build_request(
         if len(ids) >= limit:
             raise BadBody(f"the prompt has {len(ids)} tokens; this model's maximum context length is {limit}")
         p = make(ids)
+        try:
+            engine.check_logit_bias(p)  # token ids past the vocabulary: the line's fault, as online (400)
+        except ValueError as e:
+            raise BadBody(str(e)) from None
         if p.max_tokens is None or len(ids) + p.max_tokens > limit:
             p.max_tokens = limit - len(ids)  # trimmed to the context, as the server does
             p.min_tokens = min(p.min_tokens, p.max_tokens)
@@ -261,16 +265,22 @@ def read_input(
     done_lines: set[int],
     summary: BatchSummary,
     endpoint: str | None = None,
+    model_name: str | None = None,
 ) -> list[BatchItem]:
     """The requests of the input file still to run; bad ones are answered in `out` at once. `endpoint`:
-    the one url every line must name (a server batch is for one endpoint)."""
+    the one url every line must name (a server batch is for one endpoint); `model_name`: the one model
+    a line may name (a server's, as its online API checks)."""
     items: list[BatchItem] = []
     seen: set[str] = set()
-    with path.open() as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    with path.open("rb") as f:  # bytes: a line that is not UTF-8 is that line's error, not the file's
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise BadLine(f"line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
                 custom_id, url, body = parse_envelope(line, lineno)
             except BadLine as e:
                 if lineno in done_lines or e.custom_id in done_ids:
@@ -292,6 +302,11 @@ def read_input(
                 model, prompts, params = build_request(engine, url, body)
             except BadBody as e:
                 out.write(output_line(custom_id, 400, error_body(str(e))))
+                summary.failed += 1
+                continue
+            if model_name is not None and model is not None and model != model_name:
+                body_404 = error_body(f"the model {model!r} does not exist", "NotFoundError")
+                out.write(output_line(custom_id, 404, body_404))
                 summary.failed += 1
                 continue
             items.append(BatchItem(lineno, custom_id, url, model or "", prompts, params))

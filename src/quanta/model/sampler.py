@@ -111,7 +111,9 @@ class Sampler:
         x = logits / temps[:, None]
         if any(p.top_k or p.top_p < 1.0 for p in params):
             vocab = x.shape[-1]
-            k = torch.tensor([p.top_k or vocab for p in params], device=dev).clamp(max=vocab)
+            # Clamped before the tensor: a top_k past int64 (valid JSON, and a valid "keep all") must not
+            # fail the step, which would abort every request in it.
+            k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=dev)
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             x = _apply_top_k_top_p(x, k, top_p)
         probs = torch.softmax(x, dim=-1)

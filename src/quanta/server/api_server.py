@@ -28,11 +28,13 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 import quanta
 from quanta.engine.llm_engine import EngineFrontend
@@ -245,7 +247,7 @@ class OpenAIServer:
             )
         self._add_error_handlers(app)
 
-        @app.get("/health")
+        @app.api_route("/health", methods=["GET", "HEAD"])
         async def health() -> Response:
             if self.engine.alive:
                 return Response(status_code=200)
@@ -411,6 +413,17 @@ class OpenAIServer:
         async def on_engine_error(_: Request, e: Exception) -> JSONResponse:
             return _error_response(_api_error_of(e))
 
+        @app.exception_handler(RequestValidationError)
+        async def on_bad_parameter(_: Request, e: RequestValidationError) -> JSONResponse:  # ?limit=abc
+            err = e.errors()[0] if e.errors() else {}
+            loc = [str(x) for x in err.get("loc", ()) if x not in ("query", "path", "body")]
+            param = loc[0] if loc else None
+            return _error_response(_bad(f"{'.'.join(loc)}: {err.get('msg', 'invalid')}", param))
+
+        @app.exception_handler(ClientDisconnect)
+        async def on_client_gone(_: Request, e: ClientDisconnect) -> Response:
+            return Response(status_code=499)  # the client left mid-body: nobody reads an answer
+
         @app.exception_handler(StarletteHTTPException)
         async def on_http_error(_: Request, e: StarletteHTTPException) -> JSONResponse:  # 404/405 routes
             type_ = "NotFoundError" if e.status_code == 404 else "invalid_request_error"
@@ -515,6 +528,8 @@ class OpenAIServer:
             )
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"malformed JSON body: {e}") from None
+        except RecursionError:  # valid JSON nested deeper than the parser follows
+            raise _bad("malformed JSON body: nested too deeply") from None
         if not isinstance(data, dict):
             raise _bad("the request body must be a JSON object")
         return data
@@ -589,9 +604,16 @@ class OpenAIServer:
         return backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     async def _encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        if len(text) < _INLINE_TOKENIZE_CHARS:
-            return self.llm_engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-        return await asyncio.to_thread(self._encode_now, text, add_special_tokens)
+        try:
+            if len(text) < _INLINE_TOKENIZE_CHARS:
+                return self.llm_engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
+            return await asyncio.to_thread(self._encode_now, text, add_special_tokens)
+        except (TypeError, UnicodeEncodeError) as e:
+            # JSON may carry a lone UTF-16 surrogate ("\ud800"): a str that is not Unicode text, which
+            # the tokenizer refuses.
+            if any("\ud800" <= c <= "\udfff" for c in text):
+                raise _bad("the text holds a lone UTF-16 surrogate: it is not valid Unicode") from None
+            raise e
 
     async def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
         tok = self.llm_engine.tokenizer
@@ -793,7 +815,8 @@ class OpenAIServer:
             for o in out.outputs:
                 text, logprobs = o.text, None
                 if body.logprobs is not None:
-                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, body.logprobs)
+                    start = len(echo_texts[i]) if body.echo else 0
+                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, body.logprobs, start)
                     if body.echo:
                         plp = self._completion_logprobs(out.prompt_logprobs or [], prompts[i], body.logprobs)
                         logprobs = {k: plp[k] + logprobs[k] for k in logprobs}
@@ -821,10 +844,12 @@ class OpenAIServer:
             "stop_reason": o.stop_reason if o else None,
         }
 
-    def _completion_logprobs(self, entries: list, token_ids: list[int], k: int) -> dict:
-        """OpenAI's legacy logprobs object; a None entry (the first prompt token) has no logprob."""
+    def _completion_logprobs(self, entries: list, token_ids: list[int], k: int, start: int = 0) -> dict:
+        """OpenAI's legacy logprobs object; a None entry (the first prompt token) has no logprob.
+        text_offset counts from `start`: where the first token's text begins in the choice's whole text
+        (after an echoed prompt, after what earlier chunks of a stream carried)."""
         tokens, lps, tops, offsets = [], [], [], []
-        offset = 0
+        offset = start
         for t, entry in zip(token_ids, entries):
             s = self._decode(t)
             tokens.append(s)
@@ -853,6 +878,8 @@ class OpenAIServer:
         echo_texts: list[str],
     ) -> AsyncIterator[str]:
         sent_text: dict[int, int] = {}
+        ended: set[int] = set()  # choices whose finish_reason went out (n > 1: outputs repeat every sample)
+        offsets: dict[int, int] = {}  # the next token's text_offset, per choice (as the whole response's)
         sent_tokens: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
 
@@ -884,16 +911,23 @@ class OpenAIServer:
                                     out.prompt_logprobs or [], prompts[i], body.logprobs
                                 )
                             yield chunk(self._completion_choice(index, echo_texts[i], logprobs, None))
+                    if index in ended:
+                        continue
                     done = o.finish_reason is not None
+                    if done:
+                        ended.add(index)
                     delta = o.text[sent_text[index] :]
                     new_ids = o.token_ids[sent_tokens[index] :]
                     if not delta and not done and not (new_ids and body.logprobs is not None):
                         continue
                     logprobs = None
                     if body.logprobs is not None:
+                        start = offsets.get(index, len(echo_texts[i]) if body.echo else 0)
                         logprobs = self._completion_logprobs(
-                            (o.logprobs or [])[sent_tokens[index] :], new_ids, body.logprobs
+                            (o.logprobs or [])[sent_tokens[index] :], new_ids, body.logprobs, start
                         )
+                        if logprobs["tokens"]:  # the next chunk's tokens go on where these end
+                            offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
                     sent_text[index] = len(o.text)
                     sent_tokens[index] = len(o.token_ids)
                     yield chunk(self._completion_choice(index, delta, logprobs, o if done else None))
@@ -997,6 +1031,7 @@ class OpenAIServer:
 
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
+        ended: set[int] = set()  # choices whose finish_reason went out (n > 1: outputs repeat every sample)
         # Sent with (just before, in the same write as) the first chunk that carries a token, as vLLM
         # does: a client timing its first chunk then measures the time to the first token, not to
         # the request's admission.
@@ -1018,7 +1053,11 @@ class OpenAIServer:
                     final = out
                 for o in out.outputs:
                     j = o.index
+                    if j in ended:
+                        continue
                     done = o.finish_reason is not None
+                    if done:
+                        ended.add(j)
                     delta = o.text[sent_text[j] :]
                     new_ids = o.token_ids[sent_tokens[j] :]
                     if not delta and not done and not (new_ids and body.logprobs):

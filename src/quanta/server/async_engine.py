@@ -271,6 +271,7 @@ class AsyncEngine:
     def _handle(self, kind: str, payload: Any, fut: concurrent.futures.Future | None) -> None:
         try:
             if kind == "add_many":
+                self._check_queue(payload)  # the call as a whole: all of its prompts or none
                 added: list[str] = []
                 try:
                     for item in payload:
@@ -311,24 +312,40 @@ class AsyncEngine:
     def _add(
         self, request_id: str, prompt: PromptType, params: SamplingParams, kwargs: dict, stream: _Stream
     ) -> None:
-        self._check_queue(prompt, params)
         self.engine.add_request(request_id, prompt, params, **kwargs)
         stream.requests = self.engine.requests_of(request_id)
         self._streams[request_id] = stream
 
-    def _check_queue(self, prompt: PromptType, params: SamplingParams) -> None:
+    def _check_queue(self, items: list) -> None:
+        """Refuse a call whose prompts would take the waiting queue past its limits: QueueFullError (retry
+        later) when the queue holds too much now, ValueError when the call alone is over a limit (it would
+        never fit: a retry cannot help)."""
         lim = self.limits
         if lim.max_waiting_requests is None and lim.max_waiting_tokens is None:
             return
-        num_waiting, tokens = self.engine.waiting_load()
-        if lim.max_waiting_requests is not None and num_waiting + params.n > lim.max_waiting_requests:
-            raise QueueFullError(
-                f"the waiting queue holds {num_waiting} requests (limit {lim.max_waiting_requests})"
-            )
-        if lim.max_waiting_tokens is not None:
+        num_new = new_tokens = 0
+        for _, prompt, params, _, _ in items:
             ids = prompt.get("prompt_token_ids") if isinstance(prompt, dict) else prompt
-            new = len(ids) if isinstance(ids, list) else 0
-            if tokens + new * params.n > lim.max_waiting_tokens:
+            num_new += params.n
+            new_tokens += (len(ids) if isinstance(ids, list) else 0) * params.n
+        num_waiting, tokens = self.engine.waiting_load()
+        if lim.max_waiting_requests is not None:
+            if num_new > lim.max_waiting_requests:
+                raise ValueError(
+                    f"this request asks for {num_new} sequences, more than the server's waiting queue takes "
+                    f"({lim.max_waiting_requests})"
+                )
+            if num_waiting + num_new > lim.max_waiting_requests:
+                raise QueueFullError(
+                    f"the waiting queue holds {num_waiting} requests (limit {lim.max_waiting_requests})"
+                )
+        if lim.max_waiting_tokens is not None:
+            if new_tokens > lim.max_waiting_tokens:
+                raise ValueError(
+                    f"this request's prompts hold {new_tokens} tokens (times n), more than the server's "
+                    f"waiting queue takes ({lim.max_waiting_tokens})"
+                )
+            if tokens + new_tokens > lim.max_waiting_tokens:
                 raise QueueFullError(
                     f"the waiting queue holds {tokens} prompt tokens (limit {lim.max_waiting_tokens})"
                 )

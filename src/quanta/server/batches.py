@@ -281,6 +281,7 @@ class BatchManager:
                     done_lines | err_lines,
                     summary,
                     batch["endpoint"],
+                    self.model_name,
                 )
             batch = self.store.get_batch(batch_id) or batch  # cancelled while validating?
             batch["request_counts"] = {
@@ -301,7 +302,7 @@ class BatchManager:
                 self._set(batch, "completed")
         except asyncio.CancelledError:
             raise  # the server is stopping: the batch resumes at the next start
-        except (OSError, EngineDeadError) as e:
+        except Exception as e:  # the engine died, the disk failed, a file went bad: never stuck in a state
             logger.error("batch %s failed", batch_id, exc_info=e)
             batch["errors"] = {"object": "list", "data": [{"code": "batch_failed", "message": str(e)}]}
             self._set(batch, "failed")
@@ -331,7 +332,12 @@ class BatchManager:
                         outs = await asyncio.gather(*(_final(s) for s in added))
                     except (EngineDeadError, asyncio.CancelledError):
                         raise
-                    except Exception as e:  # this request only: refused, or its engine step failed
+                    except ValueError as e:  # this request only, refused (as online: 400)
+                        err.write(output_line(item.custom_id, 400, error_body(str(e))))
+                        err.flush()
+                        counts["failed"] += 1
+                        return
+                    except Exception as e:  # this request only: its engine step failed
                         err.write(output_line(item.custom_id, 500, error_body(str(e), "internal_error")))
                         err.flush()
                         counts["failed"] += 1
