@@ -41,6 +41,7 @@ PROMPTS = ["Once upon a time", "The scheduler decides", "def fibonacci(n):"]
 
 
 def test_models_and_health(server: Server) -> None:
+    assert server.http("HEAD", "/health")[0] == 200
     models = server.client().models.list()
     assert [m.id for m in models.data] == [MODEL]
     assert server.http("GET", "/health")[0] == 200

@@ -328,6 +328,11 @@ def test_settings_that_are_not_values_are_errors() -> None:
         simulate(w, config(policy="priority", policy_args=[1, 2]))  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="bad policy settings"):
         simulate(w, config(policy="deadline", policy_args={"slo_classes": 5}))
+    with pytest.warns(UserWarning, match=r"does not use the settings \['aging'\]"):  # a typo for aging_s
+        simulate(w, config(policy="priority", policy_args={"aging": 30}))
+    for name in ("max_num_seqs", "num_kv_blocks", "max_num_batched_tokens"):
+        with pytest.raises(ValueError, match=name):
+            config(**{name: 0})
 
 
 def test_cli_report_json_has_no_nan_and_bad_output_folder_fails_first(tmp_path: Path) -> None:

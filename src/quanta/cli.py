@@ -456,11 +456,11 @@ def _simulate_programs(args: argparse.Namespace) -> int:
         source = ProgramSource(programs, default_max_tokens=args.default_max_tokens)
         res = simulate(source, cfg, progress=True)
         row = {"policy": cfg.policy, **program_metrics(source, res.simulated_seconds)}
-        kv = res.cores[0].kv
-        pins = res.pinned_kv[0] if res.pinned_kv else []
+        kv = res.cores[0].kv  # every replica has the same pool
+        pins = res.pinned_kv[0] if res.pinned_kv else []  # plotted: replica 0's; the table: all replicas'
         row.update(
-            kv_usage=mean_usage(res.kv_usage[0]),
-            pinned_peak=max((f for _, f in pins), default=0.0),
+            kv_usage=sum(mean_usage(u) for u in res.kv_usage) / len(res.kv_usage),
+            pinned_peak=max((f for p in res.pinned_kv for _, f in p), default=0.0),
             pinned_cap=kv.max_pinned_blocks / kv.num_blocks,
             simulated_seconds=res.simulated_seconds,
             wall_seconds=res.wall_seconds,

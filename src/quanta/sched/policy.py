@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, ClassVar
 
@@ -140,7 +141,35 @@ def make_policy(name: str, config: SchedulerConfig) -> Policy:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(sorted(POLICIES))}") from None
     if not isinstance(config.policy_args, dict):
         raise ValueError(f"policy settings must be a JSON object of named settings, not {config.policy_args!r}")
+    given = config.policy_args
+    config.policy_args = reads = _ReadKeys(given)  # policies read their settings while they are built
     try:
-        return cls(config)
+        policy = cls(config)
     except (TypeError, AttributeError, KeyError) as e:  # a setting of the wrong shape
-        raise ValueError(f"policy {name!r}: bad policy settings {config.policy_args!r} ({e})") from None
+        raise ValueError(f"policy {name!r}: bad policy settings {given!r} ({e})") from None
+    finally:
+        config.policy_args = given
+    unread = sorted(set(given) - reads.read)
+    if unread:  # a typo ("aging" for "aging_s") would otherwise run the default without a word
+        warnings.warn(f"policy {name!r} does not use the settings {unread}", stacklevel=2)
+    return policy
+
+
+class _ReadKeys(dict):
+    """Policy settings that note which of them were read."""
+
+    def __init__(self, data: dict) -> None:
+        super().__init__(data)
+        self.read: set = set()
+
+    def get(self, key: object, default: object = None) -> object:
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __getitem__(self, key: object) -> object:
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)

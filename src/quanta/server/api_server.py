@@ -247,11 +247,15 @@ class OpenAIServer:
             )
         self._add_error_handlers(app)
 
-        @app.api_route("/health", methods=["GET", "HEAD"])
+        @app.get("/health")
         async def health() -> Response:
             if self.engine.alive:
                 return Response(status_code=200)
             return _error_response(APIError(503, "the engine is not running", "server_error"))
+
+        @app.head("/health")  # load balancers' probes (a route of its own: the schema's operation ids differ)
+        async def health_head() -> Response:
+            return await health()
 
         # vLLM's (SageMaker's) health check; two routes, so that the schema's operation ids differ.
         @app.get("/ping")

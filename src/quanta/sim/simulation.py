@@ -97,6 +97,9 @@ class SimConfig:
             raise ValueError("swap_space_gb must be a non-negative, finite number")
         if self.replicas < 1:
             raise ValueError("replicas must be at least 1")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "num_kv_blocks"):  # None: the default
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1 (or left unset for the default)")
         if self.default_max_tokens is not None and self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
         if self.step_grid is not None and self.tp != 1:
