@@ -8,6 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import run_cli
 from quanta import LLM
@@ -29,7 +30,14 @@ def test_config_reads_shapes_and_eos(llama_dir: Path, qwen2_dir: Path) -> None:
     )
     qwen = ModelConfig.from_folder(qwen2_dir)
     assert qwen.architecture == "Qwen2ForCausalLM" and qwen.qkv_bias and qwen.tie_word_embeddings
+    assert not qwen.o_bias and not llama.o_bias and not llama.mlp_bias
     assert len(llama.eos_token_ids) == 2  # from generation_config.json
+    # No "architectures", as some folders have: the model_type says which (as transformers reads it).
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    del cfg["architectures"]
+    assert ModelConfig.from_hf_dict(cfg).architecture == "LlamaForCausalLM"
+    biased = ModelConfig.from_hf_dict({**cfg, "attention_bias": True, "mlp_bias": True})
+    assert biased.qkv_bias and biased.o_bias and biased.mlp_bias
 
 
 @pytest.mark.parametrize(
@@ -42,6 +50,11 @@ def test_config_reads_shapes_and_eos(llama_dir: Path, qwen2_dir: Path) -> None:
         ("no-weights", "no \\*.safetensors"),
         ("missing-tensor", "lack tensor"),
         ("no-tokenizer", "no tokenizer.json"),
+        # Checkpoints whose forward pass quanta does not implement: refused, never run wrong.
+        ("gelu", "unsupported hidden_act 'gelu'"),
+        ("quantized", r"quantized checkpoint \(fp8\)"),
+        ("extra-tensor", "tensors the config gives no place to: model.layers.0.self_attn.o_proj.bias"),
+        ("extra-layer", "no place to: model.layers.9.mlp.down_proj.weight"),
     ],
 )
 def test_broken_folders_give_one_line_errors(
@@ -70,6 +83,19 @@ def test_broken_folders_give_one_line_errors(
         save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     elif breakage == "no-tokenizer":
         (path / "tokenizer.json").unlink()
+    elif breakage in ("gelu", "quantized"):
+        cfg = json.loads((path / "config.json").read_text())
+        cfg.update({"hidden_act": "gelu"} if breakage == "gelu" else {"quantization_config": {"quant_method": "fp8"}})
+        (path / "config.json").write_text(json.dumps(cfg))
+    elif breakage in ("extra-tensor", "extra-layer"):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(path / "model.safetensors")
+        name = "self_attn.o_proj.bias" if breakage == "extra-tensor" else "mlp.down_proj.weight"
+        layer = 0 if breakage == "extra-tensor" else 9
+        tensors[f"model.layers.{layer}.{name}"] = torch.zeros(4)
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)  # old checkpoints' tables: fine
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=message) as info:
         LLM(str(path), num_kv_blocks=64, max_model_len=256)
     assert "\n" not in str(info.value)

@@ -174,3 +174,24 @@ def test_bfloat16_matches_transformers_in_bfloat16(sharp_llama_dir: Path) -> Non
     assert argmax_hits >= 0.9 * steps, (argmax_hits, steps)
     assert max(errors) < 0.1, max(errors)
     assert sum(errors) / len(errors) < 0.02, sum(errors) / len(errors)
+
+
+def test_llama_with_attention_and_mlp_biases_matches_transformers(tmp_path: Path) -> None:
+    """Llama's attention_bias puts a bias on q, k, v and o; mlp_bias on gate, up and down (transformers
+    starts them at zero: random here, or a model that ignores them would pass)."""
+    from safetensors.torch import load_file, save_file
+
+    from quanta.model.make_model import make_model
+
+    path = make_model(tmp_path / "m", "tiny-llama", seed=3, attention_bias=True, mlp_bias=True)
+    tensors = load_file(path / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    biases = [k for k in tensors if k.endswith(".bias")]
+    assert {k.rsplit(".", 2)[-2] for k in biases} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    for k in biases:
+        tensors[k] = 0.5 * torch.randn(tensors[k].shape, generator=g)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    prompts, max_tokens = workload(seed=3)
+    prompts, max_tokens = prompts[:6], max_tokens[:6]
+    llm = LLM(str(path), max_num_batched_tokens=64, num_kv_blocks=200, max_model_len=512, check_integrity=True)
+    assert quanta_greedy(llm, prompts, max_tokens) == hf_greedy(path, prompts, max_tokens)

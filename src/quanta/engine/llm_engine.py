@@ -109,9 +109,11 @@ class EngineFrontend(ABC):
         """max_model_len as asked for (checked against the model), before the KV pool may lower it."""
         max_model_len = self.args.max_model_len or self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
+            window = self.model_config.sliding_window
+            why = ", its sliding window: quanta attends fully, as the window does up to it" if window else ""
             raise ValueError(
                 f"max_model_len {max_model_len} exceeds the model's context "
-                f"({self.model_config.max_position_embeddings})"
+                f"({self.model_config.max_position_embeddings}{why})"
             )
         return max_model_len
 

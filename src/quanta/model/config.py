@@ -10,6 +10,9 @@ from typing import Any
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
 
+_ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
 class ModelLoadError(ValueError):
     """A model folder that cannot be served; the message is one line for the CLI."""
 
@@ -30,6 +33,11 @@ class ModelConfig:
     rope_scaling: dict[str, Any] | None = None
     tie_word_embeddings: bool = False
     qkv_bias: bool = False
+    o_bias: bool = False  # Llama's attention_bias puts a bias on o_proj too (Qwen2's q/k/v bias does not)
+    mlp_bias: bool = False  # Llama's mlp_bias: gate, up and down projections
+    # Set where the model's sliding window capped max_position_embeddings (quanta attends fully, which
+    # equals sliding-window attention while the context fits in the window).
+    sliding_window: int | None = None
     dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
@@ -37,6 +45,8 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
+        if not archs and cfg.get("model_type") in _ARCH_OF_MODEL_TYPE:  # transformers loads such folders
+            archs = [_ARCH_OF_MODEL_TYPE[cfg["model_type"]]]
         arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
         if arch is None:
             raise ModelLoadError(
@@ -71,18 +81,31 @@ class ModelConfig:
                 rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 qkv_bias=bool(cfg.get("attention_bias", arch == "Qwen2ForCausalLM")),
+                o_bias=arch == "LlamaForCausalLM" and bool(cfg.get("attention_bias", False)),
+                mlp_bias=arch == "LlamaForCausalLM" and bool(cfg.get("mlp_bias", False)),
                 dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise ModelLoadError(f"malformed {source}: {type(e).__name__}: {e}") from None
+        # What the forward pass does not implement is refused, not run wrong.
+        act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
+        if act not in ("silu", "swish"):
+            raise ModelLoadError(f"unsupported hidden_act {act!r} in {source}; quanta's MLP is SiLU-gated")
+        quant = cfg.get("quantization_config")
+        if quant:
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+            raise ModelLoadError(
+                f"quantized checkpoint ({method}) in {source}: quanta loads unquantized weights (float32, "
+                "float16, bfloat16) or a GGUF file"
+            )
         if out.hidden_size % out.num_heads or out.num_heads % out.num_kv_heads:
             raise ModelLoadError(f"malformed {source}: head counts do not divide the hidden size")
         # Full attention equals sliding-window attention while the context fits in the window,
         # so the window caps the usable context.
         if sliding is not None and int(sliding) < out.max_position_embeddings:
-            out.max_position_embeddings = int(sliding)
+            out.max_position_embeddings = out.sliding_window = int(sliding)
         return out
 
     @classmethod

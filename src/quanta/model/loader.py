@@ -142,10 +142,15 @@ def load_model(
         if cfg.qkv_bias:
             state[dst + "qkv_proj.bias"] = torch.cat([take(attn + f"{p}_proj.bias") for p in "qkv"])
         state[dst + "o_proj.weight"] = take(attn + "o_proj.weight")
+        if cfg.o_bias:
+            state[dst + "o_proj.bias"] = take(attn + "o_proj.bias")
         state[dst + "gate_up_proj.weight"] = torch.cat(
             [take(mlp + "gate_proj.weight"), take(mlp + "up_proj.weight")]
         )
         state[dst + "down_proj.weight"] = take(mlp + "down_proj.weight")
+        if cfg.mlp_bias:
+            state[dst + "gate_up_proj.bias"] = torch.cat([take(mlp + "gate_proj.bias"), take(mlp + "up_proj.bias")])
+            state[dst + "down_proj.bias"] = take(mlp + "down_proj.bias")
         state[dst + "input_layernorm.weight"] = take(src + "input_layernorm.weight")
         state[dst + "post_attention_layernorm.weight"] = take(src + "post_attention_layernorm.weight")
     state["norm.weight"] = take("model.norm.weight")
@@ -153,6 +158,14 @@ def load_model(
         state["lm_head.weight"] = take("lm_head.weight")
     else:
         tensors.pop("lm_head.weight", None)
+    # A layer tensor left over is a part of the model this forward pass would skip (a bias, a scale, a
+    # layer past num_hidden_layers): refused rather than run wrong. Rotary tables are recomputed here.
+    unused = sorted(n for n in tensors if n.startswith("model.layers.") and not n.endswith("rotary_emb.inv_freq"))
+    if unused:
+        more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+        raise ModelLoadError(
+            f"weights in {str(path)!r} hold tensors the config gives no place to: {', '.join(unused[:3])}{more}"
+        )
     for name, tensor in state.items():
         expected = model.get_parameter(name).shape
         if tensor.shape != expected:
