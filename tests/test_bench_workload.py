@@ -145,12 +145,8 @@ def test_goodput_counts_requests_meeting_every_slo(goodput: list[str], good: set
         assert per_tenant[tenant]["goodput"] == pytest.approx(len(good & set(mine)) / (last - first)), tenant
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="quanta counts a one-token request as missing any TPOT SLO (its TPOT is undefined); vLLM's "
-    "calculate_metrics takes its TPOT as 0, so it meets every TPOT SLO",
-)
 def test_goodput_one_token_request_meets_tpot_slo_as_in_vllm() -> None:
+    """vLLM's calculate_metrics takes a one-token request's TPOT as 0: it meets every TPOT SLO."""
     results = [
         BenchResult(0, "a", True, None, 0.0, 10, 1, ttft=0.2, e2e=0.2),  # TPOT undefined (vLLM: 0)
         BenchResult(1, "a", True, None, 0.0, 10, 3, ttft=0.2, e2e=1.0, itl=[0.4, 0.4]),  # TPOT 0.4

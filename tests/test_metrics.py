@@ -100,6 +100,12 @@ def test_goodput_with_slos_that_split_the_requests(slos: dict, good: set[int]) -
     assert by["b"].goodput == pytest.approx(len(good & {1, 3, 4}) / 4.5)  # 0 to 4.5
 
 
+def test_a_one_token_answer_meets_any_tpot_target() -> None:
+    one = RequestMetrics.of(timeline("one", 0.0, 0.0, [0.1]))
+    assert one.tpot is None and one.meets(tpot_slo=1e-9) and not one.meets(ttft_slo=0.05, tpot_slo=1e-9)
+    assert summarize([one], tpot_slo=1e-9).goodput == pytest.approx(1 / 0.1)
+
+
 def test_metrics_of_a_virtual_time_run() -> None:
     core = null_engine("sarathi", budget=16, num_blocks=256)
     reqs = [
