@@ -259,6 +259,8 @@ def test_cli_simulate_programs(tmp_path: Path) -> None:
     assert "jct_mean" in res.stdout and "prefix hit rate" in res.stdout
     bad = run_cli("simulate", "--programs", str(tmp_path / "missing.jsonl"))
     assert bad.returncode != 0 and "does not exist" in bad.stderr
+    bad = run_cli("simulate", "--programs", "bfcl", "--duration", "5")  # a trace's window: not for programs
+    assert bad.returncode == 2 and "--duration" in bad.stderr
 
 
 @pytest.mark.parametrize("policy", ["continuum", "plas"])

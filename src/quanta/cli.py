@@ -440,6 +440,10 @@ def _simulate_programs(args: argparse.Namespace) -> int:
     from quanta.sim.programs import SHAPES, ProgramSource, read_programs, synthetic_programs
     from quanta.sim.simulation import simulate
 
+    if args.duration is not None:
+        raise ValueError("--duration cuts a trace of requests; with --programs, --num-requests says how many")
+    if args.num_requests is not None and args.num_requests < 1:
+        raise ValueError("--num-requests must be at least 1")
     if args.programs in SHAPES:
         programs = synthetic_programs(
             args.programs,
@@ -449,7 +453,7 @@ def _simulate_programs(args: argparse.Namespace) -> int:
             max_context=args.max_model_len - 1,
         )
     else:
-        programs = read_programs(args.programs)
+        programs = read_programs(args.programs)[: args.num_requests]  # the first programs to arrive
     configs, label = _sim_configs(args)
     rows, usage, pinned, jct = [], {}, {}, {}
     for cfg in configs:
@@ -716,8 +720,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--programs",
         default=None,
-        help="agent programs in closed loop: a program trace JSONL, or a synthetic shape (swe, bfcl, short, "
-        "long) with --num-requests programs at --qps programs/s; try --policy sarathi,continuum,plas",
+        help="agent programs in closed loop: a program trace JSONL (--num-requests: its first programs), or a "
+        "synthetic shape (swe, bfcl, short, long) with --num-requests programs at --qps programs/s; try "
+        "--policy sarathi,continuum,plas",
     )
     sim.add_argument("--ttft-slo", type=float, default=None, help="goodput: TTFT target, seconds")
     sim.add_argument("--tpot-slo", type=float, default=None, help="goodput: TPOT target, seconds")
