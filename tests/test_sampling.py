@@ -232,6 +232,13 @@ def test_text_prompts_and_chat(llm: LLM) -> None:
         [{"role": "user", "content": "hi"}], SamplingParams(temperature=0.0, max_tokens=5), use_tqdm=False
     )[0]
     assert chat.prompt_token_ids[-3:] == llm.get_tokenizer().encode("<|im_start|>assistant\n")[-3:]
+    assert chat.prompt is not None and chat.prompt.endswith("<|im_start|>assistant\n")  # the rendered text
+    prefilled = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Well,"}]
+    cont = llm.chat(
+        prefilled, SamplingParams(temperature=0.0, max_tokens=2), use_tqdm=False,
+        add_generation_prompt=False, continue_final_message=True,
+    )[0]  # fmt: skip
+    assert cont.prompt is not None and cont.prompt.endswith("Well,")
 
 
 def test_bad_input_is_a_clear_error_and_leaks_nothing(llm: LLM) -> None:
@@ -289,3 +296,75 @@ def test_sampling_follows_the_distribution() -> None:
     tokens, _ = sampler.sample(torch.log(probs).repeat(4000, 1), reqs)
     freq = torch.bincount(torch.tensor(tokens), minlength=3).float() / 4000
     assert torch.allclose(freq, probs, atol=0.03)
+
+
+def test_detokenizer_primes_on_whole_characters_and_cuts_at_the_first_stop(llama_dir: Path) -> None:
+    """The prompt's text never leaks into the output's (a prompt ending inside a character, or in a
+    U+FFFD, once left the stream waiting and the first output chunk carried the prompt's tail); of two
+    stop strings that one token completes, the text is cut at the one that starts first."""
+    from tokenizers import Tokenizer as FastTokenizer
+    from tokenizers import decoders
+    from tokenizers.models import WordLevel
+
+    from quanta.engine.output import IncrementalDetokenizer
+
+    tok = FastTokenizer.from_file(str(llama_dir / "tokenizer.json"))  # byte-level BPE
+    emoji = tok.encode(" emoji: \U0001f602\U0001f44d").ids
+    prompt_len = len(tok.encode(" emoji: ").ids) + 1  # the prompt ends after the emoji's first byte token
+    assert tok.decode(emoji[:prompt_len]).endswith("\ufffd")
+    d = IncrementalDetokenizer(tok, emoji[:prompt_len], SamplingParams())
+    for t in emoji[prompt_len:]:
+        d.add(t)
+    assert d.text == "\U0001f602\U0001f44d"  # the output completes the prompt's character, nothing more
+    mojibake = tok.encode("Mojibake: caf\ufffd").ids
+    d = IncrementalDetokenizer(tok, mojibake, SamplingParams())
+    for t in tok.encode("\n\nnext").ids:
+        d.add(t)
+    assert "caf" not in d.text and d.text.endswith("\n\nnext")
+
+    words = ["[UNK]", "The", " capital", " of", " France"]
+    fused = FastTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    fused.decoder = decoders.Fuse()
+    d = IncrementalDetokenizer(fused, [1], SamplingParams(stop=["ital", "cap"]))
+    assert d.add(2) == "cap" and d.text == " "  # "ital" comes later in " capital": "cap" cuts first
+
+
+def test_stop_token_text_and_a_stop_string_on_the_last_token(llm: LLM) -> None:
+    base = llm.generate(
+        PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    ids = base.token_ids
+    # Stopped by a token: its text stays out (as in vLLM), unless asked for.
+    words = [llm.get_tokenizer().decode([t]) for t in ids]  # a token that is a whole word of its own
+    k = next(i for i in range(3, 30) if ids[i] not in ids[:i] and words[i].strip().isalnum() and words[i].isascii())
+    upto = llm.generate(
+        PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=k, ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    stopped = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(temperature=0.0, max_tokens=30, stop_token_ids=[ids[k]], ignore_eos=True),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert stopped.token_ids == ids[: k + 1] and stopped.text == upto.text
+    kept = llm.generate(
+        PROMPTS[1:2],
+        SamplingParams(
+            temperature=0.0, max_tokens=30, stop_token_ids=[ids[k]], include_stop_str_in_output=True, ignore_eos=True
+        ),
+        use_tqdm=False,
+    )[0].outputs[0]
+    assert kept.text.startswith(upto.text) and len(kept.text) > len(upto.text)
+    # A stop string that the max_tokens-th token completes: the request stopped (vLLM's finish_reason).
+    for m in range(4, 30):
+        text = llm.generate(
+            PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True), use_tqdm=False
+        )[0].outputs[0].text
+        stop = text[-2:]
+        if stop.strip() and len(stop) == 2 and text.find(stop) == len(text) - 2:
+            break
+    else:
+        pytest.fail("no output whose last two characters appear only at its end")
+    last = llm.generate(
+        PROMPTS[1:2], SamplingParams(temperature=0.0, max_tokens=m, stop=[stop], ignore_eos=True), use_tqdm=False
+    )[0].outputs[0]
+    assert (last.text, last.finish_reason, last.stop_reason) == (text[:-2], "stop", stop)

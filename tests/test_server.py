@@ -271,6 +271,7 @@ REFUSED_FIELDS = [
     ("guided_decoding_backend", "/v1/completions", {**CMPL, "guided_decoding_backend": "xgrammar"}, "guided_decoding_backend"),
     ("structured_outputs", "/v1/chat/completions", {**CHAT, "structured_outputs": {"json": {}}}, "structured_outputs"),
     ("suffix", "/v1/completions", {**CMPL, "suffix": "end"}, "suffix"),
+    ("chat echo", "/v1/chat/completions", {**CHAT, "echo": True}, "echo"),
     ("stream_options without stream", "/v1/completions", {**CMPL, "stream_options": {"include_usage": True}}, "stream_options"),
     ("logit_bias out of vocabulary", "/v1/completions", {**CMPL, "logit_bias": {"100000": 5}}, "logit_bias"),
     ("logit_bias above 100", "/v1/completions", {**CMPL, "logit_bias": {"5": 101}}, "logit_bias"),
@@ -354,6 +355,22 @@ def test_tokenize_detokenize_version_and_model_card(server: Server, llama_dir: P
     assert status == 200, out
     chat = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=1)
     assert out["count"] == len(out["tokens"]) == chat.usage.prompt_tokens
+    # continue_final_message: the final assistant message stays open (a prefilled reply goes on from it).
+    prefilled = [*messages, {"role": "assistant", "content": "The answer is"}]
+    body = {"model": MODEL, "messages": prefilled, "add_generation_prompt": False, "continue_final_message": True}
+    status, out, _ = server.http("POST", "/tokenize", body)
+    assert status == 200 and tok.decode(out["tokens"], skip_special_tokens=False).endswith("The answer is"), out
+    cont = server.client().chat.completions.create(
+        model=MODEL, messages=prefilled, max_tokens=1,
+        extra_body={"add_generation_prompt": False, "continue_final_message": True},
+    )  # fmt: skip
+    assert cont.usage.prompt_tokens == out["count"]
+    status, out, _ = server.http("POST", "/v1/chat/completions", {**body, "add_generation_prompt": True})
+    assert status == 400 and "cannot both be true" in out["error"]["message"]
+    # Completions echo a token-id prompt as its whole text, special tokens included.
+    ids = tok.encode("<|im_start|>user", add_special_tokens=False)
+    echo = server.client().completions.create(model=MODEL, prompt=ids, max_tokens=1, echo=True)
+    assert echo.choices[0].text.startswith("<|im_start|>user")
 
     for path, body, param in [
         ("/detokenize", {"tokens": [10**6]}, "tokens"),

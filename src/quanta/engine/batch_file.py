@@ -126,7 +126,7 @@ def _parse_body(
         limit = engine.max_model_len
         chat.to_sampling_params(limit)  # validates before rendering
         text = tok.apply_chat_template(
-            [m.as_template_dict() for m in chat.messages], chat.add_generation_prompt
+            [m.as_template_dict() for m in chat.messages], *chat.template_options()
         )
         return (
             chat.model,

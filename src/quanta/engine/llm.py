@@ -147,13 +147,17 @@ class LLM:
         messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
         sampling_params: SamplingParams | None = None,
         use_tqdm: bool = True,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
     ) -> list[RequestOutput]:
+        """Generate replies to conversations rendered by the model's chat template (vLLM's LLM.chat);
+        `continue_final_message` continues a final assistant message instead of starting a new one."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         tok = self.engine.tokenizer
-        prompts = [
-            {"prompt_token_ids": tok.encode(tok.apply_chat_template(c), add_special_tokens=False)}  # type: ignore[arg-type]
-            for c in conversations
-        ]
+        texts = [tok.apply_chat_template(c, add_generation_prompt, continue_final_message) for c in conversations]  # type: ignore[arg-type]
+        prompts = [{"prompt": t, "prompt_token_ids": tok.encode(t, add_special_tokens=False)} for t in texts]
         return self.generate(prompts, sampling_params, use_tqdm)
 
     def _run(self, ids: list[str], use_tqdm: bool) -> list[RequestOutput]:

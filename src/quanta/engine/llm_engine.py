@@ -119,8 +119,10 @@ class EngineFrontend(ABC):
 
     def to_token_ids(self, prompt: PromptType) -> tuple[str | None, list[int]]:
         """Text or token ids (or vLLM-style {"prompt": ...} / {"prompt_token_ids": ...}) to token ids."""
+        text: str | None = None
         if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
+            if "prompt_token_ids" in prompt:  # with its text beside it (the prompt a chat rendered), if given
+                text = prompt["prompt"] if isinstance(prompt.get("prompt"), str) else None
                 prompt = list(prompt["prompt_token_ids"])
             elif "prompt" in prompt:
                 prompt = prompt["prompt"]
@@ -133,7 +135,7 @@ class EngineFrontend(ABC):
         for t in ids:
             if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
                 raise ValueError(f"token id {t!r} is out of range for a vocabulary of {vocab}")
-        return None, ids
+        return text, ids
 
     def check_logit_bias(self, params: SamplingParams) -> None:
         vocab = self.model_config.vocab_size

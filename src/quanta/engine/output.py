@@ -60,8 +60,11 @@ class IncrementalDetokenizer:
 
         self._tokenizer = tokenizer  # a tokenizers.Tokenizer
         self._stream = DecodeStream(skip_special_tokens=params.skip_special_tokens)
-        # Prime with the prompt's tail so the first output token decodes in context (leading spaces).
-        self._stream.step(tokenizer, prompt_token_ids[-4:])
+        # Prime with the prompt's tail so the first output token decodes in context (leading spaces), one
+        # token at a time: a window stepped at once whose text ends inside a character (or in a U+FFFD)
+        # leaves the stream waiting, and the first output chunk would carry the window's text with it.
+        for token_id in _prompt_tail(tokenizer, prompt_token_ids):
+            self._stream.step(tokenizer, token_id)
         self.text = ""
         self._stop = params.stop
         self._include_stop = params.include_stop_str_in_output
@@ -75,18 +78,33 @@ class IncrementalDetokenizer:
             return None
         search_from = max(0, len(self.text) - self._hold)
         self.text += chunk
-        for stop in self._stop:
-            i = self.text.find(stop, search_from)
-            if i != -1:
-                self.text = self.text[: i + len(stop) if self._include_stop else i]
-                return stop
-        return None
+        # The stop string that starts first in the text (the list's order breaks ties): cutting at a later
+        # one would leave an earlier one in the returned text.
+        found = [(i, k) for k, stop in enumerate(self._stop) if (i := self.text.find(stop, search_from)) != -1]
+        if not found:
+            return None
+        i, k = min(found)
+        stop = self._stop[k]
+        self.text = self.text[: i + len(stop) if self._include_stop else i]
+        return stop
 
     def visible_text(self, finished: bool) -> str:
         """Text safe to show while streaming: a possible stop-string prefix at the end is held back."""
         if finished or not self._hold:
             return self.text
         return self.text[: max(0, len(self.text) - self._hold)]
+
+
+def _prompt_tail(tokenizer: object, prompt_token_ids: list[int]) -> list[int]:
+    """The prompt's last tokens to prime a sample's DecodeStream with, as vLLM picks them: the shortest
+    tail of 4 to 23 tokens whose text holds no U+FFFD (it starts and ends on whole characters); else the
+    last 4 (a prompt ending inside a character: the output's first characters complete it)."""
+    n = len(prompt_token_ids)
+    for k in range(min(4, n), min(n, 23) + 1):
+        tail = prompt_token_ids[-k:]
+        if "\ufffd" not in tokenizer.decode(tail, skip_special_tokens=False):  # type: ignore[attr-defined]
+            return tail
+    return prompt_token_ids[-4:]
 
 
 @dataclass(slots=True)
@@ -186,14 +204,21 @@ class OutputProcessor:
                 entry = step.result.logprobs[req.request_id]
                 sample.logprobs.append(self._logprob_dict(entry))
                 sample.cumulative_logprob = (sample.cumulative_logprob or 0.0) + entry.logprobs[0]
-            if sample.detokenizer is not None:
+            params = req.sampling_params
+            # The token that stopped the request (eos, a stop token) stays out of the text, as in vLLM,
+            # unless the stop is asked for in it.
+            stop_token = req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output
+            if sample.detokenizer is not None and not stop_token:
                 # Like eos, stop strings count only once min_tokens are out.
-                stop = sample.detokenizer.add(
-                    token_id, req.num_output_tokens >= req.sampling_params.min_tokens
-                )
-                if stop is not None and not req.finished:
+                stop = sample.detokenizer.add(token_id, req.num_output_tokens >= params.min_tokens)
+                if stop is not None:
                     req.stop_reason = stop
-                    self._finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+                    if not req.finished:
+                        self._finish(req.request_id, RequestStatus.FINISHED_STOPPED)
+                    elif req.status == RequestStatus.FINISHED_LENGTH:
+                        # Its last token completed a stop string: the text ends there, so it stopped (as
+                        # vLLM reports it), though its length would have ended it anyway.
+                        req.status = RequestStatus.FINISHED_STOPPED
             touched[parent.request_id] = parent
         outputs = []
         for parent in touched.values():

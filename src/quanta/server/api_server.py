@@ -54,7 +54,6 @@ from quanta.server.batches import BatchManager, BatchStore, parse_upload
 from quanta.server.metrics import ServerMetrics
 from quanta.server.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeChatRequest,
@@ -619,12 +618,16 @@ class OpenAIServer:
                 raise _bad("the text holds a lone UTF-16 surrogate: it is not valid Unicode") from None
             raise e
 
-    async def _render_chat(self, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    async def _render_chat(self, body: ChatCompletionRequest | TokenizeChatRequest) -> str:
         tok = self.llm_engine.tokenizer
         try:
-            rendered = [m.as_template_dict() for m in messages]
+            generation_prompt, continue_final = body.template_options()
+            rendered = [m.as_template_dict() for m in body.messages]
             return await asyncio.to_thread(
-                tok.apply_chat_template, rendered, add_generation_prompt=add_generation_prompt
+                tok.apply_chat_template,
+                rendered,
+                add_generation_prompt=generation_prompt,
+                continue_final_message=continue_final,
             )
         except ValueError as e:
             raise _bad(str(e), "messages") from None
@@ -655,7 +658,7 @@ class OpenAIServer:
         data = await self._read_json(request)
         if "messages" in data:
             chat = self._validate(data, TokenizeChatRequest)
-            text = await self._render_chat(chat.messages, chat.add_generation_prompt)
+            text = await self._render_chat(chat)
             body: TokenizeChatRequest | TokenizeCompletionRequest = chat
         else:
             body = self._validate(data, TokenizeCompletionRequest)
@@ -796,7 +799,10 @@ class OpenAIServer:
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(body, scheduling, prompts, self._params(make), rid)
         echo_texts = [
-            (p if isinstance(p, str) else self.llm_engine.tokenizer.decode(ids)) if body.echo else ""
+            # Token ids echo as their whole text, special tokens included (as vLLM echoes them).
+            (p if isinstance(p, str) else self.llm_engine.tokenizer.decode(ids, skip_special_tokens=False))
+            if body.echo
+            else ""
             for p, ids in zip(raw_prompts, prompts)
         ]
         created = int(time.time())
@@ -959,7 +965,7 @@ class OpenAIServer:
         except ValueError as e:
             raise _bad(str(e)) from None
         scheduling = self._scheduling(request, body)
-        text = await self._render_chat(body.messages, body.add_generation_prompt)
+        text = await self._render_chat(body)
         ids = await self._token_ids(await self._encode(text, add_special_tokens=False))
         self._check_context(ids, body.max_completion_tokens or body.max_tokens, "messages")
         make(ids)  # validate before adding

@@ -227,6 +227,16 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     add_generation_prompt: bool = True
+    # vLLM's: leave the final (assistant) message open, so the answer continues it (prefilled replies).
+    continue_final_message: bool = False
+    echo: bool = False  # vLLM's chat echo: known so that it is refused, not ignored
+
+    def unsupported_field(self) -> str | None:
+        return "echo" if self.echo else super().unsupported_field()
+
+    def template_options(self) -> tuple[bool, bool]:
+        """(add_generation_prompt, continue_final_message), checked as vLLM checks them."""
+        return _template_options(self.messages, self.add_generation_prompt, self.continue_final_message)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         if self.top_logprobs and not self.logprobs:
@@ -255,8 +265,23 @@ class TokenizeChatRequest(BaseModel):
     model: str | None = None
     messages: list[ChatMessage] = Field(min_length=1)
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
     add_special_tokens: bool = False  # the template adds the special tokens itself
     return_token_strs: bool | None = False
+
+    def template_options(self) -> tuple[bool, bool]:
+        return _template_options(self.messages, self.add_generation_prompt, self.continue_final_message)
+
+
+def _template_options(
+    messages: list[ChatMessage], add_generation_prompt: bool, continue_final_message: bool
+) -> tuple[bool, bool]:
+    if continue_final_message:
+        if add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be true")
+        if messages[-1].role != "assistant":
+            raise ValueError("continue_final_message needs the last message to be the assistant's")
+    return add_generation_prompt, continue_final_message
 
 
 class DetokenizeRequest(BaseModel):
