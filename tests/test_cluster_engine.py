@@ -130,6 +130,10 @@ def test_a_dead_instance_s_requests_finish_elsewhere(single: LLMEngine, ce: Clus
     assert tokens(got) == tokens(expected)  # greedy: recomputing the context gives the same tokens
     assert [s["alive"] for s in ce.state().instances] == [False, True]
     assert_clean(ce)
+    assert ce.healthy()  # one instance still answers
+    ce.instances.kill(1)
+    ce._health = (-1.0, True)  # asked long ago: the next /health asks again
+    assert not ce.healthy()  # nobody answers, though no step has noticed
 
 
 def test_abort_frees_the_owner_s_blocks(ce: ClusterEngine) -> None:
@@ -210,6 +214,28 @@ def test_aborting_a_request_mid_migration_frees_both_sides(ce: ClusterEngine) ->
     ce.abort_request([r for r in list(ce.live)])
     deadline = time.monotonic() + 30
     while ce.state().num_free_blocks != ce.state().num_blocks:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert_clean(ce)
+
+
+def test_a_migration_outliving_every_request_is_settled_by_the_engine_loop(ce: ClusterEngine) -> None:
+    """Only step() settles migrations: the cluster has unfinished work while one is in flight, even with
+    no request left (a server's engine thread stopped stepping, and /internal/migrate waited 60 s)."""
+    ce.add_request("r", PROMPTS[2], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+    done: dict[str, RequestOutput] = {}
+    step_until(ce, lambda: ce.live["r"].num_output_tokens >= 3, done)
+    with pytest.raises(ValueError, match="no instance 7: the instances are 0 to 1"):
+        ce.migrate("r", 7)
+    m = ce.migrate("r", 1 - ce.owner["r"])
+    ce.abort_request("r")
+    assert not ce.live and ce.has_unfinished_requests()
+    deadline = time.monotonic() + 30
+    while ce.has_unfinished_requests():  # the engine loop, as the server's runs it
+        ce.step()
+        assert time.monotonic() < deadline
+    assert m.finished and not ce.migrations
+    while ce.state().num_free_blocks != ce.state().num_blocks:  # the aborts reach the instances
         assert time.monotonic() < deadline
         time.sleep(0.01)
     assert_clean(ce)

@@ -176,6 +176,25 @@ def test_abort_during_the_last_stage(cores, reaches: str) -> None:
     finish(cl)
 
 
+def test_a_stop_string_during_the_last_stage_ends_the_request_on_the_source(cores) -> None:
+    """The front end finishes a request (a stop string in its text) while its migration has stopped it on
+    the source: the source must not resume it when the commit fails (it decoded on for nobody)."""
+    cl = cluster_of(cores)
+    req = request(False, max_tokens=100)
+    cl.add_request(req, instance=0)
+    decode(cl, req, 3)
+    m = cl.migrate(req.request_id, 1)
+    advance_to(cl, m, Phase.COMMIT)
+    src = cl.cores[0]
+    src.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)  # what the front end sends its owner
+    cl.endpoints[1].abort([req.request_id])  # ... and the migration's destination
+    step_checked(cl)
+    assert m.finished and not m.committed
+    assert req.request_id not in src.scheduler.requests and not src.has_unfinished()
+    finish(cl)
+    assert req.num_output_tokens < 100
+
+
 def test_request_finishing_during_a_stage(cores, reference) -> None:
     cl = cluster_of(cores, max_stages=100, last_stage_blocks=0)  # keeps staging until the request ends
     req = request(False)

@@ -68,6 +68,8 @@ class MigrationEndpoint:
             if rid in self.core.kv.reserved:
                 self.abort_in(rid)
                 self._refused.add(rid)
+            elif rid not in self.core.scheduler.requests:  # its migration's reserve may come after this
+                self._refused.add(rid)
 
     # ---- source ------------------------------------------------------------------------------------
     def stage_out(self, request_id: str, start_block: int, last: bool) -> StageOut:
@@ -121,7 +123,8 @@ class MigrationEndpoint:
             return False  # an id in use here (a stale migration): refuse rather than alias
         if not self.core.scheduler.has_free_slot():
             return False  # every sequence slot taken: the request could not run here
-        self._refused.discard(request_id)
+        if request_id in self._refused:
+            return False  # aborted before its reservation came: a reservation now would be nobody's
         ok = self.core.kv.reserve(request_id, num_blocks)
         if ok:
             self._touched[request_id] = self.core.clock.now()

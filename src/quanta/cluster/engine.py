@@ -49,6 +49,10 @@ WATCHDOG_S = 10.0
 # Tokens that reach the front end ahead of earlier ones (a migration's destination reporting before its
 # source's last poll) wait this long for the gap to fill before the stop snapshot fills it.
 GAP_WAIT_S = 1.0
+# /health asks the instances at most this often (an idle cluster notices no death between its steps) and
+# waits this long for their answers.
+HEALTH_PERIOD_S = 1.0
+HEALTH_WAIT_S = 0.5
 
 
 class ClusterEngine(EngineFrontend):
@@ -65,7 +69,7 @@ class ClusterEngine(EngineFrontend):
         rescheduler: Rescheduler | None = None,
     ) -> None:
         """`router`: a name from `quanta.cluster.router.router_names()`. `migration`: let the Llumnix
-        rescheduler (default: balanced pairing on freeness) move running requests between instances;
+        rescheduler (default: defrag pairing on freeness) move running requests between instances;
         `migrate()` moves one on demand either way."""
         super().__init__(args)
         args = self.args
@@ -81,6 +85,7 @@ class ClusterEngine(EngineFrontend):
         self._max_model_len = min(info["max_model_len"] for info in infos)
         self.num_blocks = [info["num_blocks"] for info in infos]
         self.alive = [True] * n
+        self._health: tuple[float, bool] = (-HEALTH_PERIOD_S, True)  # (when asked, whether any answered)
         self.live: dict[str, Request] = {}  # mirror of every unfinished request (one per sample)
         self.owner: dict[str, int] = {}  # request id -> the instance that runs it
         self._polls: dict[int, Any] = {}  # instance -> its outstanding poll
@@ -168,7 +173,9 @@ class ClusterEngine(EngineFrontend):
         self.router.forget(child_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.live) or bool(self._carry)
+        # Migrations in flight too: only `step` settles them (a request that finished mid-migration
+        # leaves one to collect, and its destination's reservation to free, on an idle cluster).
+        return bool(self.live or self._carry or self.migrations or self._migration_runs)
 
     def step(self, only_finished: bool = False) -> list[RequestOutput]:
         """Gather what the instances did since the last call (waiting briefly for something) and turn it
@@ -221,6 +228,7 @@ class ClusterEngine(EngineFrontend):
                 "redispatched": self.num_redispatched,
                 **self.migration_stats(),
             },
+            counters=self.counters(),  # refreshed by the instances' states just read
         )
 
     def waiting_load(self) -> tuple[int, int]:
@@ -245,7 +253,30 @@ class ClusterEngine(EngineFrontend):
         self.instances.shutdown()
 
     def healthy(self) -> bool:
-        return any(self.alive)
+        """Whether some instance answers (asked at most every HEALTH_PERIOD_S: the engine thread learns of
+        a death only from a call that fails, and an idle cluster makes none). Read-only: the engine
+        thread still handles the death at its next call to that instance."""
+        if not any(self.alive):
+            return False
+        asked, ok = self._health
+        now = time.monotonic()
+        if now - asked < HEALTH_PERIOD_S:
+            return ok
+        futs = {i: self.instances.submit(i, "info") for i in self._alive_indices()}
+        deadline = now + HEALTH_WAIT_S
+        ok = False
+        for i, fut in futs.items():
+            if not self.instances.wait([fut], max(deadline - time.monotonic(), 0.0)):
+                ok = True  # no answer yet: a busy instance (a long step holds the call), not a dead one
+                break
+            try:
+                self.instances.result(i, fut)
+                ok = True
+                break
+            except Exception:  # gone
+                continue
+        self._health = (time.monotonic(), ok)
+        return ok
 
     # ---- instances ------------------------------------------------------------------------------------
     def _alive_indices(self) -> list[int]:
@@ -343,7 +374,9 @@ class ClusterEngine(EngineFrontend):
         src = self.owner.get(request_id)
         if req is None or src is None:
             raise ValueError(f"no running request {request_id!r}")
-        if not 0 <= dst < len(self.alive) or not self.alive[dst]:
+        if not 0 <= dst < len(self.alive):
+            raise ValueError(f"no instance {dst}: the instances are 0 to {len(self.alive) - 1}")
+        if not self.alive[dst]:
             raise ValueError(f"instance {dst} is not alive")
         if dst == src:
             raise ValueError(f"request {request_id!r} already runs on instance {dst}")

@@ -111,8 +111,11 @@ class Migration:
             try:
                 out = src.stage_out(rid, self.next_block, last)
             except Exception as e:  # the source's read or send failed: it still holds the request
-                src.finish_out(rid, committed=False)
-                return self._abort(dst, f"copy failed: {e}")
+                try:
+                    src.finish_out(rid, committed=False)
+                finally:  # a dead source raises again: the destination's reservation goes all the same
+                    self._abort(dst, f"copy failed: {e}")
+                return 0.0
             if not out.ok:
                 return self._abort(dst, "request left the source")
             self._out = out
@@ -141,14 +144,17 @@ class Migration:
         assert phase == Phase.COMMIT
         self.num_stages += 1
         if not ok:
-            src.finish_out(rid, committed=False)  # the source takes the request back
-            return self._abort(dst, why)
+            try:
+                src.finish_out(rid, committed=False)  # the source takes the request back
+            finally:
+                self._abort(dst, why)
+            return 0.0
         assert self.stopped_at is not None
         self.downtime = (clock() if clock is not None else now) - self.stopped_at
         self.phase = Phase.DONE
-        if src.finish_out(rid, committed=True):
-            self.reason = "committed"
-        else:  # aborted by the client while stopped: the destination's copy goes too
+        # Committed on the destination: so it stays if the source dies before it hears (it raises).
+        self.reason = "committed"
+        if not src.finish_out(rid, committed=True):  # aborted by the client while stopped: its copy goes too
             dst.abort([rid])
             self.reason = "aborted while stopped"
         return 0.0

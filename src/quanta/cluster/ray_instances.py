@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +29,7 @@ def init_ray(address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
+    _check_reachable(address)
     ray.init(
         address=address,
         namespace=NAMESPACE,
@@ -35,6 +37,28 @@ def init_ray(address: str | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+
+
+def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """A host:port address that takes no TCP connection is an error now (ray.init would retry it for
+    minutes)."""
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return  # local, or a form Ray checks itself
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        return
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as e:
+        raise ValueError(f"cannot reach the Ray cluster at {address}: {e}") from None
+
+
+def _creation_error(e: BaseException) -> str:
+    """The last line of an actor's creation error (the exception its __init__ raised), not Ray's
+    traceback around it."""
+    lines = [line.strip() for line in str(getattr(e, "error_msg", e)).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
 
 
 class RayObjectTransport:
@@ -74,6 +98,10 @@ class RayInstances:
         self._ray = ray
         self.prefix = name_prefix or f"quanta-{uuid.uuid4().hex[:8]}"
         gpu = engine_args.device.startswith("cuda")
+        if gpu:  # an instance per GPU: more instances than GPUs would wait for a GPU forever
+            gpus = int(ray.cluster_resources().get("GPU", 0))
+            if gpus < num_instances:
+                raise ValueError(f"{num_instances} instances on cuda need a GPU each; the Ray cluster has {gpus}")
         # On CPUs the instances share the node's cores: each gets its share of torch threads and asks
         # Ray for none (a CPU instance must not wait for a free Ray CPU slot).
         threads = None if gpu else max(1, (os.cpu_count() or 1) // num_instances)
@@ -90,7 +118,15 @@ class RayInstances:
             ).remote(engine_args, i, epoch, threads, RayObjectTransport())
             for i, name in enumerate(self._names)
         ]
-        ray.get([a.info.remote() for a in self.actors])  # every instance has loaded its model
+        from ray.exceptions import RayActorError
+
+        try:
+            ray.get([a.info.remote() for a in self.actors])  # every instance has loaded its model
+        except RayActorError as e:  # an instance's engine refused its arguments, or its model
+            for a in self.actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(a, no_restart=True)
+            raise ValueError(f"an engine instance did not start: {_creation_error(e)}") from None
         self.address = ray.get_runtime_context().gcs_address
 
     @property

@@ -40,10 +40,14 @@ class Router(ABC):
         return None  # most routers keep none
 
 
+class NoInstanceError(RuntimeError):
+    """Every instance is draining or gone: the service is unavailable (HTTP 503), not broken."""
+
+
 def dispatch(router: Router, view: ClusterView, req: Request) -> int:
     """Choose an instance for `req` and count the dispatch there (the caller then adds it there)."""
     if not view.dispatchable():
-        raise RuntimeError("no instance takes requests (all are draining or gone)")
+        raise NoInstanceError("no instance takes requests (all are draining or gone)")
     i = router.choose(req, view)
     assert i in view.dispatchable(), f"router {router.name} chose instance {i}, which takes no requests"
     view.dispatched(i, req, router.hashes(req, view))

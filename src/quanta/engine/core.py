@@ -189,6 +189,8 @@ class EngineCore:
         req = self.scheduler.requests.get(request_id)
         if req is not None and not req.finished:
             self.scheduler.finish_request(req, status, self.clock.now())
+        else:  # stopped for its migration's last stage: it must not resume here if the migration fails
+            self.scheduler.finish_migrating_out(request_id, status)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()

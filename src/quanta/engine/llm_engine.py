@@ -70,6 +70,7 @@ class EngineState:
     waiting_prompt_tokens: int = 0
     instances: list[dict[str, Any]] | None = None  # per instance, for a cluster
     cluster: dict[str, Any] | None = None  # a cluster's own counters (migrations, re-dispatches, Ray address)
+    counters: CacheCounters | None = None  # as of this reading (a scrape on an idle engine sees them too)
 
 
 @dataclass(slots=True)
@@ -380,6 +381,7 @@ class LLMEngine(EngineFrontend):
             integrity_ok=error is None,
             integrity_error=error,
             waiting_prompt_tokens=sum(r.num_prompt_tokens for r in waiting),
+            counters=self.counters(),
         )
 
     def waiting_load(self) -> tuple[int, int]:

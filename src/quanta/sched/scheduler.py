@@ -70,8 +70,17 @@ class Scheduler:
             req = self.requests.get(request_id)
             if req is not None and not req.finished:
                 self.finish_request(req, RequestStatus.FINISHED_ABORTED, now=None)
-            elif (req := self.migrating_out.get(request_id)) is not None and not req.finished:
-                self._end_migrated(req, RequestStatus.FINISHED_ABORTED)
+            else:
+                self.finish_migrating_out(request_id, RequestStatus.FINISHED_ABORTED)
+
+    def finish_migrating_out(self, request_id: str, status: RequestStatus) -> bool:
+        """End a request stopped for the last stage of its migration out (aborted, or stopped by a stop
+        string found after its last step here): the migration then neither commits nor resumes it."""
+        req = self.migrating_out.get(request_id)
+        if req is None or req.finished:
+            return False
+        self._end_migrated(req, status)
+        return True
 
     # ---- live migration (the cluster's migration state machine drives these, between steps) ------
     def stop_for_migration(self, request_id: str) -> Request | None:

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 import quanta
+from quanta.cluster.router import NoInstanceError
 from quanta.engine.llm_engine import EngineFrontend
 from quanta.engine.output import CompletionOutput, Logprob, RequestOutput
 from quanta.sampling_params import SamplingParams
@@ -98,7 +99,7 @@ def _api_error_of(e: BaseException) -> APIError:
         return e
     if isinstance(e, RequestFailedError):
         return APIError(500, str(e), "server_error")
-    if isinstance(e, EngineDeadError):
+    if isinstance(e, (EngineDeadError, NoInstanceError)):
         return APIError(503, str(e), "server_error")
     return APIError(500, "internal server error", "server_error")  # details go to the log, not the client
 

@@ -10,11 +10,12 @@ their own series and later ones share the OTHER_TENANT label, which keeps the nu
 from __future__ import annotations
 
 import logging
+import threading
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from quanta.engine.core import StepOutput
-from quanta.engine.llm_engine import EngineFrontend, EngineState
+from quanta.engine.llm_engine import CacheCounters, EngineFrontend, EngineState
 from quanta.engine.output import RequestOutput
 from quanta.metrics import RequestMetrics
 from quanta.request import Request
@@ -199,6 +200,7 @@ class ServerMetrics:
             registry=r,
         )
         self._seen_queries = self._seen_hits = self._seen_preemptions = 0
+        self._counter_lock = threading.Lock()  # the engine thread (steps) and the scrape both add
 
     def attach(self, engine: EngineFrontend) -> None:
         engine.add_step_observer(self._on_core_step)
@@ -232,23 +234,29 @@ class ServerMetrics:
     def observe_outputs(self, engine: EngineFrontend, outputs: list[RequestOutput]) -> None:
         """Engine thread, after each step's outputs are processed (stop strings included)."""
         name = self.model_name
-        c = engine.counters()
-        bs = self.block_size
-        # Cumulative engine counters become Prometheus increments (blocks -> tokens, as vLLM counts tokens).
-        self.prefix_queries.labels(name).inc((c.prefix_queries - self._seen_queries) * bs)
-        self.prefix_hits.labels(name).inc((c.prefix_hits - self._seen_hits) * bs)
-        self.preemptions.labels(name).inc(c.preemptions - self._seen_preemptions)
-        self._seen_queries, self._seen_hits, self._seen_preemptions = (
-            c.prefix_queries,
-            c.prefix_hits,
-            c.preemptions,
-        )
+        self._observe_counters(engine.counters())
         for out in outputs:
             if out.finished:
                 tenant = self.tenant_label(out.requests[0].tenant)
                 self.prompt_tokens.labels(name, tenant).inc(len(out.prompt_token_ids))
                 for req in out.requests:
                     self._observe_finished(req)
+
+    def _observe_counters(self, c: CacheCounters) -> None:
+        """Cumulative engine counters become Prometheus increments (blocks -> tokens, as vLLM counts
+        tokens). After each step (engine thread) and at each scrape (a cluster's instances count
+        between its steps, and after its last one)."""
+        name, bs = self.model_name, self.block_size
+        with self._counter_lock:
+            queries = max(c.prefix_queries - self._seen_queries, 0)  # never backwards (a dead instance's)
+            hits = max(c.prefix_hits - self._seen_hits, 0)
+            preemptions = max(c.preemptions - self._seen_preemptions, 0)
+            self.prefix_queries.labels(name).inc(queries * bs)
+            self.prefix_hits.labels(name).inc(hits * bs)
+            self.preemptions.labels(name).inc(preemptions)
+            self._seen_queries += queries
+            self._seen_hits += hits
+            self._seen_preemptions += preemptions
 
     def observe_aborted(self, requests: list[Request], reason: str = "abort") -> None:
         """Engine thread: requests ended by an abort (client gone) or, with reason "error", a failed step."""
@@ -268,6 +276,8 @@ class ServerMetrics:
 
     def set_gauges(self, state: EngineState) -> None:
         name = self.model_name
+        if state.counters is not None:
+            self._observe_counters(state.counters)
         self.running.labels(name).set(state.num_running)
         self.waiting.labels(name).set(state.num_waiting)
         self.kv_usage.labels(name).set(state.kv_usage)
