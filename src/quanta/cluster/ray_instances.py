@@ -18,8 +18,9 @@ from quanta.cluster.instances import InstanceDiedError
 NAMESPACE = "quanta"
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join the Ray cluster at `address` (e.g. "127.0.0.1:6379" or "auto"), or start a local one."""
+def init_ray(address: str | None = None) -> bool:
+    """Join the Ray cluster at `address` (e.g. "127.0.0.1:6379" or "auto"), or start a local one.
+    Whether this call started Ray (False: this process had it running already)."""
     try:
         import ray
     except ImportError:
@@ -28,7 +29,7 @@ def init_ray(address: str | None = None) -> None:
         ) from None
 
     if ray.is_initialized():
-        return
+        return False
     _check_reachable(address)
     ray.init(
         address=address,
@@ -37,6 +38,7 @@ def init_ray(address: str | None = None) -> None:
         log_to_driver=True,
         configure_logging=False,
     )
+    return True
 
 
 def _check_reachable(address: str | None, timeout: float = 5.0) -> None:
@@ -92,7 +94,7 @@ class RayInstances:
 
         if num_instances < 1:
             raise ValueError(f"instances must be at least 1, got {num_instances}")
-        init_ray(address)
+        started = init_ray(address)
         import ray
 
         self._ray = ray
@@ -126,6 +128,8 @@ class RayInstances:
             for a in self.actors:
                 with contextlib.suppress(Exception):
                     ray.kill(a, no_restart=True)
+            if started and address is None:  # the local Ray started here: stop it (and its log echo) now
+                ray.shutdown()
             raise ValueError(f"an engine instance did not start: {_creation_error(e)}") from None
         self.address = ray.get_runtime_context().gcs_address
 
