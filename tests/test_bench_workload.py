@@ -87,7 +87,7 @@ def test_goodput_and_report() -> None:
     rep = report(results, 2.0, parse_goodput(["ttft:500"]))
     assert rep["completed"] == 2 and rep["failed"] == 1 and rep["errors"] == ["HTTP 500: boom"]
     s = rep["summary"]
-    assert s["duration"] == pytest.approx(2.0)  # first send to last finish
+    assert s["duration"] == pytest.approx(2.0)  # the benchmark's wall time
     assert s["goodput"] == pytest.approx(0.5)  # one of two meets the TTFT SLO
     assert s["tpot"]["mean"] == pytest.approx((0.1 + 0.3) / 2)
     assert set(rep["per_tenant"]) == {"a", "b"}
@@ -133,16 +133,17 @@ def test_goodput_counts_requests_meeting_every_slo(goodput: list[str], good: set
     rep = report(results, 2.8, parse_goodput(goodput))
     s = rep["summary"]
     assert s["num_requests"] == 6 and rep["failed"] == 1
-    assert s["duration"] == pytest.approx(2.8)  # first send (0.0) to last finish (0.3 + 2.5)
+    assert s["duration"] == pytest.approx(2.8)  # the benchmark's wall time
     assert s["request_throughput"] == pytest.approx(6 / 2.8)
     assert s["goodput"] == pytest.approx(len(good) / 2.8)
     assert s["tpot"]["mean"] == pytest.approx((0.1 + 0.05 + 0.4 + 0.2 + 0.05 + 0.2) / 6)
     per_tenant = rep["per_tenant"]
     for tenant in ("a", "b"):
         mine = [i for i, r in enumerate(_SPLIT) if r[0] == tenant]
-        first = min(_SPLIT[i][1] for i in mine)
-        last = max(_SPLIT[i][1] + _SPLIT[i][4] for i in mine)
-        assert per_tenant[tenant]["goodput"] == pytest.approx(len(good & set(mine)) / (last - first)), tenant
+        # Over the whole run, as vLLM divides: the tenants' rates add up to the total.
+        assert per_tenant[tenant]["goodput"] == pytest.approx(len(good & set(mine)) / 2.8), tenant
+    assert sum(t["request_throughput"] for t in per_tenant.values()) == pytest.approx(s["request_throughput"])
+    assert per_tenant["a"]["failed"] == 1 and per_tenant["b"]["failed"] == 0
 
 
 def test_goodput_one_token_request_meets_tpot_slo_as_in_vllm() -> None:
@@ -153,3 +154,78 @@ def test_goodput_one_token_request_meets_tpot_slo_as_in_vllm() -> None:
     ]
     rep = report(results, 1.0, parse_goodput(["tpot:100"]))
     assert rep["summary"]["goodput"] == pytest.approx(1 / 1.0)
+
+
+def test_streams_are_timed_and_counted_as_vllm_does() -> None:
+    """A scripted server: CRLF event ends (valid SSE), a chunk of empty text (a special token), no usage,
+    a finish-only chunk, and a request answered with an error event of a plain string."""
+    import asyncio
+
+    from aiohttp import web
+
+    from quanta.bench.serve import BenchRequest, run_bench
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        if body["prompt"] == [9]:
+            await resp.write(b'data: {"error": "the engine is gone"}\r\n\r\n')
+            return resp
+        seen.append((body.get("tenant"), body.get("user")))
+        for text, finish in (("Hello", None), ("", None), (" world", None), ("", "length")):
+            await asyncio.sleep(0.02)
+            chunk = {"choices": [{"index": 0, "text": text, "finish_reason": finish}]}
+            await resp.write(b"data: " + json.dumps(chunk).encode() + b"\r\n\r\n")
+        await resp.write(b"data: [DONE]\r\n\r\n")
+        return resp
+
+    async def main() -> tuple:
+        app = web.Application()
+        app.router.add_post("/v1/completions", completions)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        try:
+            reqs = [BenchRequest(0.0, [5, 6], 2, 4, "t1"), BenchRequest(0.0, [9], 1, 4, "t2")]
+            return await run_bench(
+                f"http://127.0.0.1:{port}", "m", reqs, progress=False, count_tokens=lambda s: len(s.split())
+            )
+        finally:
+            await runner.cleanup()
+
+    seen: list = []
+    (ok, failed), wall = asyncio.run(main())
+    assert ok.ok and ok.ttft is not None and len(ok.itl) == 3  # every chunk with a choice is an event
+    assert ok.output_tokens == 2  # no usage: "Hello world" re-tokenized (two words here)
+    assert seen == [("t1", "t1")]  # the tenant goes as quanta's field and as OpenAI's user
+    assert not failed.ok and failed.error == "RuntimeError: the engine is gone"
+    rep = report([ok, failed], wall, {})
+    assert rep["summary"]["request_throughput"] == pytest.approx(1 / wall)  # over the whole run
+    assert rep["per_tenant"]["t2"]["failed"] == 1 and rep["per_tenant"]["t2"]["request_throughput"] == 0
+
+
+def test_bench_arguments_and_a_trace_without_arrivals(tmp_path: Path) -> None:
+    for argv, match in [
+        (("--burstiness", "0"), "burstiness"),
+        (("--request-rate", "0"), "request-rate"),
+        (("--max-concurrency", "0"), "max-concurrency"),
+        (("--num-prompts", "0"), "num-prompts"),
+        (("--output-len", "0"), "output-len"),
+        (("--tenants", "a,,b"), "tenants"),
+        (("--endpoint", "/v1/chat/completions"), "give --tokenizer"),  # token-id prompts are not text
+    ]:
+        with pytest.raises(ValueError, match=match):
+            build_workload(_args(*argv))
+    for bad in ("ttft:-5", "ttft:abc"):
+        with pytest.raises(ValueError, match="--goodput"):
+            parse_goodput([bad])
+    trace = tmp_path / "t.csv"
+    trace.write_text("prompt_len,output_len\n10,3\n20,4\n30,5\n")
+    assert [r.arrival for r in build_workload(_args("--workload", str(trace)))] == [0.0, 0.0, 0.0]
+    rep = report([BenchResult(0, "default", False, "HTTP 500: x", 0.0, 10)], 1.0, {})
+    from quanta.metrics import json_safe
+
+    json.dumps(json_safe(rep), allow_nan=False)  # nothing completed: no NaN left in the JSON

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 from collections.abc import Sequence
@@ -339,18 +338,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_safe(obj: object) -> object:
-    """`obj` with every non-finite float as null: JSON has no NaN (a percentile of no samples is one),
-    and strict readers refuse the bare NaN that json.dumps writes."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _check_outputs(args: argparse.Namespace) -> None:
     """Before a long run: --json's folder and --plots must be usable (else the run's work is lost)."""
     from pathlib import Path
@@ -366,7 +353,9 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _write_json(path: str, rows: object) -> None:
     from pathlib import Path
 
-    Path(path).write_text(json.dumps(_json_safe(rows), indent=2, allow_nan=False) + "\n")
+    from quanta.metrics import json_safe
+
+    Path(path).write_text(json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -67,6 +67,18 @@ class RequestMetrics:
         return all(slo is None or (value is not None and value <= slo) for value, slo in checks)
 
 
+def json_safe(obj: object) -> object:
+    """`obj` with every non-finite float as null: JSON has no NaN (a percentile of no samples is one),
+    and strict readers refuse the bare NaN that json.dumps writes."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def distribution(values: Iterable[float]) -> dict[str, float]:
     """mean, p50, p90, p99 (NaN when there are no values)."""
     return _distribution(np.asarray(list(values), dtype=float))

@@ -13,13 +13,14 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from quanta.metrics import RequestMetrics, summarize, summarize_by_tenant
+from quanta.metrics import RequestMetrics, json_safe, summarize
 from quanta.sim import workload as wl
 
 
@@ -80,7 +81,11 @@ def _random_ids(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     return rng.integers(min(10, vocab - 1), vocab, n).tolist()
 
 
-def _sharegpt(path: Path, n: int, output_len: int | None, tok: Any, rng: np.random.Generator) -> list[tuple]:
+def _sharegpt(
+    path: Path, n: int, output_len: int | None, tok: Any, rng: np.random.Generator, max_len: int | None = None
+) -> list[tuple]:
+    """Up to n (prompt, prompt tokens, output tokens) of a ShareGPT-style file, in a random order; with
+    `max_len`, conversations that do not fit are left out (as vLLM filters them), never cut."""
     data = json.loads(path.read_text())
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of conversations")
@@ -98,7 +103,10 @@ def _sharegpt(path: Path, n: int, output_len: int | None, tok: Any, rng: np.rand
             p_len, a_len = len(tok.encode(prompt).ids), len(tok.encode(answer).ids)
         else:  # about four characters a token
             p_len, a_len = max(1, len(prompt) // 4), max(1, len(answer) // 4)
-        rows.append((prompt, p_len, output_len or max(1, a_len)))
+        o_len = output_len or max(1, a_len)
+        if max_len is not None and p_len + o_len > max_len:
+            continue
+        rows.append((prompt, p_len, o_len))
         if len(rows) == n:
             break
     if not rows:
@@ -106,11 +114,31 @@ def _sharegpt(path: Path, n: int, output_len: int | None, tok: Any, rng: np.rand
     return rows
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Settings that would crash the run or silently mean something else: one-line errors."""
+    if args.num_prompts < 1:
+        raise ValueError("--num-prompts must be at least 1")
+    if args.input_len < 1 or (args.output_len is not None and args.output_len < 1):
+        raise ValueError("--input-len and --output-len must be at least 1")
+    if not (0 < args.burstiness < math.inf):
+        raise ValueError("--burstiness must be a positive number (1: Poisson)")
+    if args.request_rate is not None and not args.request_rate > 0:
+        raise ValueError("--request-rate must be positive (inf: all at once)")
+    if args.max_concurrency is not None and args.max_concurrency < 1:
+        raise ValueError("--max-concurrency must be at least 1")
+    if args.max_model_len is not None and args.max_model_len < 2:
+        raise ValueError("--max-model-len must be at least 2 (a prompt token and an output token)")
+    if args.tenants is not None and not all(t.strip() for t in args.tenants.split(",")):
+        raise ValueError("--tenants takes comma-separated non-empty names")
+
+
 def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
+    check_args(args)
     rng = np.random.default_rng(args.seed)
     vocab, tok = _vocab_size(args.tokenizer)
+    chat = "chat" in getattr(args, "endpoint", "")
     n = args.num_prompts
-    tenants = args.tenants.split(",") if args.tenants else None
+    tenants = [t.strip() for t in args.tenants.split(",")] if args.tenants else None
     rate = args.request_rate
     cv = 1.0 / math.sqrt(args.burstiness)
     draw_rate = None if rate is None or math.isinf(rate) else rate
@@ -120,7 +148,7 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     if spec == "random":
         r = args.range_ratio
         lo_p, hi_p = max(1, int(args.input_len * (1 - r))), max(1, int(args.input_len * (1 + r)))
-        out_len = args.output_len or 64
+        out_len = 64 if args.output_len is None else args.output_len
         lo_o, hi_o = max(1, int(out_len * (1 - r))), max(1, int(out_len * (1 + r)))
         reqs = wl.synthetic(
             n, wl.LengthDist("uniform", lo_p, hi_p), wl.LengthDist("uniform", lo_o, hi_o), draw_rate, cv,
@@ -131,11 +159,17 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant) for w in reqs]
     elif path.suffix == ".json":
-        conv = _sharegpt(path, n, args.output_len, tok, rng)
+        conv = _sharegpt(path, n, args.output_len, tok, rng, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default") for (p, pl, ol), a in zip(conv, arrivals)]
     else:
-        reqs = wl.read_trace(path, rate=draw_rate or 1.0, cv=cv, seed=args.seed)[:n]
+        try:
+            reqs = wl.read_trace(path)[:n]  # its own arrivals
+        except ValueError as e:
+            if "no arrival times" not in str(e):
+                raise
+            reqs = wl.read_trace(path, rate=1.0)[:n]  # arrivals drawn below (or all at once)
+            rate = math.inf if rate is None else rate
         trace_arrivals = rate is None
         if not trace_arrivals:
             arrivals = wl.gamma_arrivals(draw_rate, cv, len(reqs), rng) if draw_rate else np.zeros(len(reqs))
@@ -150,7 +184,14 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         if args.max_model_len is not None:
             p_len = min(p_len, args.max_model_len - 1)
             o_len = max(1, min(o_len, args.max_model_len - p_len))
-        prompt = text if text is not None else _random_ids(rng, p_len, vocab)
+        prompt: str | list[int] = text if text is not None else _random_ids(rng, p_len, vocab)
+        if chat and not isinstance(prompt, str):
+            if tok is None:
+                raise ValueError(
+                    "the chat endpoint takes text: give --tokenizer (the model's folder) so that prompts of "
+                    "the asked lengths can be written, or use /v1/completions"
+                )
+            prompt = tok.decode(prompt)  # about p_len tokens of text, as vLLM's random prompts
         if tenants:
             tenant = tenants[i % len(tenants)]
         out.append(BenchRequest(arrival, prompt, p_len, o_len, tenant))
@@ -159,13 +200,25 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
 
 # ---- sending --------------------------------------------------------------------------------------
 async def _send(
-    session: Any, url: str, body: dict, headers: dict, result: BenchResult, t0: float
+    session: Any,
+    url: str,
+    body: dict,
+    headers: dict,
+    result: BenchResult,
+    t0: float,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> BenchResult:
+    """One streamed request, timed as vLLM's benchmark times it: on the completions API every chunk with
+    a choice is a token event (its text may be empty: a special token); on the chat API the chunks
+    carrying content (or reasoning). Output tokens: the server's usage, else the text re-tokenized
+    (`count_tokens`), else the events that carried text."""
     start = time.perf_counter()
     result.sent = start - t0
     last = None
     chunks = 0
+    text_out: list[str] = []
     usage_tokens = None
+    chat = "messages" in body
     try:
         async with session.post(url, json=body, headers=headers) as resp:
             if resp.status != 200:
@@ -173,7 +226,7 @@ async def _send(
                 return result
             buffer = b""
             async for data in resp.content.iter_any():
-                buffer += data
+                buffer = (buffer + data).replace(b"\r\n", b"\n")  # SSE allows CRLF line ends
                 while b"\n\n" in buffer:
                     event, buffer = buffer.split(b"\n\n", 1)
                     for line in event.split(b"\n"):
@@ -184,24 +237,35 @@ async def _send(
                             continue
                         obj = json.loads(payload)
                         if "error" in obj:
-                            raise RuntimeError(str(obj["error"].get("message")))
+                            err = obj["error"]
+                            raise RuntimeError(str(err.get("message") if isinstance(err, dict) else err))
                         if obj.get("usage"):
                             usage_tokens = obj["usage"].get("completion_tokens")
                         if not obj.get("choices"):
                             continue
                         choice = obj["choices"][0]
-                        text = choice.get("text") or (choice.get("delta") or {}).get("content")
-                        if not text and choice.get("finish_reason") is None:
-                            continue
+                        if chat:
+                            delta = choice.get("delta") or {}
+                            text = delta.get("content") or delta.get("reasoning_content") or ""
+                            if not text:
+                                continue  # the role's chunk, a finish-only chunk
+                        else:
+                            text = choice.get("text") or ""
                         now = time.perf_counter()
                         if last is None:
                             result.ttft = now - start
                         else:
                             result.itl.append(now - last)
                         last = now
-                        chunks += 1
+                        chunks += bool(text)
+                        text_out.append(text)
         result.e2e = time.perf_counter() - start
-        result.output_tokens = usage_tokens if usage_tokens is not None else chunks
+        if usage_tokens is not None:
+            result.output_tokens = usage_tokens
+        elif count_tokens is not None:
+            result.output_tokens = count_tokens("".join(text_out))
+        else:
+            result.output_tokens = chunks
         result.ok = result.ttft is not None
         if not result.ok:
             result.error = "no output"
@@ -221,6 +285,7 @@ async def run_bench(
     temperature: float = 0.0,
     ignore_eos: bool = True,
     progress: bool = True,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> tuple[list[BenchResult], float]:
     """Send every request at its arrival time; returns the results and the wall time of the run."""
     import aiohttp
@@ -248,20 +313,21 @@ async def run_bench(
                 "stream_options": {"include_usage": True},
             }
             if chat:
-                text = r.prompt if isinstance(r.prompt, str) else " ".join(map(str, r.prompt))
-                body["messages"] = [{"role": "user", "content": text}]
+                assert isinstance(r.prompt, str), "chat prompts are text (build_workload decodes them)"
+                body["messages"] = [{"role": "user", "content": r.prompt}]
             else:
                 body["prompt"] = r.prompt
             if ignore_eos:
                 body["ignore_eos"] = True
             if r.tenant != "default":
-                body["user"] = r.tenant
+                body["tenant"] = r.tenant  # quanta's scheduling tenant (vLLM ignores the extra field)
+                body["user"] = r.tenant  # OpenAI's end-user id
             result = BenchResult(i, r.tenant, False, None, 0.0, r.prompt_len)
             if sem is None:
-                await _send(session, url, body, headers, result, t0)
+                await _send(session, url, body, headers, result, t0, count_tokens)
             else:
                 async with sem:
-                    await _send(session, url, body, headers, result, t0)
+                    await _send(session, url, body, headers, result, t0, count_tokens)
             bar.update(1)
             return result
 
@@ -280,16 +346,43 @@ def parse_goodput(items: list[str]) -> dict[str, float]:
         key, _, value = item.partition(":")
         if key not in names or not value:
             raise ValueError(f"--goodput takes KEY:MS with KEY in ttft, tpot, e2el; got {item!r}")
-        out[names[key]] = float(value) / 1000.0
+        try:
+            ms = float(value)
+        except ValueError:
+            raise ValueError(f"--goodput {item!r}: {value!r} is not a number of milliseconds") from None
+        if not (0 <= ms < math.inf):
+            raise ValueError(f"--goodput {item!r}: the target must be a non-negative number of milliseconds")
+        out[names[key]] = ms / 1000.0
     return out
+
+
+def _over_the_run(results: list[BenchResult], wall: float, slos: dict[str, float]) -> dict:
+    """The summary of `results`' completed requests, its rates over the benchmark's whole wall time as
+    vLLM divides them (failed requests at either end take time, not requests), so tenants add up."""
+    ok = [r for r in results if r.ok]
+    metrics = [r.metrics() for r in ok]
+    s = summarize(metrics, **slos).as_dict()
+    out = sum(r.output_tokens for r in ok)
+    rate = (lambda x: x / wall) if wall > 0 else (lambda x: float("nan"))
+    s.update(
+        duration=wall,
+        request_throughput=rate(len(ok)),
+        output_throughput=rate(out),
+        total_token_throughput=rate(out + sum(r.prompt_len for r in ok)),
+        goodput=rate(sum(m.meets(**slos) for m in metrics)) if slos else None,
+        failed=len(results) - len(ok),
+    )
+    return s
 
 
 def report(results: list[BenchResult], wall: float, slos: dict[str, float], label: str | None = None) -> dict:
     ok = [r for r in results if r.ok]
-    metrics = [r.metrics() for r in ok]
-    summary = summarize(metrics, **slos)
-    tenants = {r.tenant for r in ok}
-    by_tenant = summarize_by_tenant(metrics, **slos) if len(tenants) > 1 else {}
+    tenants = sorted({r.tenant for r in results})
+    by_tenant = (
+        {t: _over_the_run([r for r in results if r.tenant == t], wall, slos) for t in tenants}
+        if len(tenants) > 1
+        else {}
+    )
     return {
         "label": label,
         "num_requests": len(results),
@@ -300,8 +393,8 @@ def report(results: list[BenchResult], wall: float, slos: dict[str, float], labe
         "total_input_tokens": sum(r.prompt_len for r in ok),
         "total_output_tokens": sum(r.output_tokens for r in ok),
         "slos": slos,
-        "summary": summary.as_dict(),
-        "per_tenant": {t: s.as_dict() for t, s in by_tenant.items()},
+        "summary": _over_the_run(results, wall, slos),
+        "per_tenant": by_tenant,
     }
 
 
@@ -416,7 +509,8 @@ def run_programs_cli(args: argparse.Namespace) -> int:
     if args.result_json:
         path = Path(args.result_json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**rep, "calls": [asdict(r) for r in results]}, indent=1, default=str))
+        data = json_safe({**rep, "calls": [asdict(r) for r in results]})
+        path.write_text(json.dumps(data, indent=1, default=str, allow_nan=False))
     return 0 if rep["completed_programs"] == rep["programs"] else 1
 
 
@@ -425,6 +519,9 @@ def run_cli(args: argparse.Namespace) -> int:
         return run_programs_cli(args)
     slos = parse_goodput(args.goodput)
     requests = build_workload(args)
+    _, tok = _vocab_size(args.tokenizer)
+    # A server that sends no usage: its text re-tokenized, as vLLM counts it (needs the tokenizer).
+    count = (lambda text: len(tok.encode(text, add_special_tokens=False).ids)) if tok is not None else None
     results, wall = asyncio.run(
         run_bench(
             args.base_url,
@@ -436,6 +533,7 @@ def run_cli(args: argparse.Namespace) -> int:
             temperature=args.temperature,
             ignore_eos=not args.no_ignore_eos,
             progress=not args.no_progress,
+            count_tokens=count,
         )
     )
     rep = report(results, wall, slos, args.label)
@@ -444,7 +542,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if args.result_json:
         path = Path(args.result_json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({**rep, "requests": [asdict(r) for r in results]}, indent=1, default=str))
+        data = json_safe({**rep, "requests": [asdict(r) for r in results]})
+        path.write_text(json.dumps(data, indent=1, default=str, allow_nan=False))
     if args.plots:
         for p in plot(results, args.plots):
             print(f"wrote {p}")
