@@ -222,3 +222,39 @@ def test_a_call_arriving_after_the_ttl_on_an_idle_engine_finds_the_pin_expired()
     core.add_request(call("t1", first.all_token_ids + [7], arrival=core.clock.now()))
     assert not core.kv.pins and core.kv.num_pins_expired == 1
     run_to_end(core)
+
+
+def test_an_idle_engine_releases_expired_pins_by_itself() -> None:
+    """Nothing steps an idle engine, yet its pins run out: the engine loop waits until the next expiry
+    (idle_wait) and releases them (on_idle), so an idle server shows its whole pool free."""
+    core = engine("continuum", 64, ttl_s=0.05)
+    core.add_request(call("t0", list(range(20))))
+    run_to_end(core)
+    assert core.kv.has_pin("p") and core.idle_wait() == pytest.approx(0.05)
+    core.on_idle()
+    assert core.kv.has_pin("p")  # not yet
+    core.clock.wait_until(core.clock.now() + 0.05)
+    assert core.idle_wait() == 0.0
+    core.on_idle()
+    assert not core.kv.pins and core.kv.num_free_blocks == core.kv.num_blocks and core.idle_wait() is None
+
+
+def test_per_program_state_is_bounded() -> None:
+    """Every session id a client sends is a program: what policies keep per program forgets the oldest
+    beyond MAX_PROGRAMS, and per tool name beyond _MAX_TOOLS (clients name tools at will)."""
+    from quanta.sched.bounded import RecentDict
+    from quanta.sched.policies import continuum
+
+    core = engine("continuum", 64, ttl_s=0.0)
+    policy = core.policy
+    assert isinstance(policy.first_arrival, RecentDict)
+    policy.first_arrival.maxlen = policy._last_end.maxlen = 5
+    for i in range(40):
+        req = call(f"c{i}", [i + 3, 7, 9], program=f"prog{i}", arrival=core.clock.now())
+        req.tool_name = f"tool{i}"
+        core.add_request(req)
+        run_to_end(core)
+    assert len(policy.first_arrival) <= 5 and len(policy._last_end) <= 5
+    for i in range(continuum._MAX_TOOLS + 50):
+        policy._observe(f"tool-{i}", 0.1)
+    assert len(policy.durations) <= continuum._MAX_TOOLS + 2  # the capped tools, and all tools together

@@ -61,3 +61,18 @@ def test_bench_serve_drives_programs_in_closed_loop(llama_dir: Path) -> None:
             assert b.prompt_len > a.prompt_len
     assert hits >= 3 * 2 * 64 // 16 * 16  # later calls reuse (at least) the first prompt's full blocks
     assert state["num_free_blocks"] == state["num_blocks"]  # final turns released the pins
+
+
+def test_an_abandoned_program_s_pin_runs_out_on_an_idle_server(llama_dir: Path) -> None:
+    """A call without a final turn keeps its program's KV pinned for the TTL; with no other request
+    coming, the idle server still releases it then (nothing stepped to do it before)."""
+    import time
+
+    engine_args = {"policy": "continuum", "num_kv_blocks": 48, "policy_args": {"ttl_s": 0.3}}
+    with InProcessServer(llama_dir, engine_args) as srv:
+        extra = {"session_id": "abandoned", "tool_name": "bash"}
+        srv.client().completions.create(model=MODEL, prompt=[5] * 40, max_tokens=2, extra_body=extra)
+        deadline = time.monotonic() + 30
+        while (state := srv.wait_idle())["num_free_blocks"] != state["num_blocks"]:
+            assert time.monotonic() < deadline, "the pin never ran out"
+            time.sleep(0.05)

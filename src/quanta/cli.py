@@ -42,7 +42,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--policy",
         default="sarathi",
-        help="scheduling policy (sarathi, prefill-first, priority, vtc, wfq, deadline)",
+        help="scheduling policy (sarathi, prefill-first, priority, vtc, wfq, deadline, continuum, plas, batch)",
+    )
+    p.add_argument(
+        "--policy-args", default=None, help="policy settings as JSON, e.g. '{\"ttl_s\": 30}' (continuum)"
     )
     p.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
     p.add_argument(
@@ -82,11 +85,21 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the engine's sampler (for requests without a seed)")
 
 
+def _policy_args(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--policy-args is not JSON ({e}); e.g. '{{\"ttl_s\": 30}}'") from None
+
+
 def _engine_kwargs(args: argparse.Namespace) -> dict:
     return dict(
         dtype=args.dtype,
         device=args.device,
         policy=args.policy,
+        policy_args=_policy_args(args.policy_args),
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_seqs=args.max_num_seqs,
         max_model_len=args.max_model_len,
@@ -308,7 +321,7 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
             max_model_len=args.max_model_len,
             preemption_mode=args.preemption_mode,
             swap_space_gb=args.swap_space_gb if args.preemption_mode == "swap" else 0.0,
-            policy_args=json.loads(args.policy_args) if args.policy_args else {},
+            policy_args=_policy_args(args.policy_args) or {},
             default_max_tokens=args.default_max_tokens,
             num_kv_blocks=getattr(args, "num_kv_blocks", None),
             **({"efficiency": efficiency} if efficiency else {}),

@@ -220,7 +220,10 @@ class InstanceWorker:
         while True:
             with self._cond:
                 while not self._inbox and not self._stopping and not core.has_unfinished():
-                    self._cond.wait()
+                    wait = core.idle_wait()  # until a KV pin runs out, which nothing else releases
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
                 if self._stopping:
                     return
                 commands, self._inbox = self._inbox, []
@@ -230,6 +233,7 @@ class InstanceWorker:
                 except Exception as e:
                     fut.set_exception(e)
             if not core.has_unfinished():
+                core.on_idle()
                 continue
             try:
                 out = core.step()

@@ -7,6 +7,7 @@ both this class; nothing here knows which one it is.
 from __future__ import annotations
 
 import itertools
+import math
 from array import array
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -194,6 +195,18 @@ class EngineCore:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def idle_wait(self) -> float | None:
+        """Seconds until an idle engine has something to do by itself (a KV pin's time-to-live running
+        out), or None: a loop waiting for requests wakes by then and calls `on_idle`."""
+        expiry = self.kv.next_pin_expiry
+        return None if math.isinf(expiry) else max(expiry - self.clock.now(), 0.0)
+
+    def on_idle(self) -> None:
+        """Between requests: release the pins whose time-to-live has passed (only a step or an arrival
+        did, so an idle engine kept them, and their blocks, for good)."""
+        if self.kv.pins:
+            self.kv.expire_pins(self.clock.now())
 
     def decode_run(self, limit: int) -> DecodeRun | None:
         """The next steps, up to `limit`, if they provably repeat one pure-decode plan and the executor

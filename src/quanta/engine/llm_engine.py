@@ -263,6 +263,13 @@ class EngineFrontend(ABC):
         """Whether the engine can serve (a cluster: some instance is alive)."""
         return True
 
+    def idle_wait(self) -> float | None:
+        """Seconds until the idle engine has something to do by itself (see EngineCore.idle_wait)."""
+        return None
+
+    def on_idle(self) -> None:  # noqa: B027 - most frontends have nothing to do then
+        """What time does by itself while no request runs (see EngineCore.on_idle)."""
+
 
 class LLMEngine(EngineFrontend):
     def __init__(self, args: EngineArgs, clock: Clock | None = None) -> None:
@@ -365,6 +372,8 @@ class LLMEngine(EngineFrontend):
 
     def state(self, check: bool = True) -> EngineState:
         core = self.core
+        if not core.has_unfinished():
+            core.on_idle()  # as of now: pins past their time-to-live are gone
         error = None
         try:
             if check:
@@ -396,4 +405,11 @@ class LLMEngine(EngineFrontend):
         self.core.step_observers.append(observe)
 
     def reset_prefix_cache(self) -> bool:
+        self.core.on_idle()  # pins past their time-to-live hold no blocks any more
         return self.core.kv.reset_prefix_cache()
+
+    def idle_wait(self) -> float | None:
+        return self.core.idle_wait()
+
+    def on_idle(self) -> None:
+        self.core.on_idle()

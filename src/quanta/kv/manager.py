@@ -510,6 +510,11 @@ class KVCacheManager:
         self.pool.free_ids(reversed(pin.blocks))  # tail first, as a request's
         self.num_pinned_blocks -= len(pin.blocks)
 
+    @property
+    def next_pin_expiry(self) -> float:
+        """The clock time the next pin runs out (inf: none)."""
+        return self._next_expiry
+
     def expire_pins(self, now: float) -> int:
         """Release the pins whose time-to-live has passed; returns how many."""
         if now < self._next_expiry:

@@ -221,7 +221,10 @@ class AsyncEngine:
         while True:
             with self._cond:
                 while not self._inbox and not self._stopping and not engine.has_unfinished_requests():
-                    self._cond.wait()
+                    wait = engine.idle_wait()  # e.g. until a KV pin runs out, which nothing else releases
+                    if wait is not None and wait <= 0:
+                        break
+                    self._cond.wait(wait)
                 if self._stopping:
                     return
                 commands = list(self._inbox)
@@ -229,6 +232,7 @@ class AsyncEngine:
             for kind, payload, fut in commands:
                 self._handle(kind, payload, fut)
             if not engine.has_unfinished_requests():
+                engine.on_idle()
                 continue
             try:
                 outputs = engine.step()

@@ -8,6 +8,7 @@ from __future__ import annotations
 from quanta.cluster.router import Router, make_router, register
 from quanta.cluster.view import ClusterView
 from quanta.request import Request
+from quanta.sched.bounded import RecentDict
 
 
 @register
@@ -18,13 +19,13 @@ class SessionRouter(Router):
         super().__init__(seed)
         self.fallback = make_router(fallback, seed=seed)
         self.reads_kv = self.fallback.reads_kv  # type: ignore[misc]
-        self._owner: dict[str, int] = {}  # session id -> instance
+        self._owner: dict[str, int] = RecentDict()  # session id -> instance (bounded: the most recent)
 
     def choose(self, req: Request, view: ClusterView) -> int:
         sid = req.program
         i = self._owner.get(sid) if sid is not None else None
         if i is None or i not in view.dispatchable():
             i = self.fallback.choose(req, view)
-            if sid is not None:
-                self._owner[sid] = i
+        if sid is not None:
+            self._owner[sid] = i  # (again: the session is the newest, the last to be forgotten)
         return i

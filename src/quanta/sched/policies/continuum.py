@@ -30,10 +30,12 @@ import numpy as np
 from quanta.config import SchedulerConfig
 from quanta.kv.manager import KVCacheManager
 from quanta.request import Request, RequestStatus
+from quanta.sched.bounded import RecentDict
 from quanta.sched.policy import Policy, register
 from quanta.sched.queue import SortedQueue, WaitingQueue
 
 _HISTORY = 512  # durations kept per tool (the latest)
+_MAX_TOOLS = 256  # tools with durations of their own
 _ALL = object()  # the key of every tool's durations together
 
 
@@ -63,8 +65,9 @@ class ContinuumPolicy(Policy):
                 raise ValueError(f"{name} must be >= 0")
         if not (0 <= self.pin_cap <= 1 and 0 <= self.pin_cap_per_program <= 1):
             raise ValueError("pin_cap and pin_cap_per_program are fractions of the pool, in [0, 1]")
-        self.first_arrival: dict[str, float] = {}  # program -> its first call's arrival
-        self._last_end: dict[str, tuple[float, str | None]] = {}  # program -> (last call's end, its tool)
+        # Bounded (RecentDict): a client's session ids must not grow them without end.
+        self.first_arrival: dict[str, float] = RecentDict()  # program -> its first call's arrival
+        self._last_end: dict[str, tuple[float, str | None]] = RecentDict()  # program -> (last end, its tool)
         self.durations: dict[object, list[float]] = {}  # tool (or _ALL) -> observed tool times, sorted
         self._order: dict[object, deque[float]] = {}  # the same, oldest first
         self._arrays: dict[object, tuple[np.ndarray, np.ndarray]] = {}  # as arrays, while unchanged
@@ -100,7 +103,9 @@ class ContinuumPolicy(Policy):
             self._observe(last[1], max(req.arrival_time - last[0], 0.0))
 
     def _observe(self, tool: str | None, d: float) -> None:
-        for key in (tool, _ALL):
+        # Past _MAX_TOOLS names (clients name tools at will), a new tool counts among all tools only.
+        known = tool in self.durations or len(self.durations) <= _MAX_TOOLS
+        for key in (tool, _ALL) if known else (_ALL,):
             hist = self.durations.setdefault(key, [])
             order = self._order.setdefault(key, deque())
             bisect.insort(hist, d)

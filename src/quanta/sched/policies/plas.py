@@ -18,6 +18,7 @@ from collections.abc import Iterator, Sequence
 
 from quanta.config import SchedulerConfig
 from quanta.request import Request, RequestStatus
+from quanta.sched.bounded import RecentDict
 from quanta.sched.policy import Policy, register
 from quanta.sched.queue import ClassQueue, WaitingQueue
 
@@ -36,7 +37,7 @@ class PLASPolicy(Policy):
         self.preemptive = bool(args.get("preemptive", True))
         if self.quantum <= 0 or self.base <= 1 or self.levels < 1 or self.starvation_ratio <= 0:
             raise ValueError("plas needs quantum_s > 0, base > 1, levels >= 1, starvation_ratio > 0")
-        self.service: dict[str, float] = {}  # program -> attained service (seconds)
+        self.service: dict[str, float] = RecentDict()  # program -> attained service (s); bounded
         self._level: dict[str, int] = {}  # request id -> its level, fixed while it waits
 
     def attained(self, req: Request) -> float:
