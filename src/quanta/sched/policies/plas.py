@@ -5,8 +5,9 @@ to finished) of the program's earlier calls, so a long agent program does not ho
 nothing needs to know a program's length in advance. Calls sit in multi-level queues: level 0 below
 `quantum_s` of attained service, and each level up holds `base` times more; FCFS inside a level. A call
 whose wait exceeds `starvation_ratio` times its program's service (at least one quantum) is promoted to
-the front, so long programs are delayed, never starved. Preemptive (the default): a waiting call short
-of room evicts running calls of more-served levels (the most-served first).
+the front, so long programs are delayed, never starved; once admitted it runs as level 0 (no level-0
+call preempts it). Preemptive (the default): a waiting call short of room evicts running calls of
+more-served levels (the most-served first).
 
 Options (policy_args): quantum_s (1.0), base (4), levels (6), starvation_ratio (8), preemptive (true).
 """
@@ -39,6 +40,10 @@ class PLASPolicy(Policy):
             raise ValueError("plas needs quantum_s > 0, base > 1, levels >= 1, starvation_ratio > 0")
         self.service: dict[str, float] = RecentDict()  # program -> attained service (s); bounded
         self._level: dict[str, int] = {}  # request id -> its level, fixed while it waits
+        self._starved: set[str] = set()  # calls waiting_order last put at the front
+        # Calls admitted through the starvation guard: they run as level 0 (no level-0 call preempts
+        # them; each preemption would only recompute them, one token gained per admission).
+        self._promoted: set[str] = set()
 
     def attained(self, req: Request) -> float:
         program = req.program
@@ -55,8 +60,20 @@ class PLASPolicy(Policy):
     def on_arrival(self, req: Request) -> None:
         self._level[req.request_id] = self.level_of(self.attained(req))
 
+    def on_admit(self, req: Request, now: float) -> None:
+        if req.request_id in self._starved:
+            self._promoted.add(req.request_id)
+
+    def on_preempt(self, req: Request) -> None:
+        self._promoted.discard(req.request_id)  # back in its queue: promoted again if still starved
+
+    def _running_level(self, req: Request) -> int:
+        return 0 if req.request_id in self._promoted else self._level.get(req.request_id, 0)
+
     def on_finish(self, req: Request) -> None:
         self._level.pop(req.request_id, None)
+        self._promoted.discard(req.request_id)
+        self._starved.discard(req.request_id)
         program = req.program
         if program is None:
             return
@@ -69,10 +86,10 @@ class PLASPolicy(Policy):
 
     def preemption_victim(self, candidates: Sequence[Request]) -> Request:
         # The most-served level, latest admitted within it.
-        return max(reversed(candidates), key=lambda r: self._level.get(r.request_id, 0))
+        return max(reversed(candidates), key=self._running_level)
 
     def may_preempt(self, waiting: Request, running: Request, now: float) -> bool:
-        return self.preemptive and self._level[waiting.request_id] < self._level[running.request_id]
+        return self.preemptive and self._level[waiting.request_id] < self._running_level(running)
 
     def waiting_order(self, waiting: WaitingQueue, now: float) -> Iterator[Request]:
         assert isinstance(waiting, ClassQueue)
@@ -89,7 +106,7 @@ class PLASPolicy(Policy):
                     break
                 if wait > self.starvation_ratio * max(self.attained(r), self.quantum):
                     starved.append(r)
+        self._starved = skip = {r.request_id for r in starved}
         yield from starved
-        skip = {r.request_id for r in starved}
         merged = waiting.merged(key=lambda r: (self._level[r.request_id], waiting.key(r)))
         yield from (r for r in merged if r.request_id not in skip)
