@@ -255,6 +255,33 @@ def test_bad_input_is_a_clear_error_and_leaks_nothing(llm: LLM) -> None:
         llm.generate([[5, 6], [5] * 600], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+    # ... whatever the error (a TypeError here).
+    with pytest.raises(TypeError):
+        llm.generate(["ok", None], use_tqdm=False)  # type: ignore[list-item]
+    assert not llm.engine.has_unfinished_requests()
+    # Values of the wrong type, or too many logprobs, are refused when added: not in the engine's step,
+    # which would fail every request of that step.
+    with pytest.raises(ValueError, match="n must be an integer"):
+        SamplingParams(n=2.0)  # type: ignore[arg-type]
+    bad = SamplingParams(max_tokens=4)
+    bad.seed = 1.5  # type: ignore[assignment]
+    with pytest.raises(ValueError, match="seed must be an integer"):
+        llm.generate([[5, 6]], bad, use_tqdm=False)
+    with pytest.raises(ValueError, match="the vocabulary has 512"):
+        llm.generate([[5, 6]], SamplingParams(max_tokens=2, logprobs=100_000), use_tqdm=False)
+    late = SamplingParams(temperature=1.0, max_tokens=3, seed=1)
+    late.top_k = -1  # vLLM's "disabled", set after construction
+    assert len(llm.generate([[5, 6]], late, use_tqdm=False)[0].outputs[0].token_ids) == 3
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.core.kv.num_free_blocks == llm.engine.core.kv.num_blocks
+
+
+def test_vllm_constructor_spellings(llama_dir: Path) -> None:
+    from quanta.engine.llm_engine import EngineArgs
+
+    assert [EngineArgs(dtype=d).dtype for d in ("half", "float", "bf16", "auto")] == ["float16", "float32", "bfloat16", "auto"]
+    llm = LLM(str(llama_dir), seed=None, dtype="float", num_kv_blocks=64, max_model_len=128)  # a random seed
+    assert len(llm.generate([[5, 6]], SamplingParams(temperature=1.0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 
 def _req(rid: str, output: list[int], **params) -> Request:

@@ -45,7 +45,14 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError with a one-line message for out-of-range values."""
+        """Raise ValueError with a one-line message for values of the wrong type or out of range."""
+        for name in ("n", "top_k", "min_tokens"):
+            _check_int(name, getattr(self, name))
+        for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        if self.top_k == -1:
+            self.top_k = 0  # vLLM's "disabled", also when set after construction
         if self.n < 1:
             raise ValueError(f"n must be at least 1, got {self.n}")
         if self.temperature < 0.0:
@@ -92,6 +99,11 @@ class SamplingParams:
     @property
     def has_penalties(self) -> bool:
         return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+def _check_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
 
 
 def _normalize_logit_bias(bias: dict[int, float] | dict[str, float] | None) -> dict[int, float] | None:

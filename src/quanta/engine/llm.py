@@ -129,7 +129,7 @@ class LLM:
                     tool_name=tool_names[i] if tool_names else None,
                     final_turn=bool(final_turns[i]) if final_turns else False,
                 )
-        except ValueError:
+        except Exception:  # any bad input (a ValueError, a TypeError): nothing of this call stays queued
             self.engine.abort_request(ids)
             raise
         return self._run(ids, use_tqdm)

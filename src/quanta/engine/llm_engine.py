@@ -43,7 +43,7 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     prefix_cache_per_tenant: bool = False  # prefix-cache hits only between requests of one tenant
     prefix_cache_hash: str = "sha256"  # CacheConfig.prefix_cache_hash
-    seed: int = 0
+    seed: int | None = 0  # None: a random seed (runs differ, as vLLM's seed=None)
     cpu_kernels: bool = True  # C++ CPU kernels: decode attention, AMX linears (built on first use); False: torch
     attention_backend: str = "auto"  # torch | triton; auto: triton on CUDA, torch on CPU
     gpu_memory_utilization: float = 0.9  # CUDA: share of the card's memory for weights, activations and KV
@@ -54,6 +54,16 @@ class EngineArgs:
     swap_space_gb: float = 0.0  # host memory for swapped KV (or num_cpu_blocks blocks)
     num_cpu_blocks: int | None = None
     policy_args: dict | None = None  # policy settings, e.g. {"tenant_weights": {"a": 2.0}}
+
+    def __post_init__(self) -> None:
+        self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))  # vLLM's spellings, torch dtypes
+
+
+_DTYPE_ALIASES = {
+    "half": "float16", "fp16": "float16", "torch.float16": "float16",
+    "float": "float32", "fp32": "float32", "torch.float32": "float32",
+    "bf16": "bfloat16", "torch.bfloat16": "bfloat16",
+}  # fmt: skip
 
 
 @dataclass(slots=True)
@@ -166,6 +176,12 @@ class EngineFrontend(ABC):
         text, token_ids = self.to_token_ids(prompt)
         if not token_ids:
             raise ValueError("prompt must contain at least one token")
+        params.validate()  # again: a field set after construction is checked before the engine runs it
+        vocab = self.model_config.vocab_size
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"{name} asks for {k} alternatives; the vocabulary has {vocab}")
         self.check_logit_bias(params)
         now = self.now() if arrival_time is None else arrival_time
         children = []

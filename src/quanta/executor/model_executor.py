@@ -38,7 +38,7 @@ class ModelExecutor:
         max_num_seqs: int,
         dtype: str = "auto",
         device: str = "cpu",
-        seed: int = 0,
+        seed: int | None = 0,
         model_config: ModelConfig | None = None,
         cpu_kernels: bool = True,
         attention_backend: str = "auto",

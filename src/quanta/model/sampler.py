@@ -38,10 +38,13 @@ def logprob_entries(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: list[
 
 
 class Sampler:
-    def __init__(self, device: torch.device, seed: int = 0) -> None:
+    def __init__(self, device: torch.device, seed: int | None = 0) -> None:
         self.device = device
         self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(seed)
+        if seed is None:
+            self.generator.seed()  # a random seed: runs differ
+        else:
+            self.generator.manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
         # Greedy picks; the CPU kernels' vectorized version replaces it (same first-maximum rule).
         self.argmax: Callable[[torch.Tensor], torch.Tensor] = lambda x: x.argmax(dim=-1)
@@ -113,7 +116,7 @@ class Sampler:
             vocab = x.shape[-1]
             # Clamped before the tensor: a top_k past int64 (valid JSON, and a valid "keep all") must not
             # fail the step, which would abort every request in it.
-            k = torch.tensor([min(p.top_k or vocab, vocab) for p in params], device=dev)
+            k = torch.tensor([min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=dev)
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             x = _apply_top_k_top_p(x, k, top_p)
         probs = torch.softmax(x, dim=-1)
