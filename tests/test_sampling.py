@@ -280,7 +280,12 @@ def test_vllm_constructor_spellings(llama_dir: Path) -> None:
     from quanta.engine.llm_engine import EngineArgs
 
     assert [EngineArgs(dtype=d).dtype for d in ("half", "float", "bf16", "auto")] == ["float16", "float32", "bfloat16", "auto"]
-    llm = LLM(str(llama_dir), seed=None, dtype="float", num_kv_blocks=64, max_model_len=128)  # a random seed
+    with pytest.raises(ValueError, match="tensor_parallel_size=2"):
+        LLM(str(llama_dir), tensor_parallel_size=2)
+    llm = LLM(
+        str(llama_dir), seed=None, dtype="float", num_kv_blocks=64, max_model_len=128,  # seed None: a random one
+        trust_remote_code=True, enforce_eager=True, tensor_parallel_size=1, tokenizer=str(llama_dir),
+    )  # fmt: skip
     assert len(llm.generate([[5, 6]], SamplingParams(temperature=1.0, max_tokens=3), use_tqdm=False)[0].outputs[0].token_ids) == 3
 
 

@@ -40,6 +40,7 @@ class LLM:
             kwargs.setdefault("max_num_batched_tokens", OFFLINE_MAX_NUM_BATCHED_TOKENS)
         if instances < 1:
             raise ValueError(f"instances must be at least 1, got {instances}")
+        _vllm_arguments(model, kwargs)
         args = EngineArgs(model=model, **kwargs)
         self.engine: EngineFrontend
         if instances > 1 or ray_address:
@@ -176,3 +177,22 @@ class LLM:
             if unfinished:  # interrupted: leave nothing behind in the engine
                 self.engine.abort_request(unfinished)
         return [done[i] for i in ids]
+
+
+def _vllm_arguments(model: str | None, kwargs: dict[str, Any]) -> None:
+    """vLLM's LLM arguments that mean something here too, mapped in place; the rest stay, and EngineArgs
+    names them in its TypeError."""
+    kwargs.pop("trust_remote_code", None)  # quanta runs no code from model folders
+    kwargs.pop("disable_log_stats", None)
+    if kwargs.pop("enforce_eager", False):
+        kwargs["cuda_graphs"] = False
+    tp = kwargs.pop("tensor_parallel_size", 1)
+    if tp != 1:
+        raise ValueError(
+            f"tensor_parallel_size={tp}: an engine runs on one device; LLM(instances=N) runs N engines"
+        )
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is not None and tokenizer != model:
+        raise ValueError("the tokenizer is the model's own (its folder or GGUF file): give no other tokenizer")
+    if "swap_space" in kwargs:  # GiB of host memory per engine, as vLLM's
+        kwargs["swap_space_gb"] = float(kwargs.pop("swap_space"))
