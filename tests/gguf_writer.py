@@ -17,7 +17,9 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(folder: Path, out: Path, qtype: str = "F32", arch: str | None = None) -> Path:
+def write_gguf(
+    folder: Path, out: Path, qtype: str = "F32", arch: str | None = None, eot: int | None = None
+) -> Path:
     cfg = json.loads((folder / "config.json").read_text())
     model_type = cfg["model_type"]
     arch = arch or model_type
@@ -53,6 +55,8 @@ def write_gguf(folder: Path, out: Path, qtype: str = "F32", arch: str | None = N
     writer.add_token_merges(merges)
     writer.add_bos_token_id(cfg["bos_token_id"])
     writer.add_eos_token_id(cfg["eos_token_id"] if isinstance(cfg["eos_token_id"], int) else cfg["eos_token_id"][0])
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     template = tok_cfg.get("chat_template")
     if template is None and (folder / "chat_template.jinja").is_file():

@@ -114,6 +114,16 @@ def test_gguf_cache_is_reused_and_follows_the_file(llama_f32_gguf: Path, tmp_pat
     before = model_folder(copy, "float32")
     os.utime(copy, ns=(stamp + 10**9, stamp + 10**9))
     assert model_folder(copy, "float32") != before
+    # Another file copied over it with the same size and time (cp -p, rsync -t): a folder of its own too.
+    other = tmp_path / "other.gguf"
+    data = bytearray(llama_f32_gguf.read_bytes())
+    data[-1000:] = bytes(1000)  # the last tensor's values differ
+    other.write_bytes(bytes(data))
+    st = copy.stat()
+    before = model_folder(copy, "float32")
+    copy.write_bytes(other.read_bytes())
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert copy.stat().st_size == st.st_size and model_folder(copy, "float32") != before
     # `auto` is bfloat16 for GGUF files (quantized weights), whichever folder was made first.
     assert ModelConfig.from_path(llama_f32_gguf).dtype == "bfloat16"
 
@@ -127,6 +137,14 @@ def test_gguf_model_shape_in_the_simulator(llama_f32_gguf: Path, llama_dir: Path
 def test_unsupported_gguf_files_are_one_line_errors(llama_dir: Path, tmp_path: Path) -> None:
     import gguf
 
+    # A download cut off inside its metadata.
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(write_gguf(llama_dir, tmp_path / "whole.gguf").read_bytes()[:3000])
+    with pytest.raises(ModelLoadError, match=r"cannot read GGUF file .*truncated or corrupt"):
+        LLM(str(cut))
+    # An end-of-turn id (Llama 3 Instruct's <|eot_id|>) stops generation as eos does, as in llama.cpp.
+    eot = write_gguf(llama_dir, tmp_path / "eot.gguf", eot=7)
+    assert 7 in ModelConfig.from_path(eot).eos_token_ids
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a gguf file")
     with pytest.raises(ModelLoadError, match="neither a Hugging Face model folder nor a GGUF file"):

@@ -21,7 +21,7 @@ from quanta.model.config import ModelLoadError
 from quanta.model.default_model import cache_dir
 
 # Bumped when the folder layout or the conversion changes, so old caches are not reused.
-CONVERTER_VERSION = 2
+CONVERTER_VERSION = 3  # 3: eot/eom ids among the eos ids
 GGUF_MAGIC = b"GGUF"
 # llama.cpp architecture name -> (HF architecture, model_type, Q/K rows permuted by llama.cpp's converter)
 ARCHITECTURES = {
@@ -49,9 +49,21 @@ def is_gguf(path: str | Path) -> bool:
         return False
 
 
+def _fingerprint(path: Path, span: int = 1 << 20) -> str:
+    """The file's first and last MiB, hashed: another file copied over it with the same size and time
+    (cp -p, rsync -t, an unpacked archive) differs there (metadata, last tensors)."""
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        h.update(f.read(span))
+        size = f.seek(0, 2)
+        f.seek(max(size - span, 0))
+        h.update(f.read(span))
+    return h.hexdigest()[:16]
+
+
 def _cache_dir(path: Path, dtype: str) -> Path:
     st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{CONVERTER_VERSION}|{dtype}"
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{_fingerprint(path)}|{CONVERTER_VERSION}|{dtype}"
     return cache_dir() / "gguf" / f"{path.stem}-{dtype}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
@@ -60,8 +72,8 @@ def _reader(path: Path) -> Any:
 
     try:
         return GGUFReader(str(path))
-    except (ValueError, OSError, KeyError) as e:
-        raise ModelLoadError(f"cannot read GGUF file {str(path)!r}: {e}") from None
+    except Exception as e:  # a truncated or corrupt file raises anything (IndexError, struct.error, ...)
+        raise ModelLoadError(f"cannot read GGUF file {str(path)!r} (truncated or corrupt?): {e!r}") from None
 
 
 def _field(reader: Any, key: str, default: Any = None) -> Any:
@@ -105,10 +117,14 @@ def hf_config(reader: Any, source: str) -> dict[str, Any]:
         "attention_bias": "blk.0.attn_q.bias" in tensors,
         "torch_dtype": GGUF_DTYPE,
     }
-    for key, hf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id")):
-        value = _field(reader, f"tokenizer.ggml.{key}")
-        if value is not None:
-            cfg[hf_key] = int(value)
+    bos = _field(reader, "tokenizer.ggml.bos_token_id")
+    if bos is not None:
+        cfg["bos_token_id"] = int(bos)
+    # llama.cpp ends a turn at eos, end-of-turn and end-of-message alike (Llama 3 Instruct: <|eot_id|>).
+    stops = [_field(reader, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+    stops = list(dict.fromkeys(int(s) for s in stops if s is not None))
+    if stops:
+        cfg["eos_token_id"] = stops[0] if len(stops) == 1 else stops
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     if scaling not in (None, "none"):
         factor = _field(reader, f"{arch}.rope.scaling.factor")
