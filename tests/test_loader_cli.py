@@ -154,6 +154,7 @@ def test_serve_options_are_checked_before_the_model_loads(tmp_path) -> None:
         (("--priority-range", "5,1"), "the range '5,1' is empty"),
         (("--api-keys-file", str(keys)), "a key's tenant"),
         (("--api-keys-file", str(tmp_path / "missing.json")), "cannot read the API key file"),
+        (("--migration",), "give --instances 2 or more"),  # one instance: nothing to migrate to
     ]:
         # A model folder that does not exist: the option error must come first.
         proc = run_cli("serve", "--model", str(tmp_path / "no-model"), *args)

@@ -220,6 +220,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.router not in router_names():
         raise ValueError(f"unknown --router {args.router!r}; choose from {', '.join(router_names())}")
+    single = args.instances == 1 and not args.ray_address
+    if single and (args.migration or args.router != "least-load"):
+        raise ValueError("--router and --migration work between instances: give --instances 2 or more")
     model = args.model or default_model()
     engine_args = EngineArgs(model=model, **_engine_kwargs(args))
     if args.instances > 1 or args.ray_address:
