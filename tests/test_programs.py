@@ -285,6 +285,7 @@ def test_plas_a_call_the_starvation_guard_promotes_is_not_preempted_by_level_0_c
     one-call programs (level 0) on one sequence slot. The guard admits it after 8 x 1.5 s; it must then
     run (as level 0), not be preempted by the next level-0 call at every step (recompute: one token per
     admission, 99 preemptions, and the thrash booked as A's service)."""
+    from quanta.engine.arrivals import run_arrivals
     from quanta.request import Request
     from quanta.sampling_params import SamplingParams
 
@@ -302,14 +303,7 @@ def test_plas_a_call_the_starvation_guard_promotes_is_not_preempted_by_level_0_c
 
     reqs = [call("A1", 1000, 150, 0.0, "A"), call("A2", 1100, 100, 2.0, "A")]
     reqs += [call(f"P{i}", 2000 + 20 * i, 30, 1.9 + 0.2 * i, f"P{i}", final=True) for i in range(120)]
-    pending = sorted(reqs, key=lambda r: r.arrival_time)
-    while pending or core.has_unfinished():
-        while pending and pending[0].arrival_time <= core.clock.now() + 1e-12:
-            core.add_request(pending.pop(0))
-        if core.has_unfinished():
-            core.step()
-        else:
-            core.clock.wait_until(pending[0].arrival_time)
+    run_arrivals(core, reqs)
     a2 = reqs[1]
     assert a2.times.first_scheduled is not None and a2.times.first_scheduled > 10  # starved, then promoted
     assert a2.num_preemptions == 0 and a2.times.finished - a2.times.first_scheduled < 1.5

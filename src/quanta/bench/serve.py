@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import math
 import time
@@ -66,6 +67,7 @@ class BenchResult:
 
 
 # ---- workloads ------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=4)  # the workload and the token count read the same file once
 def _vocab_size(tokenizer: str | None) -> tuple[int, Any]:
     if tokenizer is None:
         return 500, None  # ids every tokenizer has (quanta's tiny test model has 512)

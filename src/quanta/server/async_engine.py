@@ -333,26 +333,19 @@ class AsyncEngine:
             num_new += params.n
             new_tokens += (len(ids) if isinstance(ids, list) else 0) * params.n
         num_waiting, tokens = self.engine.waiting_load()
-        if lim.max_waiting_requests is not None:
-            if num_new > lim.max_waiting_requests:
+        for limit, new, held, unit in (
+            (lim.max_waiting_requests, num_new, num_waiting, "requests"),  # n > 1: each sample counts
+            (lim.max_waiting_tokens, new_tokens, tokens, "prompt tokens"),  # times n
+        ):
+            if limit is None:
+                continue
+            if new > limit:
                 raise ValueError(
-                    f"this request asks for {num_new} sequences, more than the server's waiting queue takes "
-                    f"({lim.max_waiting_requests})"
+                    f"this request brings {new} {unit} (n counted), more than the server's waiting queue "
+                    f"takes ({limit})"
                 )
-            if num_waiting + num_new > lim.max_waiting_requests:
-                raise QueueFullError(
-                    f"the waiting queue holds {num_waiting} requests (limit {lim.max_waiting_requests})"
-                )
-        if lim.max_waiting_tokens is not None:
-            if new_tokens > lim.max_waiting_tokens:
-                raise ValueError(
-                    f"this request's prompts hold {new_tokens} tokens (times n), more than the server's "
-                    f"waiting queue takes ({lim.max_waiting_tokens})"
-                )
-            if tokens + new_tokens > lim.max_waiting_tokens:
-                raise QueueFullError(
-                    f"the waiting queue holds {tokens} prompt tokens (limit {lim.max_waiting_tokens})"
-                )
+            if held + new > limit:
+                raise QueueFullError(f"the waiting queue holds {held} {unit} (limit {limit})")
 
     def _die(self, error: EngineDeadError) -> None:
         """The thread is ending: refuse new commands, and fail every open stream and waiting command."""
