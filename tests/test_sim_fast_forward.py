@@ -209,3 +209,82 @@ def test_least_load_sees_a_runs_stops_from_its_last_steps_start() -> None:
     a = simulate(w, SimConfig(model, gpu, decode_runs=False, **cfg))
     b = simulate(w, SimConfig(model, gpu, decode_runs=True, **cfg))
     assert timeline(a) == timeline(b) and b.num_decode_runs > 0
+
+
+PRIVATE_CASES = [
+    # policy, replicas, KV blocks per replica (small: preemptions), preemption mode, block groups, router,
+    # migration
+    ("sarathi", 1, 300, "recompute", True, "least-load", False),
+    ("sarathi", 2, 500, "swap", True, "least-load", False),
+    ("priority", 2, 300, "recompute", False, "least-load", False),
+    ("sarathi", 3, 300, "recompute", True, "freeness", True),
+    ("sarathi", 3, 300, "recompute", True, "prefix", False),
+]
+
+
+@pytest.mark.parametrize(("policy", "replicas", "blocks", "mode", "groups", "router", "migration"), PRIVATE_CASES)
+def test_private_prompts_give_identical_runs(
+    policy: str, replicas: int, blocks: int, mode: str, groups: bool, router: str, migration: bool
+) -> None:
+    """A trace whose requests share no prompt block: hashing only what a preempted request may find again
+    (SimConfig.private_prompts) leaves every timestamp, prefix hit, swap and migration as hashing every
+    block does, preempted requests finding their own blocks again included."""
+    w = [
+        WorkloadRequest(r.arrival, r.prompt_len, r.output_len, tenant=r.tenant, priority=r.priority)
+        for r in mixed_workload(160, seed=blocks)
+    ]
+
+    def run(private: bool) -> SimResult:
+        cfg = SimConfig(
+            get_model("mistral-7b"),
+            get_gpu("a100-80gb"),
+            policy=policy,
+            replicas=replicas,
+            router=router,
+            migration=migration,
+            num_kv_blocks=blocks,
+            max_model_len=4096,
+            preemption_mode=mode,
+            swap_space_gb=1.0 if mode == "swap" else 0.0,
+            block_groups=groups,
+            private_prompts=private,
+            check_integrity=True,
+        )
+        return simulate(w, cfg)
+
+    hashed, private = run(False), run(True)
+    assert all(c.kv.private_prompts for c in private.cores) and not hashed.cores[0].kv.private_prompts
+    assert timeline(private) == timeline(hashed)
+    assert private.summary() == hashed.summary()
+    assert (private.num_steps, private.num_decode_runs, private.swap_stats, private.peak_kv_usage) == (
+        hashed.num_steps,
+        hashed.num_decode_runs,
+        hashed.swap_stats,
+        hashed.peak_kv_usage,
+    )
+    assert (private.prefix_cache_queries, private.prefix_cache_hits) == (
+        hashed.prefix_cache_queries,
+        hashed.prefix_cache_hits,
+    )
+    assert [(m.request_id, m.src, m.dst, m.committed) for m in private.migrations] == [
+        (m.request_id, m.src, m.dst, m.committed) for m in hashed.migrations
+    ]
+    for a, b in zip(private.cores, hashed.cores, strict=True):  # the same blocks, free in the same order
+        assert list(a.kv.pool._free) == list(b.kv.pool._free)
+        assert {i for i, x in enumerate(a.kv.pool.blocks) if x.block_hash is not None} == {
+            i for i, x in enumerate(b.kv.pool.blocks) if x.block_hash is not None
+        }
+    assert hashed.num_preemptions > 0
+    # Preempted requests found their own blocks again (recompute) or on the device (swap).
+    assert private.prefix_cache_hits > 0 or private.swap_stats["swap_ins"] > 0
+    if migration:
+        assert private.num_migrations > 0
+
+
+def test_private_prompts_only_for_unshared_traces() -> None:
+    """Prefix groups or sessions share prompt blocks: such a trace is hashed in full."""
+    model, gpu = get_model("mistral-7b"), get_gpu("a100-80gb")
+    shared = mixed_workload(20, seed=1)
+    assert not simulate(shared, SimConfig(model, gpu, max_model_len=4096)).cores[0].kv.private_prompts
+    alone = [WorkloadRequest(r.arrival, r.prompt_len, r.output_len) for r in shared]
+    assert simulate(alone, SimConfig(model, gpu, max_model_len=4096)).cores[0].kv.private_prompts

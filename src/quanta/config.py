@@ -24,6 +24,10 @@ class CacheConfig:
     # How full blocks are keyed in the prefix cache (quanta.kv.block_pool.HASH_ALGOS): "sha256" resists
     # crafted collisions; "tuple" is Python's int-tuple hash, ~10x cheaper, for simulated or trusted prompts.
     prefix_cache_hash: str = "sha256"
+    # The caller vouches that no two requests share a block of tokens (a simulator's synthetic prompts):
+    # the same hits and block choices, without hashing blocks no other request could look up
+    # (KVCacheManager's `private_prompts`). Never for served traffic.
+    private_prompts: bool = False
 
     def __post_init__(self) -> None:
         check_hash_algo(self.prefix_cache_hash)

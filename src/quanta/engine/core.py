@@ -112,6 +112,7 @@ class EngineCore:
             block_groups=cache_config.block_groups,
             per_tenant=cache_config.prefix_cache_per_tenant,
             hash_algo=cache_config.prefix_cache_hash,
+            private_prompts=cache_config.private_prompts,
         )
         self.policy = policy or make_policy(scheduler_config.policy, scheduler_config)
         self.scheduler = Scheduler(scheduler_config, self.kv, self.policy)

@@ -29,6 +29,20 @@ from dataclasses import dataclass
 BlockHash = bytes | int
 HASH_ALGOS = ("sha256", "tuple")
 
+
+class _Unindexed:
+    """The mark of a full block whose hash nobody computed, since no other request could look it up (see
+    KVCacheManager's `private_prompts`). It stands in for a hash wherever only a hash's presence counts
+    (the allocator's eviction order, lazy eviction), and is never a key of the prefix index."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNINDEXED"
+
+
+UNINDEXED = _Unindexed()
+
 _ROOT = bytes(32)  # the parent of a request's first block (sha256)
 _PACKERS: dict[int, struct.Struct] = {}
 
@@ -108,7 +122,7 @@ def hash_chain(
 class KVBlock:
     block_id: int
     ref_cnt: int = 0
-    block_hash: BlockHash | None = None
+    block_hash: BlockHash | _Unindexed | None = None
     free_batch: int = 0  # which `free` call last released it: blocks released together age together
 
 
@@ -185,9 +199,10 @@ class BlockPool:
             block = blocks[i]
             block_hash = block.block_hash
             if block_hash is not None:  # lazy eviction
-                del cached[block_hash]
-                if evicted is not None:
-                    evicted.append(block_hash)
+                if block_hash is not UNINDEXED:
+                    del cached[block_hash]  # type: ignore[arg-type]
+                    if evicted is not None:
+                        evicted.append(block_hash)  # type: ignore[arg-type]
                 block.block_hash = None
             block.ref_cnt = 1
         if evicted is not None:
@@ -221,14 +236,22 @@ class BlockPool:
             # Requests free their blocks tail first, so the LRU block tops a range freed with it: start
             # from the low end of that range (same age, so LRU order holds) and take the range up to the
             # head in one go (each next block is a successor as old as the head).
-            head = start = next(iter(free))
-            batch = free[head].free_batch
             left = n - len(out)
-            while head - start + 1 < left:
-                lower = get(start - 1)
-                if lower is None or lower.free_batch != batch:
-                    break
-                start -= 1
+            # Usually that range heads the list, tail first: take it in one look when the list starts
+            # head, head - 1, ... and its last one is of the head's batch (batches never decrease along
+            # the list, so all between are too). Otherwise walk down from the head.
+            ids = list(itertools.islice(free, left))
+            head = ids[0]
+            if ids == list(range(head, head - len(ids), -1)) and free[ids[-1]].free_batch == free[head].free_batch:
+                start = ids[-1]
+            else:
+                start = head
+                batch = free[head].free_batch
+                while head - start + 1 < left:
+                    lower = get(start - 1)
+                    if lower is None or lower.free_batch != batch:
+                        break
+                    start -= 1
             taken = range(start, head + 1)
             deque(map(pop, taken), 0)  # pop each, looping in C
             out.extend(taken)
@@ -288,9 +311,21 @@ class BlockPool:
         if stored is not None:
             self._bound_log()
 
+    def mark_unindexed(self, block_ids: Sequence[int], start: int, stop: int) -> None:
+        """`cache_blocks` for blocks no other request can look up: they carry UNINDEXED, not a hash."""
+        if not self.enable_caching:
+            return
+        blocks = self.blocks
+        for i in range(start, stop):
+            block = blocks[block_ids[i]]
+            if block.block_hash is None:
+                block.block_hash = UNINDEXED
+
     def uncache(self, block: KVBlock) -> None:
         """Make a block unfindable (its contents can no longer be trusted)."""
-        if block.block_hash is not None:
+        if block.block_hash is UNINDEXED:
+            block.block_hash = None
+        elif block.block_hash is not None:
             del self._cached[block.block_hash]
             if self._evicted is not None:
                 self._evicted.append(block.block_hash)
@@ -316,7 +351,7 @@ class BlockPool:
             assert in_free == (block.ref_cnt == 0), (
                 f"block {block.block_id}: ref_cnt={block.ref_cnt} but on free list={in_free}"
             )
-            if block.block_hash is not None:
+            if block.block_hash is not None and block.block_hash is not UNINDEXED:
                 assert self._cached.get(block.block_hash) is block, f"block {block.block_id} hash not indexed"
         for block_hash, block in self._cached.items():
             assert block.block_hash == block_hash, f"index points to block {block.block_id} with another hash"

@@ -9,7 +9,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from quanta.kv.block_pool import BlockHash, BlockPool, KVBlock, check_hash_algo, hash_chain
+from quanta.kv.block_pool import UNINDEXED, BlockHash, BlockPool, KVBlock, check_hash_algo, hash_chain
 from quanta.kv.swap_space import HostBlockPool, Run, merge_runs
 from quanta.request import Request
 
@@ -41,12 +41,21 @@ class KVCacheManager:
         block_groups: bool = False,
         per_tenant: bool = False,
         hash_algo: str = "sha256",
+        private_prompts: bool = False,
     ) -> None:
         self.block_size = block_size
         self.hash_algo = check_hash_algo(hash_algo)  # how block_hashes chains (block_pool.HASH_ALGOS)
         self.enable_caching = enable_caching
         self.block_groups = block_groups
         self.per_tenant = per_tenant  # prefix hits only between requests of the same tenant
+        # The caller vouches that no two requests share a block of tokens (a simulator's synthetic
+        # prompts): a request's blocks can then only ever be found by itself, once it gave them up
+        # unfinished (preemption). Until then they carry UNINDEXED instead of a hash (no chain to compute,
+        # no index to keep), which the allocator treats as it would their hashes; when the request gives
+        # them up unfinished, their hashes are computed and indexed, and it is handled as usual from then
+        # on. Hits, evictions and block ids are those of the full index (tests/test_sim_fast_forward.py).
+        self.private_prompts = private_prompts and enable_caching
+        self._published: set[str] = set()  # requests whose blocks are indexed as usual (private_prompts)
         self.pool = BlockPool(num_blocks, enable_caching, contiguous=block_groups)
         self.host = HostBlockPool(num_host_blocks, contiguous=block_groups)
         self.host_blocks: dict[str, list[int]] = {}  # swapped-out request id -> host block ids
@@ -112,6 +121,10 @@ class KVCacheManager:
         if not self.enable_caching or req.sampling_params.prompt_logprobs is not None:
             return []  # prompt logprobs need the logits of every prompt position
         max_blocks = (req.num_tokens - 1) // self.block_size
+        if self._is_private(req):  # nothing another request indexed can match, and it indexed nothing
+            if count:
+                self.pool.num_cache_queries += max_blocks
+            return []
         hits: list[KVBlock] = []
         hashes = self.block_hashes(req)
         for block_hash in hashes[:max_blocks]:
@@ -304,6 +317,8 @@ class KVCacheManager:
         bs, indexed = self.block_size, self._num_indexed
         filled: list[BlockHash] = []
         for req in reqs:
+            if self._is_private(req):
+                continue  # marked, not indexed: their fills are unique and commute
             first = indexed.get(req.request_id, 0)
             last = (req.num_computed_tokens + num_steps) // bs
             if last > first:
@@ -322,8 +337,28 @@ class KVCacheManager:
         start = self._num_indexed.get(req.request_id, 0)
         if num_full <= start:
             return
-        self.pool.cache_blocks(blocks, self.block_hashes(req), start, num_full)
+        if self._is_private(req):
+            self.pool.mark_unindexed(blocks, start, num_full)
+        else:
+            self.pool.cache_blocks(blocks, self.block_hashes(req), start, num_full)
         self._num_indexed[req.request_id] = num_full
+
+    def _is_private(self, req: Request) -> bool:
+        return self.private_prompts and req.request_id not in self._published
+
+    def _publish(self, req: Request) -> None:
+        """The request gives up its blocks unfinished (private_prompts): index what it marked, as the full
+        index would hold it, since it may look them up when it comes back."""
+        self._published.add(req.request_id)
+        blocks = self.req_blocks.get(req.request_id)
+        num_marked = self._num_indexed.get(req.request_id, 0)
+        if not blocks or not num_marked:
+            return
+        pool_blocks = self.pool.blocks
+        for block_id in blocks[:num_marked]:
+            if pool_blocks[block_id].block_hash is UNINDEXED:  # (not one uncached since)
+                pool_blocks[block_id].block_hash = None
+        self.pool.cache_blocks(blocks, self.block_hashes(req), 0, num_marked)
 
     def uncache_uncomputed(self, req: Request) -> None:
         """Take out of the prefix index the blocks that were offered when a chunk was scheduled but whose
@@ -447,13 +482,17 @@ class KVCacheManager:
             self.host.free(host)
         if req.finished:
             self._req_hashes.pop(req.request_id, None)
+            self._published.discard(req.request_id)
 
     def forget(self, request_id: str) -> None:
         """Drop the hashes kept for a request that left this engine without finishing here (migrated)."""
         self._req_hashes.pop(request_id, None)
+        self._published.discard(request_id)
 
     def _free_device(self, req: Request) -> None:
         """Release the device blocks (tail first to the LRU list, so shared prefixes live longest)."""
+        if not req.finished and self._is_private(req):
+            self._publish(req)
         blocks = self.req_blocks.pop(req.request_id, None)
         if blocks:
             self.pool.free_ids(reversed(blocks))
@@ -466,6 +505,7 @@ class KVCacheManager:
         blocks pinned (0: nothing pinned)."""
         program = req.program
         assert program is not None, "only a program's call can be pinned"
+        assert not self.private_prompts, "a program's calls share their prompts: private_prompts cannot hold"
         blocks = self.req_blocks.get(req.request_id, [])
         pool_blocks = self.pool.blocks
         old = self.pins.get(program)

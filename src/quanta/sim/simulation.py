@@ -32,7 +32,13 @@ from quanta.sim.hardware import GPUSpec
 from quanta.sim.programs import ProgramSource
 from quanta.sim.sources import ArrivalSource, TraceSource
 from quanta.sim.step_grid import GridStepTime, StepGrid
-from quanta.sim.workload import WorkloadRequest, iter_requests, output_lengths, to_requests
+from quanta.sim.workload import (
+    WorkloadRequest,
+    iter_requests,
+    output_lengths,
+    prompts_share_nothing,
+    to_requests,
+)
 
 ROUTERS = tuple(router_names())
 
@@ -80,6 +86,10 @@ class SimConfig:
     default_max_tokens: int | None = None
     # Plan provably repeating pure-decode steps at once (exact; off: one schedule() call per step).
     decode_runs: bool = True
+    # When no two requests of a trace share a prompt block (no prefix groups, no sessions), hash only
+    # the blocks a request may look up again itself, after a preemption (CacheConfig.private_prompts;
+    # exact: the same hits and block ids; off: every full block hashed and indexed, as a server does).
+    private_prompts: bool = True
     # Keep every Request and its per-token timestamps (None: when the workload has at most
     # KEEP_REQUESTS_UP_TO requests). Summaries stream either way.
     keep_requests: bool | None = None
@@ -222,10 +232,14 @@ class SimResult:
 
 
 def build_replica(
-    cfg: SimConfig, output_lengths: Mapping[str, int] | None = None, start: float = 0.0
+    cfg: SimConfig,
+    output_lengths: Mapping[str, int] | None = None,
+    start: float = 0.0,
+    private_prompts: bool = False,
 ) -> EngineCore:
     """One replica, its clock at `start`; `output_lengths` (request id -> true output length) tells its
-    executor where each request emits EOS."""
+    executor where each request emits EOS; `private_prompts`: the workload's requests share no prompt
+    block (CacheConfig.private_prompts)."""
     cost = CostModel(cfg.model, cfg.gpu, cfg.tp, efficiency=cfg.efficiency)
     num_blocks = cfg.num_kv_blocks or cost.kv_capacity_tokens(cfg.gpu_memory_utilization) // cfg.block_size
     num_host_blocks = int(cfg.swap_space_gb * 2**30 // (cfg.block_size * cost.kv_bytes_per_token()))
@@ -253,6 +267,7 @@ def build_replica(
             enable_prefix_caching=cfg.enable_prefix_caching,
             block_groups=cfg.block_groups,
             prefix_cache_hash=cfg.prefix_cache_hash,
+            private_prompts=private_prompts,
         ),
         check_integrity=cfg.check_integrity,
     )
@@ -360,7 +375,10 @@ def _simulate(
     # Clocks start at 0, or at the first arrival where a trace starts before 0 (else those requests would
     # wait from their arrival until 0).
     start = min(first, 0.0)
-    reps = [_Replica(build_replica(cfg, source.output_lengths, start), UsageTrace()) for _ in range(cfg.replicas)]
+    private = cfg.private_prompts and not closed and prompts_share_nothing(workload)  # type: ignore[arg-type]
+    reps = [
+        _Replica(build_replica(cfg, source.output_lengths, start, private), UsageTrace()) for _ in range(cfg.replicas)
+    ]
     pins: list[list[tuple[float, float]]] | None = [[] for _ in reps] if closed else None
     transport = SimulatedTransport(cfg.link_bandwidth, cfg.link_latency)
     endpoints = [MigrationEndpoint(rep.core, transport, i) for i, rep in enumerate(reps)]

@@ -308,16 +308,16 @@ def scale_rate(reqs: Sequence[WorkloadRequest], factor: float) -> list[WorkloadR
 
 
 # Synthetic token ids. SimExecutors sample token 0 (the default) or 1 (the tests' null engines) and end
-# a request with EOS_TOKEN_ID; prompt ids lie in [_FIRST_PROMPT_ID, 1_000_000), so they are none of these.
+# a request with EOS_TOKEN_ID; prompt ids lie in [_FIRST_PROMPT_ID, 2**20), so they are none of these.
 EOS_TOKEN_ID = 2
 _FIRST_PROMPT_ID = 3
-_SPAN = 1_000_000 - _FIRST_PROMPT_ID
+_SPAN = 2**20 - _FIRST_PROMPT_ID  # streams (a trace's requests, groups, sessions) before two coincide
 _STRIDE = 7919  # prime, coprime with _SPAN: streams 0 .. _SPAN - 1 start at distinct offsets
 
 
 @functools.cache
 def _ids() -> list[int]:
-    """Every prompt id once, as int objects made once (36 MB): a prompt is slices of this list, not a
+    """Every prompt id once, as int objects made once (38 MB): a prompt is slices of this list, not a
     million-token trace's worth of new ints (the largest cost of feeding a trace to the simulator)."""
     return list(range(_FIRST_PROMPT_ID, _FIRST_PROMPT_ID + _SPAN))
 
@@ -353,6 +353,12 @@ def _prompts(reqs: Sequence[WorkloadRequest]) -> Iterator[list[int]]:
         shared = len(head)
         own = i if w.session_id is None else key("session", w.session_id)
         yield head + _stream(own, shared, w.prompt_len)
+
+
+def prompts_share_nothing(reqs: Sequence[WorkloadRequest]) -> bool:
+    """Whether no two of these requests' synthetic prompts share a block of tokens: none belongs to a
+    prefix group or a session, so each has a stream of its own (streams differ at every position)."""
+    return len(reqs) <= _SPAN and all(w.prefix_group is None and w.session_id is None for w in reqs)
 
 
 def to_requests(
