@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 _GREEDY_EPS = 1e-5
@@ -51,6 +52,10 @@ class SamplingParams:
         for name in ("seed", "max_tokens", "logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name))
+        # NaN passes no range check written as `x < lo` (every comparison with it is False), and an
+        # infinite temperature or penalty gives garbage (uniform sampling, or logits of inf or nan).
+        for name in _FLOAT_FIELDS:
+            _check_finite(name, getattr(self, name))
         if self.top_k == -1:
             self.top_k = 0  # vLLM's "disabled", also when set after construction
         if self.n < 1:
@@ -104,6 +109,23 @@ class SamplingParams:
 def _check_int(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)
+
+
+def _check_finite(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
 
 
 def _normalize_logit_bias(bias: dict[int, float] | dict[str, float] | None) -> dict[int, float] | None:

@@ -76,11 +76,18 @@ class IncrementalDetokenizer:
         if not chunk or not check_stop:
             self.text += chunk or ""
             return None
-        search_from = max(0, len(self.text) - self._hold)
+        # Only the new text is searched, plus each stop string's length less one before it (a stop string
+        # that straddles the old text and the new), as in vLLM: the old text was searched already, or
+        # belongs to the first min_tokens tokens, whose text no stop string may lie wholly inside.
+        searched = len(self.text)
         self.text += chunk
         # The stop string that starts first in the text (the list's order breaks ties): cutting at a later
         # one would leave an earlier one in the returned text.
-        found = [(i, k) for k, stop in enumerate(self._stop) if (i := self.text.find(stop, search_from)) != -1]
+        found = [
+            (i, k)
+            for k, stop in enumerate(self._stop)
+            if (i := self.text.find(stop, max(0, searched - len(stop) + 1))) != -1
+        ]
         if not found:
             return None
         i, k = min(found)
@@ -209,8 +216,10 @@ class OutputProcessor:
             # unless the stop is asked for in it.
             stop_token = req.status == RequestStatus.FINISHED_STOPPED and not params.include_stop_str_in_output
             if sample.detokenizer is not None and not stop_token:
-                # Like eos, stop strings count only once min_tokens are out.
-                stop = sample.detokenizer.add(token_id, req.num_output_tokens >= params.min_tokens)
+                # Stop strings are looked for only after the first min_tokens tokens (vLLM's detokenizer
+                # checks once len(output_token_ids) > min_tokens), and not in those tokens' text: a stop
+                # string must end in a later token's. Eos and stop token ids may be the min_tokens-th.
+                stop = sample.detokenizer.add(token_id, req.num_output_tokens > params.min_tokens)
                 if stop is not None:
                     req.stop_reason = stop
                     if not req.finished:

@@ -112,6 +112,11 @@ class Sampler:
         dev = logits.device
         temps = torch.tensor([1.0 if g else p.temperature for p, g in zip(params, greedy)], device=dev)
         x = logits / temps[:, None]
+        # vLLM v1's order: temperature, then min_p (an argmax-invariant logits processor), then top_k and
+        # top_p on what min_p kept (top_p's cumulative mass is that of the min_p-filtered distribution).
+        if any(p.min_p > 0.0 for p in params):
+            min_p = torch.tensor([p.min_p for p in params], device=dev)
+            x = _apply_min_p(x, min_p)
         if any(p.top_k or p.top_p < 1.0 for p in params):
             vocab = x.shape[-1]
             # Clamped before the tensor: a top_k past int64 (valid JSON, and a valid "keep all") must not
@@ -120,9 +125,6 @@ class Sampler:
             top_p = torch.tensor([p.top_p for p in params], device=dev)
             x = _apply_top_k_top_p(x, k, top_p)
         probs = torch.softmax(x, dim=-1)
-        if any(p.min_p > 0.0 for p in params):
-            min_p = torch.tensor([p.min_p for p in params], device=dev)
-            probs = probs.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p[:, None], 0.0)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for i, req in enumerate(reqs):
             if req.sampling_params.seed is not None and not greedy[i]:
@@ -177,6 +179,13 @@ class Sampler:
                 banned = [t for t in banned if 0 <= t < logits.shape[1]]
                 if banned:
                     logits[i, banned] = float("-inf")
+
+
+def _apply_min_p(x: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens less likely than min_p times the most likely one (per row; min_p 0 drops nothing).
+    Never drops a row's most likely token, so greedy picks are unchanged."""
+    probs = torch.softmax(x, dim=-1)
+    return x.masked_fill(probs < probs.amax(-1, keepdim=True) * min_p[:, None], float("-inf"))
 
 
 def _apply_top_k_top_p(x: torch.Tensor, k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
