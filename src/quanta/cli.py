@@ -251,6 +251,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits=limits, enable_internal=not args.no_internal, api_keys=api_keys,
         max_request_bytes=args.max_request_bytes, max_tenant_labels=args.max_tenant_labels,
         priority_range=priority_range, cors_origins=args.cors_origins, batch_dir=args.batch_dir,
+        trust_request_chat_template=args.trust_request_chat_template,
     )  # fmt: skip
     return 0
 
@@ -831,6 +832,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         help="origins allowed to call the API from a browser (default: none; '*' for any)",
+    )
+    srv.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="render chat requests with the Jinja chat_template they carry (vLLM's flag; refused by default)",
     )
     srv.add_argument(
         "--log-level",

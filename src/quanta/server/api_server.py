@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import logging
 import sys
@@ -71,6 +73,8 @@ _PROTECTED = ("/v1", "/internal", "/tokenize", "/detokenize")
 _INLINE_TOKENIZE_CHARS = 4096
 # Bodies larger than this are parsed off the event loop.
 _INLINE_PARSE_BYTES = 1 << 20
+# chat_template_kwargs never set these (vLLM's resolve_chat_template_kwargs leaves them out too).
+_NOT_KWARGS = frozenset({"chat_template", "tokenize"})
 
 
 class APIError(Exception):
@@ -172,6 +176,8 @@ class OpenAIServer:
     max_request_bytes: the largest request body (413 beyond it). max_tenant_labels: distinct tenant label
     values in /metrics (later tenants share one label). priority_range: the priorities a request may ask for.
     cors_origins: origins browsers may call this API from (CORS headers); none by default.
+    trust_request_chat_template: render chat requests with the Jinja `chat_template` they carry (vLLM's
+    --trust-request-chat-template); off by default, when such requests get a 400, as in vLLM.
     """
 
     def __init__(
@@ -190,6 +196,7 @@ class OpenAIServer:
         cors_origins: list[str] | None = None,
         batch_dir: str | Path | None = None,
         batch_max_in_flight: int = 64,
+        trust_request_chat_template: bool = False,
     ) -> None:
         if max_request_bytes < 1:
             raise ValueError(f"max_request_bytes must be positive, got {max_request_bytes}")
@@ -208,6 +215,7 @@ class OpenAIServer:
         )
         self.created = int(time.time())
         self.cors_origins = list(cors_origins or [])
+        self.trust_request_chat_template = trust_request_chat_template
         # Files and Batches APIs (on disk under batch_dir); batch requests get the least important priority.
         self.batches: BatchManager | None = None
         if batch_dir is not None:
@@ -558,8 +566,41 @@ class OpenAIServer:
             raise _bad(f"{field} is not supported by this server", field)
         if body.stream_options is not None and not body.stream:
             raise _bad("stream_options can only be set when stream is true", "stream_options")
+        if body.stream and body.prompt_logprobs:  # as vLLM: a stream has no place for them
+            raise _bad("prompt_logprobs are not available when stream is true", "prompt_logprobs")
+        self._truncation(body.truncate_prompt_tokens)
+        if isinstance(body, ChatCompletionRequest):
+            self._check_chat_template(body)
         self._check_logit_bias(body.logit_bias)
         return body
+
+    def _truncation(self, k: int | None) -> int | None:
+        """vLLM's truncate_prompt_tokens: how many of the prompt's last tokens to keep (-1: the context)."""
+        if k is None:
+            return None
+        limit = self.llm_engine.max_model_len
+        if k == 0:
+            raise _bad("truncate_prompt_tokens must be -1 or at least 1, got 0", "truncate_prompt_tokens")
+        if k > limit:
+            raise _bad(
+                f"truncate_prompt_tokens value ({k}) is greater than max_model_len ({limit}). "
+                "Please, select a smaller truncation size.",
+                "truncate_prompt_tokens",
+            )
+        return limit if k < 0 else k
+
+    def _check_chat_template(self, body: ChatCompletionRequest | TokenizeChatRequest) -> None:
+        """A template sent with the request is Jinja run by this server: only when the server trusts it."""
+        kwargs = body.chat_template_kwargs or {}
+        if self.trust_request_chat_template:
+            return
+        if body.chat_template is not None or kwargs.get("chat_template") is not None:
+            raise _bad(
+                "Chat template is passed with request, but this server does not trust request chat "
+                "templates (trust_request_chat_template, vLLM's --trust-request-chat-template). "
+                "Refused request with untrusted chat template.",
+                "chat_template" if body.chat_template is not None else "chat_template_kwargs",
+            )
 
     def _check_logit_bias(self, bias: dict[str, float] | None) -> None:
         if not bias:
@@ -624,22 +665,78 @@ class OpenAIServer:
         try:
             generation_prompt, continue_final = body.template_options()
             rendered = [m.as_template_dict() for m in body.messages]
+            if body.chat_template is None and body.chat_template_kwargs is None and body.documents is None:
+                return await asyncio.to_thread(
+                    tok.apply_chat_template,
+                    rendered,
+                    add_generation_prompt=generation_prompt,
+                    continue_final_message=continue_final,
+                )
             return await asyncio.to_thread(
-                tok.apply_chat_template,
-                rendered,
-                add_generation_prompt=generation_prompt,
-                continue_final_message=continue_final,
+                self._apply_template_with_options, body, rendered, generation_prompt, continue_final
             )
         except ValueError as e:
             raise _bad(str(e), "messages") from None
         except Exception as e:  # a template may raise anything (jinja errors) for odd conversations
             raise _bad(f"cannot apply the chat template: {e}", "messages") from None
 
+    def _apply_template_with_options(
+        self,
+        body: ChatCompletionRequest | TokenizeChatRequest,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool,
+        continue_final_message: bool,
+    ) -> str:
+        """The chat rendered as vLLM renders it with a request's chat_template, documents and
+        chat_template_kwargs: the kwargs override the other options, and only those the template (or
+        apply_chat_template) knows are passed on, as vLLM's resolve_chat_template_kwargs does."""
+        hf = self.llm_engine.tokenizer.hf
+        template = body.chat_template or getattr(hf, "chat_template", None)
+        if not template:
+            raise ValueError("the model's tokenizer has no chat template")
+        if not isinstance(template, str):
+            raise ValueError("the model's tokenizer has several chat templates: send chat_template")
+        options: dict[str, Any] = {
+            "add_generation_prompt": add_generation_prompt,
+            "continue_final_message": continue_final_message,
+        }
+        if body.documents is not None:
+            options["documents"] = body.documents
+        accepted = (_template_variables(template) | _apply_chat_template_params(type(hf))) - _NOT_KWARGS
+        options.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k in accepted})
+        text = hf.apply_chat_template(messages, chat_template=template, tokenize=False, **options)
+        if not isinstance(text, str):
+            raise ValueError("the chat template did not render to text")
+        return text
+
     async def _token_ids(self, prompt: str | list[int], add_special_tokens: bool = True) -> list[int]:
         ids = await self._encode(prompt, add_special_tokens) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise _bad("prompt must contain at least one token", "prompt")
         return ids
+
+    async def _prompt_ids(
+        self, prompt: str | list[int], keep: int | None, add_special_tokens: bool = True
+    ) -> tuple[list[int], bool]:
+        """A prompt's token ids, cut to its last `keep` tokens (vLLM's truncate_prompt_tokens), and whether
+        it was cut. Text is cut as vLLM's tokenizer truncates it (on the left, within the special tokens
+        the tokenizer adds: a BOS stays first); token ids are sliced."""
+        ids = await self._token_ids(prompt, add_special_tokens)
+        if keep is None or len(ids) <= keep:
+            return ids, False
+        if not isinstance(prompt, str) or not add_special_tokens:
+            return ids[-keep:], True
+        backend = self.llm_engine.tokenizer.backend
+
+        def cut() -> list[int]:
+            enc = backend.encode(prompt, add_special_tokens=False)
+            body = keep - backend.num_special_tokens_to_add(False)
+            if body < 1:
+                return ids[-keep:]
+            enc.truncate(body, direction="left")
+            return backend.post_process(enc, None, True).ids
+
+        return (cut() if len(prompt) < _INLINE_TOKENIZE_CHARS else await asyncio.to_thread(cut)), True
 
     def _check_context(self, ids: list[int], max_tokens: int | None, param: str) -> None:
         """A prompt with no room left for a token is a 400 in vLLM's words (litellm and other clients
@@ -659,6 +756,7 @@ class OpenAIServer:
         data = await self._read_json(request)
         if "messages" in data:
             chat = self._validate(data, TokenizeChatRequest)
+            self._check_chat_template(chat)
             text = await self._render_chat(chat)
             body: TokenizeChatRequest | TokenizeCompletionRequest = chat
         else:
@@ -769,6 +867,14 @@ class OpenAIServer:
         return self.llm_engine.tokenizer.decode([t], skip_special_tokens=False)
 
     @staticmethod
+    def _running_usage(prompt_tokens: int, completion_tokens: int) -> dict:
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    @staticmethod
     def _usage(prompts: list[list[int]], outputs: list[RequestOutput]) -> dict:
         p = sum(len(x) for x in prompts)
         c = sum(len(o.token_ids) for out in outputs for o in out.outputs)
@@ -785,7 +891,9 @@ class OpenAIServer:
         except ValueError as e:
             raise _bad(str(e)) from None
         scheduling = self._scheduling(request, body)
-        prompts = [await self._token_ids(p) for p in raw_prompts]
+        keep = self._truncation(body.truncate_prompt_tokens)
+        tokenized = [await self._prompt_ids(p, keep) for p in raw_prompts]
+        prompts = [ids for ids, _ in tokenized]
         for ids in prompts:
             self._check_context(ids, body.max_tokens, "prompt")
         max_len = self.llm_engine.max_model_len
@@ -800,11 +908,16 @@ class OpenAIServer:
         rid = f"cmpl-{uuid.uuid4().hex}"
         streams = await self._start(body, scheduling, prompts, self._params(make), rid)
         echo_texts = [
-            # Token ids echo as their whole text, special tokens included (as vLLM echoes them).
-            (p if isinstance(p, str) else self.llm_engine.tokenizer.decode(ids, skip_special_tokens=False))
+            # Token ids echo as their whole text, special tokens included (as vLLM echoes them); so does a
+            # truncated prompt: the text of the tokens the completion followed.
+            (
+                p
+                if isinstance(p, str) and not cut
+                else self.llm_engine.tokenizer.decode(ids, skip_special_tokens=False)
+            )
             if body.echo
             else ""
-            for p, ids in zip(raw_prompts, prompts)
+            for p, (ids, cut) in zip(raw_prompts, tokenized)
         ]
         created = int(time.time())
         if body.stream:
@@ -822,18 +935,26 @@ class OpenAIServer:
         if score_only:
             outputs = [_without_completion(out) for out in outputs]
         choices = []
+        as_ids = bool(body.return_tokens_as_token_ids)
         for i, out in enumerate(outputs):
+            prompt_logprobs = self._prompt_logprobs(out.prompt_logprobs, prompts[i], body.num_prompt_logprobs)
             for o in out.outputs:
                 text, logprobs = o.text, None
                 if body.logprobs is not None:
                     start = len(echo_texts[i]) if body.echo else 0
-                    logprobs = self._completion_logprobs(o.logprobs or [], o.token_ids, body.logprobs, start)
+                    logprobs = self._completion_logprobs(
+                        o.logprobs or [], o.token_ids, body.logprobs, start, as_ids
+                    )
                     if body.echo:
-                        plp = self._completion_logprobs(out.prompt_logprobs or [], prompts[i], body.logprobs)
+                        plp = self._completion_logprobs(
+                            out.prompt_logprobs or [], prompts[i], body.logprobs, 0, as_ids
+                        )
                         logprobs = {k: plp[k] + logprobs[k] for k in logprobs}
                 if body.echo:
                     text = echo_texts[i] + text
-                choices.append(self._completion_choice(i * body.n + o.index, text, logprobs, o))
+                choice = self._completion_choice(i * body.n + o.index, text, logprobs, o)
+                choice["prompt_logprobs"] = prompt_logprobs  # vLLM's (null unless asked for)
+                choices.append(choice)
         return JSONResponse(
             {
                 "id": rid,
@@ -855,15 +976,49 @@ class OpenAIServer:
             "stop_reason": o.stop_reason if o else None,
         }
 
-    def _completion_logprobs(self, entries: list, token_ids: list[int], k: int, start: int = 0) -> dict:
+    def _prompt_logprobs(self, entries: list | None, token_ids: list[int], k: int | None) -> list | None:
+        """vLLM's prompt_logprobs: per prompt token (the first has none: null), {token id: {"logprob",
+        "rank", "decoded_token"}} for the prompt token and the k most likely tokens there; -inf is
+        clamped to -9999.0 as vLLM clamps it (JSON has no infinity)."""
+        if entries is None or k is None:
+            return None
+        out: list[dict | None] = []
+        for t, entry in zip(token_ids, entries):
+            if entry is None:
+                out.append(None)
+                continue
+            out.append(
+                {
+                    str(tid): {
+                        "logprob": max(lp.logprob, -9999.0),
+                        "rank": lp.rank,
+                        "decoded_token": lp.decoded_token if lp.decoded_token is not None else self._decode(tid),
+                    }
+                    # The engine may have computed more alternatives (for an echo's logprobs): keep k.
+                    for tid, lp in entry.items()
+                    if tid == t or (lp.rank is not None and lp.rank <= k)
+                }
+            )
+        return out
+
+    def _token_str(self, t: int, text: str | None, as_ids: bool) -> str:
+        """A token as logprobs show it: its text, or vLLM's "token_id:N" (return_tokens_as_token_ids)."""
+        if as_ids:
+            return f"token_id:{t}"
+        return text if text is not None else self._decode(t)
+
+    def _completion_logprobs(
+        self, entries: list, token_ids: list[int], k: int, start: int = 0, as_ids: bool = False
+    ) -> dict:
         """OpenAI's legacy logprobs object; a None entry (the first prompt token) has no logprob.
         text_offset counts from `start`: where the first token's text begins in the choice's whole text
-        (after an echoed prompt, after what earlier chunks of a stream carried)."""
+        (after an echoed prompt, after what earlier chunks of a stream carried); with `as_ids` tokens are
+        "token_id:N" (vLLM's return_tokens_as_token_ids), and the offsets still count the tokens' text."""
         tokens, lps, tops, offsets = [], [], [], []
         offset = start
         for t, entry in zip(token_ids, entries):
             s = self._decode(t)
-            tokens.append(s)
+            tokens.append(self._token_str(t, s, as_ids))
             offsets.append(offset)
             offset += len(s)
             if entry is None:
@@ -875,7 +1030,7 @@ class OpenAIServer:
             top: dict[str, float] = {}
             for tid, lp in ranked:
                 if tid == t or len(top) < k:
-                    top[lp.decoded_token if lp.decoded_token is not None else self._decode(tid)] = lp.logprob
+                    top[self._token_str(tid, lp.decoded_token, as_ids)] = lp.logprob
             tops.append(top)
         return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
@@ -893,17 +1048,19 @@ class OpenAIServer:
         offsets: dict[int, int] = {}  # the next token's text_offset, per choice (as the whole response's)
         sent_tokens: dict[int, int] = {}
         finals: dict[int, RequestOutput] = {}
+        as_ids = bool(body.return_tokens_as_token_ids)
 
-        def chunk(choice: dict) -> str:
-            return _sse(
-                {
-                    "id": rid,
-                    "object": "text_completion",
-                    "created": created,
-                    "model": self.model_name,
-                    "choices": [choice],
-                }
-            )
+        def chunk(choice: dict, prompt: int) -> str:
+            obj: dict[str, Any] = {
+                "id": rid,
+                "object": "text_completion",
+                "created": created,
+                "model": self.model_name,
+                "choices": [choice],
+            }
+            if body.continuous_usage:  # vLLM's: the usage so far, of this chunk's choice
+                obj["usage"] = self._running_usage(len(prompts[prompt]), sent_tokens[choice["index"]])
+            return _sse(obj)
 
         try:
             async for i, out in self._merge(streams):
@@ -919,9 +1076,9 @@ class OpenAIServer:
                             logprobs = None
                             if body.logprobs is not None:
                                 logprobs = self._completion_logprobs(
-                                    out.prompt_logprobs or [], prompts[i], body.logprobs
+                                    out.prompt_logprobs or [], prompts[i], body.logprobs, 0, as_ids
                                 )
-                            yield chunk(self._completion_choice(index, echo_texts[i], logprobs, None))
+                            yield chunk(self._completion_choice(index, echo_texts[i], logprobs, None), i)
                     if index in ended:
                         continue
                     done = o.finish_reason is not None
@@ -935,13 +1092,14 @@ class OpenAIServer:
                     if body.logprobs is not None:
                         start = offsets.get(index, len(echo_texts[i]) if body.echo else 0)
                         logprobs = self._completion_logprobs(
-                            (o.logprobs or [])[sent_tokens[index] :], new_ids, body.logprobs, start
+                            (o.logprobs or [])[sent_tokens[index] :], new_ids, body.logprobs, start, as_ids
                         )
                         if logprobs["tokens"]:  # the next chunk's tokens go on where these end
-                            offsets[index] = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1])
+                            last = new_ids[len(logprobs["tokens"]) - 1]
+                            offsets[index] = logprobs["text_offset"][-1] + len(self._decode(last))
                     sent_text[index] = len(o.text)
                     sent_tokens[index] = len(o.token_ids)
-                    yield chunk(self._completion_choice(index, delta, logprobs, o if done else None))
+                    yield chunk(self._completion_choice(index, delta, logprobs, o if done else None), i)
             if body.include_usage:
                 yield _sse(
                     {
@@ -967,7 +1125,8 @@ class OpenAIServer:
             raise _bad(str(e)) from None
         scheduling = self._scheduling(request, body)
         text = await self._render_chat(body)
-        ids = await self._token_ids(await self._encode(text, add_special_tokens=False))
+        keep = self._truncation(body.truncate_prompt_tokens)
+        ids, _ = await self._prompt_ids(text, keep, add_special_tokens=False)
         self._check_context(ids, body.max_completion_tokens or body.max_tokens, "messages")
         make(ids)  # validate before adding
         rid = f"chatcmpl-{uuid.uuid4().hex}"
@@ -980,11 +1139,12 @@ class OpenAIServer:
         out = await _unless_disconnected(request, self._final(streams[0]))
         if out is None:
             return Response(status_code=499)
+        as_ids = bool(body.return_tokens_as_token_ids)
         choices = [
             {
                 "index": o.index,
                 "message": {"role": "assistant", "content": o.text},
-                "logprobs": self._chat_logprobs(o.logprobs or [], o.token_ids, body.top_logprobs or 0)
+                "logprobs": self._chat_logprobs(o.logprobs or [], o.token_ids, body.top_logprobs or 0, as_ids)
                 if body.logprobs
                 else None,
                 "finish_reason": o.finish_reason,
@@ -1000,10 +1160,16 @@ class OpenAIServer:
                 "model": self.model_name,
                 "choices": choices,
                 "usage": self._usage([ids], [out]),
+                # vLLM's (null unless asked for)
+                "prompt_logprobs": self._prompt_logprobs(out.prompt_logprobs, ids, body.prompt_logprobs),
             }
         )
 
-    def _chat_logprobs(self, entries: list[dict[int, Logprob]], token_ids: list[int], k: int) -> dict:
+    def _chat_logprobs(
+        self, entries: list[dict[int, Logprob]], token_ids: list[int], k: int, as_ids: bool = False
+    ) -> dict:
+        """OpenAI's chat logprobs; with `as_ids` tokens are "token_id:N" (vLLM's return_tokens_as_token_ids)
+        and `bytes` stay the bytes of the tokens' text."""
         content = []
         for t, entry in zip(token_ids, entries):
             s = self._decode(t)
@@ -1014,9 +1180,16 @@ class OpenAIServer:
             top = []
             for tid, lp in ranked[:k]:
                 ts = lp.decoded_token if lp.decoded_token is not None else self._decode(tid)
-                top.append({"token": ts, "logprob": lp.logprob, "bytes": list(ts.encode())})
+                top.append(
+                    {"token": self._token_str(tid, ts, as_ids), "logprob": lp.logprob, "bytes": list(ts.encode())}
+                )
             content.append(
-                {"token": s, "logprob": entry[t].logprob, "bytes": list(s.encode()), "top_logprobs": top}
+                {
+                    "token": self._token_str(t, s, as_ids),
+                    "logprob": entry[t].logprob,
+                    "bytes": list(s.encode()),
+                    "top_logprobs": top,
+                }
             )
         return {"content": content}
 
@@ -1042,6 +1215,9 @@ class OpenAIServer:
 
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
+        as_ids = bool(body.return_tokens_as_token_ids)
+        # vLLM's continuous_usage_stats: every chunk carries the usage so far (of its choice).
+        running = (lambda j: self._running_usage(len(ids), sent_tokens[j])) if body.continuous_usage else None
         ended: set[int] = set()  # choices whose finish_reason went out (n > 1: outputs repeat every sample)
         # Sent with (just before, in the same write as) the first chunk that carries a token, as vLLM
         # does: a client timing its first chunk then measures the time to the first token, not to
@@ -1055,7 +1231,8 @@ class OpenAIServer:
                     "finish_reason": None,
                 }
                 for j in range(body.n)
-            ]
+            ],
+            running(0) if running else None,
         )
         try:
             final = None
@@ -1079,7 +1256,7 @@ class OpenAIServer:
                     logprobs = None
                     if body.logprobs:
                         logprobs = self._chat_logprobs(
-                            (o.logprobs or [])[sent_tokens[j] :], new_ids, body.top_logprobs or 0
+                            (o.logprobs or [])[sent_tokens[j] :], new_ids, body.top_logprobs or 0, as_ids
                         )
                     sent_text[j], sent_tokens[j] = len(o.text), len(o.token_ids)
                     head, role = role or "", None
@@ -1092,7 +1269,8 @@ class OpenAIServer:
                                 "finish_reason": o.finish_reason,
                                 "stop_reason": o.stop_reason,
                             }
-                        ]
+                        ],
+                        running(j) if running else None,
                     )
             if role is not None:  # finished without a chunk to send (not expected): the role still goes out
                 yield role
@@ -1130,3 +1308,23 @@ def run_server(
     app = build_app(engine, served_model_name, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     Server(config).run()
+
+
+@functools.lru_cache(maxsize=64)
+def _template_variables(template: str) -> frozenset[str]:
+    """The variables a Jinja chat template reads (what chat_template_kwargs may set, as in vLLM)."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    except jinja2.TemplateError as e:
+        raise ValueError(f"cannot parse the chat template: {e}") from None
+
+
+@functools.lru_cache(maxsize=8)
+def _apply_chat_template_params(cls: type) -> frozenset[str]:
+    """apply_chat_template's named options, less those vLLM never takes from chat_template_kwargs."""
+    params = inspect.signature(cls.apply_chat_template).parameters.values()
+    named = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return frozenset(named - {"self", "conversation"})

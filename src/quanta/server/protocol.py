@@ -2,7 +2,12 @@
 
 Ranges follow OpenAI's and vLLM's. Unknown fields are ignored, as vLLM does; known fields of the wrong
 type or out of range are a 400, and so are known fields that would change the output in ways this server
-does not implement (structured output, tools, best_of, ...: see `unsupported_field`). quanta's extensions
+does not implement (structured output, tools, best_of, beam search, allowed_token_ids, bad_words, ...: see
+`unsupported_field`). Of vLLM's own sampling fields, these are applied as vLLM applies them:
+truncate_prompt_tokens (keep the prompt's last k tokens), prompt_logprobs (returned in vLLM's shape),
+return_tokens_as_token_ids ("token_id:N" in logprobs), stream_options.continuous_usage_stats, and in chat
+chat_template (only on a server that trusts request templates, as vLLM's --trust-request-chat-template),
+chat_template_kwargs and documents. quanta's extensions
 (priority, tenant, deadline_ms, slo_class, session_id, cache_salt) are plain extra body fields, so the
 official clients send them through `extra_body`; their sizes are bounded so that a client cannot grow the
 scheduler's or the metrics' state without limit.
@@ -40,8 +45,17 @@ def error_body(message: str, type_: str, code: int | str | None, param: str | No
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    # None: not sent. Then usage is off, unless continuous_usage_stats asks for it (vLLM's include_usage
+    # defaults to true, so vLLM sends running usage for {"continuous_usage_stats": true} alone).
+    include_usage: bool | None = None
+    # vLLM's: every chunk carries the usage so far (prompt_tokens, its choice's completion_tokens so far).
     continuous_usage_stats: bool = False
+
+    @property
+    def usage(self) -> bool:
+        if self.include_usage is None:
+            return self.continuous_usage_stats
+        return self.include_usage
 
 
 class _Common(BaseModel):
@@ -67,6 +81,12 @@ class _Common(BaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     logit_bias: dict[str, float] | None = None  # token id (a JSON key, so a string) -> bias in [-100, 100]
+    # vLLM's: keep only the prompt's last k tokens (-1: the last max_model_len), as vLLM truncates (left).
+    truncate_prompt_tokens: int | None = Field(None, ge=-1)
+    # vLLM's: logprobs of each prompt token (and its k most likely alternatives), in the response.
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    # vLLM's: tokens in logprobs as "token_id:N" (for tokens whose text is not valid UTF-8 on its own).
+    return_tokens_as_token_ids: bool | None = None
     # Known so that they can be refused with a clear 400 (see unsupported_field), not silently ignored.
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
@@ -74,6 +94,9 @@ class _Common(BaseModel):
     functions: list[Any] | None = None
     function_call: str | dict[str, Any] | None = None
     best_of: int | None = None
+    allowed_token_ids: list[int] | None = None  # vLLM's: sample only among these ids
+    use_beam_search: bool = False  # vLLM's beam search
+    length_penalty: float = 1.0  # vLLM's: beam search only
     guided_json: Any = None
     guided_regex: Any = None
     guided_choice: Any = None
@@ -109,6 +132,13 @@ class _Common(BaseModel):
             return "function_call"
         if self.best_of is not None and self.best_of != self.n:
             return "best_of"
+        # The engine has no mask of allowed tokens and no beam search (length_penalty only scores beams).
+        if self.allowed_token_ids is not None:
+            return "allowed_token_ids"
+        if self.use_beam_search:
+            return "use_beam_search"
+        if self.length_penalty != 1.0:
+            return "length_penalty"
         return next((f for f in GUIDED_FIELDS if getattr(self, f) is not None), None)
 
     def sampling_params(
@@ -139,7 +169,12 @@ class _Common(BaseModel):
 
     @property
     def include_usage(self) -> bool:
-        return bool(self.stream_options and self.stream_options.include_usage)
+        return bool(self.stream_options and self.stream_options.usage)
+
+    @property
+    def continuous_usage(self) -> bool:
+        """vLLM's continuous_usage_stats: a running usage on every chunk (only with include_usage)."""
+        return self.include_usage and bool(self.stream_options and self.stream_options.continuous_usage_stats)
 
 
 class CompletionRequest(_Common):
@@ -167,10 +202,23 @@ class CompletionRequest(_Common):
     def unsupported_field(self) -> str | None:
         return "suffix" if self.suffix else super().unsupported_field()
 
+    @property
+    def asks_prompt_logprobs(self) -> bool:
+        return self.prompt_logprobs is not None or (self.echo and self.logprobs is not None)
+
+    @property
+    def num_prompt_logprobs(self) -> int | None:
+        """The alternatives per prompt token in each choice's prompt_logprobs: vLLM's prompt_logprobs, or
+        with echo its logprobs (vLLM then computes prompt logprobs, and returns them too)."""
+        if self.prompt_logprobs is not None:
+            return self.prompt_logprobs
+        return self.logprobs if self.echo else None
+
     def to_sampling_params(self) -> SamplingParams:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens must be at least 1 (0 only with echo=true, to score the prompt)")
-        plp = self.logprobs if self.echo and self.logprobs is not None else None
+        # The engine computes enough for both: the echoed prompt's logprobs and vLLM's prompt_logprobs.
+        plp = max(self.prompt_logprobs or 0, self.logprobs or 0) if self.asks_prompt_logprobs else None
         # Scoring still runs one step: the engine computes prompt logprobs in a prefill that samples a
         # token, which the response then leaves out.
         max_tokens = 1 if self.scores_prompt_only else self.max_tokens
@@ -230,9 +278,19 @@ class ChatCompletionRequest(_Common):
     # vLLM's: leave the final (assistant) message open, so the answer continues it (prefilled replies).
     continue_final_message: bool = False
     echo: bool = False  # vLLM's chat echo: known so that it is refused, not ignored
+    bad_words: list[str] | None = None  # vLLM's: known so that it is refused (the engine has no such filter)
+    # vLLM's: the template to render with (a server option must allow it), extra template variables, and
+    # documents for templates that render them (RAG).
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
 
     def unsupported_field(self) -> str | None:
-        return "echo" if self.echo else super().unsupported_field()
+        if self.echo:
+            return "echo"
+        if self.bad_words:
+            return "bad_words"
+        return super().unsupported_field()
 
     def template_options(self) -> tuple[bool, bool]:
         """(add_generation_prompt, continue_final_message), checked as vLLM checks them."""
@@ -243,7 +301,7 @@ class ChatCompletionRequest(_Common):
             raise ValueError("top_logprobs needs logprobs=true")
         max_tokens = self.max_completion_tokens or self.max_tokens or default_max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self.sampling_params(max_tokens, logprobs, None)
+        return self.sampling_params(max_tokens, logprobs, self.prompt_logprobs)
 
 
 class TokenizeCompletionRequest(BaseModel):
@@ -268,6 +326,9 @@ class TokenizeChatRequest(BaseModel):
     continue_final_message: bool = False
     add_special_tokens: bool = False  # the template adds the special tokens itself
     return_token_strs: bool | None = False
+    chat_template: str | None = None  # as in chat requests
+    chat_template_kwargs: dict[str, Any] | None = None
+    documents: list[dict[str, str]] | None = None
 
     def template_options(self) -> tuple[bool, bool]:
         return _template_options(self.messages, self.add_generation_prompt, self.continue_final_message)
