@@ -240,18 +240,13 @@ class BlockPool:
             # Usually that range heads the list, tail first: take it in one look when the list starts
             # head, head - 1, ... and its last one is of the head's batch (batches never decrease along
             # the list, so all between are too). Otherwise walk down from the head.
-            ids = list(itertools.islice(free, left))
-            head = ids[0]
-            if ids == list(range(head, head - len(ids), -1)) and free[ids[-1]].free_batch == free[head].free_batch:
-                start = ids[-1]
-            else:
-                start = head
-                batch = free[head].free_batch
-                while head - start + 1 < left:
-                    lower = get(start - 1)
-                    if lower is None or lower.free_batch != batch:
-                        break
-                    start -= 1
+            head = start = next(iter(free))
+            batch = free[head].free_batch
+            while head - start + 1 < left:
+                lower = get(start - 1)
+                if lower is None or lower.free_batch != batch:
+                    break
+                start -= 1
             taken = range(start, head + 1)
             deque(map(pop, taken), 0)  # pop each, looping in C
             out.extend(taken)
