@@ -188,3 +188,28 @@ def test_continuous_usage_stats(srv: InProcessServer) -> None:
             )
         )
         assert all(c.usage is None for c in off)
+
+
+def test_x_request_id_names_the_response_and_is_echoed(srv: InProcessServer) -> None:
+    """vLLM builds the response id from a client's X-Request-Id; two requests may reuse one (the engine's
+    own ids stay unique), and an implausible one (too long, odd characters) is replaced by a fresh id."""
+    client = srv.client()
+    raw = client.chat.completions.with_raw_response.create(
+        **{k: v for k, v in GREEDY.items() if k != "ignore_eos"},
+        messages=MESSAGES,
+        extra_headers={"X-Request-Id": "trace-42"},
+    )
+    assert raw.headers["x-request-id"] == "trace-42"
+    assert raw.parse().id == "chatcmpl-trace-42"
+    again = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=2, extra_headers={"X-Request-Id": "trace-42"}
+    )
+    assert again.id == "cmpl-trace-42"
+    stream = client.completions.create(
+        model=MODEL, prompt="hello", max_tokens=2, stream=True, extra_headers={"X-Request-Id": "trace-42"}
+    )
+    assert {c.id for c in stream} == {"cmpl-trace-42"}
+    odd = client.completions.with_raw_response.create(
+        model=MODEL, prompt="hello", max_tokens=2, extra_headers={"X-Request-Id": "a b\tc" + "x" * 200}
+    )
+    assert "x-request-id" not in odd.headers and re.fullmatch(r"cmpl-[0-9a-f]{32}", odd.parse().id)

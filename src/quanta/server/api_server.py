@@ -315,12 +315,12 @@ class OpenAIServer:
         @app.post("/v1/completions")
         async def completions(request: Request) -> Response:
             body = await self._parse(request, CompletionRequest)
-            return await self._completions(request, body)
+            return _echo_request_id(request, await self._completions(request, body))
 
         @app.post("/v1/chat/completions")
         async def chat(request: Request) -> Response:
             body = await self._parse(request, ChatCompletionRequest)
-            return await self._chat(request, body)
+            return _echo_request_id(request, await self._chat(request, body))
 
         if self.batches is not None:
             self._add_batch_routes(app, self.batches)
@@ -905,8 +905,8 @@ class OpenAIServer:
                 params.max_tokens = max_len - len(ids)
             return params
 
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        streams = await self._start(body, scheduling, prompts, self._params(make), rid)
+        rid = f"cmpl-{_client_request_id(request) or uuid.uuid4().hex}"
+        streams = await self._start(body, scheduling, prompts, self._params(make), _engine_id(rid))
         echo_texts = [
             # Token ids echo as their whole text, special tokens included (as vLLM echoes them); so does a
             # truncated prompt: the text of the tokens the completion followed.
@@ -1129,8 +1129,8 @@ class OpenAIServer:
         ids, _ = await self._prompt_ids(text, keep, add_special_tokens=False)
         self._check_context(ids, body.max_completion_tokens or body.max_tokens, "messages")
         make(ids)  # validate before adding
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        streams = await self._start(body, scheduling, [ids], make, rid)
+        rid = f"chatcmpl-{_client_request_id(request) or uuid.uuid4().hex}"
+        streams = await self._start(body, scheduling, [ids], make, _engine_id(rid))
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
@@ -1308,6 +1308,32 @@ def run_server(
     app = build_app(engine, served_model_name, **kwargs)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     Server(config).run()
+
+
+# A client's X-Request-Id (vLLM's): the response's id is built from it, and it is echoed back. Bounded
+# and plain, since it reaches logs and the engine's request ids.
+_REQUEST_ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.:/=+@")
+_MAX_REQUEST_ID = 128
+
+
+def _client_request_id(request: Request) -> str | None:
+    """The request's X-Request-Id header, when it is a plausible id (else None: a generated id is used)."""
+    value = request.headers.get("x-request-id")
+    if value and len(value) <= _MAX_REQUEST_ID and set(value) <= _REQUEST_ID_CHARS:
+        return value
+    return None
+
+
+def _engine_id(response_id: str) -> str:
+    """The engine's id for a response's requests: unique even when clients reuse an X-Request-Id."""
+    return f"{response_id}-{uuid.uuid4().hex[:8]}"
+
+
+def _echo_request_id(request: Request, response: Response) -> Response:
+    value = _client_request_id(request)
+    if value is not None:
+        response.headers["X-Request-Id"] = value
+    return response
 
 
 @functools.lru_cache(maxsize=64)
