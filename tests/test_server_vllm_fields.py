@@ -213,3 +213,20 @@ def test_x_request_id_names_the_response_and_is_echoed(srv: InProcessServer) -> 
         model=MODEL, prompt="hello", max_tokens=2, extra_headers={"X-Request-Id": "a b\tc" + "x" * 200}
     )
     assert "x-request-id" not in odd.headers and re.fullmatch(r"cmpl-[0-9a-f]{32}", odd.parse().id)
+
+
+def test_tools_with_tool_choice_none_are_rendered_and_answered_as_text(srv: InProcessServer) -> None:
+    """As vLLM: tools sent with tool_choice "none" reach the chat template, and the answer is plain text;
+    any other tool_choice still needs tool calling, which this server refuses."""
+    client = srv.client()
+    template = "{% if tools %}tools: {{ tools | length }} {% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tool = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+    plain = _chat(client, extra_body={"chat_template": template})
+    with_tools = _chat(client, tools=[tool, tool], tool_choice="none", extra_body={"chat_template": template})
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens  # "tools: 2 " rendered
+    assert with_tools.choices[0].message.tool_calls is None
+    assert with_tools.choices[0].finish_reason == "length"
+    for choice in ({}, {"tool_choice": "auto"}):
+        with pytest.raises(openai.BadRequestError) as e:
+            _chat(client, tools=[tool], **choice)
+        assert e.value.body["param"] == "tools"

@@ -665,7 +665,8 @@ class OpenAIServer:
         try:
             generation_prompt, continue_final = body.template_options()
             rendered = [m.as_template_dict() for m in body.messages]
-            if body.chat_template is None and body.chat_template_kwargs is None and body.documents is None:
+            plain = body.chat_template is None and body.chat_template_kwargs is None and body.documents is None
+            if plain and not getattr(body, "tools", None):
                 return await asyncio.to_thread(
                     tok.apply_chat_template,
                     rendered,
@@ -702,6 +703,9 @@ class OpenAIServer:
         }
         if body.documents is not None:
             options["documents"] = body.documents
+        tools = getattr(body, "tools", None)
+        if tools:  # with tool_choice "none" (others are refused): rendered as vLLM renders them, no tool calls
+            options["tools"] = tools
         accepted = (_template_variables(template) | _apply_chat_template_params(type(hf))) - _NOT_KWARGS
         options.update({k: v for k, v in (body.chat_template_kwargs or {}).items() if k in accepted})
         text = hf.apply_chat_template(messages, chat_template=template, tokenize=False, **options)

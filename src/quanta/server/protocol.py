@@ -122,7 +122,7 @@ class _Common(BaseModel):
         """The first field whose value would change the output in a way this server does not implement."""
         if self.response_format is not None and self.response_format.get("type") != "text":
             return "response_format"
-        if self.tools:
+        if self.tools and self.tool_choice != "none":  # "none": the template shows them, the answer is text
             return "tools"
         if self.tool_choice not in (None, "none", "auto"):
             return "tool_choice"
