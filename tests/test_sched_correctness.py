@@ -447,6 +447,38 @@ def test_host_blocks_of_an_unlanded_swap_in_are_not_reused() -> None:
     kv.check_integrity()
 
 
+def test_a_swapped_in_request_is_found_in_the_prefix_cache_once_its_copy_lands() -> None:
+    """The blocks a swap-in copies back join the prefix index when the copy lands (not before: their
+    contents are not there yet), and the partly filled last block once the request fills it, so the
+    request's prefix stays findable (a conversation's next turn, a parallel sample) after a swap."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, num_host_blocks=8)
+    a = Request("a", list(range(3, 18)), SamplingParams(max_tokens=4), 0.0)  # 15 tokens: 3 full blocks
+    assert kv.allocate_slots(a, 15)
+    a.num_computed_tokens = 15
+    a.status = RequestStatus.PREEMPTED
+    assert kv.swap_out(a) is not None
+    hog = Request("hog", list(range(100, 164)), SamplingParams(max_tokens=1), 0.0)
+    assert kv.allocate_slots(hog, 64)  # every block: a's cached blocks are evicted
+    hog.status = RequestStatus.FINISHED_ABORTED
+    kv.free(hog)
+
+    def hits(n: int) -> int:
+        probe = Request(f"probe{n}", list(range(3, 3 + n)) + [999], SamplingParams(max_tokens=1), 0.0)
+        return len(kv.get_computed_blocks(probe))
+
+    assert kv.swap_in(a) is not None and kv.num_swap_in_hits == 0  # all 4 blocks copied
+    a.status = RequestStatus.RUNNING
+    assert hits(15) == 0, "copied blocks were findable before their contents landed"
+    kv.swap_in_landed("a")
+    assert hits(15) == 3
+    a.append_output_token(7, 1.0)  # the 16th token fills the last block
+    assert kv.allocate_slots(a, 1)
+    a.num_computed_tokens = 16
+    probe = Request("p", [*a.all_token_ids, 999], SamplingParams(max_tokens=1), 0.0)
+    assert len(kv.get_computed_blocks(probe)) == 4
+    kv.check_integrity()
+
+
 def test_host_pool_ranges_match_a_set_model() -> None:
     rng = random.Random(3)
     for contiguous in (True, False):

@@ -61,6 +61,8 @@ class KVCacheManager:
         self.host_blocks: dict[str, list[int]] = {}  # swapped-out request id -> host block ids
         # Host blocks a swap-in still reads from: reusable only once the executor says the copy landed.
         self.host_in_flight: dict[str, list[int]] = {}
+        # Of a swap-in in flight: the blocks, in token order, to offer to the prefix index once it lands.
+        self._landing: dict[str, tuple[int, int]] = {}
         self.num_swap_runs = 0  # copies issued (per layer tensor): one per run of contiguous blocks
         self.num_swapped_blocks = 0
         self.num_swap_in_hits = 0  # blocks a swap-in found still cached on the device (not copied)
@@ -440,8 +442,8 @@ class KVCacheManager:
         and not copied. The copied blocks stay out of the prefix index: their contents arrive later."""
         host = self.host_blocks[req.request_id]
         hits: list[KVBlock] = []
+        full = min(len(host), req.num_computed_tokens // self.block_size)  # blocks its KV fills
         if self.enable_caching:
-            full = min(len(host), req.num_computed_tokens // self.block_size)
             for block_hash in self.block_hashes(req)[:full]:
                 block = self.pool.lookup(block_hash)
                 if block is None:
@@ -455,7 +457,10 @@ class KVCacheManager:
         after = hits[-1].block_id if hits else None
         copied = self.pool.allocate_ids(len(host) - len(hits), after)
         self.req_blocks[req.request_id] = [b.block_id for b in hits] + copied
-        self._num_indexed[req.request_id] = len(host)
+        # The hits are indexed; the copied blocks join the index when their contents land.
+        self._num_indexed[req.request_id] = len(hits)
+        if full > len(hits):
+            self._landing[req.request_id] = (len(hits), full)
         self.num_swap_in_hits += len(hits)
         runs = self._count(merge_runs(list(zip(host[len(hits) :], copied)), self.block_groups))
         del self.host_blocks[req.request_id]
@@ -468,6 +473,12 @@ class KVCacheManager:
         host = self.host_in_flight.pop(request_id, None)
         if host:
             self.host.free(host)
+        landing = self._landing.pop(request_id, None)
+        blocks = self.req_blocks.get(request_id)
+        if landing is not None and blocks is not None and self.enable_caching:
+            start, full = landing
+            self.pool.cache_blocks(blocks, self._req_hashes[request_id], start, full)
+            self._num_indexed[request_id] = full
 
     def _count(self, runs: list[Run]) -> list[Run]:
         self.num_swap_runs += len(runs)
@@ -497,6 +508,7 @@ class KVCacheManager:
         if blocks:
             self.pool.free_ids(reversed(blocks))
         self._num_indexed.pop(req.request_id, None)
+        self._landing.pop(req.request_id, None)
 
     # ---- pins -------------------------------------------------------------------------------------
     def pin(self, req: Request, expires_at: float, rank: float = 0.0) -> int:
@@ -610,3 +622,4 @@ class KVCacheManager:
         assert len(held) + self.host.num_free_blocks == self.host.num_blocks, "host blocks leaked"
         assert not set(held) & self.host.free_block_ids(), "a host block is both owned and free"
         assert not self.host_blocks.keys() & self.req_blocks.keys(), "a request holds device and host KV"
+        assert self._landing.keys() <= self.host_in_flight.keys(), "a swap-in to index has landed already"
