@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,32 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 
 
 _ARCH_OF_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+# The integer fields of ModelConfig that must be at least 1, and config.json's names of those it renames.
+_COUNTS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_layers",
+    "num_heads",
+    "num_kv_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
+HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+}
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 class ModelLoadError(ValueError):
@@ -42,6 +69,44 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
 
+    def check(self, names: dict[str, str] | None = None) -> None:
+        """Raise ValueError naming the first field that no model can have: a count that is not a positive
+        integer, heads that do not group, a non-positive norm epsilon or rope theta. Shapes read from a
+        config.json or a profile are checked here, so a damaged file is an error on loading, not a
+        division by zero (or a model run wrong) later. `names`: the file's own name of a field."""
+
+        def name(f: str) -> str:
+            return (names or {}).get(f, f)
+
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported architecture {self.architecture!r}; quanta supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        for f in _COUNTS:
+            value = getattr(self, f)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name(f)} must be a positive integer, got {value!r}")
+        if self.sliding_window is not None and (not _is_int(self.sliding_window) or self.sliding_window < 1):
+            raise ValueError(f"{name('sliding_window')} must be a positive integer, got {self.sliding_window!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"{name('num_heads')} ({self.num_heads}) is not a multiple of "
+                f"{name('num_kv_heads')} ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"{name('head_dim')} must be even (rotary embeddings turn pairs), got {self.head_dim}")
+        for f in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, f)
+            if not (_is_number(value) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name(f)} must be a positive number, got {value!r}")
+        for f in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"{name(f)} must be true or false, got {getattr(self, f)!r}")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ValueError(f"{name('rope_scaling')} must be an object or null, got {self.rope_scaling!r}")
+        if not isinstance(self.dtype, str):
+            raise ValueError(f"{name('dtype')} must be a string, got {self.dtype!r}")
+
     @classmethod
     def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> ModelConfig:
         archs = cfg.get("architectures") or []
@@ -56,6 +121,20 @@ class ModelConfig:
         try:
             hidden = int(cfg["hidden_size"])
             heads = int(cfg["num_attention_heads"])
+            # As transformers reads them: an absent (or null) count takes its default, a zero is an error.
+            kv_heads = cfg.get("num_key_value_heads")
+            kv_heads = heads if kv_heads is None else int(kv_heads)
+            head_dim = cfg.get("head_dim")
+            if head_dim is None:
+                for name, value in (("hidden_size", hidden), ("num_attention_heads", heads)):
+                    if value < 1:
+                        raise ModelLoadError(f"malformed {source}: {name} must be a positive integer, got {value}")
+                if hidden % heads:
+                    raise ModelLoadError(
+                        f"malformed {source}: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                        f"({heads}) and there is no head_dim"
+                    )
+                head_dim = hidden // heads
             sliding = (
                 cfg.get("sliding_window")
                 if cfg.get("use_sliding_window", arch != "Qwen2ForCausalLM")
@@ -73,8 +152,8 @@ class ModelConfig:
                 intermediate_size=int(cfg["intermediate_size"]),
                 num_layers=int(cfg["num_hidden_layers"]),
                 num_heads=heads,
-                num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                num_kv_heads=kv_heads,
+                head_dim=int(head_dim),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
@@ -87,7 +166,10 @@ class ModelConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_ids=[] if eos is None else ([eos] if isinstance(eos, int) else list(eos)),
             )
+            sliding = None if sliding is None else int(sliding)
         except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ModelLoadError):
+                raise
             raise ModelLoadError(f"malformed {source}: {type(e).__name__}: {e}") from None
         # What the forward pass does not implement is refused, not run wrong.
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
@@ -100,12 +182,16 @@ class ModelConfig:
                 f"quantized checkpoint ({method}) in {source}: quanta loads unquantized weights (float32, "
                 "float16, bfloat16) or a GGUF file"
             )
-        if out.hidden_size % out.num_heads or out.num_heads % out.num_kv_heads:
-            raise ModelLoadError(f"malformed {source}: head counts do not divide the hidden size")
+        if sliding is not None and sliding < 1:
+            raise ModelLoadError(f"malformed {source}: sliding_window must be a positive integer, got {sliding}")
+        try:
+            out.check(HF_NAMES)
+        except ValueError as e:
+            raise ModelLoadError(f"malformed {source}: {e}") from None
         # Full attention equals sliding-window attention while the context fits in the window,
         # so the window caps the usable context.
-        if sliding is not None and int(sliding) < out.max_position_embeddings:
-            out.max_position_embeddings = out.sliding_window = int(sliding)
+        if sliding is not None and sliding < out.max_position_embeddings:
+            out.max_position_embeddings = out.sliding_window = sliding
         return out
 
     @classmethod

@@ -83,7 +83,15 @@ def model_path(model: str | Path, dtype: str, device: str | torch.device = "cpu"
 
 
 def weight_files(path: Path) -> list[Path]:
+    """The safetensors files to read, chosen as transformers' `from_pretrained` chooses them: a
+    `model.safetensors` first (an index beside it is left over from an earlier sharded save, whose shards
+    `save_pretrained` deletes but whose index it keeps), then the index's shards, then any *.safetensors."""
+    single = path / "model.safetensors"
     index = path / "model.safetensors.index.json"
+    if single.is_file():
+        if index.is_file():
+            logger.warning("%s: loading model.safetensors, not %s (as transformers does)", path, index.name)
+        return [single]
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]

@@ -8,7 +8,9 @@ library sources), so nothing is downloaded.
 from __future__ import annotations
 
 import json
+import re
 import sysconfig
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +97,26 @@ def train_tokenizer(vocab_size: int) -> Any:
     return hf
 
 
+_WEIGHT_FILE = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def _save_weights(model: Any, out: Path, **kwargs: Any) -> None:
+    """save_pretrained, replacing the weights of an earlier save into this folder. save_pretrained
+    deletes old shards only: one file written over a sharded save would keep the stale index (which a
+    loader may prefer), shards written over one file the stale model.safetensors (which transformers
+    prefers). The old files are set aside first and put back if the save fails."""
+    old = [p for p in out.iterdir() if _WEIGHT_FILE.fullmatch(p.name) and p.is_file()]
+    with tempfile.TemporaryDirectory(dir=out, prefix=".old-weights-") as tmp:
+        for p in old:
+            p.rename(Path(tmp) / p.name)
+        try:
+            model.save_pretrained(out, **kwargs)
+        except BaseException:
+            for p in old:
+                (Path(tmp) / p.name).rename(p)
+            raise
+
+
 def make_model(
     out_dir: str | Path,
     preset: str = "tiny-llama",
@@ -125,7 +147,7 @@ def make_model(
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out, **kwargs)
+    _save_weights(model, out, **kwargs)
     GenerationConfig(eos_token_id=[ids[2], ids[0]], bos_token_id=ids[1], pad_token_id=ids[0]).save_pretrained(
         out
     )

@@ -107,7 +107,7 @@ class Profile:
             if data.get("format") != FORMAT:
                 raise ValueError(f"not a {FORMAT} file")
             data.pop("format")
-            data["model"] = ModelConfig(**data["model"])
+            data["model"] = _model_config(data["model"])
             prof = cls(**data)
             if prof.step_model not in STEP_MODELS:
                 raise ValueError(f"unknown step_model {prof.step_model!r}")
@@ -117,6 +117,19 @@ class Profile:
             return prof
         except (OSError, json.JSONDecodeError, TypeError, KeyError, AttributeError, ValueError) as e:
             raise ValueError(f"cannot read profile {str(path)!r}: {e}") from None
+
+
+def _model_config(block: object) -> ModelConfig:
+    """The profile's `model` block, checked as a config.json's shape is: a count of 0 or a string would
+    otherwise divide by zero (or fail on a type) mid-simulation."""
+    if not isinstance(block, dict):
+        raise ValueError("model must be an object of ModelConfig fields")
+    try:
+        model = ModelConfig(**block)
+        model.check()
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {e}") from None
+    return model
 
 
 def _positive(x: object) -> bool:
