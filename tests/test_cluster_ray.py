@@ -109,9 +109,11 @@ def test_answers_equal_one_engine_and_both_instances_serve(
     assert m[("quanta:instance_up", (("instance", "0"), ("model_name", MODEL)))] == 1
 
 
+@pytest.mark.parametrize("named", [False, True])
 def test_a_forced_live_migration_mid_stream_is_invisible_to_the_client(
-    cluster_server: Server, expected_long: str
+    cluster_server: Server, expected_long: str, named: bool
 ) -> None:
+    """`named`: the client named the response (X-Request-Id), and /internal/migrate finds it by that name."""
     client = cluster_server.client(timeout=120)
     stream = client.completions.create(
         model=MODEL,
@@ -120,6 +122,7 @@ def test_a_forced_live_migration_mid_stream_is_invisible_to_the_client(
         temperature=0,
         stream=True,
         extra_body={"ignore_eos": True},
+        extra_headers={"X-Request-Id": "job-7"} if named else None,
     )
     text, migrated = "", None
     for chunk in stream:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -117,10 +118,79 @@ def _engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+def _check_policy(policy: str, policy_args: object) -> None:
+    """The policy and its settings, built once here (cheap) so that a typo costs no model load; a setting
+    of the wrong kind is named."""
+    import warnings
+
+    from quanta.config import SchedulerConfig
+    from quanta.sched.policy import make_policy
+
+    def build(settings: object) -> None:
+        with warnings.catch_warnings():  # unused settings are warned about once, when the engine builds it
+            warnings.simplefilter("ignore")
+            # Sizes no policy refuses: those of the run are checked against the model, by the engine.
+            config = SchedulerConfig(policy, 512, 1, 2, policy_args=settings)  # type: ignore[arg-type]
+            make_policy(policy, config)
+
+    build({})  # an unknown policy: make_policy's message
+    if policy_args is None:
+        return
+    if not isinstance(policy_args, dict):
+        raise ValueError(
+            f"--policy-args must be a JSON object of named settings, e.g. '{{\"ttl_s\": 30}}', not {policy_args!r}"
+        )
+    try:
+        build(policy_args)
+    except ValueError as e:
+        bad = []
+        for key, value in policy_args.items():
+            try:
+                build({key: value})
+            except ValueError:
+                bad.append(f"{key}={value!r}")
+        what = f"bad setting {', '.join(bad)}" if bad else "bad settings"
+        wrapped = re.fullmatch(r"policy '.*?': bad policy settings .* \((.*)\)", str(e))  # make_policy's own
+        detail = wrapped[1] if wrapped else e
+        raise ValueError(f"--policy-args for policy {policy!r}: {what} ({detail})") from None
+
+
+def _check_model_len(model: str, max_model_len: int | None) -> None:
+    """--max-model-len against the model's context, from its config alone (no weights read)."""
+    if max_model_len is None:
+        return
+    from quanta.model.config import ModelConfig
+
+    context = ModelConfig.from_path(model).max_position_embeddings
+    if max_model_len > context:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's context ({context})")
+
+
+def _check_engine_args(args: argparse.Namespace) -> None:
+    """The engine options a model load would otherwise find wrong only after it (or would silently read as
+    the default); the model's own config is read last, only when --max-model-len needs it."""
+    for flag, least in (("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+        value = getattr(args, flag)
+        if value is not None and value < least:
+            raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")
+    _check_policy(args.policy, _policy_args(args.policy_args))
+
+
+def _check_texts(flag: str, texts: Sequence[str] | None) -> None:
+    """Command-line text that is not UTF-8 (its bytes come as lone surrogates) cannot be tokenized."""
+    from quanta.engine.tokenizer import check_text
+
+    for text in texts or []:
+        check_text(text, flag)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from quanta.engine.llm import LLM
     from quanta.sampling_params import SamplingParams
 
+    _check_texts("--prompt", args.prompt)
+    _check_texts("--stop", args.stop)
+    _check_engine_args(args)
     model = args.model or default_model()
     params = SamplingParams(
         n=args.n,
@@ -133,6 +203,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         ignore_eos=args.ignore_eos,
         stop=args.stop or [],
     )
+    _check_model_len(model, args.max_model_len)
     llm = LLM(model, **_engine_kwargs(args))
     has_template = getattr(llm.get_tokenizer(), "chat_template", None) is not None
     # With no prompt given, a chat model answers questions; a base (or random) model continues text.
@@ -182,6 +253,8 @@ def _check_port_free(host: str, port: int) -> None:
     """Fail in one line before a model load of minutes, not after it, when the port is taken."""
     import socket
 
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--port must be 0-65535, got {port}")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
@@ -194,6 +267,18 @@ def _check_port_free(host: str, port: int) -> None:
             sock.bind(addr)
         except OSError as e:
             raise ValueError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def _check_batch_dir(path: str) -> None:
+    """--batch-dir must be a folder (made here if missing), before the model loads."""
+    from pathlib import Path
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--batch-dir {path}: {e.strerror or e}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--batch-dir {path}: not writable")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -223,7 +308,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     single = args.instances == 1 and not args.ray_address
     if single and (args.migration or args.router != "least-load"):
         raise ValueError("--router and --migration work between instances: give --instances 2 or more")
+    _check_engine_args(args)
+    if args.batch_dir is not None:
+        _check_batch_dir(args.batch_dir)
     model = args.model or default_model()
+    _check_model_len(model, args.max_model_len)
     engine_args = EngineArgs(model=model, **_engine_kwargs(args))
     if args.instances > 1 or args.ray_address:
         from quanta.cluster.engine import ClusterEngine
@@ -287,6 +376,30 @@ def _sim_target(args: argparse.Namespace) -> tuple:
 
 
 PRESET_NUM_REQUESTS = 1000  # requests drawn from a preset when --num-requests is not given
+SIM_MAX_MODEL_LEN = 8192  # simulate's --max-model-len when the model gives no smaller context
+
+
+def _sim_max_model_len(args: argparse.Namespace) -> None:
+    """Set --max-model-len as the engine would: a model folder's, GGUF file's or profile's model's context
+    caps the default (said on stderr), and a larger --max-model-len is refused. Presets keep the default."""
+    from quanta.sim.model_presets import MODEL_PRESETS, get_model
+
+    context = None
+    if args.model and args.model.lower() not in MODEL_PRESETS:
+        context = get_model(args.model).max_position_embeddings
+    elif not args.model and args.profile:
+        from quanta.sim.calibrate import Profile
+
+        context = Profile.load(args.profile).model.max_position_embeddings
+    if args.max_model_len is None:
+        args.max_model_len = SIM_MAX_MODEL_LEN
+        if context is not None and context < SIM_MAX_MODEL_LEN:
+            args.max_model_len = context
+            print(f"max_model_len {context}: the model's context", file=sys.stderr)
+    elif args.max_model_len < 2:
+        raise ValueError(f"--max-model-len must be at least 2, got {args.max_model_len}")
+    elif context is not None and args.max_model_len > context:
+        raise ValueError(f"--max-model-len {args.max_model_len} exceeds the model's context ({context})")
 
 
 def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
@@ -337,9 +450,19 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from quanta.profiling import GridAxes, run_profile
     from quanta.sim.calibrate import fit
 
+    # Before the measurement (minutes on a GPU), not after it.
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise ValueError(f"--out {args.out}: is a folder; give a file name")
+    if not out.resolve().parent.is_dir():
+        raise ValueError(f"--out {args.out}: folder {str(out.resolve().parent)!r} does not exist")
     prof = run_profile(
         args.model, args.device, args.dtype, args.repeats, step_grid=None if args.no_grid else GridAxes()
     )
@@ -382,6 +505,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from quanta.sim.simulation import simulate
 
     _check_outputs(args)
+    _sim_max_model_len(args)
     if args.programs:
         return _simulate_programs(args)
     workload = _sim_workload(args, args.qps)
@@ -540,7 +664,9 @@ def cmd_run_batch(args: argparse.Namespace) -> int:
 
     if not Path(args.input).is_file():  # before loading the model
         raise ValueError(f"input file {args.input!r} does not exist")
+    _check_engine_args(args)
     model = args.model or default_model()
+    _check_model_len(model, args.max_model_len)
     engine = LLMEngine(EngineArgs(model=model, **_engine_kwargs(args)))
     name = DEFAULT_MODEL_NAME if args.model is None and smollm2_gguf() else Path(model).name
     s = run_batch(engine, args.input, args.output, name, progress=None)
@@ -569,6 +695,7 @@ def cmd_capacity(args: argparse.Namespace) -> int:
     from quanta.sim.capacity import at_unit_rate, find_capacity
 
     _check_outputs(args)
+    _sim_max_model_len(args)
     # A trace's own arrivals are rescaled to 1 req/s, so that the search's rates are req/s.
     base = at_unit_rate(_sim_workload(args, 1.0))
     console = Console()
@@ -678,7 +805,13 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
     p.add_argument(
         "--max-num-seqs", type=int, default=None, help="most running requests (default 128, or the budget)"
     )
-    p.add_argument("--max-model-len", type=int, default=8192)
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help=f"context length (default {SIM_MAX_MODEL_LEN}, or the model's context when a model folder, GGUF "
+        "file or profile gives a smaller one, as the engine lowers it)",
+    )
     p.add_argument(
         "--default-max-tokens",
         type=int,

@@ -277,6 +277,8 @@ def run_profile(
     calling thread's CPU time; see ThreadTimeClock)."""
     if clock not in TIMERS:
         raise ValueError(f"unknown clock {clock!r}; choose {' or '.join(TIMERS)}")
+    if repeats < 1:  # before the model loads: a step measured no times has no median
+        raise ValueError(f"repeats must be at least 1, got {repeats}")
     from quanta.engine.clock import WallClock
     from quanta.executor.model_executor import ModelExecutor
     from quanta.model.config import ModelConfig

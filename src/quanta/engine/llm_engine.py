@@ -57,6 +57,11 @@ class EngineArgs:
 
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))  # vLLM's spellings, torch dtypes
+        # None means "the default"; 0 or less is an error, not the default (checked before any loading).
+        for name, least in (("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise ValueError(f"{name} must be at least {least}, got {value}")
 
 
 _DTYPE_ALIASES = {
@@ -118,7 +123,9 @@ class EngineFrontend(ABC):
 
     def model_max_len(self) -> int:
         """max_model_len as asked for (checked against the model), before the KV pool may lower it."""
-        max_model_len = self.args.max_model_len or self.model_config.max_position_embeddings
+        max_model_len = self.args.max_model_len
+        if max_model_len is None:
+            max_model_len = self.model_config.max_position_embeddings
         if max_model_len > self.model_config.max_position_embeddings:
             window = self.model_config.sliding_window
             why = ", its sliding window: quanta attends fully, as the window does up to it" if window else ""
@@ -295,6 +302,15 @@ class LLMEngine(EngineFrontend):
         args = self.args
         max_model_len = self.model_max_len()
         budget = default_budget(args, max_model_len)
+        max_num_seqs = args.max_num_seqs if args.max_num_seqs is not None else min(128, budget)
+        # The scheduler's settings are checked before the KV pool is sized with them (and the weights load).
+        SchedulerConfig(
+            policy=args.policy,
+            max_num_batched_tokens=budget,
+            max_num_seqs=max_num_seqs,
+            max_model_len=max_model_len,
+            preemption_mode=args.preemption_mode,
+        )
         cache_config = CacheConfig(
             block_size=args.block_size,
             num_blocks=args.num_kv_blocks,
@@ -309,7 +325,7 @@ class LLMEngine(EngineFrontend):
             self.model_dir,
             cache_config,
             max_model_len,
-            args.max_num_seqs or min(128, budget),
+            max_num_seqs,
             dtype=args.dtype,
             device=args.device,
             seed=args.seed,
@@ -331,7 +347,7 @@ class LLMEngine(EngineFrontend):
         self.scheduler_config = SchedulerConfig(
             policy=args.policy,
             max_num_batched_tokens=budget,
-            max_num_seqs=args.max_num_seqs or min(128, budget),
+            max_num_seqs=args.max_num_seqs if args.max_num_seqs is not None else min(128, budget),
             max_model_len=max_model_len,
             preemption_mode=args.preemption_mode,
             # A copy; anything but a dict reaches make_policy, which says what is wrong with it.

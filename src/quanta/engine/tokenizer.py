@@ -53,7 +53,12 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):  # `tokenizers` refuses lone surrogates (bytes not UTF-8): a TypeError
+                check_text(text)
+            raise
 
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(token_ids, skip_special_tokens=skip_special_tokens)
@@ -74,3 +79,16 @@ class Tokenizer:
             add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message,
         )
+
+
+def check_text(text: str, what: str = "the prompt") -> None:
+    """ValueError unless `text` is valid Unicode: a lone surrogate (Python's stand-in for a byte that was not
+    UTF-8, as in a command-line argument) cannot be tokenized."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        byte = f" (byte 0x{c - 0xDC00:02x}, not UTF-8)" if 0xDC80 <= c <= 0xDCFF else ""
+        raise ValueError(
+            f"{what} is not valid text: a lone surrogate U+{c:04X} at character {e.start}{byte}"
+        ) from None

@@ -49,6 +49,12 @@ class ModelExecutor:
     ) -> None:
         if load_format not in ("auto", "dummy"):
             raise ValueError(f"unknown load format {load_format!r}; choose auto or dummy")
+        # Checked before the weights load and before the KV pool is sized with them.
+        if max_model_len < 2 or max_num_seqs < 1 or max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_model_len must be at least 2 ({max_model_len}), max_num_seqs and max_num_batched_tokens "
+                f"at least 1 ({max_num_seqs}, {max_num_batched_tokens})"
+            )
         self.model_config = cfg = model_config or ModelConfig.from_folder(model_path)
         self.device = check_device(device)
         if attention_backend == "triton" and self.device.type != "cuda" and not triton_interpreted():

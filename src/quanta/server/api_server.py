@@ -21,6 +21,7 @@ import functools
 import inspect
 import json
 import logging
+import re
 import sys
 import time
 import uuid
@@ -467,6 +468,9 @@ class OpenAIServer:
         live = getattr(self.llm_engine, "live", {})
         forms = (request_id, f"{request_id}-0", f"{request_id}-0#0", f"{request_id}#0")
         ids = [rid for rid in forms if rid in live]
+        if not ids:  # a response named by its client (X-Request-Id): its engine ids carry a suffix
+            named = re.compile(re.escape(request_id) + r"-[0-9a-f]{8}-0(#0)?")
+            ids = sorted(rid for rid in live if named.fullmatch(rid))
         try:
             m = await self.engine.call(lambda e: migrate(ids[0] if ids else request_id, dst))
         except ValueError as e:
@@ -653,7 +657,7 @@ class OpenAIServer:
             if len(text) < _INLINE_TOKENIZE_CHARS:
                 return self.llm_engine.tokenizer.encode(text, add_special_tokens=add_special_tokens)
             return await asyncio.to_thread(self._encode_now, text, add_special_tokens)
-        except (TypeError, UnicodeEncodeError) as e:
+        except (TypeError, ValueError, UnicodeEncodeError) as e:
             # JSON may carry a lone UTF-16 surrogate ("\ud800"): a str that is not Unicode text, which
             # the tokenizer refuses.
             if any("\ud800" <= c <= "\udfff" for c in text):
@@ -909,8 +913,8 @@ class OpenAIServer:
                 params.max_tokens = max_len - len(ids)
             return params
 
-        rid = f"cmpl-{_client_request_id(request) or uuid.uuid4().hex}"
-        streams = await self._start(body, scheduling, prompts, self._params(make), _engine_id(rid))
+        rid, engine_id = _response_ids("cmpl", request)
+        streams = await self._start(body, scheduling, prompts, self._params(make), engine_id)
         echo_texts = [
             # Token ids echo as their whole text, special tokens included (as vLLM echoes them); so does a
             # truncated prompt: the text of the tokens the completion followed.
@@ -1133,8 +1137,8 @@ class OpenAIServer:
         ids, _ = await self._prompt_ids(text, keep, add_special_tokens=False)
         self._check_context(ids, body.max_completion_tokens or body.max_tokens, "messages")
         make(ids)  # validate before adding
-        rid = f"chatcmpl-{_client_request_id(request) or uuid.uuid4().hex}"
-        streams = await self._start(body, scheduling, [ids], make, _engine_id(rid))
+        rid, engine_id = _response_ids("chatcmpl", request)
+        streams = await self._start(body, scheduling, [ids], make, engine_id)
         created = int(time.time())
         if body.stream:
             return StreamingResponse(
@@ -1303,8 +1307,12 @@ def run_server(
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             if self.started:  # listening: say so at every log level (uvicorn's own line is info only)
+                # The port bound (--port 0 asks the system for a free one), and an IPv6 host in brackets.
+                servers = getattr(self, "servers", [])
+                bound = [s.getsockname()[1] for server in servers for s in server.sockets]
+                url = f"http://{f'[{host}]' if ':' in host else host}:{bound[0] if bound else port}/v1"
                 print(
-                    f"quanta serve: ready, {served_model_name} on http://{host}:{port}/v1",
+                    f"quanta serve: ready, {served_model_name} on {url}",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -1328,9 +1336,16 @@ def _client_request_id(request: Request) -> str | None:
     return None
 
 
-def _engine_id(response_id: str) -> str:
-    """The engine's id for a response's requests: unique even when clients reuse an X-Request-Id."""
-    return f"{response_id}-{uuid.uuid4().hex[:8]}"
+def _response_ids(kind: str, request: Request) -> tuple[str, str]:
+    """(the response's id, the prefix of its requests' engine ids: `<prefix>-<prompt index>`). The same,
+    unless the client named the response (X-Request-Id): then the engine's ids get a suffix of their own,
+    as clients may reuse a name while its requests still run."""
+    client = _client_request_id(request)
+    if client is None:
+        rid = f"{kind}-{uuid.uuid4().hex}"
+        return rid, rid
+    rid = f"{kind}-{client}"
+    return rid, f"{rid}-{uuid.uuid4().hex[:8]}"
 
 
 def _echo_request_id(request: Request, response: Response) -> Response:
