@@ -175,6 +175,32 @@ def test_unsupported_gguf_files_are_one_line_errors(llama_dir: Path, tmp_path: P
         model_folder(odd, "float32")
 
 
+
+@pytest.mark.parametrize(
+    ("field", "match"), [("head_count", "head_count must be at least 1"), ("block_count", "block_count must be at least 1")]
+)
+def test_gguf_with_zero_counts_is_a_clear_error(tmp_path: Path, field: str, match: str) -> None:
+    """Zero heads or layers in a GGUF's metadata are a ModelLoadError naming them (zero heads divided the
+    hidden size by zero)."""
+    import gguf
+
+    bad = tmp_path / "zero.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_block_count(0 if field == "block_count" else 1)
+    w.add_context_length(64)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(0 if field == "head_count" else 4)
+    w.add_layer_norm_rms_eps(1e-6)
+    w.add_tensor("token_embd.weight", np.zeros((32, 64), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match=match):
+        model_folder(bad, "float32")
+
+
 # ---- the real model: SmolLM2-135M-Instruct -------------------------------------------------------------
 
 

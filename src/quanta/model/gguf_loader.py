@@ -99,6 +99,10 @@ def hf_config(reader: Any, source: str) -> dict[str, Any]:
     tensors = {t.name for t in reader.tensors}
     heads = int(meta("attention.head_count"))
     hidden = int(meta("embedding_length"))
+    # Checked before the weights are converted (the other counts are checked with the config this builds).
+    for name, value in (("attention.head_count", heads), ("block_count", int(meta("block_count")))):
+        if value < 1:
+            raise ModelLoadError(f"GGUF file {source}: {arch}.{name} must be at least 1, got {value}")
     vocab = _field(reader, f"{arch}.vocab_size") or len(_field(reader, "tokenizer.ggml.tokens", []))
     cfg: dict[str, Any] = {
         "architectures": [hf_arch],
