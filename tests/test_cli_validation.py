@@ -294,3 +294,8 @@ def test_simulate_model_folder_draws_requests_within_its_context(
     assert cfg.max_model_len == 1024
     assert max(w.prompt_len + w.output_len for w in workload) <= 1024
     assert json.loads(out.read_text())
+
+
+def test_python_dash_m_quanta_is_the_command() -> None:
+    proc = subprocess.run([sys.executable, "-m", "quanta", "simulate", "--max-model-len", "-3"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "--max-model-len must be at least 2" in proc.stderr and "Traceback" not in proc.stderr

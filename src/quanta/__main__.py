@@ -1,0 +1,7 @@
+"""`python -m quanta`: the `quanta` command."""
+
+import sys
+
+from quanta.cli import main
+
+sys.exit(main())
