@@ -230,3 +230,17 @@ def test_tools_with_tool_choice_none_are_rendered_and_answered_as_text(srv: InPr
         with pytest.raises(openai.BadRequestError) as e:
             _chat(client, tools=[tool], **choice)
         assert e.value.body["param"] == "tools"
+
+
+def test_refused_sampling_settings_name_their_field(srv: InProcessServer) -> None:
+    """A 400 for a sampling setting carries that setting in `param`, as OpenAI's errors do."""
+    client = srv.client()
+    cases = [
+        (_chat, {"top_logprobs": 2}, {}, "top_logprobs"),  # without logprobs
+        (_cmpl, {}, {"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        (_chat, {"stop": [""]}, {}, "stop"),
+    ]
+    for call, kw, extra, param in cases:
+        with pytest.raises(openai.BadRequestError) as e:
+            call(client, extra_body=extra, **kw)
+        assert e.value.body["param"] == param, (kw, extra, e.value.body)

@@ -94,6 +94,15 @@ def _bad(message: str, param: str | None = None) -> APIError:
     return APIError(400, message, "invalid_request_error", param)
 
 
+def _bad_params(e: ValueError) -> APIError:
+    """A request's sampling settings refused (SamplingParams' messages begin with the field's name, as in
+    "min_tokens (5) must not exceed max_tokens (2)"): a 400 whose param names that field."""
+    message = str(e)
+    word = re.match(r"[a-z_]+", message)
+    fields = CompletionRequest.model_fields.keys() | ChatCompletionRequest.model_fields.keys()
+    return _bad(message, word[0] if word and word[0] in fields else None)
+
+
 def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(error_body(e.message, e.type, e.status, e.param), e.status, headers=e.headers)
 
@@ -826,7 +835,7 @@ class OpenAIServer:
             try:
                 params = make(ids)
             except ValueError as e:
-                raise _bad(str(e)) from None
+                raise _bad_params(e) from None
             if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
                 # The prompt fits (checked before): trim the completion to the context and serve, as vLLM
                 # does, rather than refusing a max_tokens that clients often set generously.
@@ -897,7 +906,7 @@ class OpenAIServer:
         try:
             body.to_sampling_params()  # validates once before tokenizing
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise _bad_params(e) from None
         scheduling = self._scheduling(request, body)
         keep = self._truncation(body.truncate_prompt_tokens)
         tokenized = [await self._prompt_ids(p, keep) for p in raw_prompts]
@@ -1130,7 +1139,7 @@ class OpenAIServer:
         try:
             body.to_sampling_params(max_len)  # validates before rendering and tokenizing
         except ValueError as e:
-            raise _bad(str(e)) from None
+            raise _bad_params(e) from None
         scheduling = self._scheduling(request, body)
         text = await self._render_chat(body)
         keep = self._truncation(body.truncate_prompt_tokens)
