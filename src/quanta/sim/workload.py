@@ -352,7 +352,12 @@ def _prompts(reqs: Sequence[WorkloadRequest]) -> Iterator[list[int]]:
             head = _stream(key("group", w.prefix_group), 0, min(w.prefix_len, w.prompt_len))
         shared = len(head)
         own = i if w.session_id is None else key("session", w.session_id)
-        yield head + _stream(own, shared, w.prompt_len)
+        tail = _stream(own, shared, w.prompt_len)
+        if head:
+            head += tail
+            yield head
+        else:
+            yield tail  # (no copy of a whole prompt, the bulk of feeding a trace)
 
 
 def prompts_share_nothing(reqs: Sequence[WorkloadRequest]) -> bool:
