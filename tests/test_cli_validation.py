@@ -299,3 +299,14 @@ def test_simulate_model_folder_draws_requests_within_its_context(
 def test_python_dash_m_quanta_is_the_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "quanta", "simulate", "--max-model-len", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--max-model-len must be at least 2" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [("--seed", str(2**70), "seed must fit in 64 bits"), ("--kv-cache-memory-gb", "nan", "kv_cache_memory_gb must be")],
+)
+def test_seed_and_kv_memory_out_of_range_are_one_line_errors(
+    capsys: pytest.CaptureFixture, llama_dir: Path, flag: str, value: str, message: str
+) -> None:
+    """A seed past 64 bits failed the first step; a NaN KV memory failed sizing the pool, in torch's words."""
+    one_line_error(capsys, ["generate", "--model", str(llama_dir), "--prompt", "hi", "--max-tokens", "2", flag, value], message)

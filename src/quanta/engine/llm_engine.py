@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,11 @@ class EngineArgs:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
+        # The sampler's torch generator takes a 64-bit seed (a larger one failed at the first step).
+        if self.seed is not None and not -(2**63) <= self.seed < 2**64:
+            raise ValueError(f"seed must fit in 64 bits, got {self.seed}")
+        if not 0 < self.kv_cache_memory_gb < math.inf:  # (nan fails this too)
+            raise ValueError(f"kv_cache_memory_gb must be a positive, finite number, got {self.kv_cache_memory_gb}")
 
 
 _DTYPE_ALIASES = {
