@@ -61,6 +61,24 @@ def timeline(res: SimResult) -> list[tuple]:
     ]
 
 
+def small_pool_config(policy: str, replicas: int, blocks: int, mode: str, groups: bool, **kw: object) -> SimConfig:
+    """Mistral-7B replicas on A100s with `blocks` KV blocks each (few: preemptions), preempting by `mode`
+    (1 GB of swap space for "swap"), every step's KV and scheduler invariants checked."""
+    return SimConfig(
+        get_model("mistral-7b"),
+        get_gpu("a100-80gb"),
+        policy=policy,
+        replicas=replicas,
+        num_kv_blocks=blocks,
+        max_model_len=4096,
+        preemption_mode=mode,
+        swap_space_gb=1.0 if mode == "swap" else 0.0,
+        block_groups=groups,
+        check_integrity=True,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
 CASES = [
     # policy, replicas, KV blocks per replica (small: preemptions), preemption mode, block groups
     ("sarathi", 1, 400, "recompute", True),
@@ -80,20 +98,7 @@ def test_decode_runs_give_identical_timestamps(
     w = mixed_workload(160, seed=replicas + blocks)
 
     def run(decode_runs: bool) -> SimResult:
-        cfg = SimConfig(
-            get_model("mistral-7b"),
-            get_gpu("a100-80gb"),
-            policy=policy,
-            replicas=replicas,
-            num_kv_blocks=blocks,
-            max_model_len=4096,
-            preemption_mode=mode,
-            swap_space_gb=1.0 if mode == "swap" else 0.0,
-            block_groups=groups,
-            decode_runs=decode_runs,
-            check_integrity=True,
-        )
-        return simulate(w, cfg)
+        return simulate(w, small_pool_config(policy, replicas, blocks, mode, groups, decode_runs=decode_runs))
 
     steps, runs = run(False), run(True)
     assert timeline(runs) == timeline(steps)
@@ -235,20 +240,8 @@ def test_private_prompts_give_identical_runs(
     ]
 
     def run(private: bool) -> SimResult:
-        cfg = SimConfig(
-            get_model("mistral-7b"),
-            get_gpu("a100-80gb"),
-            policy=policy,
-            replicas=replicas,
-            router=router,
-            migration=migration,
-            num_kv_blocks=blocks,
-            max_model_len=4096,
-            preemption_mode=mode,
-            swap_space_gb=1.0 if mode == "swap" else 0.0,
-            block_groups=groups,
-            private_prompts=private,
-            check_integrity=True,
+        cfg = small_pool_config(
+            policy, replicas, blocks, mode, groups, router=router, migration=migration, private_prompts=private
         )
         return simulate(w, cfg)
 

@@ -169,7 +169,9 @@ def _check_model_len(model: str, max_model_len: int | None) -> None:
 def _check_engine_args(args: argparse.Namespace) -> None:
     """The engine options a model load would otherwise find wrong only after it (or would silently read as
     the default); the model's own config is read last, only when --max-model-len needs it."""
-    for flag, least in (("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+    from quanta.engine.llm_engine import SIZE_MINIMUMS
+
+    for flag, least in SIZE_MINIMUMS:
         value = getattr(args, flag)
         if value is not None and value < least:
             raise ValueError(f"--{flag.replace('_', '-')} must be at least {least}, got {value}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from quanta.kv.block_pool import check_hash_algo
@@ -37,8 +38,8 @@ class CacheConfig:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
-        if self.kv_cache_memory_gb <= 0:
-            raise ValueError(f"kv_cache_memory_gb must be positive, got {self.kv_cache_memory_gb}")
+        if not 0 < self.kv_cache_memory_gb < math.inf:  # (nan fails this too)
+            raise ValueError(f"kv_cache_memory_gb must be a positive, finite number, got {self.kv_cache_memory_gb}")
 
 
 @dataclass(slots=True)

@@ -122,13 +122,10 @@ _FLOAT_FIELDS = (
 
 
 def _check_finite(name: str, value: object) -> None:
-    if type(value) is float or type(value) is int:  # the usual case, without the ABC check below
-        if not math.isfinite(value):
-            raise ValueError(f"{name} must be finite, got {value}")
-        return
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    # Plain floats and ints skip the ABC check (the usual case, once per request).
+    if type(value) not in (float, int) and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise ValueError(f"{name} must be a number, got {value!r}")
-    if not math.isfinite(value):
+    if not math.isfinite(value):  # type: ignore[arg-type]
         raise ValueError(f"{name} must be finite, got {value}")
 
 

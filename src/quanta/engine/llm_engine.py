@@ -59,7 +59,7 @@ class EngineArgs:
     def __post_init__(self) -> None:
         self.dtype = _DTYPE_ALIASES.get(str(self.dtype), str(self.dtype))  # vLLM's spellings, torch dtypes
         # None means "the default"; 0 or less is an error, not the default (checked before any loading).
-        for name, least in (("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1)):
+        for name, least in SIZE_MINIMUMS:
             value = getattr(self, name)
             if value is not None and value < least:
                 raise ValueError(f"{name} must be at least {least}, got {value}")
@@ -69,6 +69,9 @@ class EngineArgs:
         if not 0 < self.kv_cache_memory_gb < math.inf:  # (nan fails this too)
             raise ValueError(f"kv_cache_memory_gb must be a positive, finite number, got {self.kv_cache_memory_gb}")
 
+
+# The engine's sizes and their least values (the CLI checks its flags against these too).
+SIZE_MINIMUMS = (("max_model_len", 2), ("max_num_seqs", 1), ("max_num_batched_tokens", 1))
 
 _DTYPE_ALIASES = {
     "half": "float16", "fp16": "float16", "torch.float16": "float16",

@@ -236,12 +236,9 @@ class BlockPool:
             # Requests free their blocks tail first, so the LRU block tops a range freed with it: start
             # from the low end of that range (same age, so LRU order holds) and take the range up to the
             # head in one go (each next block is a successor as old as the head).
-            left = n - len(out)
-            # Usually that range heads the list, tail first: take it in one look when the list starts
-            # head, head - 1, ... and its last one is of the head's batch (batches never decrease along
-            # the list, so all between are too). Otherwise walk down from the head.
             head = start = next(iter(free))
             batch = free[head].free_batch
+            left = n - len(out)
             while head - start + 1 < left:
                 lower = get(start - 1)
                 if lower is None or lower.free_batch != batch:

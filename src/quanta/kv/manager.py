@@ -439,7 +439,7 @@ class KVCacheManager:
     def swap_in(self, req: Request) -> list[Run] | None:
         """Device blocks for a swapped-out request's KV; returns the copies (host -> device), or None when
         the pool is short. Leading blocks still in the prefix cache on the device are taken from there
-        and not copied. The copied blocks stay out of the prefix index: their contents arrive later."""
+        and not copied. The copied blocks join the prefix index once their contents land (swap_in_landed)."""
         host = self.host_blocks[req.request_id]
         hits: list[KVBlock] = []
         full = min(len(host), req.num_computed_tokens // self.block_size)  # blocks its KV fills
@@ -459,7 +459,7 @@ class KVCacheManager:
         self.req_blocks[req.request_id] = [b.block_id for b in hits] + copied
         # The hits are indexed; the copied blocks join the index when their contents land.
         self._num_indexed[req.request_id] = len(hits)
-        if full > len(hits):
+        if self.enable_caching and full > len(hits):
             self._landing[req.request_id] = (len(hits), full)
         self.num_swap_in_hits += len(hits)
         runs = self._count(merge_runs(list(zip(host[len(hits) :], copied)), self.block_groups))
@@ -475,7 +475,7 @@ class KVCacheManager:
             self.host.free(host)
         landing = self._landing.pop(request_id, None)
         blocks = self.req_blocks.get(request_id)
-        if landing is not None and blocks is not None and self.enable_caching:
+        if landing is not None and blocks is not None:
             start, full = landing
             self.pool.cache_blocks(blocks, self._req_hashes[request_id], start, full)
             self._num_indexed[request_id] = full
