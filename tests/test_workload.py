@@ -172,3 +172,74 @@ def test_trace_from_a_spreadsheet_and_json_that_is_not_rows(tmp_path: Path) -> N
     array.write_text('[{"arrival": 0, "prompt_len": 10, "output_len": 5}]\n')
     with pytest.raises(ValueError, match=r"t\.jsonl:1: a request must be an object"):
         read_trace(array)
+
+
+def test_public_trace_formats_read_as_they_are(tmp_path: Path) -> None:
+    from quanta.sim.workload import TraceInfo
+
+    # Azure LLM inference 2023/2024: absolute times in 100 ns digits, counted from the earliest row.
+    azure = tmp_path / "AzureLLMInferenceTrace_code.csv"
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,4808,10\n"
+        "2023-11-16 18:15:50.9951690,3180,8\n"
+        "2023-11-16 18:15:46.1805900,110,0\n"  # out of order, and a request that generated nothing
+    )
+    info = TraceInfo()
+    w = read_trace(azure, info=info)
+    assert info.format == "Azure LLM inference" and info.zero_outputs == 1
+    assert [(r.prompt_len, r.output_len) for r in w] == [(110, 1), (4808, 10), (3180, 8)]
+    assert [r.arrival for r in w] == pytest.approx([0.0, 0.5, 4.814579])
+    # BurstGPT: seconds, extra columns ignored.
+    burst = tmp_path / "BurstGPT_1.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n45,GPT-4,1087,0,1087,Conversation log\n"
+    )
+    w = read_trace(burst, info=info)
+    assert info.format == "BurstGPT" and info.zero_outputs == 1
+    assert [(r.arrival, r.prompt_len, r.output_len) for r in w] == [(5.0, 472, 18), (45.0, 1087, 1)]
+    # Mooncake: milliseconds, and blocks named by hash id.
+    moon = tmp_path / "mooncake_trace.jsonl"
+    moon.write_text(
+        '{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [7, 8, 9]}\n'
+        '{"timestamp": 2500, "input_length": 600, "output_length": 3, "hash_ids": [7, 10]}\n'
+        '{"timestamp": 3000, "input_length": 512, "output_length": 3, "hash_ids": [11]}\n'
+    )
+    w = read_trace(moon, info=info)
+    assert info.format == "Mooncake" and info.zero_outputs == 0
+    assert [r.arrival for r in w] == [0.0, 2.5, 3.0] and w[1].hash_ids == (7, 10)
+    ids = prompt_token_ids(w)
+    assert [len(x) for x in ids] == [1100, 600, 512]
+    assert ids[0][:512] == ids[1][:512]  # block 7 is shared
+    assert all(x != y for x, y in zip(ids[0][512:], ids[1][512:]))  # 8 and 10 are not
+    assert all(x != y for x, y in zip(ids[0], ids[2]))
+    # Round trip of hash_ids through both of quanta's formats.
+    for suffix in (".csv", ".jsonl"):
+        path = tmp_path / f"moon{suffix}"
+        write_trace(path, w)
+        assert read_trace(path) == w
+    for row, match in (
+        ('{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [7, 8]}', "cover at most 1024"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": ["a"]}', "list of integers"),
+        ('{"timestamp": 0, "input_length": 10, "output_length": -1}', "output_len at least 0"),
+    ):
+        moon.write_text(row + "\n")
+        with pytest.raises(ValueError, match=match):
+            read_trace(moon)
+    azure.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\nyesterday,10,5\n")
+    with pytest.raises(ValueError, match=r"code\.csv:2: 'yesterday' is not a date and time"):
+        read_trace(azure)
+
+
+def test_a_trace_of_hash_ids_hits_the_prefix_cache_where_it_says() -> None:
+    from quanta.sim.hardware import get_gpu
+    from quanta.sim.model_presets import get_model
+    from quanta.sim.simulation import SimConfig, simulate
+
+    # Four requests over one shared block, then one of its own: 3 x 32 shared blocks of 16 tokens hit.
+    w = [WorkloadRequest(float(i), 700, 4, hash_ids=(1, 2 + i)) for i in range(4)]
+    w.append(WorkloadRequest(10.0, 700, 4, hash_ids=(99, 100)))
+    res = simulate(w, SimConfig(get_model("llama-3.1-8b"), get_gpu("a100-80gb")))
+    assert res.prefix_cache_hits == 3 * 512 // 16
+    assert res.summary().num_requests == 5 and all(r.num_output_tokens == 4 for r in res.requests)

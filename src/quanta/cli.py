@@ -406,7 +406,7 @@ def _sim_max_model_len(args: argparse.Namespace) -> None:
 
 def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
     """The workload of --trace: a preset drawn at `qps`, or a trace file (its arrivals, or drawn at `qps`)."""
-    from quanta.sim.workload import PRESETS, head, preset, read_trace
+    from quanta.sim.workload import PRESETS, TraceInfo, head, preset, read_trace
 
     if args.trace == "shared-prefix":
         return _shared_prefix_workload(args)
@@ -416,7 +416,11 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
         n = args.num_requests or PRESET_NUM_REQUESTS
         w = preset(args.trace, n, qps, args.cv, args.seed, max_total=args.max_model_len)
     else:
-        w = read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed)
+        info = TraceInfo()
+        w = read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed, info=info)
+        if info.format != "quanta" or info.zero_outputs:
+            zeros = f"; {info.zero_outputs} requests with 0 output tokens served as 1" if info.zero_outputs else ""
+            print(f"{args.trace}: read as {info.format} trace{zeros}", file=sys.stderr)
     return head(w, args.num_requests, args.duration)
 
 

@@ -14,7 +14,17 @@ A request's session_id also shares tokens: its prompt is the start of its sessio
 later turn with a longer prompt extends the earlier turns' prompts (prefix-cache hits, as in a chat).
 A max_tokens below output_len cuts the output: the request stops at max_tokens (finish reason
 "length") and metrics see the shorter output.
-The public traces in ../shared/traces/ read as they are.
+  hash_ids (JSON list of ints)          the prompt's blocks of HASH_BLOCK_TOKENS   optional
+                                        tokens, by id: requests share a block where
+                                        they share its id and every id before it
+The public traces in ../shared/traces/ read as they are, and so do these public formats, told apart by
+their columns (extra columns are ignored):
+  Azure LLM inference 2023/2024   TIMESTAMP (a date and time), ContextTokens, GeneratedTokens
+  BurstGPT                        Timestamp (seconds), Request tokens, Response tokens
+  Mooncake (JSONL)                timestamp (milliseconds), input_length, output_length, hash_ids
+Absolute timestamps count from the earliest one. A request that generated 0 tokens (a trace's failed or
+cancelled requests) is served as one that generated 1, the token its prefill makes: its prompt's cost stays
+in the load (`read_trace` counts them in `TraceInfo.zero_outputs`).
 """
 
 from __future__ import annotations
@@ -23,8 +33,10 @@ import csv
 import functools
 import json
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -48,6 +60,9 @@ class WorkloadRequest:
     max_tokens: int | None = None  # what the client asked for (None: not set), not the true length
     prefix_group: str | None = None  # requests of one group share their first prefix_len prompt tokens
     prefix_len: int = 0
+    # The prompt's blocks of HASH_BLOCK_TOKENS tokens by id (a Mooncake trace's hash_ids): a block's tokens
+    # are its id's, so requests share a block where they share its id and every id before it.
+    hash_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +191,59 @@ _ALIASES = {
     "arrived_at": "arrival",
     "user": "tenant",
 }
+# Tokens per hash id in a Mooncake trace (its block size).
+HASH_BLOCK_TOKENS = 512
+
+
+@dataclass(frozen=True, slots=True)
+class _Format:
+    """A public trace format: its column names (by what they hold), and its arrival column's unit."""
+
+    name: str
+    prompt_len: str
+    output_len: str
+    arrival: str
+    time_unit: str  # "s", "ms", or "datetime" (absolute: counted from the earliest)
+
+
+_FORMATS = (
+    _Format("Azure LLM inference", "ContextTokens", "GeneratedTokens", "TIMESTAMP", "datetime"),
+    _Format("BurstGPT", "Request tokens", "Response tokens", "Timestamp", "s"),
+    _Format("Mooncake", "input_length", "output_length", "timestamp", "ms"),
+)
+
+
+@dataclass(slots=True)
+class TraceInfo:
+    """What reading a trace file found beside its requests."""
+
+    format: str = "quanta"  # or the public format's name (_FORMATS)
+    zero_outputs: int = 0  # requests with 0 output tokens in the file, served as 1
+
+
+def _format_of(columns: Sequence[str]) -> _Format | None:
+    return next((f for f in _FORMATS if f.prompt_len in columns and f.output_len in columns), None)
+
+
+def _to_native(raw: object, fmt: _Format | None) -> object:
+    """A row of a public format with quanta's column names (arrival still in the format's unit)."""
+    if fmt is None or not isinstance(raw, dict):
+        return raw
+    names = {fmt.prompt_len: "prompt_len", fmt.output_len: "output_len", fmt.arrival: "arrival"}
+    return {names.get(k, k): v for k, v in raw.items()}
+
+
+def _seconds(v: object, unit: str) -> float:
+    if unit == "datetime":
+        if not isinstance(v, str):
+            raise ValueError(f"{v!r} is not a date and time")
+        try:  # 100 ns digits (Azure's) cut to the microseconds Python reads
+            t = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", v.strip()))
+        except ValueError:
+            raise ValueError(f"{v!r} is not a date and time (YYYY-MM-DD HH:MM:SS[.fff])") from None
+        return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()  # no local clock changes
+    x = _float(v)
+    return x / 1000.0 if unit == "ms" else x
 
 
 def _int(v: object) -> int:
@@ -196,14 +264,28 @@ def _float(v: object) -> float:
     return x
 
 
-def _parse_row(raw: dict, where: str) -> dict:
+def _hash_ids(v: object) -> tuple[int, ...]:
+    """A JSON list of ints (a CSV cell holds its text)."""
+    if isinstance(v, str):
+        try:
+            v = json.loads(v)
+        except json.JSONDecodeError:
+            raise ValueError(f"hash_ids {v!r} is not a JSON list of integers") from None
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        raise ValueError(f"hash_ids {v!r} is not a list of integers")
+    return tuple(v)
+
+
+def _parse_row(raw: dict, where: str, time_unit: str = "s") -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a request must be an object of named fields, not {type(raw).__name__}")
     row = {_ALIASES.get(k, k): v for k, v in raw.items() if v not in (None, "")}
     try:
         out = {"prompt_len": _int(row["prompt_len"]), "output_len": _int(row["output_len"])}
         if "arrival" in row:
-            out["arrival"] = _float(row["arrival"])
+            out["arrival"] = _seconds(row["arrival"], time_unit)
+        if "hash_ids" in row and (ids := _hash_ids(row["hash_ids"])):
+            out["hash_ids"] = ids
         for key, cast in (
             ("tenant", str),
             ("priority", _int),
@@ -220,8 +302,8 @@ def _parse_row(raw: dict, where: str) -> dict:
         raise ValueError(f"{where}: missing column {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
-    if out["prompt_len"] < 1 or out["output_len"] < 1:
-        raise ValueError(f"{where}: prompt_len and output_len must be at least 1")
+    if out["prompt_len"] < 1 or out["output_len"] < 0:
+        raise ValueError(f"{where}: prompt_len must be at least 1 and output_len at least 0")
     if out.get("max_tokens", 1) < 1:
         raise ValueError(f"{where}: max_tokens must be at least 1")
     prefix_len = out.get("prefix_len", 0)
@@ -231,33 +313,59 @@ def _parse_row(raw: dict, where: str) -> dict:
         raise ValueError(f"{where}: prefix_len needs a prefix_group (who shares the prefix)")
     if out.get("deadline", 1.0) <= 0:
         raise ValueError(f"{where}: deadline (seconds after arrival) must be positive")
+    if "hash_ids" in out:
+        if prefix_len or "session_id" in out:
+            raise ValueError(f"{where}: hash_ids say which blocks are shared: no prefix_group or session_id beside")
+        if out["prompt_len"] > len(out["hash_ids"]) * HASH_BLOCK_TOKENS:
+            raise ValueError(
+                f"{where}: {len(out['hash_ids'])} hash_ids cover at most "
+                f"{len(out['hash_ids']) * HASH_BLOCK_TOKENS} prompt tokens, not {out['prompt_len']}"
+            )
     return out
 
 
 def read_trace(
-    path: str | Path, rate: float | None = None, cv: float = 1.0, seed: int = 0
+    path: str | Path, rate: float | None = None, cv: float = 1.0, seed: int = 0, info: TraceInfo | None = None
 ) -> list[WorkloadRequest]:
-    """Read a CSV/JSONL trace. Rows without arrival times get arrivals drawn at `rate` (required then)."""
+    """Read a CSV/JSONL trace (quanta's columns or a public format's, see the module's docstring). Rows
+    without arrival times get arrivals drawn at `rate` (required then). `info`, when given, is filled with
+    what was found beside the requests (the format, zero-token outputs)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace {str(path)!r} does not exist")
+    info = TraceInfo() if info is None else info
     if path.suffix in (".jsonl", ".json"):
-        rows = []
+        raws = []
         for i, line in enumerate(path.read_text().splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(_parse_row(json.loads(line), f"{path}:{i}"))
+                    raws.append((json.loads(line), f"{path}:{i}"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{i}: {e}") from None
+        fmt = _format_of(list(raws[0][0]) if raws and isinstance(raws[0][0], dict) else [])
     else:
         # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the
         # first column's name.
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = [_parse_row(r, f"{path}:{i + 2}") for i, r in enumerate(csv.DictReader(f))]
+            reader = csv.DictReader(f)
+            fmt = _format_of(reader.fieldnames or [])
+            raws = [(r, f"{path}:{i + 2}") for i, r in enumerate(reader)]
+    unit = "s" if fmt is None else fmt.time_unit
+    rows = [_parse_row(_to_native(r, fmt), where, unit) for r, where in raws]  # type: ignore[arg-type]
     if not rows:
         raise ValueError(f"trace {str(path)!r} has no requests")
+    info.format = "quanta" if fmt is None else fmt.name
+    info.zero_outputs = 0
+    for r in rows:
+        if r["output_len"] == 0:
+            r["output_len"] = 1  # its prefill still ran, and made a token
+            info.zero_outputs += 1
     timed = sum("arrival" in r for r in rows)
     if timed == len(rows):
+        if unit == "datetime":  # absolute times: from the earliest
+            t0 = min(r["arrival"] for r in rows)
+            for r in rows:
+                r["arrival"] -= t0
         reqs = [WorkloadRequest(**r) for r in rows]
     else:
         if timed:  # a gap in the arrival column: an error, not a reason to redraw every arrival
@@ -290,7 +398,7 @@ def head(
 
 def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
     path = Path(path)
-    rows = [asdict(r) for r in reqs]
+    rows = [{**asdict(r), "hash_ids": list(r.hash_ids) or None} for r in reqs]
     if path.suffix in (".jsonl", ".json"):
         path.write_text(
             "".join(json.dumps({k: v for k, v in r.items() if v is not None}) + "\n" for r in rows)
@@ -299,7 +407,7 @@ def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**r, "hash_ids": json.dumps(r["hash_ids"]) if r["hash_ids"] else None} for r in rows)
 
 
 def scale_rate(reqs: Sequence[WorkloadRequest], factor: float) -> list[WorkloadRequest]:
@@ -336,7 +444,8 @@ def _stream(key: int, start: int, stop: int) -> list[int]:
 def prompt_token_ids(reqs: Sequence[WorkloadRequest]) -> list[list[int]]:
     """Synthetic prompts whose sharing is what the trace says: the first prefix_len tokens of a
     prefix_group's requests are the group's; the rest comes from the request's session stream (a
-    session's prompts are prefixes of one stream), or from a stream of its own (no accidental sharing)."""
+    session's prompts are prefixes of one stream), or from a stream of its own (no accidental sharing).
+    A request with hash_ids is its blocks' tokens, each block's from its id's stream."""
     return list(_prompts(reqs))
 
 
@@ -347,6 +456,13 @@ def _prompts(reqs: Sequence[WorkloadRequest]) -> Iterator[list[int]]:
         return keys.setdefault((kind, name), len(reqs) + len(keys))
 
     for i, w in enumerate(reqs):
+        if w.hash_ids:  # block k holds positions [kB, (k+1)B) of its id's stream
+            b = HASH_BLOCK_TOKENS
+            ids: list[int] = []
+            for k, h in enumerate(w.hash_ids[: -(-w.prompt_len // b)]):
+                ids += _stream(key("block", str(h)), k * b, min((k + 1) * b, w.prompt_len))
+            yield ids
+            continue
         head: list[int] = []
         if w.prefix_group is not None:
             head = _stream(key("group", w.prefix_group), 0, min(w.prefix_len, w.prompt_len))
@@ -362,8 +478,11 @@ def _prompts(reqs: Sequence[WorkloadRequest]) -> Iterator[list[int]]:
 
 def prompts_share_nothing(reqs: Sequence[WorkloadRequest]) -> bool:
     """Whether no two of these requests' synthetic prompts share a block of tokens: none belongs to a
-    prefix group or a session, so each has a stream of its own (streams differ at every position)."""
-    return len(reqs) <= _SPAN and all(w.prefix_group is None and w.session_id is None for w in reqs)
+    prefix group or a session or names its blocks (hash_ids), so each has a stream of its own (streams
+    differ at every position)."""
+    return len(reqs) <= _SPAN and all(
+        w.prefix_group is None and w.session_id is None and not w.hash_ids for w in reqs
+    )
 
 
 def to_requests(
