@@ -6,9 +6,14 @@ carry a grid of measured steps, and the simulator interpolates it. A step's shap
   P   prefill tokens: new tokens of requests that are not decoding (chunks, whole prompts)
   D   decodes: requests with one new token after some context
   C   mean context of the decodes (cached tokens each attends to)
-  Q   prefill context: cached tokens a prefill chunk attends to beyond its own tokens (pairs-weighted)
-and its time is G(P, D, C) + H(P, Q) + a + b * N: G measured with prefill chunks that start from nothing,
-H the extra time of a chunk of P tokens after Q cached tokens (measured as a difference, with D = 0), and
+  Q   prefill context: the (query, key) pairs the prefill chunks attend to, per prefill token, beyond
+      those of one chunk of P tokens from nothing (P^2 / 2): a chunk of n new tokens after c cached ones
+      attends to n * c + n^2 / 2 pairs, so one chunk's Q is its c, and several chunks, whose own causal
+      triangles are smaller than one chunk of all their tokens, may have a Q below 0
+and its time is G(P, D, C) + H(P, Q) + a + b * N: G measured with one prefill chunk that starts from nothing,
+H the extra time of a chunk of P tokens after Q cached tokens (measured as a difference, with D = 0;
+below Q = 0 along its first segment: a step of two chunks of 256 tokens is one of 512 less its attention
+to the other half, about 20% on a CPU), and
 a + b * N the engine's host time around the executor for N scheduled requests (scheduling, the update,
 the loop; measured by running the real EngineCore, see quanta.profiling.measure_host). G and H are
 multilinear between measured points and extend linearly past the last ones (a decode context below the
@@ -43,8 +48,10 @@ def batch_shape(batch: Batch) -> tuple[int, int, float, float]:
             context += c
         else:
             prefill += n
-            pairs += n * c  # (query, cached key) pairs; the chunk's own triangle is in G
-    return prefill, decodes, context / decodes if decodes else 0.0, pairs / prefill if prefill else 0.0
+            pairs += n * (2 * c + n)  # twice the (query, key) pairs: its cached keys and its own triangle
+    # One chunk of P tokens from nothing (what G measured) attends to P^2 / 2 pairs.
+    q = (pairs - prefill * prefill) / (2 * prefill) if prefill else 0.0
+    return prefill, decodes, context / decodes if decodes else 0.0, q
 
 
 def _monotone(table: np.ndarray) -> np.ndarray:
@@ -80,11 +87,12 @@ def _extend(table: np.ndarray, axes: list[np.ndarray]) -> tuple[np.ndarray, list
     return table, out
 
 
-def _segment(axis: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _segment(axis: np.ndarray, x: np.ndarray, below: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Index of the segment of `axis` each x falls in and the position along it: below the first value
-    as at it (a decode context under the first measured one: a step of almost nothing more), past the
-    last (far) one along the last segment."""
-    x = np.maximum(x, axis[0])
+    as at it (a decode context under the first measured one: a step of almost nothing more), or with
+    `below` along the first segment (a negative position); past the last (far) one along the last."""
+    if not below:
+        x = np.maximum(x, axis[0])
     i = np.clip(np.searchsorted(axis, x, side="right") - 1, 0, len(axis) - 2)
     lo = axis[i]
     return i, (x - lo) / (axis[i + 1] - lo)
@@ -192,7 +200,7 @@ class GridStepTime:
             for dd, wd in ((0, 1 - td), (1, td)):
                 for dc, wc in ((0, 1 - tc), (1, tc)):
                     total = total + wp * wd * wc * g[ip + dp, id_ + dd, ic + dc]
-        (jp, sp), (iq, tq) = _segment(self._h_p_axis, p), _segment(self._q_axis, q)
+        (jp, sp), (iq, tq) = _segment(self._h_p_axis, p), _segment(self._q_axis, q, below=True)
         h = self._h
         extra = (1 - sp) * ((1 - tq) * h[jp, iq] + tq * h[jp, iq + 1]) + sp * (
             (1 - tq) * h[jp + 1, iq] + tq * h[jp + 1, iq + 1]
