@@ -56,6 +56,24 @@ def test_trace_workload_keeps_arrivals_and_tenants(tmp_path: Path) -> None:
     assert all(r.arrival == 0.0 for r in rescaled)
 
 
+def test_mooncake_trace_sends_its_shared_blocks(tmp_path: Path) -> None:
+    trace = tmp_path / "mooncake_trace.jsonl"
+    trace.write_text(
+        '{"timestamp": 0, "input_length": 700, "output_length": 5, "hash_ids": [1, 2]}\n'
+        '{"timestamp": 1500, "input_length": 900, "output_length": 3, "hash_ids": [1, 3]}\n'
+        '{"timestamp": 2000, "input_length": 300, "output_length": 3, "hash_ids": [4]}\n'
+    )
+    reqs = build_workload(_args("--workload", str(trace)))
+    assert [r.arrival for r in reqs] == [0.0, 1.5, 2.0]
+    assert [len(r.prompt) for r in reqs] == [700, 900, 300]
+    assert reqs[0].prompt[:512] == reqs[1].prompt[:512]  # block 1, sent twice
+    assert sum(a == b for a, b in zip(reqs[0].prompt[512:], reqs[1].prompt[512:])) < 20  # blocks 2 and 3
+    assert sum(a == b for a, b in zip(reqs[0].prompt, reqs[2].prompt)) < 20
+    # Arrivals drawn at a rate keep the blocks.
+    drawn = build_workload(_args("--workload", str(trace), "--request-rate", "2"))
+    assert [r.prompt for r in drawn] == [r.prompt for r in reqs]
+
+
 def test_sharegpt_json_sends_text(tmp_path: Path) -> None:
     data = [
         {

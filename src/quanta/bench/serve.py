@@ -15,7 +15,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,17 @@ def _vocab_size(tokenizer: str | None) -> tuple[int, Any]:
 def _random_ids(rng: np.random.Generator, n: int, vocab: int) -> list[int]:
     # Start above the usual special-token ids; distinct random ids avoid accidental prefix sharing.
     return rng.integers(min(10, vocab - 1), vocab, n).tolist()
+
+
+def _hash_block_ids(hash_ids: tuple[int, ...], n: int, vocab: int, seed: int) -> list[int]:
+    """A prompt of n tokens made of a trace's named blocks (Mooncake's hash_ids, HASH_BLOCK_TOKENS each):
+    each block's tokens are random ids drawn from its id alone, so requests naming the same blocks send
+    the same prefix (the server's prefix cache sees the trace's sharing), and the others share nothing."""
+    b = wl.HASH_BLOCK_TOKENS
+    out: list[int] = []
+    for h in hash_ids[: -(-n // b)]:
+        out += _random_ids(np.random.default_rng([seed, h & (2**63 - 1)]), b, vocab)
+    return out[:n]
 
 
 def _sharegpt(
@@ -156,14 +167,14 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
             n, wl.LengthDist("uniform", lo_p, hi_p), wl.LengthDist("uniform", lo_o, hi_o), draw_rate, cv,
             args.seed, args.max_model_len,
         )  # fmt: skip
-        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant) for w in reqs]
+        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
     elif spec in wl.PRESETS:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
-        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant) for w in reqs]
+        rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
     elif path.suffix == ".json":
         conv = _sharegpt(path, n, args.output_len, tok, rng, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
-        rows = [(p, pl, ol, float(a), "default") for (p, pl, ol), a in zip(conv, arrivals)]
+        rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]
     else:
         try:
             reqs = wl.read_trace(path)[:n]  # its own arrivals
@@ -175,18 +186,21 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         trace_arrivals = rate is None
         if not trace_arrivals:
             arrivals = wl.gamma_arrivals(draw_rate, cv, len(reqs), rng) if draw_rate else np.zeros(len(reqs))
-            reqs = [
-                wl.WorkloadRequest(float(a), w.prompt_len, w.output_len, w.tenant)
-                for w, a in zip(reqs, arrivals)
-            ]
+            reqs = [replace(w, arrival=float(a)) for w, a in zip(reqs, arrivals)]
         start = reqs[0].arrival if reqs else 0.0
-        rows = [(None, w.prompt_len, w.output_len, w.arrival - start, w.tenant) for w in reqs]
+        rows = [(None, w.prompt_len, w.output_len, w.arrival - start, w.tenant, w.hash_ids) for w in reqs]
     out = []
-    for i, (text, p_len, o_len, arrival, tenant) in enumerate(rows):
+    for i, (text, p_len, o_len, arrival, tenant, hash_ids) in enumerate(rows):
         if args.max_model_len is not None:
             p_len = min(p_len, args.max_model_len - 1)
             o_len = max(1, min(o_len, args.max_model_len - p_len))
-        prompt: str | list[int] = text if text is not None else _random_ids(rng, p_len, vocab)
+        prompt: str | list[int]
+        if text is not None:
+            prompt = text
+        elif hash_ids:
+            prompt = _hash_block_ids(hash_ids, p_len, vocab, args.seed)
+        else:
+            prompt = _random_ids(rng, p_len, vocab)
         if chat and not isinstance(prompt, str):
             if tok is None:
                 raise ValueError(
