@@ -296,6 +296,21 @@ def test_simulate_model_folder_draws_requests_within_its_context(
     assert json.loads(out.read_text())
 
 
+def test_simulate_leaves_out_prompts_longer_than_the_context_and_says_so(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    trace = tmp_path / "t.csv"
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n0,100,5\n0.5,3000,5\n1,200,5\n")
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--trace", str(trace), "--model", "llama-3.1-8b", "--max-model-len", "2048"]
+    assert main([*argv, "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "1 of 3 requests have prompts of --max-model-len (2048) tokens or more (the longest: 3000)" in err
+    assert "--max-model-len 3001 replays them" in err
+    assert json.loads(out.read_text())[0]["num_requests"] == 2
+    one_line_error(capsys, [*argv[:-1], "64"], "every prompt has --max-model-len (64) tokens or more (the shortest: 100)")
+
+
 def test_python_dash_m_quanta_is_the_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "quanta", "simulate", "--max-model-len", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--max-model-len must be at least 2" in proc.stderr and "Traceback" not in proc.stderr

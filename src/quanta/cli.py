@@ -421,7 +421,23 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
         if info.format != "quanta" or info.zero_outputs:
             zeros = f"; {info.zero_outputs} requests with 0 output tokens served as 1" if info.zero_outputs else ""
             print(f"{args.trace}: read as {info.format} trace{zeros}", file=sys.stderr)
-    return head(w, args.num_requests, args.duration)
+    w = head(w, args.num_requests, args.duration)
+    # As a server refuses them (400), not a reason to simulate nothing.
+    fits = [r for r in w if r.prompt_len < args.max_model_len]
+    if w and not fits:
+        raise ValueError(
+            f"no request of {args.trace} fits: every prompt has --max-model-len ({args.max_model_len}) tokens "
+            f"or more (the shortest: {min(r.prompt_len for r in w)})"
+        )
+    if len(fits) < len(w):
+        longest = max(r.prompt_len for r in w)
+        print(
+            f"{args.trace}: {len(w) - len(fits)} of {len(w)} requests have prompts of --max-model-len "
+            f"({args.max_model_len}) tokens or more (the longest: {longest}): left out, as a server refuses "
+            f"them; --max-model-len {longest + 1} replays them",
+            file=sys.stderr,
+        )
+    return fits
 
 
 def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
