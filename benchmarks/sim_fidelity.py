@@ -5,7 +5,10 @@ Protocol, in one process so that the profile and the real run see the same machi
               grid and the step grid, on the real model; the roofline's efficiencies are fitted to it.
               Half its repeats run before the real run and half after (merge_profiles takes the median
               of both halves' samples), so a shared machine's drifting load counts as it did during the
-              run (--no-bracket: all before)
+              run (--no-bracket: all before). It measures the real run's own executor: loads of one model
+              in one process differ by up to 13% per decode step on a CPU (where their memory landed),
+              which no step model predicts (--separate-load: a load of its own, as `quanta profile` in
+              another process would measure)
   2 real      the real engine (LLMEngine's EngineCore: ModelExecutor, wall clock, the run_arrivals
               loop) serves a trace with arrival times: requests from ShareGPT (lengths scaled and clipped
               to what 2 CPU cores serve), Poisson arrivals; every step's plan and measured time is recorded
@@ -99,14 +102,18 @@ def workload(args: argparse.Namespace) -> list[WorkloadRequest]:
     return out
 
 
-def real_run(args: argparse.Namespace, path: str, wl: list[WorkloadRequest]) -> tuple[dict, list, list]:
+def load_engine(args: argparse.Namespace, path: str):  # an LLMEngine
+    from quanta.engine.llm_engine import EngineArgs, LLMEngine
+
+    return LLMEngine(EngineArgs(model=path, max_model_len=args.max_model_len, seed=args.seed))
+
+
+def real_run(args: argparse.Namespace, engine, wl: list[WorkloadRequest]) -> tuple[dict, list, list]:
     """Serve `wl` on the real engine; (scheduler settings, per-request Requests, per-step records)."""
     from quanta.engine.arrivals import run_arrivals
     from quanta.engine.clock import WallClock
-    from quanta.engine.llm_engine import EngineArgs, LLMEngine
     from quanta.profiling import TIMERS, ThreadTimeClock, TimedExecutor
 
-    engine = LLMEngine(EngineArgs(model=path, max_model_len=args.max_model_len, seed=args.seed))
     # The executor's elapsed on the run's clock (the profile measures its steps the same way).
     engine.core.executor = TimedExecutor(engine.core.executor, TIMERS[args.clock])
 
@@ -288,6 +295,10 @@ def main() -> None:
         "--clock", choices=("cpu", "wall"), default="cpu", help="cpu: the engine thread's CPU time; wall: wall time"
     )
     ap.add_argument("--profile", default=None, help="use this profile instead of measuring one")
+    ap.add_argument(
+        "--separate-load", action="store_true",
+        help="profile a load of the model of its own (as `quanta profile` in another process), not the real run's",
+    )  # fmt: skip
     ap.add_argument("--out", default="results/sim_fidelity.json")
     args = ap.parse_args()
 
@@ -303,20 +314,25 @@ def main() -> None:
     # The profile brackets the real run: half its repeats before, half after, each step time the median
     # of both halves' samples, so that a shared machine's load drifting over the run counts as it did.
     halves = [(args.repeats + 1) // 2, args.repeats // 2] if args.bracket else [args.repeats]
+    engine = load_engine(args, path)
+    executor = engine.core.executor
+    # The profile measures the real run's own load of the model (--separate-load: one of its own, as
+    # `quanta profile` in another process would).
+    own = None if args.separate_load else executor
     if args.profile:
         profiles = [Profile.load(args.profile)]
     else:
-        profiles = [run_profile(path, repeats=halves[0], clock=args.clock)]
+        profiles = [run_profile(path, repeats=halves[0], clock=args.clock, executor=own)]
     profile_s = time.perf_counter() - t0
     wl = workload(args)
     t0 = time.perf_counter()
-    settings, reqs, steps = real_run(args, path, wl)
+    settings, reqs, steps = real_run(args, engine, wl)
     real_s = time.perf_counter() - t0
     busy = sum(s.elapsed for s in steps) / steps[-1].end  # the executor's share of the run's span
     print(f"real engine: {len(wl)} requests, {len(steps)} steps in {real_s:.0f} s, executor busy {busy:.0%}")
     if not args.profile and len(halves) > 1 and halves[1]:
         t0 = time.perf_counter()
-        profiles.append(run_profile(path, repeats=halves[1], clock=args.clock))
+        profiles.append(run_profile(path, repeats=halves[1], clock=args.clock, executor=own))
         profile_s += time.perf_counter() - t0
     prof = merge_profiles(profiles) if len(profiles) > 1 else profiles[0]
     if not args.profile:
@@ -458,6 +474,7 @@ def main() -> None:
             "output_tokens": sum(w.output_len for w in wl),
         },
         "profile": {
+            "measured_on": "a load of its own" if args.separate_load else "the real run's load",
             "parts": len(profiles),
             "repeats": halves[: len(profiles)],
             "points": len(prof.points),

@@ -110,6 +110,24 @@ def test_cpu_profile_with_a_small_step_grid_drives_simulate(llama_dir: Path, tmp
     assert sim.returncode == 0, sim.stderr
 
 
+def test_profile_measures_an_engine_executor_given_to_it(llama_dir: Path) -> None:
+    """sim_fidelity profiles the real run's own load of the model: the engine's executor, used in place."""
+    from quanta import LLM, SamplingParams
+    from quanta.profiling import run_profile
+
+    axes = GridAxes(prefill=(0, 16), decodes=(0, 1, 2), context=(16, 64), prefill_context=(0, 32))
+    llm = LLM(str(llama_dir), max_model_len=256, num_kv_blocks=64)
+    executor = llm.engine.core.executor
+    prof = run_profile(llama_dir, repeats=1, grid=[[(0, 8)], [(8, 1)]], step_grid=axes, executor=executor)
+    assert prof.step_grid is not None and len(prof.points) == 2 + len(grid_batches(axes))
+    assert llm.engine.core.executor is executor
+    out = llm.generate([[5, 6, 7]], SamplingParams(max_tokens=3, temperature=0.0), use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 3  # the engine still serves
+    small = LLM(str(llama_dir), max_model_len=256, num_kv_blocks=16).engine.core.executor
+    with pytest.raises(ValueError, match="at least .* of them"):
+        run_profile(llama_dir, repeats=1, step_grid=axes, executor=small)
+
+
 # ---- the profile-driven step-time model (quanta.sim.step_grid) ------------------------------------------
 AXES = GridAxes(
     prefill=(0, 16, 64, 256), decodes=(0, 1, 4, 16), context=(16, 256, 1024), prefill_context=(0, 128, 512)

@@ -270,11 +270,16 @@ def run_profile(
     grid: list[Batch] | None = None,
     step_grid: GridAxes | None = GridAxes(),  # frozen: a shared default is safe
     clock: str = "wall",
+    executor: Any = None,
 ) -> Profile:
     """Measure `grid` (default: default_grid) for the roofline fit and, unless `step_grid` is None,
     the step grid and the engine's host time per step; the profile chooses the grid model where the
     fitted roofline misses by more than calibrate.ROOFLINE_TOLERANCE. `clock`: "wall" or "cpu" (the
-    calling thread's CPU time; see ThreadTimeClock)."""
+    calling thread's CPU time; see ThreadTimeClock). `executor`: an already loaded ModelExecutor of this
+    model to measure (an engine's, with blocks of 16 tokens and a KV pool that holds the largest plan)
+    instead of loading one: loads of one model in one process differ in step time by up to 13% on a CPU
+    (where their memory landed), so a profile meant to price that engine's steps measures its own load.
+    Its KV pool is overwritten (anything its engine's prefix cache indexed is then garbage)."""
     if clock not in TIMERS:
         raise ValueError(f"unknown clock {clock!r}; choose {' or '.join(TIMERS)}")
     if repeats < 1:  # before the model loads: a step measured no times has no median
@@ -294,16 +299,24 @@ def run_profile(
     block_size = _BLOCK_SIZE  # _plan's
     max_blocks = max(sum(_run_blocks(c + n) for c, n in batch) for batch in batches)
     pool_blocks = max(max_blocks, cdiv(max_len, block_size))
-    model_executor = ModelExecutor(
-        model_path,
-        CacheConfig(block_size, num_blocks=pool_blocks),
-        max_len,
-        max(len(b) for b in batches),
-        dtype=dtype,
-        device=device,
-        model_config=cfg,
-        max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
-    )
+    if executor is not None:
+        if executor.block_size != block_size or executor.num_kv_blocks < pool_blocks:
+            raise ValueError(
+                f"the executor to profile needs blocks of {block_size} tokens and at least {pool_blocks} of "
+                f"them (it has {executor.num_kv_blocks} of {executor.block_size})"
+            )
+        model_executor = executor
+    else:
+        model_executor = ModelExecutor(
+            model_path,
+            CacheConfig(block_size, num_blocks=pool_blocks),
+            max_len,
+            max(len(b) for b in batches),
+            dtype=dtype,
+            device=device,
+            model_config=cfg,
+            max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
+        )
     executor = TimedExecutor(model_executor, TIMERS[clock])
     samples = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
     # Each point keeps its samples, so that merge_profiles can take the median of all of them.
