@@ -40,6 +40,40 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+def rope_kind(scaling: dict[str, Any] | None) -> str:
+    """A rope_scaling's type: `rope_type`, which older files name `type`."""
+    return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+
+
+def _check_yarn(scaling: dict[str, Any], label: str) -> None:
+    """YaRN's fields, where transformers reads them: null is its default, and so is 0 for those it
+    reads with `or` (the betas and mscales); anything else that would compute a wrong table is refused."""
+    for f in ("factor", "original_max_position_embeddings", "attention_factor", "beta_fast", "beta_slow",
+              "mscale", "mscale_all_dim"):  # fmt: skip
+        value = scaling.get(f)
+        if value is None or (value == 0 and _is_number(value) and f.startswith(("beta", "mscale"))):
+            continue
+        if not (_is_number(value) and math.isfinite(value) and value > 0):
+            raise ValueError(f"{label}.{f} must be a positive number, got {value!r}")
+    if not isinstance(scaling.get("truncate", True), bool):
+        raise ValueError(f"{label}.truncate must be true or false, got {scaling['truncate']!r}")
+
+
+def _yarn_filled_in(scaling: dict[str, Any], cfg: dict[str, Any], context: int) -> dict[str, Any]:
+    """The YaRN factor and original length as transformers derives them from config.json, fixed while
+    `context` is still the file's max_position_embeddings (from_hf_dict then raises that)."""
+    out = dict(scaling)
+    # transformers lets a top-level original_max_position_embeddings (Phi-3's place) win, for any model.
+    if "original_max_position_embeddings" in cfg:
+        out["original_max_position_embeddings"] = cfg["original_max_position_embeddings"]
+    if out.get("original_max_position_embeddings") is None:
+        out["original_max_position_embeddings"] = context
+    old_len = out["original_max_position_embeddings"]
+    if out.get("factor") is None and _is_number(old_len) and old_len > 0:
+        out["factor"] = context / old_len  # DeepSeek-V3's convention: the ratio of the two lengths
+    return out
+
+
 class ModelLoadError(ValueError):
     """A model folder that cannot be served; the message is one line for the CLI."""
 
@@ -104,6 +138,9 @@ class ModelConfig:
                 raise ValueError(f"{name(f)} must be true or false, got {getattr(self, f)!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"{name('rope_scaling')} must be an object or null, got {self.rope_scaling!r}")
+        if rope_kind(self.rope_scaling) == "yarn":
+            assert self.rope_scaling is not None
+            _check_yarn(self.rope_scaling, name("rope_scaling"))
         if not isinstance(self.dtype, str):
             raise ValueError(f"{name('dtype')} must be a string, got {self.dtype!r}")
 
@@ -143,8 +180,11 @@ class ModelConfig:
             eos = cfg.get("eos_token_id")
             rope_params = cfg.get("rope_parameters") or {}
             rope_scaling = cfg.get("rope_scaling") or (
-                rope_params if rope_params.get("rope_type", "default") != "default" else None
+                rope_params if rope_kind(rope_params) != "default" else None
             )
+            context = int(cfg.get("max_position_embeddings", 2048))
+            if isinstance(rope_scaling, dict) and rope_kind(rope_scaling) == "yarn":
+                rope_scaling = _yarn_filled_in(rope_scaling, cfg, context)
             out = cls(
                 architecture=arch,
                 vocab_size=int(cfg["vocab_size"]),
@@ -154,7 +194,7 @@ class ModelConfig:
                 num_heads=heads,
                 num_kv_heads=kv_heads,
                 head_dim=int(head_dim),
-                max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+                max_position_embeddings=context,
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(cfg.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
                 rope_scaling=rope_scaling,
@@ -185,9 +225,16 @@ class ModelConfig:
         if sliding is not None and sliding < 1:
             raise ModelLoadError(f"malformed {source}: sliding_window must be a positive integer, got {sliding}")
         try:
-            out.check(HF_NAMES)
+            # transformers 5 writes rope_parameters where older files have rope_scaling.
+            out.check(HF_NAMES if cfg.get("rope_scaling") else {**HF_NAMES, "rope_scaling": "rope_parameters"})
         except ValueError as e:
             raise ModelLoadError(f"malformed {source}: {e}") from None
+        if rope_kind(out.rope_scaling) == "yarn":
+            # YaRN stretches the original context by its factor, and Qwen2.5's recipe leaves
+            # max_position_embeddings at the original length: the stretched context is served, as vLLM does.
+            assert out.rope_scaling is not None
+            stretched = out.rope_scaling["factor"] * out.rope_scaling["original_max_position_embeddings"]
+            out.max_position_embeddings = max(out.max_position_embeddings, int(stretched))
         # Full attention equals sliding-window attention while the context fits in the window,
         # so the window caps the usable context.
         if sliding is not None and sliding < out.max_position_embeddings:

@@ -136,9 +136,32 @@ def hf_config(reader: Any, source: str) -> dict[str, Any]:
         original = _field(reader, f"{arch}.rope.scaling.original_context_length")
         if original:
             cfg["rope_scaling"]["original_max_position_embeddings"] = int(original)
+        if scaling == "yarn":
+            cfg["rope_scaling"].update(_yarn_fields(reader, arch, source))
     if "rope_freqs.weight" in tensors:
         cfg["rope_scaling"] = _llama3_rope_scaling(reader, cfg, source)
     return cfg
+
+
+def _yarn_fields(reader: Any, arch: str, source: str) -> dict[str, Any]:
+    """The optional YaRN fields llama.cpp's converter copies from a transformers config, under its names.
+    (Its yarn_ext_factor is the config's extrapolation_factor, which transformers does not read.)"""
+    out = {}
+    for key, hf_name in (
+        ("yarn_attn_factor", "attention_factor"),
+        ("yarn_beta_fast", "beta_fast"),
+        ("yarn_beta_slow", "beta_slow"),
+    ):
+        value = _field(reader, f"{arch}.rope.scaling.{key}")
+        if value is not None:
+            out[hf_name] = float(value)
+    # DeepSeek's mscale_all_dim, which scales its attention's softmax; transformers' Llama and Qwen2
+    # have no such field, so a file carrying one was made for another attention than quanta's.
+    if _field(reader, f"{arch}.rope.scaling.yarn_log_multiplier"):
+        raise ModelLoadError(
+            f"GGUF file {source} has {arch}.rope.scaling.yarn_log_multiplier, which quanta's {arch} does not apply"
+        )
+    return out
 
 
 def _llama3_rope_scaling(reader: Any, cfg: dict[str, Any], source: str) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quanta.model.attention import AttentionBackend, TorchPagedAttention
-from quanta.model.config import ModelConfig, ModelLoadError
+from quanta.model.config import ModelConfig, ModelLoadError, rope_kind
 
 
 class RMSNorm(nn.Module):
@@ -45,11 +45,10 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     exponents = torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim
     inv_freq = 1.0 / (cfg.rope_theta**exponents)
     scaling = cfg.rope_scaling
-    if not scaling:
-        return inv_freq
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    kind = rope_kind(scaling)
     if kind == "default":
         return inv_freq
+    assert scaling is not None
     if kind == "linear":
         return inv_freq / float(scaling["factor"])
     if kind == "llama3":
@@ -62,7 +61,63 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
         return torch.where(medium, smoothed, scaled)
+    if kind == "yarn":
+        return _yarn_inv_freq(cfg, scaling)
     raise ModelLoadError(f"unsupported rope_scaling type {kind!r}")
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+    """The factor on cos and sin (transformers' `attention_scaling`): YaRN's mscale, 1 otherwise."""
+    scaling = cfg.rope_scaling
+    if rope_kind(scaling) != "yarn":
+        return 1.0
+    assert scaling is not None
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+    factor, _ = _yarn_lengths(cfg, scaling)
+    # Both or neither, as transformers reads them: one alone leaves the paper's default.
+    mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+    return _yarn_mscale(factor)
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """The YaRN paper's attention temperature, 0.1 * mscale * ln(factor) + 1 (eq. 21)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _yarn_lengths(cfg: ModelConfig, scaling: dict[str, Any]) -> tuple[float, float]:
+    """(factor, original context length). ModelConfig.from_hf_dict fills both in; a config built in code
+    gets transformers' defaults: the context is the original length, the factor the ratio of the two."""
+    old_len = scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
+    factor = scaling.get("factor")
+    return (cfg.max_position_embeddings / old_len if factor is None else factor), old_len
+
+
+def _yarn_inv_freq(cfg: ModelConfig, scaling: dict[str, Any]) -> torch.Tensor:
+    """YaRN (arXiv 2309.00071): high frequencies kept, low ones divided by the factor, a linear ramp
+    between. Every operation is transformers' own, in its order and dtype, so the tables are bitwise
+    equal to its tables (a greedy token can flip on a last-bit difference)."""
+    dim, base = cfg.head_dim, cfg.rope_theta
+    factor, old_len = _yarn_lengths(cfg, scaling)
+    # transformers reads 0 as unset too (`or`).
+    beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        """The dimension whose wavelength turns `rotations` times over the original context."""
+        return (dim * math.log(old_len / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # no zero-width ramp
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
+    pos_freqs = base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim)
+    extrapolation = 1 - ramp
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 class RotaryEmbedding(nn.Module):
@@ -73,8 +128,10 @@ class RotaryEmbedding(nn.Module):
         positions = torch.arange(max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, rope_inv_freq(cfg))
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos", emb.cos(), persistent=False)
-        self.register_buffer("sin", emb.sin(), persistent=False)
+        # Scaled in float32 before any cast, as transformers scales its cos and sin.
+        scale = rope_attention_factor(cfg)
+        self.register_buffer("cos", emb.cos() * scale, persistent=False)
+        self.register_buffer("sin", emb.sin() * scale, persistent=False)
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin for the step's positions, [T, 1, D]; computed once per step, used by every layer."""
