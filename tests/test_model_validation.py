@@ -56,12 +56,39 @@ def write_config(folder: Path, **change: object) -> Path:
         ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
         ({"sliding_window": 0}, "sliding_window must be a positive integer, got 0"),
         ({"rms_norm_eps": -1.0}, "rms_norm_eps must be a positive number"),
+        ({"rope_scaling": {"rope_type": "linear"}}, r"rope_scaling\.factor must be a positive number, got None"),
+        ({"rope_scaling": {"type": "linear", "factor": "2"}}, r"rope_scaling\.factor must be a positive number"),
+        (
+            {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}},
+            r"rope_scaling\.original_max_position_embeddings must be a positive number, got None",
+        ),
+        (
+            {
+                "rope_scaling": {
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 4.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 8192,
+                }
+            },
+            "high_freq_factor must be above low_freq_factor",
+        ),
+        ({"rope_parameters": {"rope_type": "linear", "factor": -1}}, r"rope_parameters\.factor must be a positive"),
+        ({"rope_parameters": [1, 2]}, "rope_parameters must be an object"),
     ],
 )
 def test_config_json_with_impossible_shapes_is_refused(tmp_path: Path, change: dict, match: str) -> None:
     with pytest.raises(ModelLoadError, match=match) as info:
         ModelConfig.from_folder(write_config(tmp_path / "m", **change))
     assert "\n" not in str(info.value) and "malformed" in str(info.value)
+
+
+def test_rope_that_the_forward_pass_does_not_do_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match=r"unsupported partial_rotary_factor 0\.5 .* every head dimension"):
+        ModelConfig.from_folder(write_config(tmp_path / "partial", partial_rotary_factor=0.5))
+    whole = ModelConfig.from_folder(write_config(tmp_path / "whole", partial_rotary_factor=1.0))
+    assert whole.head_dim == 16
 
 
 def test_config_json_shapes_that_transformers_accepts_still_load(tmp_path: Path) -> None:

@@ -40,6 +40,13 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
+# What the default, linear and llama3 rope tables read (yarn has its own check: its fields have defaults).
+_ROPE_FIELDS = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
 def rope_kind(scaling: dict[str, Any] | None) -> str:
     """A rope_scaling's type: `rope_type`, which older files name `type`."""
     return scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
@@ -138,9 +145,18 @@ class ModelConfig:
                 raise ValueError(f"{name(f)} must be true or false, got {getattr(self, f)!r}")
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ValueError(f"{name('rope_scaling')} must be an object or null, got {self.rope_scaling!r}")
-        if rope_kind(self.rope_scaling) == "yarn":
+        kind = rope_kind(self.rope_scaling)
+        if kind == "yarn":
             assert self.rope_scaling is not None
             _check_yarn(self.rope_scaling, name("rope_scaling"))
+        elif kind in _ROPE_FIELDS:  # each field the table needs, a positive number
+            assert self.rope_scaling is not None
+            for f in _ROPE_FIELDS[kind]:
+                value = self.rope_scaling.get(f)
+                if not (_is_number(value) and math.isfinite(value) and value > 0):
+                    raise ValueError(f"{name('rope_scaling')}.{f} must be a positive number, got {value!r}")
+            if kind == "llama3" and not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
+                raise ValueError(f"{name('rope_scaling')}.high_freq_factor must be above low_freq_factor")
         if not isinstance(self.dtype, str):
             raise ValueError(f"{name('dtype')} must be a string, got {self.dtype!r}")
 
@@ -179,6 +195,8 @@ class ModelConfig:
             )
             eos = cfg.get("eos_token_id")
             rope_params = cfg.get("rope_parameters") or {}
+            if not isinstance(rope_params, dict):
+                raise ModelLoadError(f"malformed {source}: rope_parameters must be an object, got {rope_params!r}")
             rope_scaling = cfg.get("rope_scaling") or (
                 rope_params if rope_kind(rope_params) != "default" else None
             )
@@ -215,6 +233,11 @@ class ModelConfig:
         act = cfg.get("hidden_act", cfg.get("hidden_activation", "silu"))
         if act not in ("silu", "swish"):
             raise ModelLoadError(f"unsupported hidden_act {act!r} in {source}; quanta's MLP is SiLU-gated")
+        partial = cfg.get("partial_rotary_factor")
+        if partial is not None and partial != 1:
+            raise ModelLoadError(
+                f"unsupported partial_rotary_factor {partial!r} in {source}: quanta rotates every head dimension"
+            )
         quant = cfg.get("quantization_config")
         if quant:
             method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
