@@ -74,6 +74,28 @@ def test_mooncake_trace_sends_its_shared_blocks(tmp_path: Path) -> None:
     assert [r.prompt for r in drawn] == [r.prompt for r in reqs]
 
 
+def test_mooncake_trace_saved_as_json_or_gzip_is_a_trace(tmp_path: Path) -> None:
+    import gzip
+
+    rows = [
+        {"timestamp": 0, "input_length": 700, "output_length": 5, "hash_ids": [1, 2]},
+        {"timestamp": 1500, "input_length": 900, "output_length": 3, "hash_ids": [1, 3]},
+    ]
+    lines = "".join(json.dumps(r) + "\n" for r in rows)
+    listed, jsonl, gz = tmp_path / "list.json", tmp_path / "lines.json", tmp_path / "t.jsonl.gz"
+    listed.write_text(json.dumps(rows))  # a .json file is ShareGPT's only where it holds conversations
+    jsonl.write_text(lines)
+    gz.write_bytes(gzip.compress(lines.encode()))
+    sent = [build_workload(_args("--workload", str(p))) for p in (listed, jsonl, gz)]
+    for reqs in sent:
+        assert [r.arrival for r in reqs] == [0.0, 1.5] and [len(r.prompt) for r in reqs] == [700, 900]
+        assert reqs[0].prompt[:512] == reqs[1].prompt[:512]
+    assert sent[0][1].prompt == sent[1][1].prompt == sent[2][1].prompt
+    listed.write_text('[["not", "a conversation"], {"conversations": []}]')
+    with pytest.raises(ValueError, match="no usable conversations"):
+        build_workload(_args("--workload", str(listed)))
+
+
 def test_sharegpt_json_sends_text(tmp_path: Path) -> None:
     data = [
         {

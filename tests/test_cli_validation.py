@@ -311,6 +311,19 @@ def test_simulate_leaves_out_prompts_longer_than_the_context_and_says_so(
     one_line_error(capsys, [*argv[:-1], "64"], "every prompt has --max-model-len (64) tokens or more (the shortest: 100)")
 
 
+def test_simulate_a_mooncake_trace_reports_its_prefix_sharing(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    trace = tmp_path / "mooncake_trace.jsonl"
+    trace.write_text(
+        '{"timestamp": 0, "input_length": 1100, "output_length": 5, "hash_ids": [7, 8, 9]}\n'
+        '{"timestamp": 2500, "input_length": 600, "output_length": 3, "hash_ids": [7, 10]}\n'
+    )
+    assert main(["simulate", "--trace", str(trace), "--model", "llama-3.1-8b"]) == 0
+    captured = capsys.readouterr()
+    assert "read as Mooncake trace" in captured.err
+    # Block 7 (512 of the 1,700 prompt tokens) is computed once.
+    assert "prefill tokens saved by the prefix cache: sarathi 30.1% (optimum 30.1%)" in captured.out
+
+
 def test_python_dash_m_quanta_is_the_command() -> None:
     proc = subprocess.run([sys.executable, "-m", "quanta", "simulate", "--max-model-len", "-3"], capture_output=True, text=True)
     assert proc.returncode == 2 and "--max-model-len must be at least 2" in proc.stderr and "Traceback" not in proc.stderr

@@ -243,3 +243,83 @@ def test_a_trace_of_hash_ids_hits_the_prefix_cache_where_it_says() -> None:
     res = simulate(w, SimConfig(get_model("llama-3.1-8b"), get_gpu("a100-80gb")))
     assert res.prefix_cache_hits == 3 * 512 // 16
     assert res.summary().num_requests == 5 and all(r.num_output_tokens == 4 for r in res.requests)
+
+
+def test_traces_as_downloaded_compressed_or_saved_as_a_json_list(tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    from quanta.sim.workload import TraceInfo
+
+    # BurstGPT, gzip-compressed (the name says so), Windows line endings, a trailing blank line.
+    burst = tmp_path / "BurstGPT_1.csv.gz"
+    burst.write_bytes(
+        gzip.compress(
+            b"Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\r\n"
+            b"5,ChatGPT,472,18,490,Conversation log\r\n45,GPT-4,1087,0,1087,API log\r\n\r\n"
+        )
+    )
+    info = TraceInfo()
+    assert [(r.arrival, r.prompt_len, r.output_len) for r in read_trace(burst, info=info)] == [
+        (5.0, 472, 18),
+        (45.0, 1087, 1),
+    ]
+    assert info.format == "BurstGPT" and info.zero_outputs == 1
+    # Mooncake JSONL compressed under a name that does not say so; its ids written as strings of digits.
+    rows = [
+        {"timestamp": 0, "input_length": 600, "output_length": 5, "hash_ids": ["7", "8"]},
+        {"timestamp": 1500, "input_length": 700, "output_length": 3, "hash_ids": [7, 9]},
+    ]
+    moon = tmp_path / "mooncake_trace.jsonl"
+    moon.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+    w = read_trace(moon, info=info)
+    assert info.format == "Mooncake" and [r.arrival for r in w] == [0.0, 1.5]
+    assert [r.hash_ids for r in w] == [(7, 8), (7, 9)]
+    # The same rows as one JSON list in a .json file, and as JSON lines in a .json file.
+    listed = tmp_path / "mooncake_trace.json"
+    listed.write_text(json.dumps(rows, indent=1))
+    assert read_trace(listed) == w
+    listed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert read_trace(listed) == w
+
+
+def test_files_that_are_no_trace_are_one_line_errors(tmp_path: Path) -> None:
+    import gzip
+    import json
+
+    binary = tmp_path / "trace.csv"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ValueError, match=r"trace\.csv' is not a CSV or JSONL text file"):
+        read_trace(binary)
+    other = tmp_path / "people.csv"
+    other.write_text("name,age\nbob,3\n")
+    with pytest.raises(ValueError, match=r"columns 'name', 'age' are no trace format .* Mooncake's"):
+        read_trace(other)
+    cut = tmp_path / "BurstGPT_1.csv.gz"
+    whole = gzip.compress(b"Timestamp,Model,Request tokens,Response tokens\n" + b"5,m,10,3\n" * 500)
+    cut.write_bytes(whole[:-20])
+    with pytest.raises(ValueError, match="a damaged gzip file"):
+        read_trace(cut)
+    # Where a bad row is: its line in the file, past blank lines and quoted line breaks.
+    bad = tmp_path / "bad.csv"
+    bad.write_text('prompt_len,output_len,tenant\n10,5,a\n\n10,5,"two\nlines"\n10,x,a\n')
+    with pytest.raises(ValueError, match=r"bad\.csv:6: .*'x'"):
+        read_trace(bad)
+    huge = tmp_path / "huge.jsonl"
+    ids = [*range(1000), "a"]
+    huge.write_text(json.dumps({"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": ids}))
+    # The row's ids are cut in the message (one readable line), the one that is no integer named.
+    with pytest.raises(ValueError, match=r"hash_ids \[0, 1, 2, [^\n]{0,70}\] is not a list of integers \('a'\)$"):
+        read_trace(huge)
+
+
+def test_azure_timestamps_as_written_by_other_tools(tmp_path: Path) -> None:
+    # Azure 2024's "+00:00", a "Z", no fraction, 5 or 7 fractional digits (Python 3.10's fromisoformat reads
+    # none of the last three): the same instants, counted from the earliest.
+    azure = tmp_path / "AzureLLMInferenceTrace_conv_1week.csv"
+    azure.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2024-05-10 00:00:00+00:00,10,1\n2024-05-10T00:00:01Z,10,1\n2024-05-10 00:00:02.50000,10,1\n"
+        "2024-05-10 00:00:03.2500000+00:00,10,1\n2024-05-10 00:00:04,10,1\n"
+    )
+    assert [r.arrival for r in read_trace(azure)] == [0.0, 1.0, 2.5, 3.25, 4.0]

@@ -661,7 +661,7 @@ def _shared_prefix_workload(args: argparse.Namespace) -> list:
 
 def _report_prefill_saved(workload: list, block_size: int, rows: list[dict]) -> None:
     """Prefill tokens each policy saved, beside the exact optimum (when the workload shares prefixes)."""
-    if not any(w.prefix_group is not None or w.session_id is not None for w in workload):
+    if not any(w.prefix_group is not None or w.session_id is not None or w.hash_ids for w in workload):
         return
     from quanta.sched.batch_plan import plan_prompts
     from quanta.sim.simulation import KEEP_REQUESTS_UP_TO
@@ -773,7 +773,10 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
     p.add_argument("--profile", default=None, help="a `quanta profile` JSON: simulate that measured device")
     p.add_argument("--gpu", default="h100")
     p.add_argument(
-        "--trace", default="sharegpt", help="preset (sharegpt, arxiv, azure-conv) or CSV/JSONL path"
+        "--trace",
+        default="sharegpt",
+        help="preset (sharegpt, arxiv, azure-conv) or a trace file: CSV/JSONL (or a .json list), gzip-"
+        "compressed or not; quanta's columns, or an Azure LLM inference, BurstGPT or Mooncake trace as published",
     )
     p.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
     p.add_argument(

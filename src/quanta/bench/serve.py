@@ -94,18 +94,42 @@ def _hash_block_ids(hash_ids: tuple[int, ...], n: int, vocab: int, seed: int) ->
     return out[:n]
 
 
-def _sharegpt(
-    path: Path, n: int, output_len: int | None, tok: Any, rng: np.random.Generator, max_len: int | None = None
-) -> list[tuple]:
-    """Up to n (prompt, prompt tokens, output tokens) of a ShareGPT-style file, in a random order; with
-    `max_len`, conversations that do not fit are left out (as vLLM filters them), never cut."""
-    data = json.loads(path.read_text())
+def _conversations(path: Path) -> list | None:
+    """A .json file's ShareGPT-style conversations; None where it is a trace of lengths instead (a
+    Mooncake trace saved as .json: JSON lines, or a JSON list of requests), which read_trace reads."""
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None  # JSON lines (or not JSON at all: read_trace says which line)
+    except UnicodeDecodeError:
+        return None  # compressed or binary: read_trace says what it is
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of conversations")
+    first = data[0] if data else None
+    if isinstance(first, dict) and "conversations" not in first and "messages" not in first:
+        return None
+    return data
+
+
+def _sharegpt(
+    data: list,
+    path: Path,
+    n: int,
+    output_len: int | None,
+    tok: Any,
+    rng: np.random.Generator,
+    max_len: int | None = None,
+) -> list[tuple]:
+    """Up to n (prompt, prompt tokens, output tokens) of a ShareGPT-style file's conversations (`data`), in
+    a random order; with `max_len`, conversations that do not fit are left out (as vLLM filters them),
+    never cut."""
     order = rng.permutation(len(data))
     rows = []
     for i in order:
-        conv = data[int(i)].get("conversations") or data[int(i)].get("messages") or []
+        item = data[int(i)]
+        if not isinstance(item, dict):
+            continue
+        conv = item.get("conversations") or item.get("messages") or []
         if len(conv) < 2:
             continue
         prompt = conv[0].get("value", conv[0].get("content"))
@@ -171,8 +195,8 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     elif spec in wl.PRESETS:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
-    elif path.suffix == ".json":
-        conv = _sharegpt(path, n, args.output_len, tok, rng, args.max_model_len)
+    elif path.suffix == ".json" and (data := _conversations(path)) is not None:
+        conv = _sharegpt(data, path, n, args.output_len, tok, rng, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]
     else:

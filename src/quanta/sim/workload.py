@@ -22,22 +22,28 @@ their columns (extra columns are ignored):
   Azure LLM inference 2023/2024   TIMESTAMP (a date and time), ContextTokens, GeneratedTokens
   BurstGPT                        Timestamp (seconds), Request tokens, Response tokens
   Mooncake (JSONL)                timestamp (milliseconds), input_length, output_length, hash_ids
-Absolute timestamps count from the earliest one. A request that generated 0 tokens (a trace's failed or
-cancelled requests) is served as one that generated 1, the token its prefill makes: its prompt's cost stays
-in the load (`read_trace` counts them in `TraceInfo.zero_outputs`).
+Files are read as downloaded: gzip-compressed or not (told by their first bytes; trace.csv.gz is a CSV),
+and a .json file holds JSON lines or one JSON list of rows. Absolute timestamps count from the earliest
+one. A request that generated 0 tokens (a trace's failed or cancelled requests) is served as one that
+generated 1, the token its prefill makes: its prompt's cost stays in the load (`read_trace` counts them in
+`TraceInfo.zero_outputs`).
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import gzip
+import itertools
 import json
 import math
 import re
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -225,29 +231,46 @@ def _format_of(columns: Sequence[str]) -> _Format | None:
     return next((f for f in _FORMATS if f.prompt_len in columns and f.output_len in columns), None)
 
 
-def _to_native(raw: object, fmt: _Format | None) -> object:
-    """A row of a public format with quanta's column names (arrival still in the format's unit)."""
-    if fmt is None or not isinstance(raw, dict):
-        return raw
-    names = {fmt.prompt_len: "prompt_len", fmt.output_len: "output_len", fmt.arrival: "arrival"}
-    return {names.get(k, k): v for k, v in raw.items()}
+def _names(fmt: _Format | None) -> dict[str, str]:
+    """Column name -> quanta's name, for a file of this format (None: quanta's own, with its aliases)."""
+    if fmt is None:
+        return _ALIASES
+    # A public format's names replace quanta's aliases: Mooncake's "timestamp" is its arrival.
+    return {**_ALIASES, fmt.prompt_len: "prompt_len", fmt.output_len: "output_len", fmt.arrival: "arrival"}
 
 
 def _seconds(v: object, unit: str) -> float:
     if unit == "datetime":
         if not isinstance(v, str):
             raise ValueError(f"{v!r} is not a date and time")
-        try:  # 100 ns digits (Azure's) cut to the microseconds Python reads
-            t = datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", v.strip()))
-        except ValueError:
-            raise ValueError(f"{v!r} is not a date and time (YYYY-MM-DD HH:MM:SS[.fff])") from None
+        t = _datetime(v)
         return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).timestamp()  # no local clock changes
     x = _float(v)
     return x / 1000.0 if unit == "ms" else x
 
 
+_FRACTION = re.compile(r"\.(\d+)")
+
+
+def _datetime(v: str) -> datetime:
+    try:
+        return datetime.fromisoformat(v)  # Python 3.11 on: Azure's 7 fractional digits, a "Z", as written
+    except ValueError:
+        pass
+    # Python 3.10 reads 3 or 6 fractional digits and no "Z": 100 ns digits (Azure's) cut to microseconds,
+    # a few padded, and "Z" as +00:00.
+    s = _FRACTION.sub(lambda m: "." + m.group(1)[:6].ljust(6, "0"), v.strip(), count=1)
+    s = s[:-1] + "+00:00" if s.endswith(("Z", "z")) else s
+    try:
+        return datetime.fromisoformat(s)
+    except ValueError:
+        raise ValueError(f"{v!r} is not a date and time (YYYY-MM-DD HH:MM:SS[.fff])") from None
+
+
 def _int(v: object) -> int:
     """Integers as tables write them: "12", or "12.0" from a column that also has missing values."""
+    if type(v) is str and v.isdecimal():  # the common cell, read without a float between (a million rows)
+        return int(v)
     x = _float(v)
     if x != int(x):
         raise ValueError(f"{v!r} is not a whole number")
@@ -264,40 +287,58 @@ def _float(v: object) -> float:
     return x
 
 
+_OPTIONAL_COLUMNS: dict[str, Callable[[object], object]] = {
+    "tenant": str,
+    "priority": _int,
+    "deadline": _float,
+    "session_id": str,
+    "slo_class": str,
+    "max_tokens": _int,
+    "prefix_group": str,
+    "prefix_len": _int,
+}
+
+
 def _hash_ids(v: object) -> tuple[int, ...]:
-    """A JSON list of ints (a CSV cell holds its text)."""
+    """A JSON list of ints (a CSV cell holds its text). Ids written as strings of digits ("17", as tools
+    that keep 64-bit hashes exact write them) are those ints: an id only names a block."""
     if isinstance(v, str):
         try:
             v = json.loads(v)
         except json.JSONDecodeError:
-            raise ValueError(f"hash_ids {v!r} is not a JSON list of integers") from None
-    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
-        raise ValueError(f"hash_ids {v!r} is not a list of integers")
-    return tuple(v)
+            raise ValueError(f"hash_ids {_short(v)} is not a JSON list of integers") from None
+    if not isinstance(v, list):
+        raise ValueError(f"hash_ids {_short(v)} is not a list of integers")
+    ids = []
+    for x in v:
+        if isinstance(x, str) and x.strip().lstrip("-").isdecimal():
+            x = int(x)
+        if not isinstance(x, int) or isinstance(x, bool):
+            raise ValueError(f"hash_ids {_short(v)} is not a list of integers ({x!r})")
+        ids.append(x)
+    return tuple(ids)
 
 
-def _parse_row(raw: dict, where: str, time_unit: str = "s") -> dict:
+def _short(v: object, limit: int = 80) -> str:
+    """repr(v), cut: a message about a row of a thousand hash ids stays one readable line."""
+    r = repr(v)
+    return r if len(r) <= limit else r[: limit - 5] + " ...]"
+
+
+def _parse_row(raw: dict, where: str, time_unit: str = "s", names: dict[str, str] = _ALIASES) -> dict:
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: a request must be an object of named fields, not {type(raw).__name__}")
-    row = {_ALIASES.get(k, k): v for k, v in raw.items() if v not in (None, "")}
+    row = {names.get(k, k): v for k, v in raw.items() if v not in (None, "")}
     try:
         out = {"prompt_len": _int(row["prompt_len"]), "output_len": _int(row["output_len"])}
         if "arrival" in row:
             out["arrival"] = _seconds(row["arrival"], time_unit)
         if "hash_ids" in row and (ids := _hash_ids(row["hash_ids"])):
             out["hash_ids"] = ids
-        for key, cast in (
-            ("tenant", str),
-            ("priority", _int),
-            ("deadline", _float),
-            ("session_id", str),
-            ("slo_class", str),
-            ("max_tokens", _int),
-            ("prefix_group", str),
-            ("prefix_len", _int),
-        ):
-            if key in row:
-                out[key] = cast(row[key])
+        for key, v in row.items():  # the row's few columns, not every optional one, for each row
+            cast = _OPTIONAL_COLUMNS.get(key)
+            if cast is not None:
+                out[key] = cast(v)
     except KeyError as e:
         raise ValueError(f"{where}: missing column {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -315,7 +356,9 @@ def _parse_row(raw: dict, where: str, time_unit: str = "s") -> dict:
         raise ValueError(f"{where}: deadline (seconds after arrival) must be positive")
     if "hash_ids" in out:
         if prefix_len or "session_id" in out:
-            raise ValueError(f"{where}: hash_ids say which blocks are shared: no prefix_group or session_id beside")
+            raise ValueError(
+                f"{where}: hash_ids say which blocks are shared: no prefix_group or session_id beside"
+            )
         if out["prompt_len"] > len(out["hash_ids"]) * HASH_BLOCK_TOKENS:
             raise ValueError(
                 f"{where}: {len(out['hash_ids'])} hash_ids cover at most "
@@ -327,55 +370,134 @@ def _parse_row(raw: dict, where: str, time_unit: str = "s") -> dict:
 def read_trace(
     path: str | Path, rate: float | None = None, cv: float = 1.0, seed: int = 0, info: TraceInfo | None = None
 ) -> list[WorkloadRequest]:
-    """Read a CSV/JSONL trace (quanta's columns or a public format's, see the module's docstring). Rows
-    without arrival times get arrivals drawn at `rate` (required then). `info`, when given, is filled with
-    what was found beside the requests (the format, zero-token outputs)."""
+    """Read a CSV/JSONL trace (quanta's columns or a public format's, see the module's docstring), gzip-
+    compressed or not (as traces are downloaded: .csv.gz, .jsonl.gz). Rows without arrival times get
+    arrivals drawn at `rate` (required then). `info`, when given, is filled with what was found beside the
+    requests (the format, zero-token outputs)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace {str(path)!r} does not exist")
     info = TraceInfo() if info is None else info
-    if path.suffix in (".jsonl", ".json"):
-        raws = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    raws.append((json.loads(line), f"{path}:{i}"))
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{i}: {e}") from None
-        fmt = _format_of(list(raws[0][0]) if raws and isinstance(raws[0][0], dict) else [])
-    else:
-        # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the
-        # first column's name.
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            fmt = _format_of(reader.fieldnames or [])
-            raws = [(r, f"{path}:{i + 2}") for i, r in enumerate(reader)]
-    unit = "s" if fmt is None else fmt.time_unit
-    rows = [_parse_row(_to_native(r, fmt), where, unit) for r, where in raws]  # type: ignore[arg-type]
-    if not rows:
+    gz = _is_gzip(path)
+    try:
+        with _open_text(path, gz) as f:
+            columns, raws = _raw_rows(f, path)
+            fmt = _format_of(columns)
+            _check_columns(path, columns, fmt)
+            unit = "s" if fmt is None else fmt.time_unit
+            names = _names(fmt)
+            # Parsed as read (a million-row trace never holds its text rows and its requests at once).
+            reqs = [_request(_parse_row(r, where, unit, names)) for r, where in raws]  # type: ignore[arg-type]
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise ValueError(f"trace {str(path)!r} is not a CSV or JSONL text file ({e})") from None
+    except (OSError, EOFError, zlib.error) as e:
+        if not gz:
+            raise
+        raise ValueError(f"trace {str(path)!r}: a damaged gzip file ({e})") from None
+    if not reqs:
         raise ValueError(f"trace {str(path)!r} has no requests")
     info.format = "quanta" if fmt is None else fmt.name
     info.zero_outputs = 0
-    for r in rows:
-        if r["output_len"] == 0:
-            r["output_len"] = 1  # its prefill still ran, and made a token
+    for r in reqs:
+        if r.output_len == 0:
+            r.output_len = 1  # its prefill still ran, and made a token
             info.zero_outputs += 1
-    timed = sum("arrival" in r for r in rows)
-    if timed == len(rows):
+    timed = sum(not math.isnan(r.arrival) for r in reqs)
+    if timed == len(reqs):
         if unit == "datetime":  # absolute times: from the earliest
-            t0 = min(r["arrival"] for r in rows)
-            for r in rows:
-                r["arrival"] -= t0
-        reqs = [WorkloadRequest(**r) for r in rows]
+            t0 = min(r.arrival for r in reqs)
+            for r in reqs:
+                r.arrival -= t0
     else:
         if timed:  # a gap in the arrival column: an error, not a reason to redraw every arrival
-            k = next(i for i, r in enumerate(rows) if "arrival" not in r)
+            k = next(i for i, r in enumerate(reqs) if math.isnan(r.arrival))
             raise ValueError(f"trace {str(path)!r}: request {k + 1} has no arrival time (the others have)")
         if rate is None:
             raise ValueError(f"trace {str(path)!r} has no arrival times: give a request rate")
-        arrivals = gamma_arrivals(rate, cv, len(rows), np.random.default_rng(seed))
-        reqs = [WorkloadRequest(**{**r, "arrival": float(a)}) for r, a in zip(rows, arrivals)]
+        arrivals = gamma_arrivals(rate, cv, len(reqs), np.random.default_rng(seed))
+        for r, a in zip(reqs, arrivals):
+            r.arrival = float(a)
     return sorted(reqs, key=lambda r: r.arrival)
+
+
+def _request(row: dict) -> WorkloadRequest:
+    row.setdefault("arrival", math.nan)  # none in the file: drawn at the rate, or an error (read_trace)
+    return WorkloadRequest(**row)
+
+
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _is_gzip(path: Path) -> bool:
+    """By its first bytes, not its name: a downloaded trace may be compressed under any name."""
+    with path.open("rb") as f:
+        return f.read(2) == _GZIP_MAGIC
+
+
+def _open_text(path: Path, gz: bool) -> TextIO:
+    # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the
+    # first column's name. newline="": the csv module reads Windows line endings and quoted line breaks.
+    if gz:
+        return gzip.open(path, "rt", encoding="utf-8-sig", newline="")
+    return path.open(encoding="utf-8-sig", newline="")
+
+
+def _suffix(path: Path) -> str:
+    """The format's suffix, under a compression one: trace.jsonl.gz is JSONL."""
+    return path.with_suffix("").suffix if path.suffix == ".gz" else path.suffix
+
+
+def _raw_rows(f: TextIO, path: Path) -> tuple[list[str], Iterator[tuple[object, str]]]:
+    """The file's columns (a CSV's header, or the first JSON row's keys) and its rows, each with where
+    it is (file:line), read lazily."""
+    suffix = _suffix(path)
+    if suffix in (".jsonl", ".json"):
+        rows = _json_rows(f, path, whole_array=suffix == ".json")
+        first = next(rows, None)
+        if first is None:
+            return [], iter(())
+        return (list(first[0]) if isinstance(first[0], dict) else []), itertools.chain([first], rows)
+    reader = csv.DictReader(f)
+    columns = list(reader.fieldnames or [])
+    return columns, ((r, f"{path}:{reader.line_num}") for r in reader)
+
+
+def _json_rows(f: TextIO, path: Path, whole_array: bool) -> Iterator[tuple[object, str]]:
+    """One JSON object a line; a .json file may also be one JSON array of them (as a list is saved)."""
+    lines: Iterable[str] = f
+    if whole_array:
+        text = f.read()
+        if text.lstrip().startswith("["):
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: {e}") from None
+            if isinstance(data, list):
+                yield from ((row, f"{path}: request {i}") for i, row in enumerate(data, 1))
+                return
+        lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                yield json.loads(line), f"{path}:{i}"
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not a JSON object a line ({e})") from None
+
+
+def _check_columns(path: Path, columns: list[str], fmt: _Format | None) -> None:
+    """A file with neither quanta's columns nor a public format's is no trace: say what is read, once,
+    rather than 'missing column' on its first row."""
+    if not columns or fmt is not None:
+        return  # no rows (or JSON rows that are not objects): said below, with the row
+    named = {_ALIASES.get(c, c) for c in columns}
+    if "prompt_len" in named and "output_len" in named:
+        return
+    shown = ", ".join(repr(c) for c in columns[:6]) + (", ..." if len(columns) > 6 else "")
+    raise ValueError(
+        f"{path}: columns {shown} are no trace format quanta reads: prompt_len and output_len (or "
+        "num_prefill_tokens, num_decode_tokens), Azure's ContextTokens and GeneratedTokens, BurstGPT's "
+        "Request tokens and Response tokens, or Mooncake's input_length and output_length"
+    )
 
 
 def head(
@@ -407,7 +529,9 @@ def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
-        writer.writerows({**r, "hash_ids": json.dumps(r["hash_ids"]) if r["hash_ids"] else None} for r in rows)
+        writer.writerows(
+            {**r, "hash_ids": json.dumps(r["hash_ids"]) if r["hash_ids"] else None} for r in rows
+        )
 
 
 def scale_rate(reqs: Sequence[WorkloadRequest], factor: float) -> list[WorkloadRequest]:
