@@ -196,6 +196,19 @@ def test_deadline_attains_more_than_fcfs_and_priority() -> None:
     assert attained["deadline", False] > attained["sarathi", False]
 
 
+@pytest.mark.parametrize(
+    "slo", [{"ttft": 1.0}, {"tpot": 0.1}, {"ttft": "soon", "tpot": 0.1}, {"ttft": 1.0, "tpot": float("nan")}, 3]
+)
+def test_deadline_refuses_an_incomplete_slo_class_up_front(slo: object) -> None:
+    """A class without both targets is refused when the policy is built, not with a KeyError when the
+    first request of that class arrives."""
+    from quanta.sched.policy import make_policy
+
+    config = SchedulerConfig("deadline", policy_args={"slo_classes": {"chat": slo}})
+    with pytest.raises(ValueError, match="SLO class 'chat'"):
+        make_policy("deadline", config)
+
+
 def test_swap_vs_recompute_and_block_groups_in_the_simulator() -> None:
     wl = scenarios.multi_turn_chat(n_sessions=40, rate=0.15)
     runs = {}

@@ -479,6 +479,32 @@ def test_a_swapped_in_request_is_found_in_the_prefix_cache_once_its_copy_lands()
     kv.check_integrity()
 
 
+def test_a_swap_in_that_copies_nothing_is_not_waited_for() -> None:
+    """A swapped-out request whose blocks all stayed on the device (prefix hits) swaps in without a copy.
+    An executor reports only the copies it made land (on CUDA, by their events): the request must not
+    wait for a report that never comes (it sat out every step, and the engine spun without end)."""
+    core = engine("sarathi", num_blocks=5, max_num_seqs=4, max_model_len=20, preemption_mode="swap", num_host_blocks=8)
+    execute = core.executor.execute
+
+    def copies_only(plan: StepPlan):  # as KVSwapper on CUDA: a swap-in id is reported with its copies
+        result = execute(plan)
+        if not plan.swap_in:
+            result.swapped_in_ids = []
+        return result
+
+    core.executor.execute = copies_only  # type: ignore[method-assign]
+    reqs = [make_request("a", 1, 8), make_request("b", 1, 12, first_token=500)]
+    for r in reqs:
+        core.add_request(r)
+    zero_copy = False
+    while core.has_unfinished() and core.num_steps < 100:
+        out = core.step()
+        zero_copy |= bool(out.plan.swap_in_ids) and not out.plan.swap_in
+    assert zero_copy  # the case at hand happened
+    assert not core.has_unfinished()
+    assert [r.num_output_tokens for r in reqs] == [8, 12]
+
+
 def test_host_pool_ranges_match_a_set_model() -> None:
     rng = random.Random(3)
     for contiguous in (True, False):

@@ -83,6 +83,45 @@ def test_every_policy_survives_swaps_migrations_and_few_slots(policy: str) -> No
         assert core.kv.host.num_free_blocks == core.kv.host.num_blocks
 
 
+def test_batch_policy_admits_a_request_migrated_in() -> None:
+    """A migrated request is committed on arrival at the destination, where no waiting_order has planned
+    it yet: the batch policy's admission found no group for it (a KeyError inside the commit, after which
+    the source took the request back while the destination ran it too: one request finished twice)."""
+    w = [WorkloadRequest(0.0, 10, 1), WorkloadRequest(0.0, 2, 32), WorkloadRequest(0.0, 1, 32)]
+    cfg = SimConfig(
+        get_model("mistral-7b"), get_gpu("a100-80gb"), policy="batch", replicas=2, router="freeness",
+        migration=True, migration_max_stages=1, migration_last_stage_blocks=0, max_model_len=32, block_size=8,
+        num_kv_blocks=6, enable_prefix_caching=False, block_groups=False, check_integrity=True,
+        policy_args={"expected_output_len": 1},
+    )  # fmt: skip
+    res = simulate(w, cfg)
+    assert [(m.request_id, m.reason) for m in res.migrations] == [("w2", "committed")]
+    assert res.summary().num_requests == 3
+    assert [r.num_output_tokens for r in res.requests] == [1, 30, 31]
+
+
+@pytest.mark.parametrize("decode_runs", [False, True])
+def test_a_replica_asleep_behind_the_controller_wakes_at_its_time(decode_runs: bool) -> None:
+    """w4 (97 tokens) waits on replica 0 for KV a migration reserved there: the replica sleeps, its clock
+    behind. Whatever wakes it (a migration phase, an arrival) brings it to that time first, or the request
+    migrating in got a token before it was stopped on the source (time going backwards)."""
+    w = [
+        WorkloadRequest(2.02, 1, 1), WorkloadRequest(2.02, 1, 1, session_id="s0"), WorkloadRequest(6.981, 1, 1),
+        WorkloadRequest(6.981, 3, 39), WorkloadRequest(7.303, 97, 1, session_id="s0"), WorkloadRequest(7.304, 50, 1),
+    ]  # fmt: skip
+    cfg = SimConfig(
+        get_model("mistral-7b"), get_gpu("a100-80gb"), replicas=2, router="session", poll_interval=0.002,
+        migration=True, migration_threshold=0.5, migration_max_stages=1, migration_last_stage_blocks=0,
+        max_model_len=100, block_size=8, num_kv_blocks=13, enable_prefix_caching=False, check_integrity=True,
+        decode_runs=decode_runs,
+    )  # fmt: skip
+    res = simulate(w, cfg)
+    assert res.num_migrations > 0
+    for r in res.requests:
+        times = [r.times.arrival, r.times.first_scheduled, *r.times.tokens, r.times.finished]
+        assert times == sorted(times), r.request_id
+
+
 def test_decode_runs_stay_exact_with_polls_and_migrations() -> None:
     w = bursty(80)
     cfg = dict(router="freeness", migration=True)

@@ -308,6 +308,29 @@ def test_capacity_of_a_trace_with_its_own_arrivals_is_in_requests_per_second() -
         find_capacity(unit, config(), tbt_slo=0.0)
 
 
+@pytest.mark.parametrize("decode_runs", [False, True])
+def test_a_swap_in_that_copies_nothing_runs_on_and_no_request_runs_before_it_arrives(decode_runs: bool) -> None:
+    """w1 is swapped out holding one full block, which stays in the device's prefix cache: its swap-in
+    copies nothing and takes no time. That empty, zero-time step admitted it, so the replica steps on
+    (it slept as if blocked by a migration: w1 stalled, or ran with w2 at w0's end, before w2 arrived)."""
+    w = [WorkloadRequest(0.5, 80, 6), WorkloadRequest(0.5, 14, 7), WorkloadRequest(0.7, 1, 1)]
+    cfg = config(
+        max_model_len=100,
+        num_kv_blocks=7,
+        preemption_mode="swap",
+        swap_space_gb=0.02,
+        check_integrity=True,
+        decode_runs=decode_runs,
+    )
+    res = simulate(w, cfg)
+    assert res.swap_stats["swap_ins"] == 1 and res.swap_stats["swapped_blocks"] == 1  # the swap-out only
+    assert [r.num_output_tokens for r in res.requests] == [6, 7, 1]
+    _, w1, w2 = res.requests
+    assert w1.times.tokens[3] < w2.times.arrival  # w1 went on right after the swap-in
+    assert all(r.times.arrival <= r.times.first_scheduled for r in res.requests)
+    assert simulate(w[:2], cfg).requests[1].finished  # alone, it stalled
+
+
 def test_settings_that_are_not_values_are_errors() -> None:
     from quanta.sim.workload import gamma_arrivals, head
 

@@ -466,7 +466,13 @@ class Scheduler:
                 # Runs from the next step on, once the executor reports its KV back on the device.
                 plan.swap_in.extend(runs)
                 plan.swap_in_ids.append(req.request_id)
-                self.swapping_in.add(req.request_id)
+                if runs:
+                    self.swapping_in.add(req.request_id)
+                else:
+                    # Every block was still on the device (prefix hits): no copy lands, so none is
+                    # waited for (an executor reports only the copies it made; on CUDA this request
+                    # would sit out every step, never reported).
+                    self.kv.swap_in_landed(req.request_id)
                 self.num_swap_ins += 1
                 req.status = RequestStatus.RUNNING
                 self.running.append(req)

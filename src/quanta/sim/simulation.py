@@ -488,8 +488,10 @@ def _simulate(
         catch_up(m.dst, t)
         if m.phase in (Phase.STAGE_OUT, Phase.LAST_OUT):
             t = max(t, src.clock.now())  # the source acts between its steps
-        elif not dst.has_unfinished():
-            dst.clock.wait_until(t)
+        # Both are woken at t below: one idle, or asleep with requests it could not run, waited until t
+        # (its clock lags: left there, it would step, and run what migrated in, before t).
+        src.clock.wait_until(t)
+        dst.clock.wait_until(t)
         delay = m.advance(endpoints[m.src], endpoints[m.dst], t)
         fresh[m.src] = fresh[m.dst] = False
         for i in (m.src, m.dst):
@@ -525,7 +527,7 @@ def _simulate(
             core = rep.core
             if rep.run is not None:
                 finish_run(i, rep.run.steps_before(t))
-            elif not core.has_unfinished():
+            else:  # idle, or asleep with requests it could not run (a busy replica's clock is past t)
                 core.clock.wait_until(t)
             core.add_request(req)
             if keep and in_order:
@@ -571,9 +573,10 @@ def _simulate(
             not pins[i] or pins[i][-1][1] != core.kv.num_pinned_blocks / core.kv.num_blocks
         ):
             pins[i].append((out.end, core.kv.num_pinned_blocks / core.kv.num_blocks))
-        if out.plan.is_empty and out.end == out.start:
+        if out.plan.is_empty and not out.plan.swap_in_ids and out.end == out.start:
             # Nothing could run and no time passed: what waits needs KV that a request stopped for its
             # migration still holds. The replica sleeps until the controller or an arrival wakes it.
+            # (A swap-in that copied nothing, its blocks all on the device, runs in the next step.)
             continue
         if core.has_unfinished():
             wake(i)

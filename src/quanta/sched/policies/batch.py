@@ -175,6 +175,8 @@ class BatchPolicy(Policy):
         self._dirty = True
 
     def on_admit(self, req: Request, now: float) -> None:
+        if self._dirty:  # a request migrated in is admitted on arrival, without a waiting_order to plan it
+            self._replan()
         key = self._group_of[req.request_id]
         own = self._own_blocks(req, key)
         self._charged[req.request_id] = (key, own)

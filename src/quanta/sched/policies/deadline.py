@@ -45,6 +45,18 @@ DEFAULT_SLO_CLASSES = {"interactive": {"ttft": 1.0, "tpot": 0.1}, "batch": {"ttf
 FEASIBLE, DEMOTED, BEST_EFFORT = 0, 1, 2
 
 
+def _slo_targets(name: str, slo: object) -> dict[str, float]:
+    """One SLO class's targets, checked when the policy is built: a class without both targets, or with
+    a negative or non-finite one, would otherwise fail only when a request of that class arrives."""
+    try:
+        targets = {key: float(slo[key]) for key in ("ttft", "tpot")}  # type: ignore[index]
+    except (TypeError, ValueError, KeyError):
+        raise ValueError(f"SLO class {name!r} needs numbers 'ttft' and 'tpot' (seconds), got {slo!r}") from None
+    if not all(0 <= v < math.inf for v in targets.values()):  # (nan fails this too)
+        raise ValueError(f"SLO class {name!r}: 'ttft' and 'tpot' must be finite and >= 0, got {slo!r}")
+    return targets
+
+
 @register
 class DeadlinePolicy(Policy):
     name = "deadline"
@@ -53,7 +65,7 @@ class DeadlinePolicy(Policy):
         super().__init__(config)
         args = config.policy_args
         self.slo_classes = {
-            str(k): dict(v) for k, v in dict(args.get("slo_classes", DEFAULT_SLO_CLASSES)).items()
+            str(k): _slo_targets(str(k), v) for k, v in dict(args.get("slo_classes", DEFAULT_SLO_CLASSES)).items()
         }
         step_s = float(args.get("step_s", 0.05))
         if step_s <= 0:
@@ -79,7 +91,7 @@ class DeadlinePolicy(Policy):
         slo = self.slo_classes.get(req.slo_class)
         if slo is None:
             raise ValueError(f"unknown SLO class {req.slo_class!r}; known: {', '.join(self.slo_classes)}")
-        return (req.arrival_time + float(slo["ttft"]), float(slo["tpot"]))
+        return (req.arrival_time + slo["ttft"], slo["tpot"])
 
     def deadline(self, req: Request) -> float | None:
         """When the whole answer is due, for the expected length (None: best effort)."""
