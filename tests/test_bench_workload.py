@@ -113,6 +113,15 @@ def test_sharegpt_json_sends_text(tmp_path: Path) -> None:
     assert sorted(r.prompt for r in reqs) == ["Hi", "Tell me a story"]
     story = next(r for r in reqs if r.prompt == "Tell me a story")
     assert story.output_len == len("Once " * 40) // 4
+    # As the dataset is often downloaded: gzip-compressed.
+    import gzip
+
+    packed = tmp_path / "sg.json.gz"
+    packed.write_bytes(gzip.compress(json.dumps(data).encode()))
+    assert sorted(r.prompt for r in build_workload(_args("--workload", str(packed), "--num-prompts", "10"))) == [
+        "Hi",
+        "Tell me a story",
+    ]
 
 
 def test_goodput_and_report() -> None:

@@ -284,6 +284,9 @@ def test_a_trace_starting_before_zero_waits_no_longer_than_one_starting_at_zero(
     assert b.ttft["p50"] == pytest.approx(a.ttft["p50"]) and b.e2e["p99"] == pytest.approx(a.e2e["p99"])
     with pytest.raises(ValueError, match="finite arrival"):
         simulate([WorkloadRequest(float("nan"), 64, 8)], config())
+    for empty in (WorkloadRequest(0.0, 64, 0), WorkloadRequest(0.0, 0, 8)):
+        with pytest.raises(ValueError, match="prompt_len and output_len of at least 1"):
+            simulate([empty], config())
 
 
 def test_prefill_saved_without_per_request_data() -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import gzip
 import json
 import math
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -95,14 +97,18 @@ def _hash_block_ids(hash_ids: tuple[int, ...], n: int, vocab: int, seed: int) ->
 
 
 def _conversations(path: Path) -> list | None:
-    """A .json file's ShareGPT-style conversations; None where it is a trace of lengths instead (a
-    Mooncake trace saved as .json: JSON lines, or a JSON list of requests), which read_trace reads."""
+    """A .json (or .json.gz) file's ShareGPT-style conversations; None where it is a trace of lengths
+    instead (a Mooncake trace saved as .json: JSON lines, or a JSON list of requests), which read_trace
+    reads."""
     try:
-        data = json.loads(path.read_text())
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip, as datasets are often downloaded
+            raw = gzip.decompress(raw)
+        data = json.loads(raw.decode("utf-8-sig"))
     except json.JSONDecodeError:
         return None  # JSON lines (or not JSON at all: read_trace says which line)
-    except UnicodeDecodeError:
-        return None  # compressed or binary: read_trace says what it is
+    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
+        return None  # binary or a damaged gzip file: read_trace says what it is
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of conversations")
     first = data[0] if data else None
@@ -195,7 +201,7 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     elif spec in wl.PRESETS:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
-    elif path.suffix == ".json" and (data := _conversations(path)) is not None:
+    elif path.name.removesuffix(".gz").endswith(".json") and (data := _conversations(path)) is not None:
         conv = _sharegpt(data, path, n, args.output_len, tok, rng, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]

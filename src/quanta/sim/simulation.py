@@ -343,6 +343,9 @@ def _simulate(
         if not all(math.isfinite(w.arrival) for w in workload):
             raise ValueError("every request needs a finite arrival time (the workload holds nan or inf)")
         num_requests, first = len(workload), min((w.arrival for w in workload), default=0.0)
+        if any(w.prompt_len < 1 or w.output_len < 1 for w in workload):
+            # (read_trace serves a trace's 0-token outputs as 1; a request built in code gets no such help)
+            raise ValueError("every request needs prompt_len and output_len of at least 1")
         too_long = [w.prompt_len for w in workload if w.prompt_len >= cfg.max_model_len]
         if too_long:
             raise ValueError(
