@@ -16,16 +16,10 @@ from conftest import hf_model
 from quanta import LLM, SamplingParams
 from quanta.model.config import ModelConfig, ModelLoadError
 from quanta.model.llama import RotaryEmbedding, rope_inv_freq
+from test_model_validation import HF_CONFIG
 
-BASE = {
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 1024,
-}
+# test_model_validation's tiny Llama config, without its architecture (each case names its own).
+BASE = {k: v for k, v in HF_CONFIG.items() if k not in ("architectures", "model_type")}
 ARCH = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 

@@ -40,7 +40,12 @@ def _is_number(x: object) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
-# What the default, linear and llama3 rope tables read (yarn has its own check: its fields have defaults).
+def _check_positive(label: str, value: object) -> None:
+    if not (_is_number(value) and math.isfinite(value) and value > 0):  # type: ignore[arg-type]
+        raise ValueError(f"{label} must be a positive number, got {value!r}")
+
+
+# What the linear and llama3 rope tables read (yarn has its own check: its fields have defaults).
 _ROPE_FIELDS = {
     "linear": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
@@ -60,8 +65,7 @@ def _check_yarn(scaling: dict[str, Any], label: str) -> None:
         value = scaling.get(f)
         if value is None or (value == 0 and _is_number(value) and f.startswith(("beta", "mscale"))):
             continue
-        if not (_is_number(value) and math.isfinite(value) and value > 0):
-            raise ValueError(f"{label}.{f} must be a positive number, got {value!r}")
+        _check_positive(f"{label}.{f}", value)
     if not isinstance(scaling.get("truncate", True), bool):
         raise ValueError(f"{label}.truncate must be true or false, got {scaling['truncate']!r}")
 
@@ -137,9 +141,7 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ValueError(f"{name('head_dim')} must be even (rotary embeddings turn pairs), got {self.head_dim}")
         for f in ("rms_norm_eps", "rope_theta"):
-            value = getattr(self, f)
-            if not (_is_number(value) and math.isfinite(value) and value > 0):
-                raise ValueError(f"{name(f)} must be a positive number, got {value!r}")
+            _check_positive(name(f), getattr(self, f))
         for f in ("tie_word_embeddings", "qkv_bias", "o_bias", "mlp_bias"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"{name(f)} must be true or false, got {getattr(self, f)!r}")
@@ -152,9 +154,7 @@ class ModelConfig:
         elif kind in _ROPE_FIELDS:  # each field the table needs, a positive number
             assert self.rope_scaling is not None
             for f in _ROPE_FIELDS[kind]:
-                value = self.rope_scaling.get(f)
-                if not (_is_number(value) and math.isfinite(value) and value > 0):
-                    raise ValueError(f"{name('rope_scaling')}.{f} must be a positive number, got {value!r}")
+                _check_positive(f"{name('rope_scaling')}.{f}", self.rope_scaling.get(f))
             if kind == "llama3" and not self.rope_scaling["high_freq_factor"] > self.rope_scaling["low_freq_factor"]:
                 raise ValueError(f"{name('rope_scaling')}.high_freq_factor must be above low_freq_factor")
         if not isinstance(self.dtype, str):
