@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-import gzip
 import json
 import math
 import time
@@ -101,10 +100,8 @@ def _conversations(path: Path) -> list | None:
     instead (a Mooncake trace saved as .json: JSON lines, or a JSON list of requests), which read_trace
     reads."""
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":  # gzip, as datasets are often downloaded
-            raw = gzip.decompress(raw)
-        data = json.loads(raw.decode("utf-8-sig"))
+        with wl.open_text(path, wl.is_gzip(path)) as f:  # gzip, as datasets are often downloaded
+            data = json.load(f)
     except json.JSONDecodeError:
         return None  # JSON lines (or not JSON at all: read_trace says which line)
     except (UnicodeDecodeError, OSError, EOFError, zlib.error):
@@ -201,7 +198,7 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     elif spec in wl.PRESETS:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
-    elif path.name.removesuffix(".gz").endswith(".json") and (data := _conversations(path)) is not None:
+    elif wl.format_suffix(path) == ".json" and (data := _conversations(path)) is not None:
         conv = _sharegpt(data, path, n, args.output_len, tok, rng, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]

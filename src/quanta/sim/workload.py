@@ -378,9 +378,9 @@ def read_trace(
     if not path.is_file():
         raise ValueError(f"trace {str(path)!r} does not exist")
     info = TraceInfo() if info is None else info
-    gz = _is_gzip(path)
+    gz = is_gzip(path)
     try:
-        with _open_text(path, gz) as f:
+        with open_text(path, gz) as f:
             columns, raws = _raw_rows(f, path)
             fmt = _format_of(columns)
             _check_columns(path, columns, fmt)
@@ -428,13 +428,13 @@ def _request(row: dict) -> WorkloadRequest:
 _GZIP_MAGIC = b"\x1f\x8b"
 
 
-def _is_gzip(path: Path) -> bool:
+def is_gzip(path: Path) -> bool:
     """By its first bytes, not its name: a downloaded trace may be compressed under any name."""
     with path.open("rb") as f:
         return f.read(2) == _GZIP_MAGIC
 
 
-def _open_text(path: Path, gz: bool) -> TextIO:
+def open_text(path: Path, gz: bool) -> TextIO:
     # utf-8-sig: a spreadsheet's "CSV UTF-8" starts with a byte-order mark, which would stick to the
     # first column's name. newline="": the csv module reads Windows line endings and quoted line breaks.
     if gz:
@@ -442,7 +442,7 @@ def _open_text(path: Path, gz: bool) -> TextIO:
     return path.open(encoding="utf-8-sig", newline="")
 
 
-def _suffix(path: Path) -> str:
+def format_suffix(path: Path) -> str:
     """The format's suffix, under a compression one: trace.jsonl.gz is JSONL."""
     return path.with_suffix("").suffix if path.suffix == ".gz" else path.suffix
 
@@ -450,7 +450,7 @@ def _suffix(path: Path) -> str:
 def _raw_rows(f: TextIO, path: Path) -> tuple[list[str], Iterator[tuple[object, str]]]:
     """The file's columns (a CSV's header, or the first JSON row's keys) and its rows, each with where
     it is (file:line), read lazily."""
-    suffix = _suffix(path)
+    suffix = format_suffix(path)
     if suffix in (".jsonl", ".json"):
         rows = _json_rows(f, path, whole_array=suffix == ".json")
         first = next(rows, None)
