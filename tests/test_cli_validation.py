@@ -338,3 +338,44 @@ def test_seed_and_kv_memory_out_of_range_are_one_line_errors(
 ) -> None:
     """A seed past 64 bits failed the first step; a NaN KV memory failed sizing the pool, in torch's words."""
     one_line_error(capsys, ["generate", "--model", str(llama_dir), "--prompt", "hi", "--max-tokens", "2", flag, value], message)
+
+
+def test_simulate_a_sharegpt_file_replays_what_bench_serve_sends(
+    capsys: pytest.CaptureFixture, tmp_path: Path, llama_dir: Path
+) -> None:
+    import argparse
+
+    from quanta.bench.serve import build_workload
+    from quanta.bench.serve_args import add_bench_serve_args
+
+    turns = [("Tell me a story about a dragon", "Once upon a time " * 30), ("Hi", "Hello! How can I help?")]
+    data = [{"conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": a}]} for p, a in turns * 6]
+    data.append({"messages": [{"role": "user", "content": "only one turn"}]})  # skipped, as vLLM skips it
+    path = tmp_path / "ShareGPT_V3_unfiltered_cleaned_split.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--trace", str(path), "--model", str(llama_dir), "--num-requests", "8", "--qps", "4"]
+    assert main([*argv, "--seed", "3", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"8 of 13 ShareGPT-style conversations (tokens counted by {llama_dir})" in err
+    row = json.loads(out.read_text())[0]
+    # bench serve with the same file, seed, rate and tokenizer sends these very requests.
+    p = argparse.ArgumentParser()
+    add_bench_serve_args(p)
+    bench = p.parse_args(
+        ["--base-url", "http://x", "--model", "m", "--workload", str(path), "--num-prompts", "8", "--seed", "3",
+         "--request-rate", "4", "--tokenizer", str(llama_dir)]
+    )  # fmt: skip
+    sent = build_workload(bench)
+    tokens = row["total_token_throughput"] * row["duration"]
+    outputs = row["output_throughput"] * row["duration"]
+    assert row["num_requests"] == len(sent) == 8
+    assert outputs == pytest.approx(sum(r.output_len for r in sent))
+    assert tokens - outputs == pytest.approx(sum(r.prompt_len for r in sent))
+    # Without a tokenizer (a preset model): about four characters a token, said so.
+    assert main(["simulate", "--trace", str(path), "--qps", "4"]) == 0
+    assert "12 of 13 ShareGPT-style conversations (no --tokenizer: 4 characters a token)" in capsys.readouterr().err
+    one_line_error(capsys, ["simulate", "--trace", str(path)], "conversations have no arrival times: give --qps")
+    one_line_error(
+        capsys, ["simulate", "--trace", str(path), "--qps", "1", "--tokenizer", str(tmp_path)], "no tokenizer at"
+    )

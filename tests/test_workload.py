@@ -323,3 +323,30 @@ def test_azure_timestamps_as_written_by_other_tools(tmp_path: Path) -> None:
         "2024-05-10 00:00:03.2500000+00:00,10,1\n2024-05-10 00:00:04,10,1\n"
     )
     assert [r.arrival for r in read_trace(azure)] == [0.0, 1.0, 2.5, 3.25, 4.0]
+
+
+def test_public_trace_rows_without_a_prompt_are_left_out_and_long_hash_id_cells_read(tmp_path: Path) -> None:
+    from quanta.sim.workload import TraceInfo
+
+    # BurstGPT logs failed requests too: a row of 0 request tokens sent nothing, so there is nothing to serve.
+    burst = tmp_path / "BurstGPT_1.csv"
+    burst.write_text(
+        "Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+        "5,ChatGPT,472,18,490,Conversation log\n7,ChatGPT,0,0,0,Conversation log\n9,GPT-4,30,2,32,API log\n"
+    )
+    info = TraceInfo()
+    w = read_trace(burst, info=info)
+    assert info.empty_prompts == 1 and [(r.arrival, r.prompt_len) for r in w] == [(5.0, 472), (9.0, 30)]
+    burst.write_text("Timestamp,Model,Request tokens,Response tokens\n7,ChatGPT,0,0\n")
+    with pytest.raises(ValueError, match=r"has no requests \(its 1 rows have 0 prompt tokens\)"):
+        read_trace(burst)
+    # In quanta's own columns a prompt of 0 tokens is a mistake in the file, said with its line.
+    own = tmp_path / "t.csv"
+    own.write_text("arrival,prompt_len,output_len\n0,0,5\n")
+    with pytest.raises(ValueError, match=r"t\.csv:2: prompt_len must be at least 1"):
+        read_trace(own)
+    # A long prompt's hash ids outgrow the csv module's default field limit (131,072 characters).
+    ids = list(range(10**12, 10**12 + 12_000))
+    w = [WorkloadRequest(0.0, len(ids) * 512, 3, hash_ids=tuple(ids))]
+    write_trace(own, w)
+    assert len(own.read_text()) > 131_072 and read_trace(own) == w

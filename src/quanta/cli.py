@@ -9,6 +9,7 @@ import re
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from quanta.kv.block_pool import HASH_ALGOS
 from quanta.model.default_model import DEFAULT_MODEL_NAME, default_model, smollm2_gguf
@@ -273,8 +274,6 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _check_batch_dir(path: str) -> None:
     """--batch-dir must be a folder (made here if missing), before the model loads."""
-    from pathlib import Path
-
     try:
         Path(path).mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -406,6 +405,7 @@ def _sim_max_model_len(args: argparse.Namespace) -> None:
 
 def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
     """The workload of --trace: a preset drawn at `qps`, or a trace file (its arrivals, or drawn at `qps`)."""
+    from quanta.sim.conversations import read_conversations
     from quanta.sim.workload import PRESETS, TraceInfo, head, preset, read_trace
 
     if args.trace == "shared-prefix":
@@ -415,11 +415,15 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
             raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
         n = args.num_requests or PRESET_NUM_REQUESTS
         w = preset(args.trace, n, qps, args.cv, args.seed, max_total=args.max_model_len)
+    elif (conversations := read_conversations(Path(args.trace))) is not None:
+        w = _conversation_workload(args, conversations, qps)
     else:
         info = TraceInfo()
         w = read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed, info=info)
         if info.format != "quanta" or info.zero_outputs:
             zeros = f"; {info.zero_outputs} requests with 0 output tokens served as 1" if info.zero_outputs else ""
+            if info.empty_prompts:
+                zeros += f"; {info.empty_prompts} rows with 0 prompt tokens left out"
             print(f"{args.trace}: read as {info.format} trace{zeros}", file=sys.stderr)
     w = head(w, args.num_requests, args.duration)
     # As a server refuses them (400), not a reason to simulate nothing.
@@ -438,6 +442,34 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
             file=sys.stderr,
         )
     return fits
+
+
+def _conversation_workload(args: argparse.Namespace, data: list, qps: float | None) -> list:
+    """A ShareGPT-style dataset's conversations (their first prompt and answer), arriving at `qps`: the
+    conversations `quanta bench serve --workload FILE --seed S` sends, in its order, for the same seed."""
+    import numpy as np
+
+    from quanta.sim.conversations import CHARS_PER_TOKEN, load_tokenizer, sample_conversations
+    from quanta.sim.model_presets import MODEL_PRESETS
+    from quanta.sim.workload import WorkloadRequest, gamma_arrivals
+
+    if qps is None:
+        raise ValueError(f"{args.trace}: conversations have no arrival times: give --qps")
+    spec = args.tokenizer
+    if spec is None and args.model and args.model.lower() not in MODEL_PRESETS:
+        model = Path(args.model)
+        if (model / "tokenizer.json").is_file() or model.suffix == ".gguf":
+            spec = args.model  # the model's own vocabulary
+    count = None
+    if spec is not None:
+        tok = load_tokenizer(spec)
+        count = lambda text: len(tok.encode(text).ids)  # noqa: E731
+    rng = np.random.default_rng(args.seed)
+    conv = sample_conversations(data, Path(args.trace), args.num_requests, count, rng)
+    arrivals = gamma_arrivals(qps, args.cv, len(conv), rng)
+    how = f"tokens counted by {spec}" if spec else f"no --tokenizer: {CHARS_PER_TOKEN} characters a token"
+    print(f"{args.trace}: {len(conv)} of {len(data)} ShareGPT-style conversations ({how})", file=sys.stderr)
+    return [WorkloadRequest(float(a), p_len, o_len) for (_, p_len, o_len), a in zip(conv, arrivals)]
 
 
 def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
@@ -472,8 +504,6 @@ def _sim_configs(args: argparse.Namespace) -> tuple[list, str]:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from quanta.profiling import GridAxes, run_profile
     from quanta.sim.calibrate import fit
 
@@ -502,8 +532,6 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 def _check_outputs(args: argparse.Namespace) -> None:
     """Before a long run: --json's folder and --plots must be usable (else the run's work is lost)."""
-    from pathlib import Path
-
     json_path = getattr(args, "json", None)
     if json_path and not Path(json_path).resolve().parent.is_dir():
         raise ValueError(f"--json {json_path}: folder {str(Path(json_path).resolve().parent)!r} does not exist")
@@ -513,16 +541,12 @@ def _check_outputs(args: argparse.Namespace) -> None:
 
 
 def _write_json(path: str, rows: object) -> None:
-    from pathlib import Path
-
     from quanta.metrics import json_safe
 
     Path(path).write_text(json.dumps(json_safe(rows), indent=2, allow_nan=False) + "\n")
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from quanta.sim.report import print_comparison, result_row
     from quanta.sim.simulation import simulate
 
@@ -679,8 +703,6 @@ def _report_prefill_saved(workload: list, block_size: int, rows: list[dict]) -> 
 
 
 def cmd_run_batch(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from quanta.engine.batch_file import run_batch
     from quanta.engine.llm_engine import EngineArgs, LLMEngine
 
@@ -710,8 +732,6 @@ def _add_run_batch_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_capacity(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from rich.console import Console
 
     from quanta.sim.capacity import at_unit_rate, find_capacity
@@ -776,7 +796,14 @@ def _add_sim_args(p: argparse.ArgumentParser, default_policy: str, num_requests:
         "--trace",
         default="sharegpt",
         help="preset (sharegpt, arxiv, azure-conv) or a trace file: CSV/JSONL (or a .json list), gzip-"
-        "compressed or not; quanta's columns, or an Azure LLM inference, BurstGPT or Mooncake trace as published",
+        "compressed or not; quanta's columns, or an Azure LLM inference, BurstGPT or Mooncake trace as "
+        "published; or a ShareGPT-style JSON of conversations (with --qps)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="counts the tokens of a conversation file: a model folder, tokenizer.json or GGUF file "
+        "(default: --model's when it is a folder or GGUF file, else about 4 characters a token)",
     )
     p.add_argument("--cv", type=float, default=1.0, help="burstiness of arrivals (1 = Poisson)")
     p.add_argument(

@@ -14,7 +14,6 @@ import functools
 import json
 import math
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from quanta.metrics import RequestMetrics, json_safe, summarize
 from quanta.sim import workload as wl
+from quanta.sim.conversations import load_tokenizer, read_conversations, sample_conversations
 
 
 @dataclass(slots=True)
@@ -72,10 +72,7 @@ class BenchResult:
 def _vocab_size(tokenizer: str | None) -> tuple[int, Any]:
     if tokenizer is None:
         return 500, None  # ids every tokenizer has (quanta's tiny test model has 512)
-    from tokenizers import Tokenizer
-
-    path = Path(tokenizer)
-    tok = Tokenizer.from_file(str(path / "tokenizer.json" if path.is_dir() else path))
+    tok = load_tokenizer(tokenizer)
     return tok.get_vocab_size(), tok
 
 
@@ -93,65 +90,6 @@ def _hash_block_ids(hash_ids: tuple[int, ...], n: int, vocab: int, seed: int) ->
     for h in hash_ids[: -(-n // b)]:
         out += _random_ids(np.random.default_rng([seed, h & (2**63 - 1)]), b, vocab)
     return out[:n]
-
-
-def _conversations(path: Path) -> list | None:
-    """A .json (or .json.gz) file's ShareGPT-style conversations; None where it is a trace of lengths
-    instead (a Mooncake trace saved as .json: JSON lines, or a JSON list of requests), which read_trace
-    reads."""
-    try:
-        with wl.open_text(path, wl.is_gzip(path)) as f:  # gzip, as datasets are often downloaded
-            data = json.load(f)
-    except json.JSONDecodeError:
-        return None  # JSON lines (or not JSON at all: read_trace says which line)
-    except (UnicodeDecodeError, OSError, EOFError, zlib.error):
-        return None  # binary or a damaged gzip file: read_trace says what it is
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of conversations")
-    first = data[0] if data else None
-    if isinstance(first, dict) and "conversations" not in first and "messages" not in first:
-        return None
-    return data
-
-
-def _sharegpt(
-    data: list,
-    path: Path,
-    n: int,
-    output_len: int | None,
-    tok: Any,
-    rng: np.random.Generator,
-    max_len: int | None = None,
-) -> list[tuple]:
-    """Up to n (prompt, prompt tokens, output tokens) of a ShareGPT-style file's conversations (`data`), in
-    a random order; with `max_len`, conversations that do not fit are left out (as vLLM filters them),
-    never cut."""
-    order = rng.permutation(len(data))
-    rows = []
-    for i in order:
-        item = data[int(i)]
-        if not isinstance(item, dict):
-            continue
-        conv = item.get("conversations") or item.get("messages") or []
-        if len(conv) < 2:
-            continue
-        prompt = conv[0].get("value", conv[0].get("content"))
-        answer = conv[1].get("value", conv[1].get("content"))
-        if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt:
-            continue
-        if tok is not None:
-            p_len, a_len = len(tok.encode(prompt).ids), len(tok.encode(answer).ids)
-        else:  # about four characters a token
-            p_len, a_len = max(1, len(prompt) // 4), max(1, len(answer) // 4)
-        o_len = output_len or max(1, a_len)
-        if max_len is not None and p_len + o_len > max_len:
-            continue
-        rows.append((prompt, p_len, o_len))
-        if len(rows) == n:
-            break
-    if not rows:
-        raise ValueError(f"{path}: no usable conversations")
-    return rows
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -198,8 +136,9 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
     elif spec in wl.PRESETS:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
-    elif wl.format_suffix(path) == ".json" and (data := _conversations(path)) is not None:
-        conv = _sharegpt(data, path, n, args.output_len, tok, rng, args.max_model_len)
+    elif (data := read_conversations(path)) is not None:
+        count = (lambda text: len(tok.encode(text).ids)) if tok is not None else None
+        conv = sample_conversations(data, path, n, count, rng, args.output_len, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]
     else:

@@ -26,7 +26,8 @@ Files are read as downloaded: gzip-compressed or not (told by their first bytes;
 and a .json file holds JSON lines or one JSON list of rows. Absolute timestamps count from the earliest
 one. A request that generated 0 tokens (a trace's failed or cancelled requests) is served as one that
 generated 1, the token its prefill makes: its prompt's cost stays in the load (`read_trace` counts them in
-`TraceInfo.zero_outputs`).
+`TraceInfo.zero_outputs`). A public format's row with 0 prompt tokens has nothing to serve and is left out
+(`TraceInfo.empty_prompts`); in quanta's own columns it is an error.
 """
 
 from __future__ import annotations
@@ -225,6 +226,7 @@ class TraceInfo:
 
     format: str = "quanta"  # or the public format's name (_FORMATS)
     zero_outputs: int = 0  # requests with 0 output tokens in the file, served as 1
+    empty_prompts: int = 0  # rows of a public format with 0 prompt tokens (nothing to serve): left out
 
 
 def _format_of(columns: Sequence[str]) -> _Format | None:
@@ -343,7 +345,7 @@ def _parse_row(raw: dict, where: str, time_unit: str = "s", names: dict[str, str
         raise ValueError(f"{where}: missing column {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
         raise ValueError(f"{where}: {e}") from None
-    if out["prompt_len"] < 1 or out["output_len"] < 0:
+    if out["prompt_len"] < (0 if names is not _ALIASES else 1) or out["output_len"] < 0:
         raise ValueError(f"{where}: prompt_len must be at least 1 and output_len at least 0")
     if out.get("max_tokens", 1) < 1:
         raise ValueError(f"{where}: max_tokens must be at least 1")
@@ -394,8 +396,12 @@ def read_trace(
         if not gz:
             raise
         raise ValueError(f"trace {str(path)!r}: a damaged gzip file ({e})") from None
+    info.empty_prompts = len(reqs)
+    reqs = [r for r in reqs if r.prompt_len > 0]  # only a public format's rows may have none (_parse_row)
+    info.empty_prompts -= len(reqs)
     if not reqs:
-        raise ValueError(f"trace {str(path)!r} has no requests")
+        empty = f" (its {info.empty_prompts} rows have 0 prompt tokens)" if info.empty_prompts else ""
+        raise ValueError(f"trace {str(path)!r} has no requests{empty}")
     info.format = "quanta" if fmt is None else fmt.name
     info.zero_outputs = 0
     for r in reqs:
@@ -457,6 +463,8 @@ def _raw_rows(f: TextIO, path: Path) -> tuple[list[str], Iterator[tuple[object, 
         if first is None:
             return [], iter(())
         return (list(first[0]) if isinstance(first[0], dict) else []), itertools.chain([first], rows)
+    # A Mooncake-style hash_ids cell of a long prompt outgrows the csv module's 131,072-character default.
+    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
     reader = csv.DictReader(f)
     columns = list(reader.fieldnames or [])
     return columns, ((r, f"{path}:{reader.line_num}") for r in reader)
