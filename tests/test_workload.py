@@ -10,8 +10,10 @@ import pytest
 from quanta.sim.workload import (
     EOS_TOKEN_ID,
     LengthDist,
+    TraceInfo,
     WorkloadRequest,
     gamma_arrivals,
+    head,
     output_lengths,
     poisson_arrivals,
     preset,
@@ -350,3 +352,43 @@ def test_public_trace_rows_without_a_prompt_are_left_out_and_long_hash_id_cells_
     w = [WorkloadRequest(0.0, len(ids) * 512, 3, hash_ids=tuple(ids))]
     write_trace(own, w)
     assert len(own.read_text()) > 131_072 and read_trace(own) == w
+
+
+@pytest.mark.parametrize("fmt", ["quanta", "azure"])
+def test_reading_a_trace_s_head_keeps_no_more_and_equals_the_head_of_the_whole(tmp_path: Path, fmt: str) -> None:
+    from datetime import datetime, timedelta
+
+    rng = np.random.default_rng(5)
+    n = 3000
+    # Out of order in places, with ties: what head() of the whole trace returns is the reference.
+    arrivals = np.round(np.sort(rng.uniform(0, 600, n)), 1)
+    arrivals[rng.choice(n, 200, replace=False)] = np.round(rng.uniform(0, 600, 200), 1)
+    path = tmp_path / f"t_{fmt}.csv"
+    if fmt == "azure":
+        t0 = datetime(2024, 5, 10, 0, 0, 0)
+        stamps = [(t0 + timedelta(seconds=float(a))).isoformat(sep=" ") for a in arrivals]
+        rows = [f"{t},{i + 1},{i % 7}" for i, t in enumerate(stamps)]
+        path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "\n".join(rows) + "\n")
+    else:
+        rows = [f"{a},{i + 1},{i % 7 + 1}" for i, a in enumerate(arrivals)]
+        path.write_text("arrival,prompt_len,output_len\n" + "\n".join(rows) + "\n")
+    whole = read_trace(path)
+    for num_requests, duration in ((None, None), (1, None), (500, None), (None, 0.05), (None, 45.0), (40, 45.0),
+                                   (900, 30.0), (n + 5, None), (None, 1e6)):  # fmt: skip
+        info = TraceInfo()
+        got = read_trace(path, info=info, num_requests=num_requests, duration=duration)
+        assert got == head(whole, num_requests, duration), (num_requests, duration)
+        assert info.zero_outputs == (sum(r.prompt_len % 7 == 1 for r in got) if fmt == "azure" else 0)
+    # Every row is still read and checked, the ones past the head too.
+    path.write_text(path.read_text() + "later,5,5\n")
+    with pytest.raises(ValueError, match=f"t_{fmt}.csv:{n + 2}:"):
+        read_trace(path, num_requests=10)
+    # Rows without arrivals: drawn at the rate, then cut the same way.
+    path.write_text("prompt_len,output_len\n" + "".join(f"{i + 1},3\n" for i in range(50)))
+    drawn = read_trace(path, rate=2.0, num_requests=20, duration=5.0)
+    assert drawn == head(read_trace(path, rate=2.0), 20, 5.0) and drawn
+    path.write_text("arrival,prompt_len,output_len\n1,5,5\n,6,6\n2,7,7\n")
+    with pytest.raises(ValueError, match="request 2 has no arrival time"):
+        read_trace(path, duration=10.0)
+    with pytest.raises(ValueError, match="duration must be positive"):
+        read_trace(path, duration=0.0)

@@ -419,7 +419,7 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
         w = _conversation_workload(args, conversations, qps)
     else:
         info = TraceInfo()
-        w = read_trace(args.trace, rate=qps, cv=args.cv, seed=args.seed, info=info)
+        w = read_trace(args.trace, qps, args.cv, args.seed, info, args.num_requests, args.duration)
         if info.format != "quanta" or info.zero_outputs:
             zeros = f"; {info.zero_outputs} requests with 0 output tokens served as 1" if info.zero_outputs else ""
             if info.empty_prompts:

@@ -143,11 +143,11 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]
     else:
         try:
-            reqs = wl.read_trace(path)[:n]  # its own arrivals
+            reqs = wl.read_trace(path, num_requests=n)  # its own arrivals
         except ValueError as e:
             if "no arrival times" not in str(e):
                 raise
-            reqs = wl.read_trace(path, rate=1.0)[:n]  # arrivals drawn below (or all at once)
+            reqs = wl.read_trace(path, rate=1.0, num_requests=n)  # arrivals drawn below (or all at once)
             rate = math.inf if rate is None else rate
         trace_arrivals = rate is None
         if not trace_arrivals:

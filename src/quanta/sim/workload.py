@@ -35,13 +35,14 @@ from __future__ import annotations
 import csv
 import functools
 import gzip
+import heapq
 import itertools
 import json
 import math
 import re
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TextIO
@@ -370,16 +371,27 @@ def _parse_row(raw: dict, where: str, time_unit: str = "s", names: dict[str, str
 
 
 def read_trace(
-    path: str | Path, rate: float | None = None, cv: float = 1.0, seed: int = 0, info: TraceInfo | None = None
+    path: str | Path,
+    rate: float | None = None,
+    cv: float = 1.0,
+    seed: int = 0,
+    info: TraceInfo | None = None,
+    num_requests: int | None = None,
+    duration: float | None = None,
 ) -> list[WorkloadRequest]:
     """Read a CSV/JSONL trace (quanta's columns or a public format's, see the module's docstring), gzip-
     compressed or not (as traces are downloaded: .csv.gz, .jsonl.gz). Rows without arrival times get
     arrivals drawn at `rate` (required then). `info`, when given, is filled with what was found beside the
-    requests (the format, zero-token outputs)."""
+    requests (the format, zero-token outputs). `num_requests` and `duration` return `head(trace,
+    num_requests, duration)`, keeping no more while reading than that head needs, whatever the rows'
+    order (every row is still checked)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"trace {str(path)!r} does not exist")
+    _check_head(num_requests, duration)
     info = TraceInfo() if info is None else info
+    info.empty_prompts = 0
+    kept = _Head(num_requests, duration)
     gz = is_gzip(path)
     try:
         with open_text(path, gz) as f:
@@ -388,42 +400,46 @@ def read_trace(
             _check_columns(path, columns, fmt)
             unit = "s" if fmt is None else fmt.time_unit
             names = _names(fmt)
-            # Parsed as read (a million-row trace never holds its text rows and its requests at once).
-            reqs = [_request(_parse_row(r, where, unit, names)) for r, where in raws]  # type: ignore[arg-type]
+            # Parsed as read: a million-row trace never holds its text rows and its requests at once, nor
+            # a week-long one the week when its first hour is asked for.
+            for r, where in raws:
+                req = _request(_parse_row(r, where, unit, names))  # type: ignore[arg-type]
+                if req.prompt_len > 0:  # only a public format's rows may have none (_parse_row)
+                    kept.add(req)
+                else:
+                    info.empty_prompts += 1
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"trace {str(path)!r} is not a CSV or JSONL text file ({e})") from None
     except (OSError, EOFError, zlib.error) as e:
         if not gz:
             raise
         raise ValueError(f"trace {str(path)!r}: a damaged gzip file ({e})") from None
-    info.empty_prompts = len(reqs)
-    reqs = [r for r in reqs if r.prompt_len > 0]  # only a public format's rows may have none (_parse_row)
-    info.empty_prompts -= len(reqs)
+    reqs = kept.requests()
     if not reqs:
         empty = f" (its {info.empty_prompts} rows have 0 prompt tokens)" if info.empty_prompts else ""
         raise ValueError(f"trace {str(path)!r} has no requests{empty}")
     info.format = "quanta" if fmt is None else fmt.name
-    info.zero_outputs = 0
-    for r in reqs:
-        if r.output_len == 0:
-            r.output_len = 1  # its prefill still ran, and made a token
-            info.zero_outputs += 1
-    timed = sum(not math.isnan(r.arrival) for r in reqs)
-    if timed == len(reqs):
-        if unit == "datetime":  # absolute times: from the earliest
+    if kept.first_untimed is None:
+        if unit == "datetime":  # absolute times: from the earliest (always kept)
             t0 = min(r.arrival for r in reqs)
             for r in reqs:
                 r.arrival -= t0
     else:
-        if timed:  # a gap in the arrival column: an error, not a reason to redraw every arrival
-            k = next(i for i, r in enumerate(reqs) if math.isnan(r.arrival))
+        if kept.num_timed:  # a gap in the arrival column: an error, not a reason to redraw every arrival
+            k = kept.first_untimed
             raise ValueError(f"trace {str(path)!r}: request {k + 1} has no arrival time (the others have)")
         if rate is None:
             raise ValueError(f"trace {str(path)!r} has no arrival times: give a request rate")
         arrivals = gamma_arrivals(rate, cv, len(reqs), np.random.default_rng(seed))
         for r, a in zip(reqs, arrivals):
             r.arrival = float(a)
-    return sorted(reqs, key=lambda r: r.arrival)
+    reqs = head(reqs, num_requests, duration)
+    info.zero_outputs = 0
+    for r in reqs:
+        if r.output_len == 0:
+            r.output_len = 1  # its prefill still ran, and made a token
+            info.zero_outputs += 1
+    return reqs
 
 
 def _request(row: dict) -> WorkloadRequest:
@@ -508,22 +524,77 @@ def _check_columns(path: Path, columns: list[str], fmt: _Format | None) -> None:
     )
 
 
+def _check_head(num_requests: int | None, duration: float | None) -> None:
+    if duration is not None and not duration > 0:  # also refuses nan
+        raise ValueError("duration must be positive")
+    if num_requests is not None and num_requests < 1:
+        raise ValueError("num_requests must be at least 1")
+
+
 def head(
     reqs: Sequence[WorkloadRequest], num_requests: int | None = None, duration: float | None = None
 ) -> list[WorkloadRequest]:
-    """The start of a trace (in arrival order): requests arriving within `duration` seconds of the first
-    arrival, and at most `num_requests` of them; None: no limit (the whole trace)."""
+    """The start of a trace (in arrival order, ties in the given order): requests arriving within `duration`
+    seconds of the first arrival, and at most `num_requests` of them; None: no limit (the whole trace)."""
+    _check_head(num_requests, duration)
     out = sorted(reqs, key=lambda r: r.arrival)
-    if duration is not None:
-        if not duration > 0:  # also refuses nan
-            raise ValueError("duration must be positive")
-        end = out[0].arrival + duration if out else 0.0
+    if duration is not None and out:
+        end = out[0].arrival + duration
         out = [r for r in out if r.arrival < end]
     if num_requests is not None:
-        if num_requests < 1:
-            raise ValueError("num_requests must be at least 1")
         out = out[:num_requests]
     return out
+
+
+@dataclass(slots=True)
+class _Head:
+    """What `head(requests, num_requests, duration)` can still return while requests stream in, in any
+    order: the num_requests earliest so far (a heap), or those within `duration` of the earliest so far
+    (pruned whenever the list doubles). The earliest request is always kept. Requests without an arrival
+    (drawn after reading) are all kept."""
+
+    num_requests: int | None
+    duration: float | None
+    _heap: list[tuple[float, int, WorkloadRequest]] = field(default_factory=list)  # (-arrival, -index, req)
+    _kept: list[WorkloadRequest] = field(default_factory=list)
+    _start: float = math.inf  # the earliest arrival so far
+    _bound: int = 1024  # prune the kept list past this length
+    count: int = 0  # requests added
+    num_timed: int = 0
+    first_untimed: int | None = None  # index of the first request without an arrival
+
+    def add(self, req: WorkloadRequest) -> None:
+        index, a = self.count, req.arrival
+        self.count += 1
+        if math.isnan(a):
+            if self.first_untimed is None:
+                self.first_untimed = index
+            self._kept.append(req)
+            return
+        self.num_timed += 1
+        if self.num_requests is None and self.duration is None:
+            self._kept.append(req)
+            return
+        self._start = min(self._start, a)
+        if self.num_requests is not None:  # (duration, if any, cuts these n at the end: head())
+            item = (-a, -index, req)
+            if len(self._heap) < self.num_requests:
+                heapq.heappush(self._heap, item)
+            elif item > self._heap[0]:  # earlier than the latest kept
+                heapq.heapreplace(self._heap, item)
+            return
+        end = self._start + self.duration  # type: ignore[operator]
+        if a < end:
+            self._kept.append(req)
+            if len(self._kept) > self._bound:
+                self._kept = [r for r in self._kept if r.arrival < end]
+                self._bound = max(1024, 2 * len(self._kept))
+
+    def requests(self) -> list[WorkloadRequest]:
+        """The kept requests, in the order they came (head() sorts them, ties in that order)."""
+        if self._heap:
+            return [r for _, _, r in sorted(self._heap, key=lambda item: -item[1])] + self._kept
+        return self._kept
 
 
 def write_trace(path: str | Path, reqs: Sequence[WorkloadRequest]) -> None:
