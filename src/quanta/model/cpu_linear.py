@@ -18,6 +18,7 @@ Each is used only where a probe at load time reproduces `F.linear`; otherwise th
 
 from __future__ import annotations
 
+import mmap
 from types import ModuleType
 
 import torch
@@ -194,4 +195,49 @@ def pack_linears(model: nn.Module, kernels: ModuleType | None = None) -> int:
         if packed is not None:
             setattr(parent, name, packed)
             count += 1
+    move_to_huge_pages([m for m in model.modules() if isinstance(m, AMXLinear)])
     return count
+
+
+_HUGE_PAGE = 2 << 20
+
+
+def huge_page_buffer(nbytes: int) -> torch.Tensor | None:
+    """`nbytes` (uint8) of fresh anonymous memory, 2 MB aligned and madvised for transparent huge pages
+    before its first touch; None where that is unavailable (not Linux, or the call fails)."""
+    if not hasattr(mmap, "MADV_HUGEPAGE") or nbytes <= 0:
+        return None
+    size = nbytes + _HUGE_PAGE
+    try:
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        whole = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive
+        offset = -whole.data_ptr() % _HUGE_PAGE
+        buf.madvise(mmap.MADV_HUGEPAGE, offset, size - offset)
+    except (OSError, ValueError):
+        return None
+    return whole[offset : offset + nbytes]
+
+
+def move_to_huge_pages(modules: list[nn.Module]) -> int:
+    """Copy the modules' packed weights into one buffer of transparent huge pages; returns the bytes moved.
+
+    Left where the allocator put them, the weights sit on 4 KB pages, physically as scattered as the
+    kernel's free pages were, which for a process's first load is badly (tens to hundreds of contiguous
+    runs per 2 MB). Decode steps stream the weights, and on the 2-core AMX VM a scattered copy read at
+    10.5 GB/s against 13.6 for contiguous memory: the first load decoded 6-13% slower than later ones.
+    Huge pages are contiguous by construction: every load then decodes within 2% of the others, at the
+    fast loads' speed. Only the bytes' address changes, so results are bit for bit the same."""
+    sizes = [m.packed_weight.numel() * m.packed_weight.element_size() for m in modules]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // 64) * 64  # each weight 64-byte aligned, as the allocator aligns it
+    buf = huge_page_buffer(total)
+    if buf is None:
+        return 0
+    for module, offset, size in zip(modules, offsets, sizes):
+        old = module.packed_weight
+        assert old.is_contiguous(), "the kernels read packed weights as one contiguous block"
+        # The old copy goes as its module lets go of it: memory peaks one layer above the weights.
+        module.packed_weight = buf[offset : offset + size].view(old.dtype).view(old.shape).copy_(old)
+    return total
