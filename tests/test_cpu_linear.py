@@ -181,7 +181,9 @@ def test_packed_weights_move_to_one_buffer_of_huge_pages_unchanged() -> None:
     if not hasattr(mmap, "MADV_HUGEPAGE"):
         pytest.skip("no madvise(MADV_HUGEPAGE) on this OS")
     buf = huge_page_buffer(5 << 20)
-    assert buf is not None and buf.numel() == 5 << 20 and buf.data_ptr() % (2 << 20) == 0
+    if buf is None:
+        pytest.skip("this kernel refuses madvise(MADV_HUGEPAGE) (no transparent huge pages): weights stay put")
+    assert buf.numel() == 5 << 20 and buf.data_ptr() % (2 << 20) == 0
     # Any module with a contiguous packed_weight moves, each weight 64-byte aligned in the buffer.
     g = torch.Generator().manual_seed(0)
     holders = [nn.Module() for _ in range(3)]
