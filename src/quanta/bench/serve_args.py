@@ -33,7 +33,11 @@ def add_bench_serve_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--range-ratio", type=float, default=0.0, help="random workload: lengths vary by +-ratio")
     p.add_argument("--max-model-len", type=int, default=None, help="clip prompt + output to this many tokens")
-    p.add_argument("--tokenizer", default=None, help="model folder: its vocabulary for synthetic prompts")
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        help="model folder, tokenizer.json or GGUF file: its vocabulary for synthetic prompts, and token counts",
+    )
     p.add_argument("--tenants", default=None, help="comma-separated tenants, assigned round-robin")
     p.add_argument(
         "--request-rate",
