@@ -5,10 +5,10 @@ Protocol, in one process so that the profile and the real run see the same machi
               grid and the step grid, on the real model; the roofline's efficiencies are fitted to it.
               Half its repeats run before the real run and half after (merge_profiles takes the median
               of both halves' samples), so a shared machine's drifting load counts as it did during the
-              run (--no-bracket: all before). It measures the real run's own executor: loads of one model
-              in one process differ by up to 13% per decode step on a CPU (where their memory landed),
-              which no step model predicts (--separate-load: a load of its own, as `quanta profile` in
-              another process would measure)
+              run (--no-bracket: all before). It measures the real run's own executor (--separate-load: a
+              load of its own, as `quanta profile` in another process would measure; loads of one model
+              once differed by up to 13% per decode step on a CPU, until the packed weights moved onto
+              huge pages)
   2 real      the real engine (LLMEngine's EngineCore: ModelExecutor, wall clock, the run_arrivals
               loop) serves a trace with arrival times: requests from ShareGPT (lengths scaled and clipped
               to what 2 CPU cores serve), Poisson arrivals; every step's plan and measured time is recorded
@@ -34,6 +34,10 @@ writes JSON (default results/sim_fidelity.json; the profile beside it).
 
     python benchmarks/sim_fidelity.py [--num-requests 200] [--qps 1.0] [--clock cpu|wall] [--threads 1]
                                       [--profile results/p.json]
+
+On a GPU, the Llama-3.1-8B shape with random weights made on the device (benchmarks/gpu_checks.sh runs it):
+
+    python benchmarks/sim_fidelity.py --device cuda --shape llama-3.1-8b --clock wall --length-scale 1 --qps 8
 """
 
 from __future__ import annotations
@@ -73,11 +77,17 @@ class Step:
     cycle: float = float("nan")  # start to the next step's start (what the simulator prices), if no idle wait
 
 
-def model_path(model: str | None) -> str:
-    """The default model (SmolLM2-135M-Instruct) if installed, else a random model of its shape."""
+def model_path(model: str | None, shape: str | None = None) -> str:
+    """`shape`: a folder of that shape's config alone, for random weights made on the device (gpu_offline's
+    shapes, e.g. Llama-3.1-8B: no download). Else `model`, else the default model (SmolLM2-135M-Instruct) if
+    installed, else a random model of its shape."""
     from quanta.model.default_model import cache_dir, smollm2_gguf
     from quanta.model.make_model import make_model
 
+    if shape:
+        import gpu_offline  # benchmarks/, beside this file
+
+        return str(gpu_offline.make_folder(cache_dir() / f"shape-{shape}", gpu_offline.SHAPES[shape]))
     if model:
         return model
     gguf = smollm2_gguf()
@@ -105,7 +115,12 @@ def workload(args: argparse.Namespace) -> list[WorkloadRequest]:
 def load_engine(args: argparse.Namespace, path: str):  # an LLMEngine
     from quanta.engine.llm_engine import EngineArgs, LLMEngine
 
-    return LLMEngine(EngineArgs(model=path, max_model_len=args.max_model_len, seed=args.seed))
+    return LLMEngine(
+        EngineArgs(
+            model=path, max_model_len=args.max_model_len, seed=args.seed, device=args.device, dtype=args.dtype,
+            load_format=args.load_format,
+        )
+    )  # fmt: skip
 
 
 def real_run(args: argparse.Namespace, engine, wl: list[WorkloadRequest]) -> tuple[dict, list, list]:
@@ -299,16 +314,30 @@ def main() -> None:
         "--separate-load", action="store_true",
         help="profile a load of the model of its own (as `quanta profile` in another process), not the real run's",
     )  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: the protocol on a GPU (wall clock)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument(
+        "--shape", default=None, choices=["llama-3.1-8b", "tiny"],
+        help="random weights of this shape, made on the device (no download; --model is not read)",
+    )  # fmt: skip
     ap.add_argument("--out", default="results/sim_fidelity.json")
     args = ap.parse_args()
+    args.load_format = "dummy" if args.shape else "auto"
+    if args.device.startswith("cuda") and args.clock == "cpu":
+        ap.error("--device cuda: give --clock wall (a GPU step's time is not the host thread's CPU time)")
 
     import torch
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = model_path(args.model)
+    path = model_path(args.model, args.shape)
     from quanta.profiling import merge_profiles, run_profile
+
+    def profile(repeats: int, executor: object) -> Profile:
+        return run_profile(
+            path, args.device, args.dtype, repeats, clock=args.clock, executor=executor, load_format=args.load_format
+        )
 
     t0 = time.perf_counter()
     # The profile brackets the real run: half its repeats before, half after, each step time the median
@@ -322,7 +351,7 @@ def main() -> None:
     if args.profile:
         profiles = [Profile.load(args.profile)]
     else:
-        profiles = [run_profile(path, repeats=halves[0], clock=args.clock, executor=own)]
+        profiles = [profile(halves[0], own)]
     profile_s = time.perf_counter() - t0
     wl = workload(args)
     t0 = time.perf_counter()
@@ -332,7 +361,7 @@ def main() -> None:
     print(f"real engine: {len(wl)} requests, {len(steps)} steps in {real_s:.0f} s, executor busy {busy:.0%}")
     if not args.profile and len(halves) > 1 and halves[1]:
         t0 = time.perf_counter()
-        profiles.append(run_profile(path, repeats=halves[1], clock=args.clock, executor=own))
+        profiles.append(profile(halves[1], own))
         profile_s += time.perf_counter() - t0
     prof = merge_profiles(profiles) if len(profiles) > 1 else profiles[0]
     if not args.profile:
@@ -457,11 +486,13 @@ def main() -> None:
             "platform": platform.platform(),
             "processor": platform.processor(),
             "device": prof.device,
+            "dtype": args.dtype,
             "threads": args.threads,
             "clock": args.clock,
             "load_average": os.getloadavg(),  # at the end: how busy the shared machine was
         },
         "model": path,
+        "shape": args.shape,  # random weights of this shape (None: the model's own)
         "settings": settings,
         "workload": {
             "trace": args.trace,

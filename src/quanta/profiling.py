@@ -271,15 +271,17 @@ def run_profile(
     step_grid: GridAxes | None = GridAxes(),  # frozen: a shared default is safe
     clock: str = "wall",
     executor: Any = None,
+    load_format: str = "auto",
 ) -> Profile:
     """Measure `grid` (default: default_grid) for the roofline fit and, unless `step_grid` is None,
     the step grid and the engine's host time per step; the profile chooses the grid model where the
     fitted roofline misses by more than calibrate.ROOFLINE_TOLERANCE. `clock`: "wall" or "cpu" (the
     calling thread's CPU time; see ThreadTimeClock). `executor`: an already loaded ModelExecutor of this
     model to measure (an engine's, with blocks of 16 tokens and a KV pool that holds the largest plan)
-    instead of loading one: loads of one model in one process differ in step time by up to 13% on a CPU
-    (where their memory landed), so a profile meant to price that engine's steps measures its own load.
-    Its KV pool is overwritten (anything its engine's prefix cache indexed is then garbage)."""
+    instead of loading one (a profile meant to price that engine's steps measures what it runs: loads
+    of one model once differed by up to 13% per decode step on a CPU, where their weights' pages landed).
+    Its KV pool is overwritten (anything its engine's prefix cache indexed is then garbage).
+    `load_format` "dummy": random weights made on the device (a model folder of a config alone)."""
     if clock not in TIMERS:
         raise ValueError(f"unknown clock {clock!r}; choose {' or '.join(TIMERS)}")
     if repeats < 1:  # before the model loads: a step measured no times has no median
@@ -316,6 +318,7 @@ def run_profile(
             device=device,
             model_config=cfg,
             max_num_batched_tokens=max(512, *(sum(n for _, n in b) for b in batches)),
+            load_format=load_format,
         )
     executor = TimedExecutor(model_executor, TIMERS[clock])
     samples = _measure(executor, batches, cfg.vocab_size, repeats, pool_blocks)
