@@ -557,7 +557,7 @@ class _Head:
     duration: float | None
     _heap: list[tuple[float, int, WorkloadRequest]] = field(default_factory=list)  # (-arrival, -index, req)
     _kept: list[WorkloadRequest] = field(default_factory=list)
-    _start: float = math.inf  # the earliest arrival so far
+    _start: float = math.inf  # the earliest arrival so far (duration alone)
     _bound: int = 1024  # prune the kept list past this length
     count: int = 0  # requests added
     num_timed: int = 0
@@ -575,7 +575,6 @@ class _Head:
         if self.num_requests is None and self.duration is None:
             self._kept.append(req)
             return
-        self._start = min(self._start, a)
         if self.num_requests is not None:  # (duration, if any, cuts these n at the end: head())
             item = (-a, -index, req)
             if len(self._heap) < self.num_requests:
@@ -583,6 +582,7 @@ class _Head:
             elif item > self._heap[0]:  # earlier than the latest kept
                 heapq.heapreplace(self._heap, item)
             return
+        self._start = min(self._start, a)
         end = self._start + self.duration  # type: ignore[operator]
         if a < end:
             self._kept.append(req)
