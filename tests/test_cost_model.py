@@ -83,3 +83,19 @@ def test_presets_and_specs() -> None:
         get_gpu("tpu")
     with pytest.raises(ValueError, match="unknown model"):
         get_model("gpt-5")
+
+
+def test_chunk_time_matches_the_plans_step_cost_to_the_bit() -> None:
+    """What a run of steps carrying a prompt's chunks is priced at (chunk_time, from the batch's totals)
+    is what the step's plan costs, with and without decodes beside the chunk, sampling or not."""
+    import random
+
+    rng = random.Random(0)
+    for tp, model in ((1, MODEL), (2, get_model("llama-3.1-8b"))):
+        cost = CostModel(model, GPU if tp == 1 else get_gpu("a100-80gb"), tp=tp)
+        for _ in range(300):
+            contexts = [rng.randint(1, 5000) for _ in range(rng.choice((0, 1, 3, 40)))]
+            cached, new, sample = rng.randint(0, 4000), rng.randint(1, 600), rng.random() < 0.5
+            batch = [(c, 1) for c in contexts] + [(cached, new)]
+            expected = cost.step_cost(batch, len(contexts) + sample).total
+            assert cost.chunk_time(len(contexts), sum(contexts), cached, new, sample) == expected

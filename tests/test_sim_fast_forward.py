@@ -1,5 +1,6 @@
-"""Runs of pure-decode steps planned at once (Scheduler.decode_run) change nothing: the same workloads
-with and without them give every request the same timestamps, to the last bit."""
+"""Runs of steps planned at once (Scheduler.decode_run: pure decodes, maybe beside one prompt's chunks)
+change nothing: the same workloads with and without them give every request the same timestamps, to the
+last bit."""
 
 from __future__ import annotations
 
@@ -93,9 +94,18 @@ CASES = [
 
 @pytest.mark.parametrize(("policy", "replicas", "blocks", "mode", "groups"), CASES)
 def test_decode_runs_give_identical_timestamps(
-    policy: str, replicas: int, blocks: int, mode: str, groups: bool
+    policy: str, replicas: int, blocks: int, mode: str, groups: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     w = mixed_workload(160, seed=replicas + blocks)
+    chunk_runs: list[int] = []  # runs that computed a prompt's chunks beside the decodes
+    plan_run = EngineCore.decode_run
+
+    def spy(self: EngineCore, limit: int) -> object:
+        run = plan_run(self, limit)
+        chunk_runs.extend([1] if run is not None and run.chunks else [])
+        return run
+
+    monkeypatch.setattr(EngineCore, "decode_run", spy)
 
     def run(decode_runs: bool) -> SimResult:
         return simulate(w, small_pool_config(policy, replicas, blocks, mode, groups, decode_runs=decode_runs))
@@ -113,6 +123,8 @@ def test_decode_runs_give_identical_timestamps(
     else:
         assert runs.num_decode_runs > 0
         assert runs.num_steps > 3 * runs.num_decode_runs  # most steps came in runs
+    # Prompts longer than the budget ran their chunks in runs, but where prefill goes alone.
+    assert (len(chunk_runs) > 0) == (policy in ("sarathi", "priority"))
     if blocks <= 400:
         assert steps.num_preemptions > 0
     assert sum(r.num_cached_tokens for r in steps.requests) > 0  # prefix caching in play
@@ -138,8 +150,8 @@ def test_a_run_applies_what_step_by_step_would(twins: bool, monkeypatch: pytest.
     commute: list[bool] = []
     fills_commute = KVCacheManager._fills_commute
 
-    def spy(self: KVCacheManager, reqs: list[Request], num_steps: int) -> bool:
-        commute.append(fills_commute(self, reqs, num_steps))
+    def spy(self: KVCacheManager, reqs: list[Request], num_steps: int, prompt_done: int | None = None) -> bool:
+        commute.append(fills_commute(self, reqs, num_steps, prompt_done))
         return commute[-1]
 
     monkeypatch.setattr(KVCacheManager, "_fills_commute", spy)
@@ -281,3 +293,72 @@ def test_private_prompts_only_for_unshared_traces() -> None:
     assert not simulate(shared, SimConfig(model, gpu, max_model_len=4096)).cores[0].kv.private_prompts
     alone = [WorkloadRequest(r.arrival, r.prompt_len, r.output_len) for r in shared]
     assert simulate(alone, SimConfig(model, gpu, max_model_len=4096)).cores[0].kv.private_prompts
+
+
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("pricing", ["constant", "roofline"])
+def test_a_run_computes_a_prompts_chunks_as_step_by_step_would(groups: bool, shared: bool, pricing: str) -> None:
+    """A prompt longer than the budget arrives while others decode: the run computes its chunks beside
+    the decodes, then it decodes too, leaving the engine as step() calls do (4-token blocks, a 16-token
+    budget). `shared`: its prompt is r0's context and what r0 is about to decode, so it starts on prefix
+    hits and its chunks fill blocks equal to those r0's decodes fill (only the first in step order is
+    indexed)."""
+    from quanta.sim.cost_model import CostModel
+
+    def engine() -> EngineCore:
+        gpu = get_gpu("a100-80gb")
+        cost = ConstantStepTime(0.01) if pricing == "constant" else CostModel(get_model("llama-3.1-8b"), gpu)
+        lengths = {"r0": 120, "r1": 45, "r2": 30, "r3": 9}
+        return EngineCore(
+            SimExecutor(cost, num_blocks=80, output_lengths=lengths),
+            VirtualClock(),
+            SchedulerConfig("sarathi", 16, 8, 250),
+            CacheConfig(block_size=4, num_blocks=80, block_groups=groups),
+            check_integrity=True,
+        )
+
+    def request(i: int, prompt: list[int], now: float) -> Request:
+        return Request(f"r{i}", prompt, SamplingParams(max_tokens=None), now, eos_token_ids=(2,))
+
+    r0_prompt = list(range(3, 12))
+    prompts = {  # step at which a request arrives -> (its number, its prompt)
+        0: (0, r0_prompt),
+        4: (1, r0_prompt + [0] * 60 if shared else list(range(100, 170))),
+        30: (2, list(range(200, 253))),
+        33: (3, list(range(300, 310))),  # a short one: admitted whole, while r2's chunks are still computing
+    }
+    cores = [engine(), engine()]
+    stepped, jumped = cores
+    num_chunk_runs = 0
+    while jumped.has_unfinished() or prompts:
+        due = min(prompts, default=None)
+        if due is not None and jumped.num_steps >= due:
+            i, prompt = prompts.pop(due)
+            for core in cores:
+                core.add_request(request(i, prompt, core.clock.now()))
+        limit = 1000 if due is None else max(due - jumped.num_steps, 1)
+        run = jumped.decode_run(limit=limit)
+        if run is None:
+            stepped.step()
+            jumped.step()
+        else:
+            num_chunk_runs += bool(run.chunks)
+            for _ in range(len(run)):
+                stepped.step()
+            jumped.apply_decode_run(run)
+        for a, b in zip(stepped.scheduler.running, jumped.scheduler.running, strict=True):
+            assert (a.all_token_ids, a.num_computed_tokens, a.times.tokens, a.times.first_token) == (
+                b.all_token_ids,
+                b.num_computed_tokens,
+                b.times.tokens,
+                b.times.first_token,
+            )
+            assert stepped.kv.req_blocks[a.request_id] == jumped.kv.req_blocks[b.request_id]
+        assert stepped.kv.pool._cached.keys() == jumped.kv.pool._cached.keys()
+        assert list(stepped.kv.pool._free) == list(jumped.kv.pool._free)  # the LRU order too
+        assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
+        assert stepped.scheduler._step_id == jumped.scheduler._step_id
+    assert not stepped.has_unfinished() and num_chunk_runs >= 2
+    assert stepped.kv.pool.num_cache_hits == jumped.kv.pool.num_cache_hits
+    assert (stepped.kv.pool.num_cache_hits > 0) == shared

@@ -103,3 +103,16 @@ def test_several_prefill_chunks_cost_their_own_attention_pairs() -> None:
         assert model.batch_time(batch) == pytest.approx(truth(batch), rel=1e-9)
     assert batch_shape([(0, 128), (0, 128)])[3] == -64.0  # a quarter of the pairs of one chunk of 256
     assert model.batch_time([(0, 128), (0, 128)]) < model.batch_time([(0, 256)])
+
+
+def test_chunk_times_match_plan_times_to_the_bit() -> None:
+    """chunk_time (a step of decodes and one prompt chunk, priced from its totals) is batch_time of that
+    batch, a one-token chunk after cached tokens (which reads as a decode) included."""
+    model = _grid(0.1, 5, host=(3e-4, 2e-5))
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        contexts = [int(c) for c in rng.integers(1, 2000, size=int(rng.choice([0, 1, 3, 20])))]
+        cached, new = int(rng.integers(0, 1500)), int(rng.choice([1, 2, int(rng.integers(1, 400))]))
+        batch = [(c, 1) for c in contexts] + [(cached, new)]
+        sample = bool(rng.integers(0, 2))
+        assert model.chunk_time(len(contexts), sum(contexts), cached, new, sample) == model.batch_time(batch)

@@ -10,7 +10,7 @@ import itertools
 import math
 from array import array
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import cast
 
 import numpy as np
@@ -49,13 +49,15 @@ class StepOutput:
 
 @dataclass(slots=True)
 class DecodeRun:
-    """Steps that provably repeat one plan (every running request decodes a token), priced but not yet
-    applied: `apply_decode_run` carries out any prefix of them. Requests may stop in the last step only.
-    Times stay arrays: a run is often cut short by an arrival, and only what is applied becomes floats."""
+    """Steps whose plans are known in advance (every running request decodes a token, but maybe the last
+    admitted, which computes its prompt's chunks first), priced but not yet applied: `apply_decode_run`
+    carries out any prefix of them. Requests may stop in the last step only. Times stay arrays: a run is
+    often cut short by an arrival, and only what is applied becomes floats."""
 
     token_id: int  # what every request samples, but in the last step
     last_tokens: dict[str, int]  # request id -> token sampled in the last step, where not token_id
     times: np.ndarray  # clock time each step begins, then the time the last one ends (len(run) + 1)
+    chunks: list[int] = field(default_factory=list)  # the last running request's chunk in the first steps
 
     def __len__(self) -> int:
         return len(self.times) - 1
@@ -78,7 +80,12 @@ class DecodeRun:
 
     def tail(self, k: int) -> DecodeRun:
         """The run from its step k on (once the first k are applied)."""
-        return DecodeRun(self.token_id, self.last_tokens, self.times[k:])
+        return DecodeRun(self.token_id, self.last_tokens, self.times[k:], self.chunks[k:])
+
+    def num_tokens(self, num_steps: int, num_running: int) -> int:
+        """Tokens computed in the first `num_steps` steps, `num_running` requests running."""
+        chunks = self.chunks[:num_steps]
+        return num_steps * num_running + sum(chunks) - len(chunks)
 
     def steps_before(self, t: float) -> int:
         """Steps that begin before time t (an arrival at t is admitted before a step that begins at t)."""
@@ -210,23 +217,25 @@ class EngineCore:
             self.kv.expire_pins(self.clock.now())
 
     def decode_run(self, limit: int) -> DecodeRun | None:
-        """The next steps, up to `limit`, if they provably repeat one pure-decode plan and the executor
-        can price them without plans (a simulator's); None otherwise (then `step` as usual). Assumes no
+        """The next steps, up to `limit`, if their plans are known in advance (Scheduler.decode_run: pure
+        decodes, maybe with one prompt's chunks first) and the executor can price them without plans (a
+        simulator's); None otherwise (then `step` as usual). Assumes no
         request arrives before the run ends: the caller applies only the steps that begin before the
         next arrival."""
         if not hasattr(self.executor, "decode_run"):
             return None
         executor = cast(DecodeRunExecutor, self.executor)
         token_id = executor.token_id
-        n = self.scheduler.decode_run(token_id, limit)
+        n, chunks = self.scheduler.decode_run(token_id, limit)
         if n < 2:
             return None
-        durations, last_tokens = executor.decode_run(self.scheduler.running, n)
+        durations, last_tokens = executor.decode_run(self.scheduler.running, n, chunks)
         if len(durations) < 2:
             return None
         # The clock's own arithmetic, so that times match step() to the last bit: accumulate adds in
         # sequence (t0 + d0) + d1 ..., as VirtualClock.advance would.
-        return DecodeRun(token_id, last_tokens, np.add.accumulate(np.concatenate(([self.clock.now()], durations))))
+        times = np.add.accumulate(np.concatenate(([self.clock.now()], durations)))
+        return DecodeRun(token_id, last_tokens, times, chunks[: len(durations)])
 
     def apply_decode_run(
         self, run: DecodeRun, num_steps: int | None = None, before_last_step: Callable[[], None] | None = None
@@ -245,7 +254,9 @@ class EngineCore:
         self.clock.wait_until(times[-1])
         assert self.clock.now() == times[-1], "decode runs need a virtual clock"
         last = run.last_tokens if m == len(run) else None
-        finished = self.scheduler.apply_decode_run(run.token_id, times[:-1], times[1:], last, before_last_step)
+        finished = self.scheduler.apply_decode_run(
+            run.token_id, times[:-1], times[1:], last, before_last_step, run.chunks[:m]
+        )
         self.num_steps += m
         if self.check_integrity:
             self.scheduler.check_integrity()

@@ -48,7 +48,10 @@ class DecodeRunExecutor(Executor, Protocol):
 
     token_id: int  # what every decode samples, short of a request's EOS
 
-    def decode_run(self, requests: Sequence[Request], limit: int) -> tuple[np.ndarray, dict[str, int]]:
-        """Durations of up to `limit` such steps (fewer where one would differ), and the tokens sampled
-        in the last one where they are not token_id (request id -> token: an EOS)."""
+    def decode_run(
+        self, requests: Sequence[Request], limit: int, chunks: Sequence[int] = ()
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Durations of up to `limit` such steps (fewer where one would differ; with `chunks`, the last
+        request computes those prompt chunks in the first steps), and the tokens sampled in the last one
+        where they are not token_id (request id -> token: an EOS)."""
         ...

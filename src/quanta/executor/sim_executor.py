@@ -25,7 +25,10 @@ class StepTimeModel(Protocol):
     """How long a plan takes. A model may also define `decode_times(num_seqs, context_tokens)`: for each
     entry of the array context_tokens, the time of a step in which num_seqs requests decode one token
     each after that many cached tokens in all, equal to plan_time of that plan to the last bit; then
-    runs of decode steps are priced without plans."""
+    runs of decode steps are priced without plans. And `chunk_time(num_decodes, decode_context, cached,
+    new, sample)`: a step in which num_decodes requests decode after decode_context cached tokens in all,
+    then one request computes `new` prompt tokens after `cached` (sampling when `sample`), again equal
+    to plan_time to the last bit; then runs may carry a prompt's chunks too."""
 
     def plan_time(self, plan: StepPlan) -> float: ...
 
@@ -41,6 +44,9 @@ class ConstantStepTime:
 
     def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
         return np.full(len(context_tokens), self.seconds)
+
+    def chunk_time(self, num_decodes: int, decode_context: int, cached: int, new: int, sample: bool) -> float:
+        return self.seconds
 
 
 class ReplayStepTime:
@@ -122,29 +128,53 @@ class SimExecutor:
         self.swap_seconds += seconds
         return seconds
 
-    def decode_run(self, requests: Sequence[Request], limit: int) -> tuple[np.ndarray, dict[str, int]]:
-        """Durations of up to `limit` pure-decode steps of `requests` that execute() would run the same
-        way (no swap-in pending; each request samples `token_id`, except that the last step may be the
-        one where some sample their EOS), priced as execute() prices them; and those EOS tokens of the
-        last step (request id -> token). Empty when the cost model cannot price steps without plans,
-        or plans are recorded."""
+    def decode_run(
+        self, requests: Sequence[Request], limit: int, chunks: Sequence[int] = ()
+    ) -> tuple[np.ndarray, dict[str, int]]:
+        """Durations of up to `limit` steps of `requests` that execute() would run the same way (no
+        swap-in pending; each request decodes and samples `token_id`, except that the last step may be
+        the one where some sample their EOS; with `chunks`, the last request computes those prompt chunks
+        in the first steps, sampling from the step of the chunk that completes its prompt), priced as
+        execute() prices them; and those EOS tokens of the last step (request id -> token). Empty when
+        the cost model cannot price such steps without plans, or plans are recorded."""
         decode_times = getattr(self.cost_model, "decode_times", None)
-        if decode_times is None or self._swap_ins or self.plans is not None:
+        chunk_time = getattr(self.cost_model, "chunk_time", None)
+        if decode_times is None or self._swap_ins or self.plans is not None or (chunks and chunk_time is None):
             return np.empty(0), {}
         lengths = self.output_lengths
+        k = len(chunks)
+        prompt = requests[-1] if chunks else None
+        # Before step first_sample[r] (k - 1 for a prompt that its chunks complete), r samples nothing.
+        first_sample = 0
+        if prompt is not None:
+            completes = prompt.num_computed_tokens + sum(chunks) == prompt.num_tokens
+            first_sample = k - 1 if completes else limit
         for req in requests:
             n = lengths.get(req.request_id)
             if n is not None:  # up to the step that samples its EOS (its n-th token)
-                limit = min(limit, n - req.num_output_tokens)
+                limit = min(limit, n - req.num_output_tokens + (first_sample if req is prompt else 0))
         if limit < 1:
             return np.empty(0), {}
         last = {}
         for req in requests:
-            if lengths.get(req.request_id) == req.num_output_tokens + limit:
-                last[req.request_id] = self._next_token_at(req, limit - 1)
+            ahead = limit - 1 - (first_sample if req is prompt else 0)  # samples before the last step's
+            if ahead >= 0 and lengths.get(req.request_id) == req.num_output_tokens + ahead + 1:
+                last[req.request_id] = self._next_token_at(req, ahead)
         num_seqs = len(requests)
         context = sum(r.num_computed_tokens for r in requests)
-        return decode_times(num_seqs, context + num_seqs * np.arange(limit, dtype=np.int64)), last
+        if prompt is None:
+            return decode_times(num_seqs, context + num_seqs * np.arange(limit, dtype=np.int64)), last
+        # The chunk steps: the decodes' context grows by one token each a step, the prompt's by its chunk.
+        decodes, cached = num_seqs - 1, prompt.num_computed_tokens
+        decode_context = context - cached
+        times = np.empty(limit)
+        for j in range(min(k, limit)):
+            times[j] = chunk_time(decodes, decode_context + decodes * j, cached, chunks[j], j == first_sample)  # type: ignore[misc]
+            cached += chunks[j]
+        if limit > k:  # then every request decodes: the prompt's context counts from its last chunk on
+            base = decode_context + decodes * k + cached
+            times[k:] = decode_times(num_seqs, base + num_seqs * np.arange(limit - k, dtype=np.int64))
+        return times, last
 
     def execute(self, plan: StepPlan) -> StepResult:
         if self.plans is not None:

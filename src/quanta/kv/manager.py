@@ -4,6 +4,7 @@ pins that keep a finished call's KV on the device while its program runs a tool.
 from __future__ import annotations
 
 import heapq
+import itertools
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -213,13 +214,17 @@ class KVCacheManager:
         return True
 
     # ---- runs of decode steps --------------------------------------------------------------------
-    def max_decode_run(self, reqs: Sequence[Request], limit: int) -> int:
+    def max_decode_run(self, reqs: Sequence[Request], limit: int, chunks: Sequence[int] = ()) -> int:
         """The most steps, up to `limit`, in which every one of `reqs` (decodes: one token to compute
-        each) surely gets its slot: their blocks at the end of that many steps, with block-group rounding
-        at its largest, fit in the free blocks. Nothing is freed during such a run."""
+        each; with `chunks`, the last one computes those chunks in the first steps, then decodes) surely
+        gets its slots: their blocks at the end of that many steps, with block-group rounding at its
+        largest, fit in the free blocks. Nothing is freed during such a run."""
         bs, free = self.block_size, self.pool.num_free_blocks
         group = self.GROUP if self.block_groups else 1
         state = [(r.num_computed_tokens, len(self.req_blocks[r.request_id])) for r in reqs]
+        if chunks:
+            prompt_computed, prompt_held = state.pop()
+            done = list(itertools.accumulate(chunks, initial=prompt_computed))
 
         def fits(k: int) -> bool:
             need = 0
@@ -227,6 +232,9 @@ class KVCacheManager:
                 blocks = -(-cdiv(computed + k, bs) // group) * group
                 if blocks > held:
                     need += blocks - held
+            if chunks:
+                computed = done[k] if k < len(done) else done[-1] + k - len(chunks)
+                need += max(-(-cdiv(computed, bs) // group) * group - prompt_held, 0)
             return need <= free
 
         if fits(limit):
@@ -238,18 +246,29 @@ class KVCacheManager:
         return lo
 
     def decode_run(
-        self, reqs: Sequence[Request], num_steps: int, before_last_step: Callable[[], None] | None = None
+        self,
+        reqs: Sequence[Request],
+        num_steps: int,
+        before_last_step: Callable[[], None] | None = None,
+        chunks: Sequence[int] = (),
     ) -> None:
         """The KV bookkeeping of `num_steps` decode steps of `reqs`, as if each step called
-        `allocate_slots(req, 1)` for them in order, but visiting only the steps where that call does
-        something (takes a block, or offers a filled block to the prefix index). The run's tokens must be
-        appended to the requests already; their num_computed_tokens is left as at the start.
+        `allocate_slots(req, 1)` for them in order (for the last one, `allocate_slots(req, chunks[j])` in
+        the first len(chunks) steps), but visiting only the steps where that call does something (takes a
+        block, or offers a filled block to the prefix index; every chunk is visited). The run's tokens
+        must be appended to the requests already; their num_computed_tokens is left as at the start.
         `max_decode_run` must have allowed the run. `before_last_step` is called once the blocks of
         every step but the last are taken (e.g. to read the pool's usage as step by step would have)."""
         bs, caching, indexed = self.block_size, self.enable_caching, self._num_indexed
         start = [r.num_computed_tokens for r in reqs]
         tables = [self.req_blocks[r.request_id] for r in reqs]  # grown in place by allocate_slots
         hook_at = num_steps - 1 if before_last_step is not None else num_steps + 1  # + 1: never
+        # The prompt (the last request) computes chunks[j] in step j < k, then one token a step: its
+        # tokens computed before step j >= k are start[p] + j, as a decode's.
+        k, p = len(chunks), len(reqs) - 1
+        done = list(itertools.accumulate(chunks, initial=start[p])) if chunks else []
+        if chunks:
+            start[p] = done[-1] - k
 
         def reach(j: int) -> None:  # the events of step j come next (j = num_steps: the run is done)
             nonlocal hook_at
@@ -264,36 +283,61 @@ class KVCacheManager:
             assert ok, "a decode run was planned without room for its blocks"
             req.num_computed_tokens = start[i]
 
-        if caching and self._fills_commute(reqs, num_steps):
+        def chunk(j: int) -> None:  # step j's allocate_slots(prompt, chunks[j])
+            req = reqs[p]
+            req.num_computed_tokens = done[j]
+            ok = self.allocate_slots(req, chunks[j])
+            assert ok, "a run was planned without room for its prompt's blocks"
+            req.num_computed_tokens = done[0]
+
+        def first_block(i: int) -> int:  # the first step whose call takes a block for reqs[i]
+            j = len(tables[i]) * bs - start[i]
+            return max(j, k) if i == p else j
+
+        prompt_end = (done[num_steps] if num_steps < k else start[p] + num_steps) if chunks else None
+        if caching and self._fills_commute(reqs, num_steps, prompt_end):
             # Only the allocations keep their step order (they decide block ids, and evict); each
             # request's filled blocks are offered to the index once, after its last step.
-            events = [(j, i) for i in range(len(reqs)) if (j := len(tables[i]) * bs - start[i]) < num_steps]
+            events = [(j, i) for i in range(len(reqs)) if (j := 0 if i == p and k else first_block(i)) < num_steps]
             heapq.heapify(events)
             while events:
                 j, i = events[0]
                 reach(j)
-                take_block(i, j)
-                j = len(tables[i]) * bs - start[i]
+                if i == p and j < k:
+                    chunk(j)
+                    j += 1
+                    if j >= k:
+                        j = first_block(i)
+                else:
+                    take_block(i, j)
+                    j = first_block(i)
                 if j < num_steps:
                     heapq.heapreplace(events, (j, i))
                 else:
                     heapq.heappop(events)
             reach(num_steps)
             for i, req in enumerate(reqs):
-                self._index_full_blocks(req, tables[i], start[i] + num_steps)
+                self._index_full_blocks(req, tables[i], start[i] + num_steps if i != p or not chunks else prompt_end)
+            if chunks:
+                reqs[p].num_computed_tokens = done[0]
             return
 
         def next_event(i: int, after: int) -> int:
             # First step > after at which step j's call (computing token start + j) is not a no-op.
+            if i == p and after + 1 < k:
+                return after + 1  # the prompt's next chunk
             c = start[i]
             j = len(tables[i]) * bs - c  # needs a block
             if caching:
                 j = min(j, (indexed.get(reqs[i].request_id, 0) + 1) * bs - c - 1)  # fills one
-            return max(j, after + 1)
+            return max(j, after + 1, k if i == p else 0)
 
         # The first events, inline (most requests have none within a short run: only those go on the heap).
         events = []
         for i, req in enumerate(reqs):
+            if i == p and k:
+                events.append((0, i))
+                continue
             j = len(tables[i]) * bs - start[i]
             if caching:
                 j = min(j, (indexed.get(req.request_id, 0) + 1) * bs - start[i] - 1)
@@ -304,25 +348,34 @@ class KVCacheManager:
             j, i = events[0]
             reach(j)
             req, num_tokens = reqs[i], start[i] + j + 1
-            if num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
+            if i == p and j < k:
+                chunk(j)
+            elif num_tokens <= len(tables[i]) * bs:  # allocate_slots' fast path: only a block fills
                 self._index_full_blocks(req, tables[i], num_tokens)
             else:
                 take_block(i, j)
             heapq.heapreplace(events, (next_event(i, j), i))
         reach(num_steps)
+        if chunks:
+            reqs[p].num_computed_tokens = done[0]
 
-    def _fills_commute(self, reqs: Sequence[Request], num_steps: int) -> bool:
+    def _fills_commute(self, reqs: Sequence[Request], num_steps: int, prompt_done: int | None = None) -> bool:
         """Whether offering the blocks that `num_steps` decode steps of `reqs` fill to the prefix index
         gives the same index in any order, and whatever the run's allocations evict in between: no
         filled block's hash is indexed already, and no two of them are equal. (Requests with identical
-        histories, e.g. parallel samples, fill equal blocks: the first in step order is indexed.)"""
+        histories, e.g. parallel samples, fill equal blocks: the first in step order is indexed.)
+        `prompt_done`: the tokens the last request has computed after the run, when it computed a prompt
+        in chunks."""
         bs, indexed = self.block_size, self._num_indexed
         filled: list[BlockHash] = []
-        for req in reqs:
+        for i, req in enumerate(reqs):
             if self._is_private(req):
                 continue  # marked, not indexed: their fills are unique and commute
             first = indexed.get(req.request_id, 0)
-            last = (req.num_computed_tokens + num_steps) // bs
+            done = req.num_computed_tokens + num_steps
+            if prompt_done is not None and i == len(reqs) - 1:
+                done = prompt_done
+            last = min(done, req.num_tokens) // bs
             if last > first:
                 filled.extend(self.block_hashes(req)[first:last])
         return len(set(filled)) == len(filled) and not self.pool.indexes_any(filled)

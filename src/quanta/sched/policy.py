@@ -32,6 +32,11 @@ class Policy:
     # only, `on_step` not at all. None: true unless the policy keeps per-step accounting (overrides
     # on_step or on_schedule), so a new policy is exact by default.
     steady_decode: ClassVar[bool | None] = None
+    # Whether such a run may also carry the chunks of one running prompt (the last admitted) beside the
+    # decodes: true when, moreover, `prefill_tokens` chunks a prompt by its missing tokens and the budget
+    # left alone, the same way at every step. None: true for runs-allowing policies that keep the base
+    # chunking and let decodes run beside prefill.
+    steady_prefill: ClassVar[bool | None] = None
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
@@ -45,6 +50,14 @@ class Policy:
         if cls.steady_decode is not None:
             return cls.steady_decode
         return cls.on_step is Policy.on_step and cls.on_schedule is Policy.on_schedule
+
+    @classmethod
+    def allows_prefill_runs(cls) -> bool:
+        if not cls.allows_decode_runs():
+            return False
+        if cls.steady_prefill is not None:
+            return cls.steady_prefill
+        return not cls.decodes_wait_for_prefill and cls.prefill_tokens is Policy.prefill_tokens
 
     def new_queue(self) -> WaitingQueue:
         """The waiting queue, built to give `waiting_order` cheaply. Default: FCFS."""

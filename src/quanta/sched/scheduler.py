@@ -521,34 +521,61 @@ class Scheduler:
         return bool(self.kv.pins) and (not self.running or self.policy.may_drop_pins(req, now))
 
     # ---- runs of identical decode steps ---------------------------------------------------------------
-    def decode_run(self, token_id: int, limit: int) -> int:
-        """How many of the next steps, up to `limit`, provably have the same plan: every running request
-        decodes one token and nothing is admitted or preempted, while the tokens sampled are `token_id`
-        (what a SimExecutor samples) except maybe in the last step, the only one in which a request may
-        stop (by its length, or by the token sampled there). 0 when the next step may differ.
+    def decode_run(self, token_id: int, limit: int) -> tuple[int, list[int]]:
+        """How many of the next steps, up to `limit`, provably have the same kind of plan: every running
+        request decodes one token, but maybe the last admitted one, which computes the rest of its prompt
+        in chunks first (then decodes too), and nothing is admitted or preempted, while the tokens sampled
+        are `token_id` (what a SimExecutor samples) except maybe in the last step, the only one in which a
+        request may stop (by its length, or by the token sampled there). Returns (steps, chunks): the
+        prompt's chunk in each of the run's first len(chunks) steps ([] when every request decodes);
+        (0, []) when the next step may differ.
 
         A simulator advances that many steps at once (`apply_decode_run`), and the schedule stays this
-        scheduler's: it only skips re-deriving a plan that cannot change. Arrivals are the caller's to
+        scheduler's: it only skips re-deriving plans it can tell in advance. Arrivals are the caller's to
         respect: it applies only the steps that begin before the next one. Conditions: the policy allows
-        it; no swap-in in flight; every running request decodes and the budget holds them all; nothing
-        waits, or (for a policy that never preempts) what waits cannot be admitted until a slot frees;
-        the KV pool holds every block the run can take."""
+        it (with a prompt: `allows_prefill_runs`, no pins); no swap-in in flight; the budget holds every
+        decode (and leaves the prompt a token); nothing waits, or (for a policy that never preempts)
+        what waits cannot be admitted until a slot frees; the KV pool holds every block the run can take."""
         running = self.running
+        none: tuple[int, list[int]] = (0, [])
         if limit < 1 or not running or self.swapping_in or not self.policy.allows_decode_runs():
-            return 0
+            return none
         cfg = self.config
         if len(running) > cfg.max_num_batched_tokens:
-            return 0
+            return none
         if self.waiting and (
             type(self.policy).may_preempt is not Policy.may_preempt
             or (self.num_slots_taken < cfg.max_num_seqs and len(running) < cfg.max_num_batched_tokens)
         ):
-            return 0
-        if any(len(r.all_token_ids) - r.num_computed_tokens != 1 for r in running):
-            return 0  # a prompt is still being computed
-        for req in running:  # a stop by length may come in the last step only
+            return none
+        prompt = running[-1]
+        chunks: list[int] = []
+        others = itertools.islice(running, len(running) - 1)
+        if any(len(r.all_token_ids) - r.num_computed_tokens != 1 for r in others):
+            return none  # a prompt is still being computed, other than the last admitted request's
+        missing = len(prompt.all_token_ids) - prompt.num_computed_tokens
+        if missing != 1:
+            if self.kv.pins or not self.policy.allows_prefill_runs():
+                return none
+            # Its chunks as _schedule_running gives them: what the budget leaves after the decodes.
+            left = cfg.max_num_batched_tokens - (len(running) - 1)
+            while missing > 0 and len(chunks) < limit:
+                n = min(self.policy.prefill_tokens(prompt, missing, left), left)
+                if n <= 0:
+                    break
+                chunks.append(n)
+                missing -= n
+            if missing > 0:
+                limit = len(chunks)  # a chunk the step after would not take: the run stops before it
+            if limit < 1:
+                return none
+        decodes = itertools.islice(running, len(running) - 1) if chunks else running
+        for req in decodes:  # a stop by length may come in the last step only
             limit = min(limit, req.tokens_before_stop(token_id) + 1)
-        return self.kv.max_decode_run(running, limit)
+        if chunks:  # the prompt samples its first token in its last chunk's step
+            limit = min(limit, len(chunks) + prompt.tokens_before_stop(token_id))
+        n = self.kv.max_decode_run(running, limit, chunks)
+        return n, chunks[:n]
 
     def apply_decode_run(
         self,
@@ -557,38 +584,53 @@ class Scheduler:
         ends: Sequence[float],
         last_tokens: Mapping[str, int] | None = None,
         before_last_step: Callable[[], None] | None = None,
+        chunks: Sequence[int] = (),
     ) -> list[Request]:
         """Carry out `len(ends)` steps that `decode_run` allowed, with the given start and end clock times,
         every request sampling `token_id` but in the last step `last_tokens` (request id -> token, where
-        it differs): what as many schedule/update rounds would do, token for token (timestamps, KV
-        blocks, prefix index, step ids, stops). Returns the requests that stopped in the last step.
-        Requests that finished reach the executor with the next plan. `before_last_step` is called where
-        the KV pool reads as after the step before the last (see KVCacheManager.decode_run)."""
+        it differs), the last running request computing `chunks` in the first len(chunks) steps (those
+        `decode_run` gave, cut to the steps carried out): what as many schedule/update rounds would do,
+        token for token (timestamps, KV blocks, prefix index, step ids, stops). Returns the requests that
+        stopped in the last step. Requests that finished reach the executor with the next plan.
+        `before_last_step` is called where the KV pool reads as after the step before the last (see
+        KVCacheManager.decode_run)."""
         m = len(ends)
-        assert 0 < m == len(starts)
+        assert 0 < m == len(starts) and len(chunks) <= m
         tokens = [token_id] * m
         running = list(self.running)
+        prompt = running[-1] if chunks else None
+        # The prompt samples from its last chunk's step on, if that chunk completes it.
+        first_sample = m
+        if prompt is not None and prompt.num_computed_tokens + sum(chunks) == prompt.num_tokens:
+            first_sample = len(chunks) - 1
+        sampled: list[Request] = []
         for req in running:
+            samples, at = (tokens, ends) if req is not prompt else (tokens[first_sample:], ends[first_sample:])
+            if not samples:
+                continue  # the prompt is still being computed
             last = token_id if last_tokens is None else last_tokens.get(req.request_id, token_id)
             if last != token_id:
-                tokens[-1] = last
-            req.output_token_ids.extend(tokens)
-            req.all_token_ids.extend(tokens)
-            tokens[-1] = token_id
+                samples[-1] = last
+            req.output_token_ids.extend(samples)
+            req.all_token_ids.extend(samples)
+            samples[-1] = token_id
             times = req.times
-            if times.first_token is None:  # a prompt whose last token was left for this step
-                times.first_token = ends[0]
-            times.tokens.extend(ends)
-        self.kv.decode_run(running, m, before_last_step)
+            if times.first_token is None:  # a prompt whose last token was computed in this run
+                times.first_token = at[0]
+            times.tokens.extend(at)
+            sampled.append(req)
+        self.kv.decode_run(running, m, before_last_step, chunks)
         for req in running:
             req.num_computed_tokens += m
+        if prompt is not None:  # it computed its chunks, then decoded one token a step
+            prompt.num_computed_tokens += sum(chunks) - len(chunks)
         self._step_id += m
         self._step_start = starts[-1]
         if self.kv.pins:
             self.kv.expire_pins(starts[-1])  # pins that ran out during the run (no step allocated from them)
         self.policy.on_schedule(starts[-1])
         # As update() after the last step: no earlier step could stop anyone (decode_run's bound).
-        stopped = [(req, status) for req in running if (status := req.check_stop()) is not None]
+        stopped = [(req, status) for req in sampled if (status := req.check_stop()) is not None]
         for req, status in stopped:
             self.finish_request(req, status, ends[-1])
         return [req for req, _ in stopped]

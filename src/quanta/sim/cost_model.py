@@ -152,6 +152,15 @@ class CostModel:
         # Only attention depends on the context; the sum keeps StepCost.total's order.
         return self._cost(num_seqs, total, total, num_seqs).total  # type: ignore[arg-type,return-value]
 
+    def chunk_time(self, num_decodes: int, decode_context: int, cached: int, new: int, sample: bool) -> float:
+        """A step in which `num_decodes` requests decode one token each after `decode_context` cached
+        tokens in all, and one more computes `new` tokens after `cached` (sampling when `sample`): to the
+        last bit what plan_time gives for that plan (the batch's integer totals, then the same operations)."""
+        decode_total = decode_context + num_decodes  # each decode reads its context and its new token
+        tokens = num_decodes + new
+        pairs = decode_total + new * cached + new * (new + 1) // 2
+        return self._cost(tokens, pairs, decode_total + cached + new, num_decodes + sample).total
+
     def copy_time(self, num_runs: int, num_tokens: int) -> float:
         """Host<->device KV copies: one call per run of contiguous blocks per layer per K/V tensor, each
         costing a fixed latency, plus the bytes over the host link."""

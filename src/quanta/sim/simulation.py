@@ -439,7 +439,7 @@ def _simulate(
         fresh[i] = False
         m = len(run) if num_steps is None else num_steps
         steps += m
-        computed += m * len(rep.core.scheduler.running)  # every running request decodes in each step
+        computed += run.num_tokens(m, len(rep.core.scheduler.running))
         if m:
             # The last step may free blocks: record the usage before it too (the run's peak).
             peak = (lambda: rep.usage.record(run.end(m - 2), rep.core.kv.usage())) if m == len(run) > 1 else None

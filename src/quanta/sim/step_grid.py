@@ -215,6 +215,18 @@ class GridStepTime:
     def plan_time(self, plan: StepPlan) -> float:
         return self.batch_time([(s.num_computed_tokens, s.num_new_tokens) for s in plan.scheduled])
 
+    def chunk_time(self, num_decodes: int, decode_context: int, cached: int, new: int, sample: bool) -> float:
+        """plan_time of a step of `num_decodes` decodes after `decode_context` cached tokens in all and one
+        chunk of `new` tokens after `cached`, to the last bit: batch_shape's sums, from the totals."""
+        p, pairs, d, context = 0, 0, num_decodes, decode_context
+        if new == 1 and cached > 0:  # a one-token chunk reads as a decode (batch_shape)
+            d, context = d + 1, context + cached
+        else:
+            p, pairs = new, new * (2 * cached + new)
+        q = (pairs - p * p) / (2 * p) if p else 0.0
+        shape = (p, d, context / d if d else 0.0, q, num_decodes + 1)
+        return float(self.times(*(np.array([x], dtype=float) for x in shape))[0])
+
     def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
         n = len(context_tokens)
         # Mean context as batch_shape computes it: the int total divided by the count, in float64.
