@@ -392,3 +392,31 @@ def test_reading_a_trace_s_head_keeps_no_more_and_equals_the_head_of_the_whole(t
         read_trace(path, duration=10.0)
     with pytest.raises(ValueError, match="duration must be positive"):
         read_trace(path, duration=0.0)
+
+
+def test_conversations_are_counted_in_batches_as_one_by_one() -> None:
+    """sample_conversations counts tokens a batch at a time: the same rows as counting each text alone, in
+    the same order, whatever falls across a batch boundary, with a length cap leaving some out."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from quanta.sim.conversations import sample_conversations
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *"abcdefgh"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    rng = np.random.default_rng(0)
+
+    def text() -> str:
+        return " ".join(rng.choice(list("abcdefghxyz"), size=int(rng.integers(1, 40))))
+
+    data = [{"conversations": [{"value": text()}, {"value": text()}]} for _ in range(700)]
+    for n, max_len in ((None, None), (650, 50), (100, 30), (5, None)):
+        got = sample_conversations(data, Path("c.json"), n, tok, np.random.default_rng(1), max_len=max_len)
+        expected = []
+        for i in np.random.default_rng(1).permutation(len(data)):
+            prompt, answer = (t["value"] for t in data[int(i)]["conversations"])
+            p_len, o_len = max(1, len(tok.encode(prompt).ids)), max(1, len(tok.encode(answer).ids))
+            if (max_len is None or p_len + o_len <= max_len) and len(expected) != n:
+                expected.append((prompt, p_len, o_len))
+        assert got == expected
+        assert len(got) == (n or 700) if max_len is None else 0 < len(got) < 700

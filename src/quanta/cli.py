@@ -460,12 +460,9 @@ def _conversation_workload(args: argparse.Namespace, data: list, qps: float | No
         model = Path(args.model)
         if (model / "tokenizer.json").is_file() or model.suffix == ".gguf":
             spec = args.model  # the model's own vocabulary
-    count = None
-    if spec is not None:
-        tok = load_tokenizer(spec)
-        count = lambda text: len(tok.encode(text).ids)  # noqa: E731
+    tok = load_tokenizer(spec) if spec is not None else None
     rng = np.random.default_rng(args.seed)
-    conv = sample_conversations(data, Path(args.trace), args.num_requests, count, rng)
+    conv = sample_conversations(data, Path(args.trace), args.num_requests, tok, rng)
     arrivals = gamma_arrivals(qps, args.cv, len(conv), rng)
     how = f"tokens counted by {spec}" if spec else f"no --tokenizer: {CHARS_PER_TOKEN} characters a token"
     print(f"{args.trace}: {len(conv)} of {len(data)} ShareGPT-style conversations ({how})", file=sys.stderr)

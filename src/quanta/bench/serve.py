@@ -137,8 +137,7 @@ def build_workload(args: argparse.Namespace) -> list[BenchRequest]:
         reqs = wl.preset(spec, n, draw_rate, cv, args.seed, args.max_model_len)
         rows = [(None, w.prompt_len, w.output_len, w.arrival, w.tenant, ()) for w in reqs]
     elif (data := read_conversations(path)) is not None:
-        count = (lambda text: len(tok.encode(text).ids)) if tok is not None else None
-        conv = sample_conversations(data, path, n, count, rng, args.output_len, args.max_model_len)
+        conv = sample_conversations(data, path, n, tok, rng, args.output_len, args.max_model_len)
         arrivals = wl.gamma_arrivals(draw_rate, cv, len(conv), rng) if draw_rate else np.zeros(len(conv))
         rows = [(p, pl, ol, float(a), "default", ()) for (p, pl, ol), a in zip(conv, arrivals)]
     else:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,18 +45,32 @@ def sample_conversations(
     data: list,
     path: Path,
     n: int | None,
-    count_tokens: Callable[[str], int] | None,
+    tokenizer: Any | None,
     rng: np.random.Generator,
     output_len: int | None = None,
     max_len: int | None = None,
 ) -> list[tuple[str, int, int]]:
     """Up to n (all: None) (prompt, prompt tokens, output tokens) of the conversations, in a random order
-    drawn from `rng`. Tokens are counted with `count_tokens`, or estimated at CHARS_PER_TOKEN characters a
-    token. `output_len` replaces the answers' lengths; with `max_len`, a conversation that does not fit is
-    left out (as vLLM filters them), never cut."""
-    order = rng.permutation(len(data))
-    rows = []
-    for i in order:
+    drawn from `rng`. Tokens are counted with `tokenizer` (a `tokenizers.Tokenizer`, as load_tokenizer
+    gives), or estimated at CHARS_PER_TOKEN characters a token. `output_len` replaces the answers'
+    lengths; with `max_len`, a conversation that does not fit is left out (as vLLM filters them), never
+    cut."""
+    rows: list[tuple[str, int, int]] = []
+    pending: list[tuple[str, str]] = []  # candidates in order, counted a batch at a time
+
+    def take() -> None:
+        texts = [p for p, _ in pending] + [a for _, a in pending]
+        if tokenizer is not None:  # in batches: the tokenizer counts them on every core
+            counts = [len(e.ids) for e in tokenizer.encode_batch(texts)]
+        else:
+            counts = [len(t) // CHARS_PER_TOKEN for t in texts]
+        for k, (prompt, _) in enumerate(pending):
+            p_len, o_len = max(1, counts[k]), output_len or max(1, counts[len(pending) + k])
+            if (max_len is None or p_len + o_len <= max_len) and len(rows) != n:
+                rows.append((prompt, p_len, o_len))
+        pending.clear()
+
+    for i in rng.permutation(len(data)):
         item = data[int(i)]
         if not isinstance(item, dict):
             continue
@@ -68,17 +81,13 @@ def sample_conversations(
         answer = conv[1].get("value", conv[1].get("content"))
         if not isinstance(prompt, str) or not isinstance(answer, str) or not prompt:
             continue
-        if count_tokens is not None:
-            p_len, a_len = count_tokens(prompt), count_tokens(answer)
-        else:
-            p_len, a_len = len(prompt) // CHARS_PER_TOKEN, len(answer) // CHARS_PER_TOKEN
-        p_len = max(1, p_len)
-        o_len = output_len or max(1, a_len)
-        if max_len is not None and p_len + o_len > max_len:
-            continue
-        rows.append((prompt, p_len, o_len))
-        if len(rows) == n:
-            break
+        pending.append((prompt, answer))
+        # A batch as large as what is still missing (some may not fit), within reason.
+        if len(pending) >= min(max(64, (n or 1 << 30) - len(rows)), 2048):
+            take()
+            if len(rows) == n:
+                break
+    take()
     if not rows:
         raise ValueError(f"{path}: no usable conversations")
     return rows
