@@ -89,6 +89,8 @@ CASES = [
     ("priority", 2, 400, "recompute", True),
     ("vtc", 2, 500, "recompute", True),  # per-step counters: runs are blocked, still identical
     ("deadline", 2, 500, "recompute", True),
+    ("plas", 1, 400, "swap", True),
+    ("batch", 2, 500, "recompute", False),
 ]
 
 
@@ -124,7 +126,7 @@ def test_decode_runs_give_identical_timestamps(
         assert runs.num_decode_runs > 0
         assert runs.num_steps > 3 * runs.num_decode_runs  # most steps came in runs
     # Prompts longer than the budget ran their chunks in runs, but where prefill goes alone.
-    assert (len(chunk_runs) > 0) == (policy in ("sarathi", "priority"))
+    assert (len(chunk_runs) > 0) == (policy in ("sarathi", "priority", "plas", "batch"))
     if blocks <= 400:
         assert steps.num_preemptions > 0
     assert sum(r.num_cached_tokens for r in steps.requests) > 0  # prefix caching in play
@@ -362,3 +364,40 @@ def test_a_run_computes_a_prompts_chunks_as_step_by_step_would(groups: bool, sha
     assert not stepped.has_unfinished() and num_chunk_runs >= 2
     assert stepped.kv.pool.num_cache_hits == jumped.kv.pool.num_cache_hits
     assert (stepped.kv.pool.num_cache_hits > 0) == shared
+
+
+@pytest.mark.parametrize("policy", ["sarathi", "continuum", "plas"])
+def test_agent_programs_give_identical_timestamps_with_runs(policy: str) -> None:
+    """Closed-loop agent programs (long prompts in chunks, tool calls between turns, continuum's KV pins,
+    PLAS's attained-service ranks) in a tight pool: runs change no turn's times, cache hits or
+    preemptions."""
+    from quanta.sim.programs import ProgramSource, synthetic_programs
+
+    progs = synthetic_programs("swe", 10, rate=2.0, seed=4)
+
+    def run(decode_runs: bool) -> tuple[SimResult, list[tuple]]:
+        source = ProgramSource(progs)
+        cfg = SimConfig(
+            get_model("llama-3.1-8b"),
+            get_gpu("h100"),
+            policy=policy,
+            max_model_len=32768,
+            max_num_batched_tokens=2048,
+            num_kv_blocks=3000,
+            check_integrity=True,
+            decode_runs=decode_runs,
+        )
+        res = simulate(source, cfg)
+        assert source.done()
+        turns = [
+            (t.request_id, t.arrival, t.first_token, t.finished, t.cached_tokens, t.preemptions)
+            for r in source.records
+            for t in r.turns
+        ]
+        return res, turns
+
+    (steps, stepped), (runs, jumped) = run(False), run(True)
+    assert jumped == stepped
+    assert runs.num_steps == steps.num_steps and runs.num_decode_runs > 0
+    assert runs.summary() == steps.summary()
+    assert sum(t[4] for t in stepped) > 0  # later turns found their context in the prefix cache
