@@ -142,6 +142,24 @@ def test_a_run_is_cut_by_an_arrival_routed_to_its_replica() -> None:
     assert timeline(a) == timeline(b) and b.num_decode_runs > 0
 
 
+def assert_same_engines(stepped: EngineCore, jumped: EngineCore) -> None:
+    """The engine that stepped and the one that applied runs read the same: every running request's
+    tokens, computed tokens and timestamps, KV blocks, prefix index, free list (LRU order too), clock
+    and step ids."""
+    for a, b in zip(stepped.scheduler.running, jumped.scheduler.running, strict=True):
+        assert (a.all_token_ids, a.num_computed_tokens, a.times.tokens, a.times.first_token) == (
+            b.all_token_ids,
+            b.num_computed_tokens,
+            b.times.tokens,
+            b.times.first_token,
+        )
+        assert stepped.kv.req_blocks[a.request_id] == jumped.kv.req_blocks[b.request_id]
+    assert stepped.kv.pool._cached.keys() == jumped.kv.pool._cached.keys()
+    assert list(stepped.kv.pool._free) == list(jumped.kv.pool._free)
+    assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
+    assert stepped.scheduler._step_id == jumped.scheduler._step_id
+
+
 @pytest.mark.parametrize("twins", [False, True])
 def test_a_run_applies_what_step_by_step_would(twins: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """At the engine level: a run of n steps leaves the engine as n step() calls do, KV blocks, prefix
@@ -185,17 +203,7 @@ def test_a_run_applies_what_step_by_step_would(twins: bool, monkeypatch: pytest.
             for _ in range(len(run)):
                 stepped.step()
             jumped.apply_decode_run(run)
-        for a, b in zip(stepped.scheduler.running, jumped.scheduler.running, strict=True):
-            assert (a.all_token_ids, a.num_computed_tokens, a.times.tokens) == (
-                b.all_token_ids,
-                b.num_computed_tokens,
-                b.times.tokens,
-            )
-            assert stepped.kv.req_blocks[a.request_id] == jumped.kv.req_blocks[b.request_id]
-        assert stepped.kv.pool._cached.keys() == jumped.kv.pool._cached.keys()
-        assert list(stepped.kv.pool._free) == list(jumped.kv.pool._free)  # the LRU order too
-        assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
-        assert stepped.scheduler._step_id == jumped.scheduler._step_id
+        assert_same_engines(stepped, jumped)
     assert not stepped.has_unfinished() and num_runs >= 2
     # Twins fill equal blocks side by side (runs in step order); alone, r1 fills blocks of its own.
     assert (False in commute) == twins and True in commute
@@ -349,18 +357,7 @@ def test_a_run_computes_a_prompts_chunks_as_step_by_step_would(groups: bool, sha
             for _ in range(len(run)):
                 stepped.step()
             jumped.apply_decode_run(run)
-        for a, b in zip(stepped.scheduler.running, jumped.scheduler.running, strict=True):
-            assert (a.all_token_ids, a.num_computed_tokens, a.times.tokens, a.times.first_token) == (
-                b.all_token_ids,
-                b.num_computed_tokens,
-                b.times.tokens,
-                b.times.first_token,
-            )
-            assert stepped.kv.req_blocks[a.request_id] == jumped.kv.req_blocks[b.request_id]
-        assert stepped.kv.pool._cached.keys() == jumped.kv.pool._cached.keys()
-        assert list(stepped.kv.pool._free) == list(jumped.kv.pool._free)  # the LRU order too
-        assert stepped.clock.now() == jumped.clock.now() and stepped.num_steps == jumped.num_steps
-        assert stepped.scheduler._step_id == jumped.scheduler._step_id
+        assert_same_engines(stepped, jumped)
     assert not stepped.has_unfinished() and num_chunk_runs >= 2
     assert stepped.kv.pool.num_cache_hits == jumped.kv.pool.num_cache_hits
     assert (stepped.kv.pool.num_cache_hits > 0) == shared
