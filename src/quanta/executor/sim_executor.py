@@ -18,7 +18,7 @@ import numpy as np
 from quanta.cluster.transport import KVPayload
 from quanta.executor.base import StepResult
 from quanta.request import Request
-from quanta.sched.plan import StepPlan
+from quanta.sched.plan import StepPlan, first_sample_step
 
 
 class StepTimeModel(Protocol):
@@ -144,11 +144,11 @@ class SimExecutor:
         lengths = self.output_lengths
         k = len(chunks)
         prompt = requests[-1] if chunks else None
-        # Before step first_sample[r] (k - 1 for a prompt that its chunks complete), r samples nothing.
+        # Before step first_sample, the prompt samples nothing (never, where its chunks do not complete it).
         first_sample = 0
         if prompt is not None:
-            completes = prompt.num_computed_tokens + sum(chunks) == prompt.num_tokens
-            first_sample = k - 1 if completes else limit
+            first = first_sample_step(prompt, chunks)
+            first_sample = limit if first is None else first
         for req in requests:
             n = lengths.get(req.request_id)
             if n is not None:  # up to the step that samples its EOS (its n-th token)

@@ -266,6 +266,7 @@ class KVCacheManager:
         # The prompt (the last request) computes chunks[j] in step j < k, then one token a step: its
         # tokens computed before step j >= k are start[p] + j, as a decode's.
         k, p = len(chunks), len(reqs) - 1
+        assert k <= num_steps, "chunks beyond the run"
         done = list(itertools.accumulate(chunks, initial=start[p])) if chunks else []
         if chunks:
             start[p] = done[-1] - k
@@ -276,26 +277,23 @@ class KVCacheManager:
                 before_last_step()  # type: ignore[misc]
                 hook_at = num_steps + 1
 
+        def allocate(req: Request, computed: int, n: int) -> None:  # a step's allocate_slots(req, n)
+            before, req.num_computed_tokens = req.num_computed_tokens, computed
+            ok = self.allocate_slots(req, n)
+            assert ok, "a run was planned without room for its blocks"
+            req.num_computed_tokens = before
+
         def take_block(i: int, j: int) -> None:  # step j's allocate_slots(reqs[i], 1), which takes a block
-            req = reqs[i]
-            req.num_computed_tokens = start[i] + j
-            ok = self.allocate_slots(req, 1)
-            assert ok, "a decode run was planned without room for its blocks"
-            req.num_computed_tokens = start[i]
+            allocate(reqs[i], start[i] + j, 1)
 
         def chunk(j: int) -> None:  # step j's allocate_slots(prompt, chunks[j])
-            req = reqs[p]
-            req.num_computed_tokens = done[j]
-            ok = self.allocate_slots(req, chunks[j])
-            assert ok, "a run was planned without room for its prompt's blocks"
-            req.num_computed_tokens = done[0]
+            allocate(reqs[p], done[j], chunks[j])
 
         def first_block(i: int) -> int:  # the first step whose call takes a block for reqs[i]
             j = len(tables[i]) * bs - start[i]
             return max(j, k) if i == p else j
 
-        prompt_end = (done[num_steps] if num_steps < k else start[p] + num_steps) if chunks else None
-        if caching and self._fills_commute(reqs, num_steps, prompt_end):
+        if caching and self._fills_commute(reqs, num_steps, start[p] + num_steps if chunks else None):
             # Only the allocations keep their step order (they decide block ids, and evict); each
             # request's filled blocks are offered to the index once, after its last step.
             events = [(j, i) for i in range(len(reqs)) if (j := 0 if i == p and k else first_block(i)) < num_steps]
@@ -317,9 +315,7 @@ class KVCacheManager:
                     heapq.heappop(events)
             reach(num_steps)
             for i, req in enumerate(reqs):
-                self._index_full_blocks(req, tables[i], start[i] + num_steps if i != p or not chunks else prompt_end)
-            if chunks:
-                reqs[p].num_computed_tokens = done[0]
+                self._index_full_blocks(req, tables[i], start[i] + num_steps)
             return
 
         def next_event(i: int, after: int) -> int:
@@ -356,8 +352,6 @@ class KVCacheManager:
                 take_block(i, j)
             heapq.heapreplace(events, (next_event(i, j), i))
         reach(num_steps)
-        if chunks:
-            reqs[p].num_computed_tokens = done[0]
 
     def _fills_commute(self, reqs: Sequence[Request], num_steps: int, prompt_done: int | None = None) -> bool:
         """Whether offering the blocks that `num_steps` decode steps of `reqs` fill to the prefix index

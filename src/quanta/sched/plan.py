@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quanta.request import Request
@@ -69,3 +70,9 @@ class TokenBudget:
         """Tokens of a request taken back out of the step."""
         assert n >= 0
         self.left += n
+
+
+def first_sample_step(prompt: Request, chunks: Sequence[int]) -> int | None:
+    """In a run whose steps compute `chunks` of `prompt`, one a step: the step in which it samples its
+    first token (its last chunk's, where they complete the prompt), or None (they do not)."""
+    return len(chunks) - 1 if prompt.num_computed_tokens + sum(chunks) == prompt.num_tokens else None

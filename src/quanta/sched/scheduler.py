@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from quanta.config import SchedulerConfig
 from quanta.kv.manager import KVCacheManager
 from quanta.request import Request, RequestStatus
-from quanta.sched.plan import ScheduledRequest, StepPlan, TokenBudget
+from quanta.sched.plan import ScheduledRequest, StepPlan, TokenBudget, first_sample_step
 from quanta.sched.policy import Policy
 
 
@@ -600,9 +600,8 @@ class Scheduler:
         running = list(self.running)
         prompt = running[-1] if chunks else None
         # The prompt samples from its last chunk's step on, if that chunk completes it.
-        first_sample = m
-        if prompt is not None and prompt.num_computed_tokens + sum(chunks) == prompt.num_tokens:
-            first_sample = len(chunks) - 1
+        first = first_sample_step(prompt, chunks) if prompt is not None else None
+        first_sample = m if first is None else first
         sampled: list[Request] = []
         for req in running:
             samples, at = (tokens, ends) if req is not prompt else (tokens[first_sample:], ends[first_sample:])
