@@ -311,6 +311,24 @@ def test_simulate_leaves_out_prompts_longer_than_the_context_and_says_so(
     one_line_error(capsys, [*argv[:-1], "64"], "every prompt has --max-model-len (64) tokens or more (the shortest: 100)")
 
 
+def test_simulate_cuts_a_traces_head_and_names_the_presets_for_an_unknown_trace(
+    capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    trace = tmp_path / "t.csv"
+    rows = "".join(f"{t},{50 + t},3\n" for t in (5, 0, 3, 1, 4, 2))  # not in arrival order
+    trace.write_text("arrived_at,num_prefill_tokens,num_decode_tokens\n" + rows)
+    out = tmp_path / "r.json"
+    argv = ["simulate", "--trace", str(trace), "--model", "llama-3.1-8b", "--json", str(out)]
+    assert main([*argv, "--duration", "3.5", "--num-requests", "3"]) == 0
+    assert json.loads(out.read_text())[0]["num_requests"] == 3  # arrivals 0, 1, 2
+    assert main([*argv, "--duration", "2.5"]) == 0
+    assert json.loads(out.read_text())[0]["num_requests"] == 3  # arrivals 0, 1, 2 (before 2.5)
+    capsys.readouterr()
+    one_line_error(
+        capsys, ["simulate", "--trace", "chat", "--qps", "1"], "--trace 'chat' is neither a file nor a preset (sharegpt,"
+    )
+
+
 def test_simulate_a_mooncake_trace_reports_its_prefix_sharing(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     trace = tmp_path / "mooncake_trace.jsonl"
     trace.write_text(

@@ -415,6 +415,9 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
             raise ValueError(f"--trace {args.trace} has no arrival times: give --qps")
         n = args.num_requests or PRESET_NUM_REQUESTS
         w = preset(args.trace, n, qps, args.cv, args.seed, max_total=args.max_model_len)
+    elif not Path(args.trace).is_file():
+        names = ", ".join([*PRESETS, "shared-prefix"])
+        raise ValueError(f"--trace {args.trace!r} is neither a file nor a preset ({names})")
     elif (conversations := read_conversations(Path(args.trace))) is not None:
         w = _conversation_workload(args, conversations, qps)
     else:
@@ -425,7 +428,12 @@ def _sim_workload(args: argparse.Namespace, qps: float | None) -> list:
             if info.empty_prompts:
                 zeros += f"; {info.empty_prompts} rows with 0 prompt tokens left out"
             print(f"{args.trace}: read as {info.format} trace{zeros}", file=sys.stderr)
-    w = head(w, args.num_requests, args.duration)
+        return _fitting(args, w)  # read_trace cut its head already
+    return _fitting(args, head(w, args.num_requests, args.duration))
+
+
+def _fitting(args: argparse.Namespace, w: list) -> list:
+    """The requests of `w` whose prompts fit --max-model-len (said on stderr when some do not)."""
     # As a server refuses them (400), not a reason to simulate nothing.
     fits = [r for r in w if r.prompt_len < args.max_model_len]
     if w and not fits:
