@@ -49,6 +49,12 @@ def batch_shape(batch: Batch) -> tuple[int, int, float, float]:
         else:
             prefill += n
             pairs += n * (2 * c + n)  # twice the (query, key) pairs: its cached keys and its own triangle
+    return _shape_of_sums(prefill, pairs, decodes, context)
+
+
+def _shape_of_sums(prefill: int, pairs: int, decodes: int, context: int) -> tuple[int, int, float, float]:
+    """(P, D, C, Q) from a batch's integer sums: prefill tokens, twice their (query, key) pairs, decodes
+    and the decodes' cached tokens."""
     # One chunk of P tokens from nothing (what G measured) attends to P^2 / 2 pairs.
     q = (pairs - prefill * prefill) / (2 * prefill) if prefill else 0.0
     return prefill, decodes, context / decodes if decodes else 0.0, q
@@ -223,8 +229,7 @@ class GridStepTime:
             d, context = d + 1, context + cached
         else:
             p, pairs = new, new * (2 * cached + new)
-        q = (pairs - p * p) / (2 * p) if p else 0.0
-        shape = (p, d, context / d if d else 0.0, q, num_decodes + 1)
+        shape = (*_shape_of_sums(p, pairs, d, context), num_decodes + 1)
         return float(self.times(*(np.array([x], dtype=float) for x in shape))[0])
 
     def decode_times(self, num_seqs: int, context_tokens: np.ndarray) -> np.ndarray:
